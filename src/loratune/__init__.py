@@ -1,0 +1,1 @@
+"""loratune: LoRA fine-tuning with a small core and PEFT-compatible adapter files."""
