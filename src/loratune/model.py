@@ -1,0 +1,469 @@
+"""Put LoRA adapters into any `nn.Module`, and manage them: activate, merge, unmerge, unload, delete, mix.
+
+State lives on the model itself: the LoRA layers hold the factors, and `model.lora_configs` maps each
+adapter name to its `LoraConfig`. Every function checks its input before it changes anything, so an
+error leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .errors import AdapterNameError, MergeError, TargetError
+from .layers import Conv1D, LoraLayer, LoraLinear, ModulesToSave, layer_dims, lora_class_for
+
+CONFIGS_ATTR = "lora_configs"
+
+
+# --- inspection ----------------------------------------------------------------------------------------------
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for path, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield path, module
+
+
+class ParamCount(NamedTuple):
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.fraction:.4f}%)"
+
+
+def trainable_parameters(model: nn.Module) -> ParamCount:
+    """Trainable and total parameter counts (shared parameters counted once)."""
+    params = list(model.parameters())
+    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+def _check_name(model: nn.Module, name: str) -> LoraConfig:
+    configs = adapter_configs(model)
+    if name not in configs:
+        known = ", ".join(sorted(configs)) or "none"
+        raise AdapterNameError(f"unknown adapter {name!r} (adapters on this model: {known})")
+    return configs[name]
+
+
+def _as_names(model: nn.Module, names: str | Sequence[str] | None) -> list[str]:
+    if names is None:
+        return active_adapters(model)
+    names = [names] if isinstance(names, str) else list(names)
+    for name in names:
+        _check_name(model, name)
+    return names
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(model.__dict__.get("lora_active", []))
+
+
+# --- finding targets -----------------------------------------------------------------------------------------
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, layer) for every module, seeing through LoRA wrappers to the layer they wrap."""
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in skip) or not path:
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            skip.append(path + ".")
+            inner = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+            yield path, inner
+        else:
+            yield path, module
+
+
+def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    regexes = [rf".*\.(?:{p})\.(\d+)\." for p in patterns] if patterns else [r".*\.[^.]*\.(\d+)\."]
+    for regex in regexes:
+        match = re.match(regex, path + ".")
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _output_head_paths(model: nn.Module) -> set[str]:
+    """Paths of the output embedding (LM head), which `all-linear` leaves out as PEFT does."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    paths = {p for p, m in model.named_modules() if head is not None and m is head}
+    return paths or {p for p, _ in model.named_modules() if p.split(".")[-1] == "lm_head"}
+
+
+def _name_matches(spec: list[str] | str, path: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == name or path.endswith("." + name) for name in spec)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """Every module `config` adapts, by path; errors if none match or a match cannot take LoRA."""
+    saved = config.modules_to_save or []
+    heads = _output_head_paths(model) if config.target_modules == ALL_LINEAR else set()
+    linear_types = (nn.Linear, *((Conv1D,) if Conv1D else ()))
+    targets: dict[str, nn.Module] = {}
+    for path, module in _candidate_modules(model):
+        if config.target_modules == ALL_LINEAR:
+            hit = isinstance(module, linear_types) and path not in heads and not _name_matches(saved, path)
+        else:
+            hit = _name_matches(config.target_modules, path)
+        if not hit or (config.exclude_modules and _name_matches(config.exclude_modules, path)):
+            continue
+        if config.layers_to_transform is not None:
+            wanted = config.layers_to_transform
+            wanted = [wanted] if isinstance(wanted, int) else wanted
+            if _layer_index(path, config.layers_pattern) not in wanted:
+                continue
+        if lora_class_for(module) is None:
+            raise TargetError(f"target module {path!r} is a {type(module).__name__}; LoRA supports Linear, "
+                              "Conv1D, Embedding, Conv1d and Conv2d")
+        targets[path] = module
+    if not targets:
+        names = sorted({p for p, _ in _candidate_modules(model)})
+        spec = config.target_modules
+        probe = spec if isinstance(spec, str) else (spec[0] if spec else "")
+        close = difflib.get_close_matches(probe, names, n=5, cutoff=0.3) or names[:5]
+        raise TargetError(f"target_modules={spec!r} matched no module; closest names: {', '.join(close)}")
+    return targets
+
+
+def _find_saved(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    found = {p: m for p, m in _candidate_modules(model) if _name_matches(names, p)}
+    missing = [n for n in names if not any(_name_matches([n], p) for p in found)]
+    if missing:
+        raise TargetError(f"modules_to_save {missing} matched no module")
+    return found
+
+
+def _resolve_target_names(model: nn.Module, config: LoraConfig, targets: dict[str, nn.Module]) -> LoraConfig:
+    """Write `all-linear` out as module names, as PEFT does, so the saved config needs no model to read."""
+    if config.target_modules != ALL_LINEAR:
+        return config
+    resolved = copy.copy(config)
+    resolved.target_modules = sorted({p.split(".")[-1] for p in targets})
+    return resolved
+
+
+# --- adding and removing -------------------------------------------------------------------------------------
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+    """Wrap the modules `config` targets with LoRA layers holding a new adapter `name`, and freeze the rest.
+
+    The first adapter on a model becomes active; later ones are added inactive (see `set_active_adapters`),
+    as in PEFT. Returns the same model, changed in place.
+    """
+    _inject(model, config, name, initialize=True)
+    if not active_adapters(model):
+        set_active_adapters(model, [name])
+    mark_trainable(model, name)
+    return model
+
+
+def _inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in adapter_configs(model):
+        raise AdapterNameError(f"adapter name {name!r} is already taken")
+    targets = find_targets(model, config)
+    saved = _find_saved(model, config.modules_to_save or [])
+    overlap = sorted(set(targets) & set(saved))
+    if overlap:
+        raise TargetError(f"module {overlap[0]!r} is both a LoRA target and in modules_to_save")
+    if config.use_dora:
+        for path, module in targets.items():
+            if lora_class_for(module) is not LoraLinear:
+                raise TargetError(f"use_dora supports Linear and Conv1D layers; {path!r} is a {type(module).__name__}")
+    for path, module in targets.items():
+        rank, (in_dim, out_dim) = config.rank_for(path), layer_dims(module)
+        if rank > min(in_dim, out_dim):
+            raise TargetError(f"r={rank} is larger than layer {path!r} allows (in={in_dim}, out={out_dim})")
+
+    # Build everything first: a failure here must not leave a half-adapted model.
+    wrappers = {path: _wrapper_for(model, path, module) for path, module in targets.items()}
+    init = config.init_lora_weights if initialize else True
+    for path, layer in wrappers.items():
+        layer.create(name, config.rank_for(path), config.scaling_for(path), config.lora_dropout, init)
+        if config.use_dora:
+            layer.enable_dora(name)
+    saved_wrappers = {path: _saved_wrapper_for(model, path, module) for path, module in saved.items()}
+    for wrapper in saved_wrappers.values():
+        wrapper.modules_to_save[name] = copy.deepcopy(wrapper.original_module)
+
+    for path, layer in {**wrappers, **saved_wrappers}.items():
+        if model.get_submodule(path) is not layer:
+            _set_module(model, path, layer)
+    adapter_configs(model)[name] = _resolve_target_names(model, config, targets)
+
+
+def _wrapper_for(model: nn.Module, path: str, module: nn.Module) -> LoraLayer:
+    current = model.get_submodule(path)
+    if isinstance(current, LoraLayer):
+        return current
+    return lora_class_for(module)(module)
+
+
+def _saved_wrapper_for(model: nn.Module, path: str, module: nn.Module) -> ModulesToSave:
+    current = model.get_submodule(path)
+    return current if isinstance(current, ModulesToSave) else ModulesToSave(module)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Every parameter that belongs to adapter `name`, keyed by its path in the model."""
+    params = {}
+    for path, layer in lora_layers(model):
+        if name in layer.scaling:
+            for key, param in layer.adapter_tensors(name).items():
+                params[f"{path}.{key}"] = param
+    for path, wrapper in saved_modules(model):
+        if name in wrapper.modules_to_save:
+            for key, param in wrapper.modules_to_save[name].named_parameters():
+                params[f"{path}.{key}"] = param
+    return params
+
+
+def bias_parameters(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
+    """Biases trained and saved with an adapter: none, all of the model's, or those of LoRA layers only."""
+    if bias == "none":
+        return {}
+    if bias == "lora_only":
+        return {f"{path}.base_layer.bias": layer.base_layer.bias for path, layer in lora_layers(model)
+                if getattr(layer.base_layer, "bias", None) is not None}
+    return {path: p for path, p in model.named_parameters() if path.split(".")[-1] == "bias" and "lora_" not in path}
+
+
+def mark_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
+    """Freeze everything, then let adapter `name` (its factors, saved modules and biases) train."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if not trainable:
+        return
+    config = _check_name(model, name)
+    for param in adapter_parameters(model, name).values():
+        param.requires_grad_(True)
+    for param in bias_parameters(model, config.bias).values():
+        param.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove an adapter; layers left with no adapter are replaced by the original module."""
+    _check_name(model, name)
+    for path, layer in list(lora_layers(model)):
+        if name not in layer.scaling:
+            continue
+        if name in layer.merged:
+            layer.unmerge()
+        layer.remove(name)
+        if not layer.scaling:
+            _set_module(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        if name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[name]
+            wrapper.active = None if wrapper.active == name else wrapper.active
+            if not len(wrapper.modules_to_save):
+                _set_module(model, path, wrapper.original_module)
+    del adapter_configs(model)[name]
+    set_active_adapters(model, [n for n in active_adapters(model) if n != name])
+
+
+def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make `names` the adapters in use; with several, their updates add up."""
+    names = _as_names(model, names)
+    model.__dict__["lora_active"] = names
+    for _, layer in lora_layers(model):
+        layer.active = [n for n in names if n in layer.scaling]
+    for _, wrapper in saved_modules(model):
+        wrapper.active = next((n for n in names if n in wrapper.modules_to_save), None)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are unmerged, then merged back)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = {id(layer): list(layer.merged) for layer in layers}
+    wrappers = [w for _, w in saved_modules(model)]
+    for layer in layers:
+        layer.unmerge()
+        layer.disabled = True
+    for wrapper in wrappers:
+        wrapper.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            layer.merge(merged[id(layer)])
+        for wrapper in wrappers:
+            wrapper.disabled = False
+
+
+# --- merging -------------------------------------------------------------------------------------------------
+def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool = False) -> None:
+    """Fold adapters (default: the active ones) into the base weights, computing in fp32.
+
+    With `safe=True` a non-finite result raises `MergeError` and every weight is restored.
+    """
+    names = _as_names(model, names)
+    layers = [layer for _, layer in lora_layers(model)]
+    _refuse_tied_weights(model, [(p, layer) for p, layer in lora_layers(model) if set(names) & set(layer.scaling)])
+    backups = {}
+    try:
+        for layer in layers:
+            if safe:
+                backups[id(layer)] = (layer.base_layer.weight.detach().clone(), list(layer.merged))
+            layer.merge(names, safe=safe)
+    except MergeError:
+        for layer in layers:
+            if id(layer) in backups:
+                weight, merged = backups[id(layer)]
+                with torch.no_grad():
+                    layer.base_layer.weight.copy_(weight)
+                layer.merged[:] = merged
+        raise
+
+
+def _refuse_tied_weights(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
+    """Merging into a weight shared with another module (tied embeddings) would change that module too."""
+    owners: dict[int, list[str]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(path)
+    for path, layer in layers:
+        others = [p for p in owners.get(id(layer.base_layer.weight), []) if not p.startswith(path + ".")]
+        if others:
+            raise MergeError(f"cannot merge into {path!r}: its weight is tied to {others[0]!r}, which would change too")
+
+
+_merge = merge  # `unload` takes a parameter named `merge`
+
+
+def unmerge(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights (exact up to dtype rounding)."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Return a plain model without LoRA modules; with `merge`, the active adapters' updates are kept."""
+    names = active_adapters(model)
+    if merge and names:
+        _merge(model, names)
+    else:
+        unmerge(model)
+    for path, layer in list(lora_layers(model)):
+        _set_module(model, path, layer.base_layer)
+    for path, wrapper in list(saved_modules(model)):
+        keep = wrapper.current() if merge else wrapper.original_module
+        _set_module(model, path, keep)
+    model.__dict__.pop(CONFIGS_ATTR, None)
+    model.__dict__.pop("lora_active", None)
+    return model
+
+
+# --- combining and mixing ------------------------------------------------------------------------------------
+def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], name: str,
+                         combination_type: str = "cat", svd_rank: int | None = None) -> None:
+    """Add adapter `name` whose update is sum_i weights[i] * delta_i of existing adapters.
+
+    `cat` stacks the factors (rank = sum of ranks) and reproduces the weighted sum exactly; `svd` keeps
+    the best rank-`svd_rank` approximation of it.
+    """
+    if len(adapters) != len(weights) or not adapters:
+        raise AdapterNameError("add_weighted_adapter needs one weight per adapter, and at least one adapter")
+    configs = [_check_name(model, a) for a in adapters]
+    if any(c.modules_to_save for c in configs) or any(c.use_dora for c in configs):
+        raise TargetError("add_weighted_adapter cannot combine adapters with modules_to_save or DoRA")
+    if combination_type not in ("cat", "svd"):
+        raise TargetError(f"combination_type must be 'cat' or 'svd', got {combination_type!r}")
+    rank = sum(max(c.r, *c.rank_pattern.values()) for c in configs) if combination_type == "cat" else (
+        svd_rank or max(c.r for c in configs))
+    layers = {path: layer for path, layer in lora_layers(model) if any(a in layer.scaling for a in adapters)}
+    if combination_type == "svd" and any(rank > min(layer.to_oi_shape()) for layer in layers.values()):
+        raise TargetError(f"svd_rank={rank} is larger than a target layer allows")
+    new_factors = {path: _combine(layer, adapters, weights, rank, combination_type) for path, layer in layers.items()}
+
+    base = configs[0]
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({p.split(".")[-1] for p in layers}),
+                        task_type=base.task_type, base_model_name_or_path=base.base_model_name_or_path)
+    targets = {path: layer.base_layer for path, layer in layers.items()}
+    if name in adapter_configs(model):
+        raise AdapterNameError(f"adapter name {name!r} is already taken")
+    for path, layer in layers.items():
+        layer.create(name, rank, 1.0, 0.0, True)
+        a_param, b_param = layer.factors(name)
+        with torch.no_grad():  # factors() are views of the parameters, so this writes through
+            a_param.copy_(new_factors[path][0])
+            b_param.copy_(new_factors[path][1])
+    adapter_configs(model)[name] = _resolve_target_names(model, config, targets)
+    set_active_adapters(model, active_adapters(model))
+
+
+def _combine(layer: LoraLayer, adapters: Sequence[str], weights: Sequence[float], rank: int,
+             combination_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """New (A, B) for one layer, with scaling 1: B @ A = sum_i w_i * s_i * B_i @ A_i."""
+    out_dim, in_dim = layer.to_oi_shape()
+    pairs = [(w * layer.scaling[a], *layer.factors(a)) for a, w in zip(adapters, weights) if a in layer.scaling]
+    if combination_type == "svd":
+        delta = sum(s * (b.float() @ a.float()) for s, a, b in pairs)
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+        return vh[:rank], u[:, :rank] * sv[:rank]
+    a_new = torch.zeros(rank, in_dim)
+    b_new = torch.zeros(out_dim, rank)
+    offset = 0
+    for s, a, b in pairs:
+        r = a.shape[0]
+        a_new[offset:offset + r] = s * a.detach().float()
+        b_new[:, offset:offset + r] = b.detach().float()
+        offset += r
+    return a_new, b_new
+
+
+@contextmanager
+def mixed_adapter_batch(model: nn.Module, row_adapters: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row i of every batch uses adapter `row_adapters[i]` (None: the base model).
+
+    Each LoRA layer gathers the per-row factors from a stack and applies them with two batched matmuls,
+    so a batch that mixes many adapters costs about as much as one adapter. For inference (no dropout).
+    """
+    names = sorted({n for n in row_adapters if n is not None})
+    configs = {n: _check_name(model, n) for n in names}
+    if any(c.use_dora for c in configs.values()) or any(c.modules_to_save for c in configs.values()):
+        raise TargetError("mixed-adapter batches do not support DoRA adapters or modules_to_save")
+    slot = {n: i + 1 for i, n in enumerate(names)}
+    rows = torch.tensor([slot[n] if n is not None else 0 for n in row_adapters], dtype=torch.long)
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise MergeError("unmerge adapters before running a mixed-adapter batch")
+    try:
+        for layer in layers:
+            layer.set_row_plan(rows, names)
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_plan = None
