@@ -199,3 +199,9 @@ def _copy_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict
         for key, tensor in weights.items():
             target = expected.get(key, biases.get(key))
             target.copy_(tensor.to(target.dtype))
+
+
+def load_adapter_weights_into(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> None:
+    """Overwrite an existing adapter's tensors with those stored in `directory` (used to resume training)."""
+    config = _check_name(model, name)
+    _copy_weights(model, name, config, read_adapter_weights(directory), directory)

@@ -1,0 +1,160 @@
+"""The `loratune` command: parses arguments and calls the library functions, nothing more.
+
+Any user error ends with exit code 2 and one line on stderr (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import LoratuneError
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train import fit, load_config
+
+    config = load_config(args.config, args.set)
+    summary = fit(config, resume=args.resume, quiet=args.quiet)
+    _print_summary(summary, Path(config.output_dir))
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    before, after = summary["before"], summary["after"]
+    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f} s "
+          f"({summary['tokens_per_second']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB)")
+    for key in after:
+        if isinstance(after[key], float):
+            print(f"  {key}: {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
+    print(f"adapter: {out / 'adapter'}\nreport:  {out / 'report.md'}\nplot:    {out / 'plot.png'}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .train import evaluate_run, load_config
+
+    config = load_config(args.config, args.set)
+    metrics = evaluate_run(config, adapter=args.adapter, quiet=args.quiet)
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .serve.generate import generate_stream
+
+    generate_stream(args.model, args.prompt, adapter=args.adapter, chat=args.chat,
+                    max_new_tokens=args.max_new_tokens, out=sys.stdout)
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from .io import load_adapter
+    from .model import unload
+    from .models import load_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise LoratuneError(f"{out}: output folder exists and is not empty")
+    model, tokenizer = load_model(args.model, args.task)
+    load_adapter(model, args.adapter)
+    merged = unload(model, merge=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    print(f"merged model written to {out}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .inspect import inspect_command
+
+    inspect_command(model_name=args.model, task=args.task, config_path=args.config, adapter=args.adapter,
+                    out=sys.stdout)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .train import demo_config, fit
+
+    config = demo_config(args.output, args.set)
+    summary = fit(config, quiet=args.quiet)
+    _print_summary(summary, Path(config.output_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loratune", description="LoRA fine-tuning of language models")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("config", help="YAML run config")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config key, e.g. train.max_steps=50 (repeatable)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = commands.add_parser("train", help="train a LoRA adapter from a YAML config")
+    with_config(train)
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model (and adapter) on a config's evaluation data")
+    with_config(evaluate)
+    evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir/adapter)")
+    evaluate.set_defaults(run=_eval)
+
+    generate = commands.add_parser("generate", help="generate text, streaming tokens to the terminal")
+    generate.add_argument("--model", required=True)
+    generate.add_argument("--adapter")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.set_defaults(run=_generate)
+
+    merge = commands.add_parser("merge", help="write a plain model folder with the adapter merged in")
+    merge.add_argument("--model", required=True)
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification", "seq2seq"])
+    merge.set_defaults(run=_merge)
+
+    inspect = commands.add_parser("inspect", help="show modules, targets, trainable parameters, adapter files")
+    inspect.add_argument("--model")
+    inspect.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification", "seq2seq"])
+    inspect.add_argument("--config", help="YAML run config whose lora section to apply")
+    inspect.add_argument("--adapter", help="adapter folder to summarise")
+    inspect.set_defaults(run=_inspect)
+
+    demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M on movie-review sentiment, before/after")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except LoratuneError as exc:
+        if args.debug:
+            raise
+        print(f"loratune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loratune: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

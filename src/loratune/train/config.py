@@ -1,0 +1,118 @@
+"""The run configuration: one YAML file, validated in full before any model loads.
+
+Every key can be overridden from the command line with `--set section.key=value` (the value is read as
+YAML, so `--set train.max_steps=50` gives an int). Errors name the key and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..config import LoraConfig
+from ..data import DataConfig
+from ..errors import ConfigError
+
+Task = Literal["causal-lm", "classification", "seq2seq"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="built-in name, local model folder, .gguf file, or hub id")
+    task: Task = "causal-lm"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class TrainSpec(_Strict):
+    max_steps: int = Field(100, gt=0, description="optimizer steps")
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2e-4, gt=0)
+    lora_plus_ratio: float = Field(1.0, ge=1.0, description="LoRA+: learning-rate multiplier for B factors")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where supported")
+    gradient_checkpointing: bool = False
+    eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
+    eval_batch_size: int = Field(16, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
+    checkpoint_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+    max_new_tokens: int = Field(32, gt=0, description="tokens generated per answer in evaluation")
+    num_samples: int = Field(3, ge=0, description="sample generations shown before and after")
+    generation_eval: bool = Field(True, description="score generated answers (accuracy / BLEU) for causal LMs")
+
+
+class RunConfig(_Strict):
+    model: ModelSpec
+    lora: LoraConfig
+    data: DataConfig
+    train: TrainSpec = TrainSpec()
+    output_dir: Path = Path("runs/latest")
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.max_steps=50")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        node[leaf] = raw
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        message = "unknown key"
+    more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
+    return f"{source}: {key}: {message}{more}"
+
+
+def validate_config(data: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train)")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return validate_config(data, str(path))
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

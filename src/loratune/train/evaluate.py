@@ -1,0 +1,107 @@
+"""Evaluation: loss and perplexity, classification metrics, and metrics on generated text.
+
+Generation-based metrics compare what the model writes after each prompt with the reference: exact label
+match (accuracy, macro-F1) when the answers are label names, BLEU and chrF (sacrebleu) for translation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .step import batch_loss, collate_examples, to_device
+
+
+def macro_f1(predicted: Sequence, expected: Sequence) -> float:
+    labels = sorted(set(expected) | set(predicted), key=str)
+    scores = []
+    for label in labels:
+        tp = sum(p == label and e == label for p, e in zip(predicted, expected))
+        fp = sum(p == label and e != label for p, e in zip(predicted, expected))
+        fn = sum(p != label and e == label for p, e in zip(predicted, expected))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
+                  device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it) -> dict:
+    """Mean loss over the examples (token-weighted for language modelling), plus task metrics."""
+    model.eval()
+    total_loss, total_weight, predicted, expected = 0.0, 0, [], []
+    for chunk in progress(list(_batches(examples, batch_size)), desc="evaluating"):
+        batch = to_device(collate_examples(chunk, pad_id, task), device)
+        with autocast():
+            loss, logits, weight = batch_loss(model, batch, task)
+        total_loss += loss.item() * weight
+        total_weight += weight
+        if task == "classification":
+            predicted += logits.argmax(-1).tolist()
+            expected += batch["labels"].tolist()
+    mean = total_loss / max(total_weight, 1)
+    metrics = {"loss": mean}
+    if task == "classification":
+        metrics["accuracy"] = sum(p == e for p, e in zip(predicted, expected)) / max(len(expected), 1)
+        metrics["macro_f1"] = macro_f1(predicted, expected)
+    else:
+        metrics["perplexity"] = math.exp(min(mean, 50.0))
+    return metrics
+
+
+@torch.no_grad()
+def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
+                   batch_size: int, device: torch.device, autocast: Callable,
+                   progress: Callable = lambda it, **_: it) -> list[str]:
+    """Greedy continuations of token-id prompts, decoded; left padding so a batch generates together."""
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    texts: list[str] = []
+    for chunk in progress(list(_batches(prompts, batch_size)), desc="generating"):
+        width = max(len(p) for p in chunk)
+        encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(chunk):
+            if encoder_decoder:  # right padding for encoders
+                ids[row, :len(prompt)] = torch.tensor(prompt)
+                mask[row, :len(prompt)] = 1
+            else:
+                ids[row, width - len(prompt):] = torch.tensor(prompt)
+                mask[row, width - len(prompt):] = 1
+        with autocast():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+        new_tokens = out if encoder_decoder else out[:, width:]
+        texts += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return texts
+
+
+def label_from_text(text: str, label_names: Sequence[str]) -> str | None:
+    """The label a generated answer names: the one it starts with (case-insensitive), else the first mentioned."""
+    lowered = text.strip().lower()
+    for name in sorted(label_names, key=len, reverse=True):
+        if lowered.startswith(name.lower()):
+            return name
+    positions = [(lowered.find(name.lower()), name) for name in label_names if name.lower() in lowered]
+    return min(positions)[1] if positions else None
+
+
+def generation_metrics(outputs: Sequence[str], references: Sequence[str], label_names: Sequence[str] | None) -> dict:
+    """Accuracy and macro-F1 when answers are labels; otherwise BLEU and chrF."""
+    if label_names:
+        predicted = [label_from_text(o, label_names) or "<none>" for o in outputs]
+        expected = [label_from_text(r, label_names) or r.strip() for r in references]
+        accuracy = sum(p == e for p, e in zip(predicted, expected)) / max(len(expected), 1)
+        return {"accuracy": accuracy, "macro_f1": macro_f1(predicted, expected)}
+    import sacrebleu
+
+    return {"bleu": sacrebleu.corpus_bleu(list(outputs), [list(references)]).score,
+            "chrf": sacrebleu.corpus_chrf(list(outputs), [list(references)]).score}

@@ -1,0 +1,264 @@
+"""One training run, top to bottom: load, adapt, evaluate, train, checkpoint, evaluate, save, report.
+
+`fit(config)` is what `loratune train` calls; a library user can call it too, or reuse its pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import LoratuneError
+from ..io import save_adapter, write_text_atomic
+from ..model import add_adapter, trainable_parameters
+from ..models import load_model
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import RunConfig, config_to_yaml
+from .evaluate import evaluate_loss, generate_texts, generation_metrics
+from .optim import build_optimizer, build_scheduler
+from .report import plot_history, write_metrics, write_report
+from .step import batch_loss, collate_examples, to_device
+
+ADAPTER = "default"
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TrainingDiverged(LoratuneError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> dict[str, Any]:
+    """Train one LoRA adapter as `config` says and write everything into `config.output_dir`."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+    quiet = (not sys.stderr.isatty()) if quiet is None else quiet
+    seed_everything(tc.seed)
+
+    # 1. Model and data.
+    from ..data import load_datasets
+
+    model, tokenizer = load_model(config.model.name, config.model.task, label_names=None,
+                                  dtype=DTYPES[config.model.dtype], trust_remote_code=config.model.trust_remote_code,
+                                  **_label_kwargs(config))
+    data = load_datasets(config.data, tokenizer, config.model.task)
+    if config.model.task == "classification" and data.label_names:
+        _set_label_names(model, data.label_names)
+
+    # 2. The adapter.
+    seed_everything(tc.seed)
+    lora = dataclasses.replace(config.lora, task_type=config.lora.task_type or TASK_TYPES[config.model.task],
+                               base_model_name_or_path=config.lora.base_model_name_or_path or config.model.name)
+    add_adapter(model, lora, ADAPTER)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    precision = resolve_precision(tc.precision, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(model, tc.learning_rate, tc.weight_decay, tc.lora_plus_ratio)
+    scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.schedule)
+    pad_id = tokenizer.pad_token_id
+    bar = _progress_factory(quiet)
+
+    def evaluate(full: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        metrics = evaluate_loss(model, data.eval_examples, config.model.task, tc.eval_batch_size, pad_id, device,
+                                autocast, bar)
+        samples = []
+        if full and data.eval_prompts and config.model.task != "classification" and tc.generation_eval:
+            outputs = generate_texts(model, tokenizer, data.eval_prompts, tc.max_new_tokens, tc.eval_batch_size,
+                                     device, autocast, bar)
+            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
+            samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "output": o, "reference": r}
+                       for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
+        model.train()
+        return metrics, samples
+
+    # 3. Fresh start or resume.
+    checkpoints = out / "checkpoints"
+    state = {"step": 0, "micro": 0, "history": [], "best": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0}
+    if resume:
+        found = latest_checkpoint(checkpoints)
+        if found is None:
+            raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
+        saved = load_checkpoint(found, model, ADAPTER)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        before, samples_before = saved["before"], saved["samples_before"]
+        set_rng_state(saved["rng"])
+    else:
+        before, samples_before = evaluate(full=True)
+        state["history"].append({"kind": "eval", "step": 0, **before})
+    log_path = out / "metrics.jsonl"
+    write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
+    write_text_atomic(out / "config.yaml", config_to_yaml(config))
+    board = _tensorboard(out)
+
+    # 4. Train.
+    model.train()
+    order = BatchOrder(len(data.train_examples), tc.batch_size, tc.seed)
+    progress = bar(total=tc.max_steps, initial=state["step"], desc="training")
+    stopped_early = False
+    while state["step"] < tc.max_steps:
+        started = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for _ in range(tc.grad_accum):
+            examples = [data.train_examples[i] for i in order.batch(state["micro"])]
+            state["micro"] += 1
+            batch = to_device(collate_examples(examples, pad_id, config.model.task), device)
+            with autocast():
+                loss, _, _ = batch_loss(model, batch, config.model.task)
+            if not torch.isfinite(loss):
+                progress.close()
+                raise TrainingDiverged(f"loss became {loss.item()} at step {state['step'] + 1}; "
+                                       f"last good checkpoint kept in {checkpoints} (try a lower learning rate)")
+            (loss / tc.grad_accum).backward()
+            loss_sum += loss.item() / tc.grad_accum
+            tokens += int(batch["attention_mask"].sum())
+        if tc.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        elapsed = time.perf_counter() - started
+        state["tokens"] += tokens
+        state["seconds"] += elapsed
+        record = {"kind": "train", "step": state["step"], "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}
+        state["history"].append(record)
+        _append_line(log_path, record, board)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+
+        if tc.eval_every and state["step"] % tc.eval_every == 0 and state["step"] < tc.max_steps:
+            metrics, _ = evaluate(full=False)
+            entry = {"kind": "eval", "step": state["step"], **metrics}
+            state["history"].append(entry)
+            _append_line(log_path, entry, board)
+            if state["best"] is None or metrics["loss"] < state["best"]:
+                state["best"], state["bad_evals"] = metrics["loss"], 0
+            else:
+                state["bad_evals"] += 1
+            if tc.early_stopping_patience and state["bad_evals"] >= tc.early_stopping_patience:
+                stopped_early = True
+        if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0:
+            save_checkpoint(checkpoints, state["step"], model, ADAPTER, {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
+                "rng": rng_state(), "before": before, "samples_before": samples_before}, tc.keep_checkpoints)
+        if stopped_early:
+            break
+    progress.close()
+
+    # 5. Evaluate, save, report.
+    after, samples_after = evaluate(full=True)
+    state["history"].append({"kind": "eval", "step": state["step"], **after})
+    _append_line(log_path, state["history"][-1], board)
+    save_adapter(model, out / "adapter", ADAPTER)
+    count = trainable_parameters(model)
+    summary = {
+        "model": config.model.name, "task": config.model.task, "precision": precision,
+        "steps": state["step"], "stopped_early": stopped_early,
+        "trainable_parameters": count.trainable, "total_parameters": count.total,
+        "trainable_fraction": count.fraction,
+        "train_seconds": state["seconds"], "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "data": {"train": config.data.train, **data.info},
+        "before": before, "after": after, "samples_before": samples_before, "samples_after": samples_after,
+        "adapter_dir": str(out / "adapter"),
+    }
+    write_metrics(out / "metrics.json", summary)
+    plot_history(out / "plot.png", state["history"], f"{config.model.name} on {config.data.train}")
+    write_report(out / "report.md", summary, config_to_yaml(config))
+    if board:
+        board.close()
+    return summary
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """bf16 autocast on CUDA with bf16 support or on CPUs with native bf16 (AMX / AVX512-BF16)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class BatchOrder:
+    """Which examples form micro-batch k: a fresh seeded shuffle each epoch, so resuming needs only k."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        if size == 0:
+            raise LoratuneError("no training examples after loading the data")
+        self.size, self.batch_size, self.seed = size, min(batch_size, size), seed
+        self.per_epoch = self.size // self.batch_size
+        self._epoch, self._perm = -1, None
+
+    def batch(self, k: int) -> list[int]:
+        epoch, index = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator).tolist()
+        return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+
+
+def _label_kwargs(config: RunConfig) -> dict[str, Any]:
+    return {}
+
+
+def _set_label_names(model: torch.nn.Module, label_names: list[str]) -> None:
+    model.config.id2label = dict(enumerate(label_names))
+    model.config.label2id = {name: i for i, name in enumerate(label_names)}
+
+
+def _progress_factory(quiet: bool):
+    def make(iterable=None, **kwargs):
+        return tqdm(iterable, disable=quiet, leave=False, dynamic_ncols=True, **kwargs)
+    return make
+
+
+def _append_line(path: Path, record: dict[str, Any], board) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    if board:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
