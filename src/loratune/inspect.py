@@ -1,0 +1,67 @@
+"""`loratune inspect`: what a model is made of, what a LoRA config would adapt, and what an adapter holds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import TextIO
+
+from torch import nn
+
+from .errors import ConfigError
+from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
+from .model import add_adapter, find_targets, trainable_parameters
+
+
+def module_summary(model: nn.Module) -> list[str]:
+    """Leaf module types with counts and a few example paths."""
+    by_type: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        if path and not list(module.children()):
+            by_type.setdefault(type(module).__name__, []).append(path)
+    lines = []
+    for kind, paths in sorted(by_type.items(), key=lambda kv: -len(kv[1])):
+        names = Counter(p.split(".")[-1] for p in paths)
+        shown = ", ".join(f"{n} x{c}" if c > 1 else n for n, c in names.most_common(6))
+        lines.append(f"  {kind:<24} {len(paths):>5}  ({shown})")
+    return lines
+
+
+def adapter_summary(directory: str | Path) -> list[str]:
+    config = read_adapter_config(directory)
+    weights = read_adapter_weights(directory)
+    size = sum((Path(directory) / name).stat().st_size for name in (CONFIG_NAME, WEIGHTS_NAME)
+               if (Path(directory) / name).exists())
+    return [f"adapter {directory}: r={config.r}, lora_alpha={config.lora_alpha}, dora={config.use_dora}, "
+            f"rslora={config.use_rslora}, task_type={config.task_type}",
+            f"  target_modules: {json.dumps(config.target_modules)}",
+            f"  tensors: {len(weights)}, parameters: {sum(t.numel() for t in weights.values()):,}, "
+            f"files: {size / 1024:.1f} KiB, base model: {config.base_model_name_or_path}"]
+
+
+def inspect_command(model_name: str | None, task: str, config_path: str | None, adapter: str | None,
+                    out: TextIO) -> None:
+    if not (model_name or config_path or adapter):
+        raise ConfigError("inspect: give --model, --config or --adapter")
+    if adapter:
+        out.write("\n".join(adapter_summary(adapter)) + "\n")
+    run = None
+    if config_path:
+        from .train import load_config
+
+        run = load_config(config_path)
+        model_name, task = model_name or run.model.name, run.model.task
+    if not model_name:
+        return
+    from .models import load_model
+
+    model, _ = load_model(model_name, task)
+    count = trainable_parameters(model)
+    out.write(f"model {model_name}: {count.total:,} parameters\n" + "\n".join(module_summary(model)) + "\n")
+    if run is not None:
+        targets = find_targets(model, run.lora)
+        names = Counter(p.split(".")[-1] for p in targets)
+        out.write(f"lora targets: {len(targets)} modules ({', '.join(f'{n} x{c}' for n, c in names.items())})\n")
+        add_adapter(model, run.lora)
+        out.write(f"{trainable_parameters(model)}\n")

@@ -1,0 +1,1 @@
+"""Inference helpers: streaming generation from a base model plus adapters."""

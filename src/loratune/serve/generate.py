@@ -1,0 +1,46 @@
+"""Generate text with a model and an optional adapter, streaming tokens as they are produced."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+import torch
+
+from ..io import load_adapter
+from ..models import load_model
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """Token ids for a plain prompt, or for one user turn rendered with the model's chat template."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            from ..errors import ConfigError
+
+            raise ConfigError("--chat: this model's tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+@torch.no_grad()
+def generate_stream(model_name: str, prompt: str, adapter: str | None, chat: bool, max_new_tokens: int,
+                    out: TextIO) -> str:
+    """Greedy generation; each new piece of text is written to `out` as soon as it is decoded."""
+    from transformers import TextStreamer
+
+    model, tokenizer = load_model(model_name, "causal-lm")
+    if adapter:
+        load_adapter(model, adapter)
+    model.eval()
+    ids = prompt_ids(tokenizer, prompt, chat)
+
+    class _Writer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            out.write(text + ("\n" if stream_end else ""))
+            out.flush()
+
+    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            streamer=_Writer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
