@@ -1,0 +1,26 @@
+"""The data layer: read records (files, built-in datasets, `datasets.Dataset`), turn them into
+tokenized examples for a task, and batch them."""
+
+from loratune.data.builtin import builtin_datasets
+from loratune.data.collate import collate
+from loratune.data.config import FORMATS, DataConfig
+from loratune.data.formats import IGNORE, Formatter, fit_pair
+from loratune.data.loading import DataSplit, LoadedData, load_datasets, pack, split_records
+from loratune.data.records import BadRecords, Record
+
+__all__ = [
+    "FORMATS",
+    "IGNORE",
+    "BadRecords",
+    "DataConfig",
+    "DataSplit",
+    "Formatter",
+    "LoadedData",
+    "Record",
+    "builtin_datasets",
+    "collate",
+    "fit_pair",
+    "load_datasets",
+    "pack",
+    "split_records",
+]

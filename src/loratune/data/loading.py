@@ -1,0 +1,214 @@
+"""`load_datasets`: read records, split off validation, and format both splits into examples."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loratune.data.builtin import builtin_spec, is_builtin, read_builtin
+from loratune.data.config import DataConfig
+from loratune.data.formats import Formatter, check_task_format
+from loratune.data.labels import LabelMap, infer_label_names
+from loratune.data.readers import read_file, records_from_rows
+from loratune.data.records import BadRecords, Record
+from loratune.errors import ConfigError, DataError
+
+
+@dataclass
+class DataSplit(Sequence):
+    """The examples of one split (it is a sequence of them), with the records they came from.
+
+    For every format but packed `text`, `examples[i]` comes from `records[i]`; generative formats also
+    carry `prompts[i]` (token ids to generate from) and `references[i]` (the expected answer).
+    """
+
+    records: list[Record] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    skipped: int = 0
+    truncated: int = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.examples[index]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.examples)
+
+
+@dataclass
+class LoadedData:
+    """Both splits plus what a report needs; unpacks as `(train_examples, eval_examples, info)`."""
+
+    train: DataSplit
+    eval: DataSplit
+    label_names: list[str] | None
+    info: dict[str, Any]
+
+    @property
+    def train_examples(self) -> DataSplit:
+        return self.train
+
+    @property
+    def eval_examples(self) -> DataSplit:
+        return self.eval
+
+    @property
+    def eval_prompts(self) -> list[list[int]]:
+        return self.eval.prompts
+
+    @property
+    def eval_references(self) -> list[str]:
+        return self.eval.references
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.train, self.eval, self.info))
+
+
+def load_datasets(
+    cfg: DataConfig,
+    tokenizer: Any,
+    task: str,
+    *,
+    train_source: Any = None,
+    validation_source: Any = None,
+) -> LoadedData:
+    """Read, split, cap and format the data of a run.
+
+    `train_source`/`validation_source` (a `datasets.Dataset` or a list of dicts) replace
+    `cfg.train`/`cfg.validation` when given.
+    """
+    fmt = _resolve_format(cfg)
+    check_task_format(task, fmt)
+    rng = random.Random(cfg.seed)
+    bad_train, bad_eval = BadRecords(cfg.skip_bad_records), BadRecords(cfg.skip_bad_records)
+    train = _read(train_source, cfg.train, "train", bad_train)
+    if validation_source is not None or cfg.validation is not None:
+        held_out = _read(validation_source, cfg.validation, "validation", bad_eval)
+    else:
+        train, held_out = split_records(train, cfg.validation_fraction, rng)
+    train, held_out = _cap(train, cfg.max_train_records, rng), _cap(held_out, cfg.max_eval_records, rng)
+
+    label_names = _label_names(cfg, fmt, train)
+    labels = LabelMap(label_names) if label_names is not None else None
+    formatter = Formatter(cfg, tokenizer, task, fmt, labels)
+    train_split = format_records(train, formatter, bad_train)
+    eval_split = format_records(held_out, formatter, bad_eval)
+    if fmt == "text" and cfg.packing:
+        train_split.examples = pack(train_split.examples, cfg.max_length)
+        eval_split.examples = pack(eval_split.examples, cfg.max_length)
+    if not train_split.examples:
+        raise DataError(f"{_name(train_source, cfg.train, 'train')}: no usable training records")
+    info = _info(cfg, fmt, task, train_split, eval_split, label_names, bad_train, bad_eval)
+    return LoadedData(train_split, eval_split, label_names, info)
+
+
+def _resolve_format(cfg: DataConfig) -> str:
+    if cfg.format is not None:
+        return cfg.format
+    if cfg.train is not None and is_builtin(cfg.train):
+        return builtin_spec(cfg.train).format
+    raise ConfigError("data.format: required for a data file (text, prompt_completion, instruction, chat, "
+                      "classification or translation)")
+
+
+def _name(source: Any, spec: str | None, role: str) -> str:
+    return spec if source is None and spec is not None else f"{role} dataset"
+
+
+def _read(source: Any, spec: str | None, role: str, bad: BadRecords) -> list[Record]:
+    """Records from a dataset object, a built-in name or a file path."""
+    if source is not None:
+        return records_from_rows(source, f"{role} dataset", bad)
+    if spec is None:
+        raise ConfigError(f"data.{role}: missing; give a data file or a built-in dataset name")
+    if is_builtin(spec):
+        return read_builtin(spec, bad)
+    return read_file(Path(spec).expanduser(), bad)
+
+
+def split_records(records: list[Record], fraction: float, rng: random.Random) -> tuple[list[Record], list[Record]]:
+    """Hold out a seeded random `fraction` (at least one record when there are two or more); both parts
+    keep file order."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    count = min(len(records) - 1, max(1, round(fraction * len(records))))
+    held = set(rng.sample(range(len(records)), count))
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def _cap(records: list[Record], limit: int | None, rng: random.Random) -> list[Record]:
+    """A seeded random subset of `limit` records, in file order, so a cap does not just take the head."""
+    if limit is None or len(records) <= limit:
+        return records
+    keep = sorted(rng.sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+def _label_names(cfg: DataConfig, fmt: str, train: list[Record]) -> list[str] | None:
+    if fmt != "classification":
+        return None
+    if cfg.label_names is not None:
+        return list(cfg.label_names)
+    if cfg.train is not None and is_builtin(cfg.train) and builtin_spec(cfg.train).label_names:
+        return list(builtin_spec(cfg.train).label_names or ())
+    names = infer_label_names(train, cfg.label_field)
+    if len(names) < 2:
+        raise DataError(f"{cfg.train or 'train dataset'}, field {cfg.label_field!r}: found {len(names)} distinct "
+                        f"label(s) {names}; classification needs at least 2 (or set data.label_names)")
+    return names
+
+
+def format_records(records: list[Record], formatter: Formatter, bad: BadRecords) -> DataSplit:
+    """Format every record; a bad one raises, or is counted and left out when skipping."""
+    split = DataSplit()
+    for record in records:
+        try:
+            formatted = formatter(record)
+        except DataError as error:
+            bad.report(error)
+            continue
+        split.records.append(record)
+        split.examples.append(formatted.example)
+        split.truncated += formatted.truncated
+        if formatted.prompt_ids is not None and formatted.reference is not None:
+            split.prompts.append(formatted.prompt_ids)
+            split.references.append(formatted.reference)
+    split.skipped = bad.count
+    return split
+
+
+def pack(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Concatenate documents (each already ends in EOS) and cut the stream into `max_length` blocks;
+    the last block may be shorter."""
+    stream = [token for example in examples for token in example["input_ids"]]
+    blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
+    return [{"input_ids": block, "labels": list(block)} for block in blocks]
+
+
+def _info(
+    cfg: DataConfig, fmt: str, task: str, train: DataSplit, held_out: DataSplit,
+    label_names: list[str] | None, bad_train: BadRecords, bad_eval: BadRecords,
+) -> dict[str, Any]:
+    """Counts and settings for the run report (plain JSON types)."""
+    return {
+        "format": fmt,
+        "task": task,
+        "validation": cfg.validation or f"{cfg.validation_fraction:g} of train (seed {cfg.seed})",
+        "train_records": len(train.records),
+        "eval_records": len(held_out.records),
+        "train_examples": len(train.examples),
+        "eval_examples": len(held_out.examples),
+        "skipped_records": bad_train.count + bad_eval.count,
+        "skipped_examples": bad_train.examples + bad_eval.examples,
+        "truncated_examples": train.truncated + held_out.truncated,
+        "label_names": label_names,
+        "max_length": cfg.max_length,
+        "packing": fmt == "text" and cfg.packing,
+    }
