@@ -57,6 +57,15 @@ class LoraLayer(nn.Module):
 
     # --- shared behaviour ---------------------------------------------------------------------------------
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for model code that reads `layer.weight` (e.g. T5's dtype check)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
     def adapters(self) -> list[str]:
         return list(self.scaling)
 

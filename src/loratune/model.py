@@ -142,17 +142,24 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
                               "Conv1D, Embedding, Conv1d and Conv2d")
         targets[path] = module
     if not targets:
-        names = sorted({p for p, _ in _candidate_modules(model)})
+        names = sorted({p.rsplit(".", 1)[-1] for p, m in _candidate_modules(model) if lora_class_for(m)})
         spec = config.target_modules
         probe = spec if isinstance(spec, str) else (spec[0] if spec else "")
-        close = difflib.get_close_matches(probe, names, n=5, cutoff=0.3) or names[:5]
+        close = difflib.get_close_matches(probe.rsplit(".", 1)[-1], names, n=5, cutoff=0.3) or names[:5]
         raise TargetError(f"target_modules={spec!r} matched no module; closest names: {', '.join(close)}")
     return targets
 
 
-def _find_saved(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+# Heads PEFT appends to `modules_to_save` for a task type (whether or not the model has them).
+_PEFT_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _find_saved(model: nn.Module, names: list[str], task_type: str | None = None) -> dict[str, nn.Module]:
+    """Modules named in `modules_to_save`; a PEFT task head the model lacks is not an error, as in PEFT."""
     found = {p: m for p, m in _candidate_modules(model) if _name_matches(names, p)}
-    missing = [n for n in names if not any(_name_matches([n], p) for p in found)]
+    optional = _PEFT_TASK_HEADS.get(task_type or "", ())
+    missing = [n for n in dict.fromkeys(names) if n not in optional and not any(_name_matches([n], p) for p in found)]
     if missing:
         raise TargetError(f"modules_to_save {missing} matched no module")
     return found
@@ -193,17 +200,18 @@ def _inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -
     if name in adapter_configs(model):
         raise AdapterNameError(f"adapter name {name!r} is already taken")
     targets = find_targets(model, config)
-    saved = _find_saved(model, config.modules_to_save or [])
+    pissa = initialize and config.init_lora_weights == "pissa"
+    saved = _find_saved(model, config.modules_to_save or [], config.task_type)
     overlap = sorted(set(targets) & set(saved))
     if overlap:
         raise TargetError(f"module {overlap[0]!r} is both a LoRA target and in modules_to_save")
-    if config.use_dora:
+    for feature, used in (("use_dora", config.use_dora), ("init_lora_weights='pissa'", pissa)):
         for path, module in targets.items():
-            if lora_class_for(module) is not LoraLinear:
-                raise TargetError(f"use_dora supports Linear and Conv1D layers; {path!r} is a {type(module).__name__}")
-    for path, module in targets.items():
+            if used and lora_class_for(module) is not LoraLinear:
+                raise TargetError(f"{feature} supports Linear and Conv1D layers; {path!r} is a {type(module).__name__}")
+    for path, module in targets.items():  # r above one dim is allowed (PEFT files have it, e.g. on 2-way heads)
         rank, (in_dim, out_dim) = config.rank_for(path), layer_dims(module)
-        if rank > min(in_dim, out_dim):
+        if rank > max(in_dim, out_dim) or (pissa and rank > min(in_dim, out_dim)):
             raise TargetError(f"r={rank} is larger than layer {path!r} allows (in={in_dim}, out={out_dim})")
 
     # Build everything first: a failure here must not leave a half-adapted model.
@@ -256,7 +264,8 @@ def bias_parameters(model: nn.Module, bias: str) -> dict[str, nn.Parameter]:
     if bias == "lora_only":
         return {f"{path}.base_layer.bias": layer.base_layer.bias for path, layer in lora_layers(model)
                 if getattr(layer.base_layer, "bias", None) is not None}
-    return {path: p for path, p in model.named_parameters() if path.split(".")[-1] == "bias" and "lora_" not in path}
+    return {path: p for path, p in model.named_parameters() if path.split(".")[-1] == "bias"
+            and "lora_" not in path and ".original_module." not in path and ".modules_to_save." not in path}
 
 
 def mark_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
@@ -279,7 +288,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name not in layer.scaling:
             continue
         if name in layer.merged:
+            others = [n for n in layer.merged if n != name]
             layer.unmerge()
+            layer.merge(others)
         layer.remove(name)
         if not layer.scaling:
             _set_module(model, path, layer.base_layer)
@@ -401,7 +412,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         raise TargetError("add_weighted_adapter cannot combine adapters with modules_to_save or DoRA")
     if combination_type not in ("cat", "svd"):
         raise TargetError(f"combination_type must be 'cat' or 'svd', got {combination_type!r}")
-    rank = sum(max(c.r, *c.rank_pattern.values()) for c in configs) if combination_type == "cat" else (
+    rank = sum(max([c.r, *c.rank_pattern.values()]) for c in configs) if combination_type == "cat" else (
         svd_rank or max(c.r for c in configs))
     layers = {path: layer for path, layer in lora_layers(model) if any(a in layer.scaling for a in adapters)}
     if combination_type == "svd" and any(rank > min(layer.to_oi_shape()) for layer in layers.values()):
