@@ -1,0 +1,21 @@
+"""Session fixtures shared by the data and model tests: real tokenizers that work offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2(request):
+    """(model, tokenizer) of the built-in SmolLM2; the dequantized copy is cached in .pytest_cache."""
+    from loratune.models import load_model
+
+    cache = request.config.cache.mkdir("loratune-models")
+    return load_model("smollm2-135m-instruct", "causal-lm", cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    return smollm2[1]
