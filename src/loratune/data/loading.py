@@ -89,13 +89,13 @@ def load_datasets(
     rng = random.Random(cfg.seed)
     bad_train, bad_eval = BadRecords(cfg.skip_bad_records), BadRecords(cfg.skip_bad_records)
     train = _read(train_source, cfg.train, "train", bad_train)
+    label_names = _label_names(cfg, fmt, train)  # before splitting, so a rare class is not lost
     if validation_source is not None or cfg.validation is not None:
         held_out = _read(validation_source, cfg.validation, "validation", bad_eval)
     else:
         train, held_out = split_records(train, cfg.validation_fraction, rng)
     train, held_out = _cap(train, cfg.max_train_records, rng), _cap(held_out, cfg.max_eval_records, rng)
 
-    label_names = _label_names(cfg, fmt, train)
     labels = LabelMap(label_names) if label_names is not None else None
     formatter = Formatter(cfg, tokenizer, task, fmt, labels)
     train_split = format_records(train, formatter, bad_train)
