@@ -40,9 +40,9 @@ def gpt2(seed: int = SEED, **overrides) -> GPT2LMHeadModel:
 
 
 def llama(seed: int = SEED, **overrides) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                         tie_word_embeddings=False, **overrides)
+    sizes = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
+    config = LlamaConfig(**{**sizes, **overrides})
     return _build(LlamaForCausalLM, config, seed)
 
 

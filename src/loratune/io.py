@@ -50,6 +50,9 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and writers) make the file private; the result is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -105,11 +105,13 @@ def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | Non
     return None
 
 
-def _output_head_paths(model: nn.Module) -> set[str]:
-    """Paths of the output embedding (LM head), which `all-linear` leaves out as PEFT does."""
+def _output_head_paths(model: nn.Module, task_type: str | None = None) -> set[str]:
+    """Paths of the output embedding (LM head) or a SEQ_CLS head, which `all-linear` leaves out as PEFT does."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     paths = {p for p, m in model.named_modules() if head is not None and m is head}
+    if not paths and task_type == "SEQ_CLS":
+        paths = {n for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)}
     return paths or {p for p, _ in model.named_modules() if p.split(".")[-1] == "lm_head"}
 
 
@@ -122,7 +124,7 @@ def _name_matches(spec: list[str] | str, path: str) -> bool:
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Every module `config` adapts, by path; errors if none match or a match cannot take LoRA."""
     saved = config.modules_to_save or []
-    heads = _output_head_paths(model) if config.target_modules == ALL_LINEAR else set()
+    heads = _output_head_paths(model, config.task_type) if config.target_modules == ALL_LINEAR else set()
     linear_types = (nn.Linear, *((Conv1D,) if Conv1D else ()))
     targets: dict[str, nn.Module] = {}
     for path, module in _candidate_modules(model):
@@ -166,11 +168,11 @@ def _find_saved(model: nn.Module, names: list[str], task_type: str | None = None
 
 
 def _resolve_target_names(model: nn.Module, config: LoraConfig, targets: dict[str, nn.Module]) -> LoraConfig:
-    """Write `all-linear` out as module names, as PEFT does, so the saved config needs no model to read."""
+    """Write `all-linear` out as module paths, as PEFT does, so the saved config needs no model to read."""
     if config.target_modules != ALL_LINEAR:
         return config
     resolved = copy.copy(config)
-    resolved.target_modules = sorted({p.split(".")[-1] for p in targets})
+    resolved.target_modules = sorted(targets)
     return resolved
 
 
@@ -420,7 +422,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     new_factors = {path: _combine(layer, adapters, weights, rank, combination_type) for path, layer in layers.items()}
 
     base = configs[0]
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({p.split(".")[-1] for p in layers}),
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers),  # exact paths
                         task_type=base.task_type, base_model_name_or_path=base.base_model_name_or_path)
     targets = {path: layer.base_layer for path, layer in layers.items()}
     if name in adapter_configs(model):
