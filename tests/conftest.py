@@ -8,11 +8,13 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def smollm2(request):
-    """(model, tokenizer) of the built-in SmolLM2; the dequantized copy is cached in .pytest_cache."""
+def smollm2(request, tmp_path_factory):
+    """(model, tokenizer) of the built-in SmolLM2; the dequantized copy (about 20 s to make) is kept
+    in .pytest_cache for later runs."""
     from loratune.models import load_model
 
-    cache = request.config.cache.mkdir("loratune-models")
+    store = getattr(request.config, "cache", None)
+    cache = store.mkdir("loratune-models") if store is not None else tmp_path_factory.mktemp("models")
     return load_model("smollm2-135m-instruct", "causal-lm", cache_dir=cache)
 
 
