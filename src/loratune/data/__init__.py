@@ -5,7 +5,7 @@ from loratune.data.builtin import builtin_datasets
 from loratune.data.collate import collate
 from loratune.data.config import FORMATS, DataConfig
 from loratune.data.formats import IGNORE, Formatter, fit_pair
-from loratune.data.loading import DataSplit, LoadedData, load_datasets, pack, split_records
+from loratune.data.loading import DataSplit, LoadedData, load_datasets, pack, read_label_names, split_records
 from loratune.data.records import BadRecords, Record
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "fit_pair",
     "load_datasets",
     "pack",
+    "read_label_names",
     "split_records",
 ]

@@ -27,6 +27,7 @@ class DataConfig(BaseModel):
     max_length: int = Field(512, ge=8)
     packing: bool = True  # `text` only: concatenate documents and cut into max_length blocks
     train_on_prompt: bool = False  # also learn the prompt/user tokens, not just the answer
+    use_chat_template: bool = False  # prompt/answer pairs become a user turn and the assistant's reply
 
     text_field: str = "text"
     label_field: str = "label"

@@ -57,6 +57,8 @@ class Formatter:
         self.eos = tokenizer.eos_token_id
         if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ConfigError("data.format: 'chat' needs a tokenizer with a chat template; this one has none")
+        if cfg.use_chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("data.use_chat_template: this model's tokenizer has no chat template")
 
     def __call__(self, record: Record) -> Formatted:
         if self.format == "text":
@@ -147,7 +149,10 @@ class Formatter:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def _causal(self, prompt: str, answer: str) -> Formatted:
-        prompt_ids = self._ids(prompt, special=True)
+        if self.cfg.use_chat_template:  # the template brings its own special tokens
+            prompt = self._render([{"role": "user", "content": prompt.strip()}], generation_prompt=True)
+            answer = answer.strip()
+        prompt_ids = self._ids(prompt, special=not self.cfg.use_chat_template)
         answer_ids = self._ids(answer, special=False) + ([self.eos] if self.eos is not None else [])
         keep_bos = self._bos_first(prompt_ids)
         fitted_prompt, fitted_answer = fit_pair(prompt_ids, answer_ids, self.cfg.max_length, keep_bos)

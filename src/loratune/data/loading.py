@@ -109,6 +109,19 @@ def load_datasets(
     return LoadedData(train_split, eval_split, label_names, info)
 
 
+def read_label_names(cfg: DataConfig) -> list[str] | None:
+    """Label names of a classification dataset, known before any tokenizer or model is loaded.
+
+    A classifier's head size depends on them, so the model can only be built after this.
+    """
+    fmt = _resolve_format(cfg)
+    if fmt != "classification":
+        return None
+    if cfg.label_names is not None:
+        return list(cfg.label_names)
+    return _label_names(cfg, fmt, _read(None, cfg.train, "train", BadRecords(cfg.skip_bad_records)))
+
+
 def _resolve_format(cfg: DataConfig) -> str:
     if cfg.format is not None:
         return cfg.format

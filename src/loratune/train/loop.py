@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LoratuneError
-from ..io import save_adapter, write_text_atomic
+from ..io import load_adapter, save_adapter, write_text_atomic
 from ..model import add_adapter, trainable_parameters
 from ..models import load_model
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -38,52 +38,88 @@ class TrainingDiverged(LoratuneError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+@dataclasses.dataclass
+class Session:
+    """Everything a run works with once the model, adapter and data are ready."""
+
+    config: RunConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    data: Any
+    device: torch.device
+    precision: str
+    progress: Any
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def evaluate(self, full: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
+        """Loss metrics on the evaluation split; with `full`, also metrics on generated answers and samples."""
+        tc, task, data = self.config.train, self.config.model.task, self.data
+        metrics = evaluate_loss(self.model, data.eval_examples, task, tc.eval_batch_size,
+                                self.tokenizer.pad_token_id, self.device, self.autocast, self.progress)
+        samples = []
+        if full and data.eval_prompts and task != "classification" and tc.generation_eval:
+            outputs = generate_texts(self.model, self.tokenizer, data.eval_prompts, tc.max_new_tokens,
+                                     tc.eval_batch_size, self.device, self.autocast, self.progress)
+            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
+            samples = [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
+                       for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
+        self.model.train()
+        return metrics, samples
+
+
+def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> Session:
+    """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen."""
+    from ..data import load_datasets, read_label_names
+
+    tc = config.train
+    seed_everything(tc.seed)
+    data_config = config.data
+    label_names = read_label_names(data_config) if config.model.task == "classification" else None
+    if label_names:  # fix the order once, so the head and the examples agree
+        data_config = data_config.model_copy(update={"label_names": label_names})
+    model, tokenizer = load_model(config.model.name, config.model.task, label_names=label_names,
+                                  dtype=DTYPES[config.model.dtype], trust_remote_code=config.model.trust_remote_code)
+    data = load_datasets(data_config, tokenizer, config.model.task)
+    seed_everything(tc.seed)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir, ADAPTER)
+    else:
+        lora = dataclasses.replace(config.lora, task_type=config.lora.task_type or TASK_TYPES[config.model.task],
+                                   base_model_name_or_path=config.lora.base_model_name_or_path or config.model.name)
+        add_adapter(model, lora, ADAPTER)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Session(config, model, tokenizer, data, device, resolve_precision(tc.precision, device),
+                   _progress_factory(quiet))
+
+
+def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:
+    """Evaluate the base model with a saved adapter (default: the run's own) on the config's evaluation data."""
+    quiet = (not sys.stderr.isatty()) if quiet is None else quiet
+    session = prepare(config, quiet, Path(adapter) if adapter else Path(config.output_dir) / "adapter")
+    metrics, _ = session.evaluate(full=True)
+    return metrics
+
+
 def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> dict[str, Any]:
     """Train one LoRA adapter as `config` says and write everything into `config.output_dir`."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tc = config.train
+    tc, task = config.train, config.model.task
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
-    seed_everything(tc.seed)
-
-    # 1. Model and data.
-    from ..data import load_datasets
-
-    model, tokenizer = load_model(config.model.name, config.model.task, label_names=None,
-                                  dtype=DTYPES[config.model.dtype], trust_remote_code=config.model.trust_remote_code,
-                                  **_label_kwargs(config))
-    data = load_datasets(config.data, tokenizer, config.model.task)
-    if config.model.task == "classification" and data.label_names:
-        _set_label_names(model, data.label_names)
-
-    # 2. The adapter.
-    seed_everything(tc.seed)
-    lora = dataclasses.replace(config.lora, task_type=config.lora.task_type or TASK_TYPES[config.model.task],
-                               base_model_name_or_path=config.lora.base_model_name_or_path or config.model.name)
-    add_adapter(model, lora, ADAPTER)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    precision = resolve_precision(tc.precision, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    session = prepare(config, quiet)
+    model, data, device = session.model, session.data, session.device
+    autocast, precision = session.autocast, session.precision
     optimizer = build_optimizer(model, tc.learning_rate, tc.weight_decay, tc.lora_plus_ratio)
     scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.schedule)
-    pad_id = tokenizer.pad_token_id
-    bar = _progress_factory(quiet)
-
-    def evaluate(full: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        metrics = evaluate_loss(model, data.eval_examples, config.model.task, tc.eval_batch_size, pad_id, device,
-                                autocast, bar)
-        samples = []
-        if full and data.eval_prompts and config.model.task != "classification" and tc.generation_eval:
-            outputs = generate_texts(model, tokenizer, data.eval_prompts, tc.max_new_tokens, tc.eval_batch_size,
-                                     device, autocast, bar)
-            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
-            samples = [{"prompt": tokenizer.decode(p, skip_special_tokens=False), "output": o, "reference": r}
-                       for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
-        model.train()
-        return metrics, samples
+    pad_id = session.tokenizer.pad_token_id
+    evaluate = session.evaluate
 
     # 3. Fresh start or resume.
     checkpoints = out / "checkpoints"
@@ -109,7 +145,7 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
     # 4. Train.
     model.train()
     order = BatchOrder(len(data.train_examples), tc.batch_size, tc.seed)
-    progress = bar(total=tc.max_steps, initial=state["step"], desc="training")
+    progress = session.progress(total=tc.max_steps, initial=state["step"], desc="training")
     stopped_early = False
     while state["step"] < tc.max_steps:
         started = time.perf_counter()
@@ -117,9 +153,9 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
         for _ in range(tc.grad_accum):
             examples = [data.train_examples[i] for i in order.batch(state["micro"])]
             state["micro"] += 1
-            batch = to_device(collate_examples(examples, pad_id, config.model.task), device)
+            batch = to_device(collate_examples(examples, pad_id, task), device)
             with autocast():
-                loss, _, _ = batch_loss(model, batch, config.model.task)
+                loss, _, _ = batch_loss(model, batch, task)
             if not torch.isfinite(loss):
                 progress.close()
                 raise TrainingDiverged(f"loss became {loss.item()} at step {state['step'] + 1}; "
@@ -169,7 +205,7 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
     save_adapter(model, out / "adapter", ADAPTER)
     count = trainable_parameters(model)
     summary = {
-        "model": config.model.name, "task": config.model.task, "precision": precision,
+        "model": config.model.name, "task": task, "precision": precision,
         "steps": state["step"], "stopped_early": stopped_early,
         "trainable_parameters": count.trainable, "total_parameters": count.total,
         "trainable_fraction": count.fraction,
@@ -230,15 +266,6 @@ class BatchOrder:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator).tolist()
         return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
-
-
-def _label_kwargs(config: RunConfig) -> dict[str, Any]:
-    return {}
-
-
-def _set_label_names(model: torch.nn.Module, label_names: list[str]) -> None:
-    model.config.id2label = dict(enumerate(label_names))
-    model.config.label2id = {name: i for i, name in enumerate(label_names)}
 
 
 def _progress_factory(quiet: bool):
