@@ -533,3 +533,47 @@ def test_unsupported_module_type_named():
     with pytest.raises(TargetError, match=r"target module '1' is a LayerNorm"):
         add_adapter(model, LoraConfig(target_modules=["0", "1"], r=2))
     assert isinstance(model[0], nn.Linear) and not isinstance(model[0], LoraLinear)
+
+
+def test_saved_head_disable_unload_and_delete():
+    model = tm.bert_classifier()
+    original_head = model.classifier
+    base = logits(model)
+    add_adapter(model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"],
+                                  init_lora_weights=False))
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.add_(0.5)
+    adapted = logits(model)
+    assert max_diff(adapted, base) > 1e-2
+    assert torch.equal(original_head.weight, model.classifier.original_module.weight)
+    with disable_adapters(model):
+        assert max_diff(logits(model), base) <= 1e-6
+    plain = unload(model)
+    assert type(plain.classifier) is nn.Linear and plain.classifier is not original_head
+    assert max_diff(logits(plain), adapted) <= 1e-5
+
+    model = tm.bert_classifier()
+    original_head = model.classifier
+    add_adapter(model, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    delete_adapter(model, "default")
+    assert model.classifier is original_head
+    assert max_diff(logits(model), base) <= 1e-6
+
+
+def test_weighted_adapter_saves_and_loads_with_its_layers(tmp_path):
+    from loratune import load_adapter, save_adapter
+
+    model = tm.llama()
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1], init_lora_weights=False),
+                name="a")
+    torch.manual_seed(3)
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1], init_lora_weights=False),
+                name="b")
+    add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "ab")
+    set_active_adapters(model, ["ab"])
+    combined = logits(model)
+    save_adapter(model, tmp_path, name="ab")
+    fresh = tm.llama()
+    load_adapter(fresh, tmp_path)
+    assert _lora_paths(fresh) == {"model.layers.1.self_attn.q_proj"}
+    assert max_diff(logits(fresh), combined) <= 1e-6
