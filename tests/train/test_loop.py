@@ -1,0 +1,151 @@
+"""The training loop end to end on tiny models: every task, outputs, resume, divergence, early stopping."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loratune.train.loop as loop
+from loratune.train import fit
+from loratune.train.checkpoint import complete_checkpoints
+from loratune.train.config import validate_config
+
+PINNED_LOSSES = [3.67973, 3.58202, 3.69242]  # tiny GPT-2, seed 0, fp32 CPU
+
+
+def run(data):
+    return fit(validate_config(data, "test"), quiet=True)
+
+
+def test_causal_run_writes_every_output_and_learns(run_config, tmp_path):
+    summary = run(run_config(train={"max_steps": 30, "learning_rate": 0.03}))
+    out = tmp_path / "run"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.json",
+                 "metrics.jsonl", "plot.png", "report.md", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert summary["after"]["loss"] < summary["before"]["loss"] - 0.5
+    assert {"accuracy", "macro_f1", "perplexity"} <= set(summary["after"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 31))
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "## Samples before training" in report and "| accuracy |" in report
+    assert 0 < summary["trainable_fraction"] < 0.2
+
+
+def test_first_losses_are_pinned(run_config, tmp_path):
+    """Regression pin: same seed, same data, same numbers (fp32 on CPU)."""
+    run(run_config(train={"max_steps": 3}))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if r["kind"] == "train"]
+    assert losses == pytest.approx(PINNED_LOSSES, abs=1e-4)
+
+
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(run_config, tmp_path, monkeypatch):
+    straight = run_config(train={"max_steps": 6, "checkpoint_every": 2}, output_dir=str(tmp_path / "straight"))
+    run(straight)
+    expected = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+
+    interrupted = run_config(train={"max_steps": 6, "checkpoint_every": 2}, output_dir=str(tmp_path / "resumed"))
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(root, step, *args, **kwargs):
+        path = real_save(root, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupted)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    fit(validate_config(interrupted, "test"), resume=True, quiet=True)
+    resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key
+    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoints_keep_the_last_k(run_config, tmp_path):
+    run(run_config(train={"max_steps": 6, "checkpoint_every": 1, "keep_checkpoints": 2}))
+    kept = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["step-5", "step-6"]
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_config, tmp_path, monkeypatch):
+    real_loss = loop.batch_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, task):
+        loss, logits, weight = real_loss(model, batch, task)
+        calls["n"] += model.training
+        return (loss * float("nan") if model.training and calls["n"] == 4 else loss), logits, weight
+
+    monkeypatch.setattr(loop, "batch_loss", poisoned)
+    with pytest.raises(loop.TrainingDiverged, match="step 4"):
+        run(run_config(train={"max_steps": 6, "checkpoint_every": 2}))
+    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-2"]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_early_stopping(run_config):
+    summary = run(run_config(train={"max_steps": 20, "learning_rate": 1e-9, "eval_every": 1,
+                                    "early_stopping_patience": 2, "schedule": "constant"}))
+    assert summary["stopped_early"] and summary["steps"] == 3
+
+
+def test_classification_head_is_trained_and_saved(tiny_bert, sentiment_file, run_config, tmp_path):
+    data = run_config(model={"name": tiny_bert, "task": "classification"},
+                      lora={"target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+                      data={"prompt_template": None, "completion_template": None},
+                      train={"max_steps": 40, "learning_rate": 0.05})
+    summary = run(data)
+    assert summary["after"]["accuracy"] == 1.0 > summary["before"]["accuracy"]
+    assert summary["after"]["loss"] < 0.2
+    keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").keys()
+    assert "base_model.model.classifier.weight" in keys
+
+
+def test_seq2seq_translation_reports_bleu(tiny_t5, tmp_path, run_config):
+    pairs = [("the cat", "el gato"), ("the dog", "el perro"), ("good", "bueno"), ("bad", "malo")] * 6
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
+    data = run_config(model={"name": tiny_t5, "task": "seq2seq"}, lora={"target_modules": ["q", "v"]},
+                      data={"train": str(path), "format": "translation", "prompt_template": None,
+                            "completion_template": None},
+                      train={"max_steps": 4})
+    summary = run(data)
+    assert {"bleu", "chrf", "loss"} <= set(summary["after"])
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+
+
+@pytest.mark.parametrize("fmt,rows", [
+    ("text", [{"text": "the cat sat on a mat . the dog ran"}] * 20),
+    ("instruction", [{"instruction": "review", "input": "the good movie", "output": "positive"}] * 20),
+    ("prompt_completion", [{"prompt": "hello", "completion": "world"}] * 20),
+    ("chat", [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}] * 20),
+])
+def test_each_generation_format_trains(fmt, rows, tmp_path, run_config):
+    path = tmp_path / f"{fmt}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run(run_config(data={"train": str(path), "format": fmt, "prompt_template": None,
+                                   "completion_template": None, "max_length": 16}, train={"max_steps": 5}))
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert summary["data"]["format"] == fmt
+
+
+def test_lora_plus_gives_b_factors_a_higher_learning_rate(run_config):
+    from loratune.train.loop import prepare
+    from loratune.train.optim import build_optimizer
+
+    session = prepare(validate_config(run_config(), "test"), quiet=True)
+    optimizer = build_optimizer(session.model, 1e-3, 0.0, 16.0)
+    lrs = sorted(g["lr"] for g in optimizer.param_groups)
+    assert lrs == pytest.approx([1e-3, 16e-3])
+    b_params = {id(p) for n, p in session.model.named_parameters() if ".lora_B." in n}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == b_params
