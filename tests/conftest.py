@@ -1,10 +1,23 @@
-"""Session fixtures shared by the data and model tests: real tokenizers that work offline."""
+"""Shared fixtures: the real SmolLM2 (cached), and tiny model folders with a word-level tokenizer for runs."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
 
+import json  # noqa: E402
+
 import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +34,85 @@ def smollm2(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2):
     return smollm2[1]
+
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "[CLS]", "[SEP]"]
+WORDS = ("the cat sat on a mat dog ran good bad great awful movie film plot acting review sentiment "
+         "positive negative hello world el gato perro bueno malo user assistant system : . , ? ! |").split()
+VOCAB = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    core = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", cls_token="[CLS]", sep_token="[SEP]")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _save(folder, model):
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(VOCAB), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _save(tmp_path_factory.mktemp("gpt2"), GPT2LMHeadModel(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, pad_token_id=0, num_labels=2)
+    return _save(tmp_path_factory.mktemp("bert"), BertForSequenceClassification(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                      pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+    return _save(tmp_path_factory.mktemp("t5"), T5ForConditionalGeneration(config))
+
+
+POSITIVE = ["good movie", "great film", "good acting", "great plot", "good review", "great acting"]
+NEGATIVE = ["bad movie", "awful film", "bad acting", "awful plot", "bad review", "awful acting"]
+
+
+@pytest.fixture
+def sentiment_file(tmp_path):
+    rows = [{"text": f"the {t}", "label": "positive"} for t in POSITIVE] + \
+           [{"text": f"the {t}", "label": "negative"} for t in NEGATIVE]
+    path = tmp_path / "sentiment.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_gpt2, sentiment_file):
+    """A small causal-LM run: sentiment as generation on tiny GPT-2. Returns a dict to adjust, then validate."""
+    def build(**sections):
+        data = {
+            "model": {"name": tiny_gpt2, "task": "causal-lm"},
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_fc"]},
+            "data": {"train": sentiment_file, "format": "classification", "prompt_template": "{text} sentiment :",
+                     "completion_template": "{label}", "validation_fraction": 0.25, "max_length": 32},
+            "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 0.01, "precision": "fp32",
+                      "eval_batch_size": 8, "max_new_tokens": 2, "seed": 0},
+            "output_dir": str(tmp_path / "run"),
+        }
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                data[section].update(values)
+            else:
+                data[section] = values
+        return data
+    return build

@@ -577,3 +577,12 @@ def test_weighted_adapter_saves_and_loads_with_its_layers(tmp_path):
     load_adapter(fresh, tmp_path)
     assert _lora_paths(fresh) == {"model.layers.1.self_attn.q_proj"}
     assert max_diff(logits(fresh), combined) <= 1e-6
+
+
+def test_new_lora_layers_follow_the_model_train_or_eval_mode():
+    model = tm.gpt2().eval()
+    add_adapter(model, LoraConfig(r=2, lora_dropout=0.5, target_modules=["c_attn"]))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers and not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in layers)

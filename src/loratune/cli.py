@@ -54,9 +54,12 @@ def _merge(args: argparse.Namespace) -> None:
     from .model import unload
     from .models import load_model
 
+    from .io import read_adapter_config
+
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise LoratuneError(f"{out}: output folder exists and is not empty")
+    read_adapter_config(args.adapter)  # fail before the model loads
     model, tokenizer = load_model(args.model, args.task)
     load_adapter(model, args.adapter)
     merged = unload(model, merge=True)
@@ -140,9 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep transformers' own progress bars and warnings off the terminal when it is not interactive."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         args.run(args)
     except LoratuneError as exc:

@@ -228,6 +228,7 @@ def _inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -
         wrapper.modules_to_save[name] = copy.deepcopy(wrapper.original_module)
 
     for path, layer in {**wrappers, **saved_wrappers}.items():
+        layer.train(targets.get(path, saved.get(path)).training)  # an eval-mode model stays in eval mode
         if model.get_submodule(path) is not layer:
             _set_module(model, path, layer)
     adapter_configs(model)[name] = _resolve_target_names(model, config, targets)

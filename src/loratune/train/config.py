@@ -92,9 +92,21 @@ def format_validation_error(error: ValidationError, source: str) -> str:
 
 def validate_config(data: dict[str, Any], source: str) -> RunConfig:
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+    _check_data_files(config, source)
+    return config
+
+
+def _check_data_files(config: RunConfig, source: str) -> None:
+    """A missing data file is reported now, not after minutes of model loading."""
+    from ..data import builtin_datasets
+
+    for key in ("train", "validation"):
+        value = getattr(config.data, key)
+        if value is not None and value not in builtin_datasets() and not Path(value).expanduser().is_file():
+            raise ConfigError(f"{source}: data.{key}: no such file or built-in dataset: {value!r}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -1,0 +1,105 @@
+"""The `loratune` command: each subcommand on a tiny model, and one-line errors with exit code 2."""
+
+import io
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+import loratune as lt
+from loratune.cli import main
+from loratune.serve.generate import generate_stream
+
+
+@pytest.fixture
+def config_file(run_config, tmp_path):
+    def write(**sections):
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(run_config(**sections)))
+        return str(path)
+    return write
+
+
+def one_line_error(capsys, argv, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_train_with_overrides_then_eval_inspect_merge_generate(config_file, capsys, tmp_path, tiny_gpt2):
+    path = config_file()
+    assert main(["train", path, "--set", "train.max_steps=4", "--set", "lora.r=2", "--quiet"]) == 0
+    out = tmp_path / "run"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["max_steps"] == 4 and saved["lora"]["r"] == 2
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    assert "adapter:" in capsys.readouterr().out
+
+    assert main(["eval", path, "--quiet"]) == 0
+    assert "accuracy:" in capsys.readouterr().out
+
+    assert main(["inspect", "--config", path, "--adapter", str(out / "adapter")]) == 0
+    shown = capsys.readouterr().out
+    assert "lora targets: 4 modules" in shown and "trainable" in shown and "r=2" in shown
+
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--model", tiny_gpt2, "--adapter", str(out / "adapter"), "--out", str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    adapted = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    lt.load_adapter(adapted, out / "adapter")
+    ids = torch.tensor([[7, 8, 9, 10, 11]])
+    assert (merged(ids).logits - adapted(ids).logits).abs().max() <= 1e-5
+    assert not any("lora" in k for k in merged.state_dict())
+    capsys.readouterr()
+
+    assert main(["generate", "--model", tiny_gpt2, "--adapter", str(out / "adapter"), "--prompt", "the good movie",
+                 "--max-new-tokens", "3"]) == 0
+    streamed = io.StringIO()
+    text = generate_stream(tiny_gpt2, "the good movie sentiment :", str(out / "adapter"), chat=False,
+                           max_new_tokens=3, out=streamed)
+    assert streamed.getvalue() == text + "\n"
+    chat_stream = io.StringIO()
+    chat_text = generate_stream(str(merged_dir), "hello", None, chat=True, max_new_tokens=2, out=chat_stream)
+    assert chat_stream.getvalue() == chat_text + "\n"
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ("train.max_stepz=3", ["train.max_stepz", "unknown key"]),
+    ("train.max_steps=many", ["train.max_steps"]),
+    ("train.max_steps=0", ["train.max_steps", "greater than 0"]),
+    ("lora.r=-1", ["lora", "positive integer"]),
+    ("data.train=/nonexistent/file.jsonl", ["data.train", "/nonexistent/file.jsonl"]),
+    ("model.task=poetry", ["model.task"]),
+    ("train.max_steps", ["KEY=VALUE"]),
+])
+def test_config_errors_are_one_line_and_name_the_key(config_file, capsys, tmp_path, override, fragments):
+    path = config_file()
+    one_line_error(capsys, ["train", path, "--set", override], path if "=" in override else "", *fragments)
+    assert not (tmp_path / "run").exists()  # nothing written before the config is valid
+
+
+def test_missing_and_broken_config_files(capsys, tmp_path):
+    one_line_error(capsys, ["train", str(tmp_path / "nope.yaml")], "nope.yaml", "not found")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    one_line_error(capsys, ["train", str(broken)], "broken.yaml", "invalid YAML")
+
+
+def test_merge_refuses_a_non_empty_output_and_bad_adapters(capsys, tmp_path, tiny_gpt2):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    one_line_error(capsys, ["merge", "--model", tiny_gpt2, "--adapter", str(tmp_path), "--out", str(tmp_path / "out")],
+                   "not empty")
+    one_line_error(capsys, ["merge", "--model", tiny_gpt2, "--adapter", str(tmp_path / "missing"), "--out",
+                            str(tmp_path / "new")], "adapter_config.json")
+    assert not (tmp_path / "new").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(lt.ConfigError):
+        main(["--debug", "train", str(tmp_path / "nope.yaml")])
