@@ -21,14 +21,20 @@ from transformers import (  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def smollm2(request, tmp_path_factory):
-    """(model, tokenizer) of the built-in SmolLM2; the dequantized copy (about 20 s to make) is kept
-    in .pytest_cache for later runs."""
-    from loratune.models import load_model
-
+def model_cache(request, tmp_path_factory):
+    """Where converted models go: .pytest_cache (kept between runs), also for code that reads LORATUNE_CACHE."""
     store = getattr(request.config, "cache", None)
     cache = store.mkdir("loratune-models") if store is not None else tmp_path_factory.mktemp("models")
-    return load_model("smollm2-135m-instruct", "causal-lm", cache_dir=cache)
+    os.environ["LORATUNE_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache):
+    """(model, tokenizer) of the built-in SmolLM2; the dequantized copy takes about 20 s to make once."""
+    from loratune.models import load_model
+
+    return load_model("smollm2-135m-instruct", "causal-lm", cache_dir=model_cache)
 
 
 @pytest.fixture(scope="session")

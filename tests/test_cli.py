@@ -103,3 +103,14 @@ def test_merge_refuses_a_non_empty_output_and_bad_adapters(capsys, tmp_path, tin
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(lt.ConfigError):
         main(["--debug", "train", str(tmp_path / "nope.yaml")])
+
+
+def test_demo_smoke_on_the_real_model(model_cache, tmp_path, capsys):
+    """The real SmolLM2 and movie-sentiment data, cut down to seconds: the whole pipeline runs."""
+    argv = ["demo", "--output", str(tmp_path / "demo"), "--quiet", "--set", "train.max_steps=2",
+            "--set", "data.max_train_records=32", "--set", "data.max_eval_records=8", "--set", "train.num_samples=1"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert summary["data"]["eval_examples"] == 8 and summary["steps"] == 2
+    assert 0.0 <= summary["after"]["accuracy"] <= 1.0 and len(summary["samples_after"]) == 1
+    assert json.loads((tmp_path / "demo" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"

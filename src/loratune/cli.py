@@ -50,11 +50,9 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .io import load_adapter
+    from .io import load_adapter, read_adapter_config
     from .model import unload
     from .models import load_model
-
-    from .io import read_adapter_config
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
