@@ -143,6 +143,14 @@ class LoraLayer(nn.Module):
         return b.shape[0], a.shape[1]
 
 
+def lora_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The LoRA branch's input: under autocast the matmuls choose their dtype, so a cast would be a wasted
+    copy; otherwise match the adapter weights (fp32 by default, whatever the base dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
 def _init_factors(a: torch.Tensor, b: torch.Tensor, init: bool | str, rank: int) -> None:
     """PEFT's defaults: A Kaiming-uniform and B zero, so a new adapter leaves outputs unchanged."""
     with torch.no_grad():
@@ -255,11 +263,11 @@ class LoraLinear(LoraLayer):
             return result + self._mixed_batch_delta(x).to(result.dtype)
         for name in self.pending():
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            h = self.lora_dropout[name](lora_input(x, lora_a.weight))
             if name in self.lora_magnitude_vector:
                 result = result + self._dora_delta(x, h, result, name).to(result.dtype)
-            else:
-                result = result + (lora_b(lora_a(h)) * self.scaling[name]).to(result.dtype)
+            else:  # scaling the r-wide intermediate is cheaper than scaling the output
+                result = result + lora_b(lora_a(h) * self.scaling[name]).to(result.dtype)
         return result
 
     def _dora_delta(self, x: torch.Tensor, h: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
@@ -389,7 +397,7 @@ class LoraConv(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in self.pending():
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            h = self.lora_dropout[name](lora_input(x, lora_a.weight))
             result = result + (lora_b(lora_a(h)) * self.scaling[name]).to(result.dtype)
         return result
 

@@ -83,6 +83,8 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
         data_config = data_config.model_copy(update={"label_names": label_names})
     model, tokenizer = load_model(config.model.name, config.model.task, label_names=label_names,
                                   dtype=DTYPES[config.model.dtype], trust_remote_code=config.model.trust_remote_code)
+    if config.model.attn_implementation:
+        model.set_attn_implementation(config.model.attn_implementation)
     data = load_datasets(data_config, tokenizer, config.model.task)
     seed_everything(tc.seed)
     if adapter_dir is not None:

@@ -29,9 +29,33 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> t
     if task == "seq2seq":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss, out.logits, int((batch["labels"] != IGNORE).sum())
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return causal_lm_loss(model, batch)
+
+
+def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(body, output head) of a transformers causal LM whose logits are plain `head(body(x))`, else None."""
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    plain = not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
+    return (body, head) if isinstance(body, nn.Module) and head is not None and plain else None
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Next-token loss computed only where there are labels.
+
+    The output head runs on the gathered labelled positions alone: with answer-only loss that is a few
+    tokens per row instead of the whole sequence times the vocabulary, in time and in memory.
+    """
     targets = batch["labels"][:, 1:]
-    weight = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
-                           reduction="sum") / max(weight, 1)
+    mask = targets != IGNORE
+    weight = int(mask.sum())
+    parts = split_lm(model)
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+    else:
+        body, head = parts
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = head(hidden[:, :-1][mask])
+    loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum") / max(weight, 1)
     return loss, logits, weight
