@@ -79,13 +79,16 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
         if samples:
             lines += ["", f"## Samples {name} training", ""]
             for sample in samples:
-                lines += [f"- prompt: `{_one_line(sample['prompt'])}`",
+                lines += [f"- prompt: `{_one_line(sample['prompt'], keep_end=True)}`",
                           f"  - output: `{_one_line(sample['output'])}`",
                           f"  - reference: `{_one_line(sample['reference'])}`"]
     lines += ["", "## Plot", "", "![training](plot.png)", "", "## Config", "", "```yaml", config_yaml.rstrip(), "```"]
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def _one_line(text: str, limit: int = 200) -> str:
+def _one_line(text: str, limit: int = 200, keep_end: bool = False) -> str:
+    """Flatten to one line; long prompts keep their end, which is where the question is."""
     flat = " ".join(str(text).split()).replace("`", "'")
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+    if len(flat) <= limit:
+        return flat
+    return "..." + flat[3 - limit:] if keep_end else flat[: limit - 3] + "..."
