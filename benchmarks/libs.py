@@ -80,15 +80,29 @@ def causal_lm_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 # --- loratune --------------------------------------------------------------------------------------------------
 def loratune_train_setup(model: nn.Module, cfg: BenchConfig) -> Setup:
-    """loratune's default training set-up (for now: bf16 autocast and the shared step)."""
+    """loratune's default training path, as `loratune train` runs it: with bf16 precision the frozen base
+    is stored in bf16 (`model.dtype: auto`) while the adapter stays fp32, and the loss is the trainer's."""
     import loratune
+    from loratune.train.loop import base_dtype
+    from loratune.train.step import causal_lm_loss
 
+    model.to(base_dtype("auto", cfg.precision))
     config = loratune.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                  target_modules=cfg.targets, init_lora_weights=cfg.init_lora_weights)
     loratune.add_adapter(model, config, "default")
     model.to(cfg.device)
     optimizer = _optimizer(model)
-    return Setup(model, optimizer, causal_lm_step(model, optimizer, cfg))
+
+    def step(input_ids: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+        with precision_context(cfg):
+            loss, _, _ = causal_lm_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        return float(loss.item())
+
+    return Setup(model, optimizer, step)
 
 
 class LoratuneOps:

@@ -149,3 +149,14 @@ def test_lora_plus_gives_b_factors_a_higher_learning_rate(run_config):
     assert lrs == pytest.approx([1e-3, 16e-3])
     b_params = {id(p) for n, p in session.model.named_parameters() if ".lora_B." in n}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == b_params
+
+
+def test_bf16_training_keeps_the_base_in_bf16_and_the_adapter_in_fp32(run_config):
+    from loratune.train.loop import prepare
+
+    session = prepare(validate_config(run_config(train={"precision": "bf16"}), "test"), quiet=True)
+    dtypes = {name: p.dtype for name, p in session.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    fp32 = prepare(validate_config(run_config(), "test"), quiet=True)
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}

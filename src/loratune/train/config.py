@@ -26,8 +26,9 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     name: str = Field(description="built-in name, local model folder, .gguf file, or hub id")
     task: Task = "causal-lm"
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the frozen base weights; adapters stay float32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the frozen base weights (auto: bfloat16 when training in bf16, else "
+                            "float32); adapters stay float32")
     attn_implementation: Literal["eager", "sdpa"] | None = Field(
         None, description="attention kernel (default: transformers' choice); eager is faster for short CPU runs")
     trust_remote_code: bool = False

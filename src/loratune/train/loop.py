@@ -81,8 +81,11 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
     label_names = read_label_names(data_config) if config.model.task == "classification" else None
     if label_names:  # fix the order once, so the head and the examples agree
         data_config = data_config.model_copy(update={"label_names": label_names})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(tc.precision, device)
     model, tokenizer = load_model(config.model.name, config.model.task, label_names=label_names,
-                                  dtype=DTYPES[config.model.dtype], trust_remote_code=config.model.trust_remote_code)
+                                  dtype=base_dtype(config.model.dtype, precision),
+                                  trust_remote_code=config.model.trust_remote_code)
     if config.model.attn_implementation:
         model.set_attn_implementation(config.model.attn_implementation)
     data = load_datasets(data_config, tokenizer, config.model.task)
@@ -93,12 +96,10 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
         lora = dataclasses.replace(config.lora, task_type=config.lora.task_type or TASK_TYPES[config.model.task],
                                    base_model_name_or_path=config.lora.base_model_name_or_path or config.model.name)
         add_adapter(model, lora, ADAPTER)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Session(config, model, tokenizer, data, device, resolve_precision(tc.precision, device),
-                   _progress_factory(quiet))
+    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet))
 
 
 def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:
@@ -238,6 +239,14 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def base_dtype(requested: str, precision: str) -> torch.dtype:
+    """Frozen weights in bf16 when the matmuls run in bf16 anyway: autocast then has nothing to cast, and
+    the weights take half the memory. Adapter weights stay fp32 (they are created in fp32)."""
+    if requested == "auto":
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+    return DTYPES[requested]
 
 
 def cpu_has_bf16() -> bool:
