@@ -49,7 +49,12 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def remove(self, name: str) -> None:
-        raise NotImplementedError
+        """Drop every per-adapter entry (factors, dropout, magnitudes) held under `name`."""
+        for container in self.children():
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and name in container:
+                del container[name]
+        self.scaling.pop(name)
+        self.active = [n for n in self.active if n != name]
 
     def to_weight_layout(self, delta_oi: torch.Tensor) -> torch.Tensor:
         """Turn an (out, in) matrix into the shape and orientation of `base_layer.weight`."""
@@ -227,13 +232,6 @@ class LoraLinear(LoraLayer):
             tensors["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return tensors
 
-    def remove(self, name: str) -> None:
-        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            if name in container:
-                del container[name]
-        self.scaling.pop(name)
-        self.active = [n for n in self.active if n != name]
-
     def to_weight_layout(self, delta_oi: torch.Tensor) -> torch.Tensor:
         return delta_oi.t() if self.transposed else delta_oi
 
@@ -323,12 +321,6 @@ class LoraEmbedding(LoraLayer):
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
         return {"lora_embedding_A": self.lora_embedding_A[name], "lora_embedding_B": self.lora_embedding_B[name]}
 
-    def remove(self, name: str) -> None:
-        for container in (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout):
-            del container[name]
-        self.scaling.pop(name)
-        self.active = [n for n in self.active if n != name]
-
     def to_weight_layout(self, delta_oi: torch.Tensor) -> torch.Tensor:
         return delta_oi.t()
 
@@ -380,12 +372,6 @@ class LoraConv(LoraLayer):
 
     def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
         return {"lora_A.weight": self.lora_A[name].weight, "lora_B.weight": self.lora_B[name].weight}
-
-    def remove(self, name: str) -> None:
-        for container in (self.lora_A, self.lora_B, self.lora_dropout):
-            del container[name]
-        self.scaling.pop(name)
-        self.active = [n for n in self.active if n != name]
 
     def to_weight_layout(self, delta_oi: torch.Tensor) -> torch.Tensor:
         return delta_oi.reshape(self.base_layer.weight.shape)
