@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="YAML run config")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config key, e.g. train.max_steps=50 (repeatable)")
-        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--quiet", action="store_const", const=True, default=None,
+                         help="no progress bars (the default when stderr is not a terminal)")
 
     train = commands.add_parser("train", help="train a LoRA adapter from a YAML config")
     with_config(train)
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M on movie-review sentiment, before/after")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--quiet", action="store_const", const=True, default=None,
+                      help="no progress bars (the default when stderr is not a terminal)")
     demo.set_defaults(run=_demo)
     return parser
 
