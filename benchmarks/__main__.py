@@ -15,9 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="loratune vs PEFT: speed and memory (default command 'run'), quality parity ('quality'), "
-                    "or rebuild the results section of docs/benchmarks.md from benchmarks/results/latest.json "
-                    "('docs').")
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "quality", "docs"])
+                    "rebuild the results section of docs/benchmarks.md from benchmarks/results/latest.json "
+                    "('docs'), or compare the default path's loss curve with fp32 ('loss-curve').")
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "quality", "docs", "loss-curve"])
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="run only this case (repeatable)")
     variants = sorted({v.name for c in CASES.values() for v in c.variants})
     parser.add_argument("--variant", action="append", choices=variants, help="run only this LoRA variant (repeatable)")
@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"wrote {regenerate_docs()}")
         return 0
+    if args.command == "loss-curve":
+        from benchmarks.loss_curve import run_loss_curve
+
+        return run_loss_curve()
     if args.command == "quality":
         from benchmarks.quality import run_quality
 
