@@ -114,3 +114,15 @@ def test_demo_smoke_on_the_real_model(model_cache, tmp_path, capsys):
     assert summary["data"]["eval_examples"] == 8 and summary["steps"] == 2
     assert 0.0 <= summary["after"]["accuracy"] <= 1.0 and len(summary["samples_after"]) == 1
     assert json.loads((tmp_path / "demo" / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_output_paths_that_are_files_and_bad_generate_arguments(config_file, capsys, tmp_path, tiny_gpt2):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    one_line_error(capsys, ["train", config_file(), "--set", f"output_dir={blocker}"], "not a folder")
+    one_line_error(capsys, ["merge", "--model", tiny_gpt2, "--adapter", str(tmp_path), "--out", str(blocker)],
+                   "not a folder")
+    one_line_error(capsys, ["generate", "--model", tiny_gpt2, "--prompt", "  "], "prompt is empty")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", tiny_gpt2, "--prompt", "the", "--max-new-tokens", "0"])
+    assert exit_info.value.code == 2

@@ -99,3 +99,13 @@ def test_loratune_config_is_accepted_by_peft(tmp_path):
     loaded = peft.LoraConfig.from_pretrained(tmp_path)
     assert (loaded.r, loaded.lora_alpha, loaded.use_dora, loaded.lora_dropout) == (4, 12, True, 0.1)
     assert set(loaded.target_modules) == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lora_alpha", "abc"), ("lora_dropout", "0.1"), ("target_modules", 5), ("layers_to_transform", "0"),
+    ("modules_to_save", "classifier"), ("use_dora", "yes"), ("alpha_pattern", {"q": "x"}),
+])
+def test_wrong_types_are_config_errors_naming_the_field(field, value):
+    kwargs = {"target_modules": ["q"], field: value}
+    with pytest.raises(ConfigError, match=f"LoraConfig.{field}"):
+        LoraConfig(**kwargs)

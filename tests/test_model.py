@@ -464,6 +464,19 @@ def test_safe_merge_with_non_finite_adapter_changes_nothing():
     assert all(not layer.merged for _, layer in lora_layers(model))
 
 
+def test_safe_merge_catches_overflow_in_a_half_precision_weight():
+    model = tm.llama().to(torch.float16)
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():  # finite in fp32, infinite once cast to fp16 (max 65504)
+        for _, layer in lora_layers(model):
+            layer.lora_A["default"].weight.fill_(100.0)
+            layer.lora_B["default"].weight.fill_(1000.0)
+    before = snapshot(model)
+    with pytest.raises(MergeError, match="non-finite"):
+        merge(model, safe=True)
+    assert_unchanged(model, before)
+
+
 def test_merging_tied_embedding_is_refused():
     model = tm.gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight

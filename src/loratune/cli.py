@@ -55,6 +55,8 @@ def _merge(args: argparse.Namespace) -> None:
     from .models import load_model
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LoratuneError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise LoratuneError(f"{out}: output folder exists and is not empty")
     read_adapter_config(args.adapter)  # fail before the model loads
@@ -90,6 +92,13 @@ def _demo(args: argparse.Namespace) -> None:
     _print_summary(summary, Path(config.output_dir))
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loratune", description="LoRA fine-tuning of language models")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -117,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--adapter")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=64)
     generate.set_defaults(run=_generate)
 
     merge = commands.add_parser("merge", help="write a plain model folder with the adapter merged in")
@@ -159,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except LoratuneError as exc:
+        if args.debug:
+            raise
+        print(f"loratune: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable or unwritable paths the user gave
         if args.debug:
             raise
         print(f"loratune: error: {exc}", file=sys.stderr)

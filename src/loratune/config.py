@@ -73,6 +73,7 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if self.target_modules is None:
             raise ConfigError("LoraConfig.target_modules is required (a list of names, a regex or 'all-linear')")
+        _check_types(self)
         _check_rank("r", self.r)
         for pattern, rank in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{pattern!r}]", rank)
@@ -130,6 +131,41 @@ class LoraConfig:
                 close = _closest(key, known)
                 raise ConfigError(f"{source}: unknown key {key!r}" + (f" (did you mean {close!r}?)" if close else ""))
         return cls(**kwargs)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _check_types(config: LoraConfig) -> None:
+    """Wrong types fail here with the field's name, not later inside a layer."""
+    checks = [
+        ("lora_alpha", _is_number(config.lora_alpha), "a number"),
+        ("lora_dropout", _is_number(config.lora_dropout), "a number"),
+        ("target_modules", _is_names(config.target_modules), "a list of names or a regex string"),
+        ("exclude_modules", config.exclude_modules is None or _is_names(config.exclude_modules),
+         "a list of names or a regex string"),
+        ("layers_to_transform", config.layers_to_transform is None
+         or (isinstance(config.layers_to_transform, int) and not isinstance(config.layers_to_transform, bool))
+         or (isinstance(config.layers_to_transform, list)
+             and all(isinstance(i, int) and not isinstance(i, bool) for i in config.layers_to_transform)),
+         "an integer or a list of integers"),
+        ("modules_to_save", config.modules_to_save is None
+         or (isinstance(config.modules_to_save, list) and all(isinstance(m, str) for m in config.modules_to_save)),
+         "a list of names"),
+        ("rank_pattern", isinstance(config.rank_pattern, dict), "a mapping of pattern to rank"),
+        ("alpha_pattern", isinstance(config.alpha_pattern, dict)
+         and all(_is_number(v) for v in config.alpha_pattern.values()), "a mapping of pattern to number"),
+        ("use_rslora", isinstance(config.use_rslora, bool), "true or false"),
+        ("use_dora", isinstance(config.use_dora, bool), "true or false"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"LoraConfig.{name} must be {expected}, got {getattr(config, name)!r}")
 
 
 def _check_rank(name: str, value: Any) -> None:

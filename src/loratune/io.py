@@ -130,7 +130,10 @@ def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = Fals
             raise AdapterFileError(f"{pickle_path}: refusing a pickle adapter file, since unpickling can run code; "
                                    "convert it to safetensors, or pass allow_pickle=True if you trust it")
         if pickle_path.is_file():
-            return torch.load(pickle_path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(pickle_path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # any unpickling failure is a bad file, whatever its type
+                raise AdapterFileError(f"{pickle_path}: cannot read pickle adapter ({type(exc).__name__})") from None
         raise AdapterFileError(f"{directory}: no adapter weights here (expected {WEIGHTS_NAME})")
     try:
         with safe_open(str(path), framework="pt") as handle:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MergeError, TargetError
+from .errors import AdapterNameError, MergeError, TargetError
 
 try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -98,10 +98,11 @@ class LoraLayer(nn.Module):
         new = weight.detach().float()
         for name in names:
             new = self.merged_weight(new, name)
+        new = new.to(weight.dtype)  # check after the cast: fp16 overflows there
         if safe and not torch.isfinite(new).all():
             raise MergeError(f"merging adapter(s) {names} gives non-finite weights; nothing was merged")
         with torch.no_grad():
-            weight.copy_(new.to(weight.dtype))
+            weight.copy_(new)
         self.merged.extend(names)
 
     def unmerge(self) -> None:
@@ -146,6 +147,11 @@ class LoraLayer(nn.Module):
     def to_oi_shape(self) -> tuple[int, int]:
         a, b = self.factors(self.adapters[0])
         return b.shape[0], a.shape[1]
+
+
+def check_rows(rows: torch.Tensor, x: torch.Tensor) -> None:
+    if rows.shape[0] != x.shape[0]:
+        raise AdapterNameError(f"mixed_adapter_batch names {rows.shape[0]} rows but the batch has {x.shape[0]}")
 
 
 def lora_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -283,6 +289,7 @@ class LoraLinear(LoraLayer):
 
     def _mixed_batch_delta(self, x: torch.Tensor) -> torch.Tensor:
         rows, a_stack, b_stack = self.row_plan
+        check_rows(rows, x)
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_stack.dtype)
         h = torch.bmm(flat, a_stack[rows].transpose(1, 2))
         out = torch.bmm(h, b_stack[rows].transpose(1, 2))
@@ -333,6 +340,7 @@ class LoraEmbedding(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.row_plan is not None:
             rows, a_stack, b_stack = self.row_plan
+            check_rows(rows, x)
             flat = x.reshape(x.shape[0], -1)
             h = a_stack.transpose(1, 2)[rows[:, None], flat]  # (batch, tokens, r)
             out = torch.bmm(h, b_stack[rows].transpose(1, 2))

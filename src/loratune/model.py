@@ -196,11 +196,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
     return model
 
 
-def _inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -> None:
+def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
         raise AdapterNameError(f"adapter name must be a non-empty string without '.', got {name!r}")
     if name in adapter_configs(model):
         raise AdapterNameError(f"adapter name {name!r} is already taken")
+
+
+def _inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -> None:
+    check_new_name(model, name)
     targets = find_targets(model, config)
     pissa = initialize and config.init_lora_weights == "pissa"
     saved = _find_saved(model, config.modules_to_save or [], config.task_type)
@@ -411,6 +415,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if len(adapters) != len(weights) or not adapters:
         raise AdapterNameError("add_weighted_adapter needs one weight per adapter, and at least one adapter")
     configs = [_check_name(model, a) for a in adapters]
+    check_new_name(model, name)
     if any(c.modules_to_save for c in configs) or any(c.use_dora for c in configs):
         raise TargetError("add_weighted_adapter cannot combine adapters with modules_to_save or DoRA")
     if combination_type not in ("cat", "svd"):
@@ -426,8 +431,6 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers),  # exact paths
                         task_type=base.task_type, base_model_name_or_path=base.base_model_name_or_path)
     targets = {path: layer.base_layer for path, layer in layers.items()}
-    if name in adapter_configs(model):
-        raise AdapterNameError(f"adapter name {name!r} is already taken")
     for path, layer in layers.items():
         layer.create(name, rank, 1.0, 0.0, True)
         a_param, b_param = layer.factors(name)

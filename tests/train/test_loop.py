@@ -160,3 +160,36 @@ def test_bf16_training_keeps_the_base_in_bf16_and_the_adapter_in_fp32(run_config
     assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
     fp32 = prepare(validate_config(run_config(), "test"), quiet=True)
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints(run_config):
+    data = run_config(train={"max_steps": 2, "checkpoint_every": 2})
+    run(data)
+    with pytest.raises(loop.LoratuneError, match="checkpoints of an earlier run"):
+        run(data)
+
+
+def test_resume_refuses_a_changed_config(run_config, tmp_path):
+    run(run_config(train={"max_steps": 2, "checkpoint_every": 2}))
+    changed = validate_config(run_config(train={"max_steps": 2, "checkpoint_every": 2, "learning_rate": 0.5}), "t")
+    with pytest.raises(loop.LoratuneError, match="train.learning_rate=0.01"):
+        fit(changed, resume=True, quiet=True)
+
+
+def test_divergence_names_no_checkpoint_when_none_was_written(run_config, tmp_path):
+    data = run_config(train={"max_steps": 4, "learning_rate": 1e30, "max_grad_norm": None, "checkpoint_every": 2})
+    with pytest.raises(loop.TrainingDiverged) as error:
+        run(data)
+    found = complete_checkpoints(tmp_path / "run" / "checkpoints")
+    if found:  # whatever was kept must hold finite weights
+        weights = load_file(found[-1] / "adapter_model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values())
+        assert str(found[-1]) in str(error.value)
+    else:
+        assert "no checkpoint was written yet" in str(error.value)
+
+
+def test_no_evaluation_data_reports_no_metrics(run_config, tmp_path):
+    summary = run(run_config(data={"validation_fraction": 0.0}, train={"max_steps": 2}))
+    assert summary["before"] == {} and summary["after"] == {}
+    assert (tmp_path / "run" / "plot.png").is_file()

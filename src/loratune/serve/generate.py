@@ -12,10 +12,12 @@ from ..models import load_model
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     """Token ids for a plain prompt, or for one user turn rendered with the model's chat template."""
+    from ..errors import ConfigError
+
+    if not prompt.strip():
+        raise ConfigError("--prompt: the prompt is empty")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            from ..errors import ConfigError
-
             raise ConfigError("--chat: this model's tokenizer has no chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)

@@ -58,6 +58,8 @@ class Session:
     def evaluate(self, full: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
         """Loss metrics on the evaluation split; with `full`, also metrics on generated answers and samples."""
         tc, task, data = self.config.train, self.config.model.task, self.data
+        if not data.eval_examples:  # nothing held out: report no numbers rather than invented ones
+            return {}, []
         metrics = evaluate_loss(self.model, data.eval_examples, task, tc.eval_batch_size,
                                 self.tokenizer.pad_token_id, self.device, self.autocast, self.progress)
         samples = []
@@ -113,10 +115,12 @@ def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bo
 def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> dict[str, Any]:
     """Train one LoRA adapter as `config` says and write everything into `config.output_dir`."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tc, task = config.train, config.model.task
+    checkpoints = out / "checkpoints"
+    check_output_dir(out, resume)
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     session = prepare(config, quiet)
+    out.mkdir(parents=True, exist_ok=True)
     model, data, device = session.model, session.data, session.device
     autocast, precision = session.autocast, session.precision
     optimizer = build_optimizer(model, tc.learning_rate, tc.weight_decay, tc.lora_plus_ratio)
@@ -125,13 +129,13 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
     evaluate = session.evaluate
 
     # 3. Fresh start or resume.
-    checkpoints = out / "checkpoints"
     state = {"step": 0, "micro": 0, "history": [], "best": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0}
     if resume:
         found = latest_checkpoint(checkpoints)
         if found is None:
             raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
         saved = load_checkpoint(found, model, ADAPTER)
+        check_same_run(saved.get("config", {}), config.model_dump(mode="json"), found)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
@@ -139,7 +143,8 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
         set_rng_state(saved["rng"])
     else:
         before, samples_before = evaluate(full=True)
-        state["history"].append({"kind": "eval", "step": 0, **before})
+        if before:
+            state["history"].append({"kind": "eval", "step": 0, **before})
     log_path = out / "metrics.jsonl"
     write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
     write_text_atomic(out / "config.yaml", config_to_yaml(config))
@@ -162,7 +167,7 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
             if not torch.isfinite(loss):
                 progress.close()
                 raise TrainingDiverged(f"loss became {loss.item()} at step {state['step'] + 1}; "
-                                       f"last good checkpoint kept in {checkpoints} (try a lower learning rate)")
+                                       f"{_last_good(checkpoints)} (try a lower learning rate)")
             (loss / tc.grad_accum).backward()
             loss_sum += loss.item() / tc.grad_accum
             tokens += int(batch["attention_mask"].sum())
@@ -182,7 +187,7 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
         progress.update(1)
         progress.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
 
-        if tc.eval_every and state["step"] % tc.eval_every == 0 and state["step"] < tc.max_steps:
+        if tc.eval_every and data.eval_examples and state["step"] % tc.eval_every == 0 and state["step"] < tc.max_steps:
             metrics, _ = evaluate(full=False)
             entry = {"kind": "eval", "step": state["step"], **metrics}
             state["history"].append(entry)
@@ -193,18 +198,24 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
                 state["bad_evals"] += 1
             if tc.early_stopping_patience and state["bad_evals"] >= tc.early_stopping_patience:
                 stopped_early = True
+        if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+            progress.close()
+            raise TrainingDiverged(f"adapter weights became non-finite at step {state['step']}; "
+                                   f"{_last_good(checkpoints)} (try a lower learning rate)")
         if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0:
             save_checkpoint(checkpoints, state["step"], model, ADAPTER, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-                "rng": rng_state(), "before": before, "samples_before": samples_before}, tc.keep_checkpoints)
+                "rng": rng_state(), "before": before, "samples_before": samples_before,
+                "config": config.model_dump(mode="json")}, tc.keep_checkpoints)
         if stopped_early:
             break
     progress.close()
 
     # 5. Evaluate, save, report.
     after, samples_after = evaluate(full=True)
-    state["history"].append({"kind": "eval", "step": state["step"], **after})
-    _append_line(log_path, state["history"][-1], board)
+    if after:
+        state["history"].append({"kind": "eval", "step": state["step"], **after})
+        _append_line(log_path, state["history"][-1], board)
     save_adapter(model, out / "adapter", ADAPTER)
     count = trainable_parameters(model)
     summary = {
@@ -225,6 +236,33 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
     if board:
         board.close()
     return summary
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """A fresh run never mixes with an earlier run's checkpoints; resuming needs them."""
+    if out.exists() and not out.is_dir():
+        raise LoratuneError(f"output_dir {out} exists and is not a folder")
+    if not resume and latest_checkpoint(out / "checkpoints") is not None:
+        raise LoratuneError(f"output_dir {out} holds checkpoints of an earlier run; use --resume to continue it, "
+                            "or choose another output_dir")
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path, prefix: str = "") -> None:
+    """Resume only the run that wrote the checkpoint (the output folder may differ)."""
+    for key in sorted(set(saved) | set(current)):
+        if key == "output_dir" and not prefix:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            check_same_run(a, b, where, f"{prefix}{key}.")
+        elif a != b:
+            raise LoratuneError(f"{where}: checkpoint was written with {prefix}{key}={a!r}, the config now says "
+                                f"{b!r}; resume with the same config or start a new output_dir")
+
+
+def _last_good(checkpoints: Path) -> str:
+    found = latest_checkpoint(checkpoints)
+    return f"last good checkpoint: {found}" if found else "no checkpoint was written yet"
 
 
 def seed_everything(seed: int) -> None:
