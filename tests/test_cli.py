@@ -126,3 +126,9 @@ def test_output_paths_that_are_files_and_bad_generate_arguments(config_file, cap
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "--model", tiny_gpt2, "--prompt", "the", "--max-new-tokens", "0"])
     assert exit_info.value.code == 2
+
+
+def test_lengths_beyond_the_models_positions_are_one_line_errors(config_file, capsys, tiny_gpt2):
+    one_line_error(capsys, ["train", config_file(), "--set", "data.max_length=200"], "data.max_length=200", "64")
+    one_line_error(capsys, ["generate", "--model", tiny_gpt2, "--prompt", "the", "--max-new-tokens", "100"],
+                   "--max-new-tokens", "64 positions")

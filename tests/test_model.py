@@ -599,3 +599,11 @@ def test_new_lora_layers_follow_the_model_train_or_eval_mode():
     assert layers and not any(m.training for m in model.modules())
     model.train()
     assert all(m.training for m in layers)
+
+
+def test_layers_to_transform_selecting_nothing_says_so():
+    model = tm.llama()
+    before = snapshot(model)
+    with pytest.raises(TargetError, match=r"layers_to_transform=\[99\] selects none.*0\.\.1"):
+        add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[99]))
+    assert_unchanged(model, before)

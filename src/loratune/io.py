@@ -98,9 +98,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-    write_text_atomic(directory / CONFIG_NAME, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    # Both files are complete on disk before either is renamed into place.
+    with atomic_path(directory / WEIGHTS_NAME) as weights_tmp, atomic_path(directory / CONFIG_NAME) as config_tmp:
+        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+        config_tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return directory
 
 

@@ -127,6 +127,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     heads = _output_head_paths(model, config.task_type) if config.target_modules == ALL_LINEAR else set()
     linear_types = (nn.Linear, *((Conv1D,) if Conv1D else ()))
     targets: dict[str, nn.Module] = {}
+    layer_indices: set[int | None] = set()  # layers of name matches that layers_to_transform left out
     for path, module in _candidate_modules(model):
         if config.target_modules == ALL_LINEAR:
             hit = isinstance(module, linear_types) and path not in heads and not _name_matches(saved, path)
@@ -137,12 +138,18 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
         if config.layers_to_transform is not None:
             wanted = config.layers_to_transform
             wanted = [wanted] if isinstance(wanted, int) else wanted
-            if _layer_index(path, config.layers_pattern) not in wanted:
+            index = _layer_index(path, config.layers_pattern)
+            if index not in wanted:
+                layer_indices.add(index)
                 continue
         if lora_class_for(module) is None:
             raise TargetError(f"target module {path!r} is a {type(module).__name__}; LoRA supports Linear, "
                               "Conv1D, Embedding, Conv1d and Conv2d")
         targets[path] = module
+    if not targets and layer_indices:
+        found = sorted(i for i in layer_indices if i is not None)
+        raise TargetError(f"layers_to_transform={config.layers_to_transform!r} selects none of the matching layers "
+                          f"(their indices: {found[0] if found else '?'}..{found[-1] if found else '?'})")
     if not targets:
         names = sorted({p.rsplit(".", 1)[-1] for p, m in _candidate_modules(model) if lora_class_for(m)})
         spec = config.target_modules

@@ -7,7 +7,7 @@ from typing import TextIO
 import torch
 
 from ..io import load_adapter
-from ..models import load_model
+from ..models import load_model, max_positions
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -36,6 +36,12 @@ def generate_stream(model_name: str, prompt: str, adapter: str | None, chat: boo
         load_adapter(model, adapter)
     model.eval()
     ids = prompt_ids(tokenizer, prompt, chat)
+    limit = max_positions(model)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"--max-new-tokens: the prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens "
+                          f"exceed the model's {limit} positions")
 
     class _Writer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

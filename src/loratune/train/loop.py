@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import LoratuneError
+from ..errors import ConfigError, LoratuneError
 from ..io import load_adapter, save_adapter, write_text_atomic
 from ..model import add_adapter, trainable_parameters
-from ..models import load_model
+from ..models import load_model, max_positions
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_yaml
 from .evaluate import evaluate_loss, generate_texts, generation_metrics
@@ -88,6 +88,10 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
     model, tokenizer = load_model(config.model.name, config.model.task, label_names=label_names,
                                   dtype=base_dtype(config.model.dtype, precision),
                                   trust_remote_code=config.model.trust_remote_code)
+    limit = max_positions(model)
+    if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
+        raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of "
+                          f"{config.model.name}")
     if config.model.attn_implementation:
         model.set_attn_implementation(config.model.attn_implementation)
     data = load_datasets(data_config, tokenizer, config.model.task)
