@@ -132,3 +132,18 @@ def test_lengths_beyond_the_models_positions_are_one_line_errors(config_file, ca
     one_line_error(capsys, ["train", config_file(), "--set", "data.max_length=200"], "data.max_length=200", "64")
     one_line_error(capsys, ["generate", "--model", tiny_gpt2, "--prompt", "the", "--max-new-tokens", "100"],
                    "--max-new-tokens", "64 positions")
+
+
+def test_generate_with_a_seq2seq_adapter(tiny_t5, tmp_path, capsys):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5)
+    lt.add_adapter(model, lt.LoraConfig(r=2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM",
+                                        init_lora_weights=False))
+    lt.save_adapter(model, tmp_path / "t5-adapter")
+    streamed = io.StringIO()
+    text = generate_stream(tiny_t5, "the cat", str(tmp_path / "t5-adapter"), chat=False, max_new_tokens=3,
+                           out=streamed)
+    assert streamed.getvalue() == text + "\n"
+    assert main(["generate", "--model", tiny_t5, "--adapter", str(tmp_path / "t5-adapter"), "--prompt", "the cat",
+                 "--max-new-tokens", "3"]) == 0

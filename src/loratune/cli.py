@@ -46,7 +46,7 @@ def _generate(args: argparse.Namespace) -> None:
     from .serve.generate import generate_stream
 
     generate_stream(args.model, args.prompt, adapter=args.adapter, chat=args.chat,
-                    max_new_tokens=args.max_new_tokens, out=sys.stdout)
+                    max_new_tokens=args.max_new_tokens, out=sys.stdout, task=args.task)
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--adapter")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt with the model's chat template")
+    generate.add_argument("--task", choices=["causal-lm", "seq2seq"],
+                          help="model kind (default: the adapter's task type, else causal-lm)")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=64)
     generate.set_defaults(run=_generate)
 

@@ -6,7 +6,7 @@ from typing import TextIO
 
 import torch
 
-from ..io import load_adapter
+from ..io import load_adapter, read_adapter_config
 from ..models import load_model, max_positions
 
 
@@ -27,17 +27,22 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_stream(model_name: str, prompt: str, adapter: str | None, chat: bool, max_new_tokens: int,
-                    out: TextIO) -> str:
-    """Greedy generation; each new piece of text is written to `out` as soon as it is decoded."""
+                    out: TextIO, task: str | None = None) -> str:
+    """Greedy generation; each new piece of text is written to `out` as soon as it is decoded.
+
+    `task` (causal-lm or seq2seq) defaults to the adapter's task type, else causal-lm.
+    """
     from transformers import TextStreamer
 
-    model, tokenizer = load_model(model_name, "causal-lm")
+    if task is None:
+        task = "seq2seq" if adapter and read_adapter_config(adapter).task_type == "SEQ_2_SEQ_LM" else "causal-lm"
+    model, tokenizer = load_model(model_name, task)
     if adapter:
         load_adapter(model, adapter)
     model.eval()
     ids = prompt_ids(tokenizer, prompt, chat)
     limit = max_positions(model)
-    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+    if limit is not None and not model.config.is_encoder_decoder and ids.shape[1] + max_new_tokens > limit:
         from ..errors import ConfigError
 
         raise ConfigError(f"--max-new-tokens: the prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens "
@@ -51,4 +56,5 @@ def generate_stream(model_name: str, prompt: str, adapter: str | None, chat: boo
     output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                             streamer=_Writer(tokenizer, skip_prompt=True, skip_special_tokens=True))
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+    new_tokens = output[0] if model.config.is_encoder_decoder else output[0, ids.shape[1]:]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True)
