@@ -269,17 +269,17 @@ class LoraLinear(LoraLayer):
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](lora_input(x, lora_a.weight))
             if name in self.lora_magnitude_vector:
-                result = result + self._dora_delta(x, h, result, name).to(result.dtype)
+                result = result + self._dora_delta(h, result, name).to(result.dtype)
             else:  # scaling the r-wide intermediate is cheaper than scaling the output
                 result = result + lora_b(lora_a(h) * self.scaling[name]).to(result.dtype)
         return result
 
-    def _dora_delta(self, x: torch.Tensor, h: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+    def _dora_delta(self, h: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """m/||W + sBA|| * (W h + s B A h) - W x, with the norm detached as in the DoRA paper."""
         weight_oi = self.base_weight_oi()
         norm = self._weight_norm(weight_oi.float(), name)
         scale = self.lora_magnitude_vector[name] / norm
-        if h is x or isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+        if isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
             bias = self.base_layer.bias
             base = (result - bias if bias is not None else result).to(h.dtype)
         else:

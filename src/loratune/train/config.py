@@ -51,7 +51,6 @@ class TrainSpec(_Strict):
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
     checkpoint_every: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
-    log_every: int = Field(10, gt=0)
     seed: int = 0
     max_new_tokens: int = Field(32, gt=0, description="tokens generated per answer in evaluation")
     num_samples: int = Field(3, ge=0, description="sample generations shown before and after")

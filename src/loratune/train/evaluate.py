@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .step import batch_loss, collate_examples, to_device
+from ..data import collate
+from .step import batch_loss, to_device
 
 
 def macro_f1(predicted: Sequence, expected: Sequence) -> float:
@@ -38,7 +39,7 @@ def evaluate_loss(model: nn.Module, examples: Sequence[dict], task: str, batch_s
     model.eval()
     total_loss, total_weight, predicted, expected = 0.0, 0, [], []
     for chunk in progress(list(_batches(examples, batch_size)), desc="evaluating"):
-        batch = to_device(collate_examples(chunk, pad_id, task), device)
+        batch = to_device(collate(list(chunk), pad_id, task), device)
         with autocast():
             loss, logits, weight = batch_loss(model, batch, task)
         total_loss += loss.item() * weight
@@ -63,10 +64,10 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
     """Greedy continuations of token-id prompts, decoded; left padding so a batch generates together."""
     model.eval()
     pad_id = tokenizer.pad_token_id
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
     texts: list[str] = []
     for chunk in progress(list(_batches(prompts, batch_size)), desc="generating"):
         width = max(len(p) for p in chunk)
-        encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, prompt in enumerate(chunk):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..data import collate
 from ..errors import ConfigError, LoratuneError
 from ..io import load_adapter, save_adapter, write_text_atomic
 from ..model import add_adapter, trainable_parameters
@@ -27,7 +28,7 @@ from .config import RunConfig, config_to_yaml
 from .evaluate import evaluate_loss, generate_texts, generation_metrics
 from .optim import build_optimizer, build_scheduler
 from .report import plot_history, write_metrics, write_report
-from .step import batch_loss, collate_examples, to_device
+from .step import batch_loss, to_device
 
 ADAPTER = "default"
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
@@ -165,7 +166,7 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
         for _ in range(tc.grad_accum):
             examples = [data.train_examples[i] for i in order.batch(state["micro"])]
             state["micro"] += 1
-            batch = to_device(collate_examples(examples, pad_id, task), device)
+            batch = to_device(collate(examples, pad_id, task), device)
             with autocast():
                 loss, _, _ = batch_loss(model, batch, task)
             if not torch.isfinite(loss):
@@ -202,11 +203,11 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
                 state["bad_evals"] += 1
             if tc.early_stopping_patience and state["bad_evals"] >= tc.early_stopping_patience:
                 stopped_early = True
-        if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-            progress.close()
-            raise TrainingDiverged(f"adapter weights became non-finite at step {state['step']}; "
-                                   f"{_last_good(checkpoints)} (try a lower learning rate)")
         if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0:
+            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+                progress.close()  # a checkpoint must hold weights worth resuming from
+                raise TrainingDiverged(f"adapter weights became non-finite at step {state['step']}; "
+                                       f"{_last_good(checkpoints)} (try a lower learning rate)")
             save_checkpoint(checkpoints, state["step"], model, ADAPTER, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
                 "rng": rng_state(), "before": before, "samples_before": samples_before,

@@ -1,20 +1,12 @@
-"""The training step as plain functions over a batch: loss, then one optimizer update."""
+"""The loss of one batch, as a plain function: what the training loop and evaluation both call."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import collate
-
 IGNORE = -100
-
-
-def collate_examples(examples: Sequence[dict], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    return collate(list(examples), pad_id, task)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
