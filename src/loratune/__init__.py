@@ -9,6 +9,7 @@ from .errors import (
     LoratuneError,
     MergeError,
     ModelLoadError,
+    QuantizationError,
     TargetError,
 )
 from .io import load_adapter, save_adapter
@@ -29,7 +30,7 @@ from .model import (
 
 __all__ = [
     "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LoratuneError",
-    "MergeError", "ModelLoadError", "ParamCount", "TargetError", "active_adapters", "add_adapter",
+    "MergeError", "ModelLoadError", "ParamCount", "QuantizationError", "TargetError", "active_adapters", "add_adapter",
     "add_weighted_adapter", "delete_adapter", "disable_adapters", "load_adapter", "merge", "mixed_adapter_batch",
     "save_adapter", "set_active_adapters", "trainable_parameters", "unload", "unmerge",
 ]

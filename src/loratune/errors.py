@@ -38,3 +38,7 @@ class DataError(LoratuneError, ValueError):
 
 class ModelLoadError(LoratuneError, ValueError):
     """A model could not be found or loaded."""
+
+
+class QuantizationError(LoratuneError, ValueError):
+    """A layer cannot be stored in the requested format, or a quantized weight cannot do what was asked."""

@@ -21,6 +21,9 @@ try:  # GPT-2 style layer with a transposed (in, out) weight
 except ImportError:  # transformers is optional for the core
     Conv1D = ()
 
+QUANTIZED_MERGE = ("cannot merge into a quantized base weight in place; use loratune.quant.merge_quantized, which "
+                   "dequantizes, adds the update and keeps full precision or requantizes")
+
 
 class LoraLayer(nn.Module):
     """Common state of every LoRA layer; subclasses define the factors, the delta and the forward."""
@@ -94,6 +97,8 @@ class LoraLayer(nn.Module):
         names = [n for n in names if n in self.scaling and n not in self.merged]
         if not names:
             return
+        if is_quantized(self.base_layer):
+            raise MergeError(QUANTIZED_MERGE)
         weight = self.base_layer.weight
         new = weight.detach().float()
         for name in names:
@@ -131,22 +136,35 @@ class LoraLayer(nn.Module):
         Slot 0 is all zeros, for rows without an adapter; slot i+1 holds `names[i]`, or zeros where this
         layer does not have that adapter.
         """
-        weight = self.base_layer.weight
+        device = module_device(self.base_layer)
         present = [self.factors(n) if n in self.scaling else None for n in names]
         max_rank = max([f[0].shape[0] for f in present if f is not None], default=1)
         out_dim, in_dim = self.to_oi_shape()
-        a_stack = weight.new_zeros((len(names) + 1, max_rank, in_dim), dtype=torch.float32)
-        b_stack = weight.new_zeros((len(names) + 1, out_dim, max_rank), dtype=torch.float32)
+        a_stack = torch.zeros((len(names) + 1, max_rank, in_dim), device=device)
+        b_stack = torch.zeros((len(names) + 1, out_dim, max_rank), device=device)
         for slot, (name, pair) in enumerate(zip(names, present), start=1):
             if pair is not None and name not in self.merged:
                 a, b = pair
                 a_stack[slot, : a.shape[0]] = a.detach().float()
                 b_stack[slot, :, : a.shape[0]] = b.detach().float() * self.scaling[name]
-        self.row_plan = (row_index.to(weight.device), a_stack, b_stack)
+        self.row_plan = (row_index.to(device), a_stack, b_stack)
 
     def to_oi_shape(self) -> tuple[int, int]:
         a, b = self.factors(self.adapters[0])
         return b.shape[0], a.shape[1]
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a layer's tensors live, without reading `.weight` (a quantized layer would dequantize it)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A base layer stored in a quantized format (see `loratune.quant`): frozen, and merged only by
+    `merge_quantized`."""
+    return getattr(module, "quantized", False) is True
 
 
 def check_rows(rows: torch.Tensor, x: torch.Tensor) -> None:
@@ -192,11 +210,20 @@ class LoraLinear(LoraLayer):
         return weight.t() if self.transposed else weight
 
     def to_oi_shape(self) -> tuple[int, int]:
-        return tuple(self.base_weight_oi().shape)
+        in_dim, out_dim = layer_dims(self.base_layer)
+        return out_dim, in_dim
+
+    def set_base_weight_oi(self, weight_oi: torch.Tensor) -> None:
+        """Overwrite the base weight with an (out, in) matrix, in the base layer's own storage."""
+        if is_quantized(self.base_layer):
+            self.base_layer.store(weight_oi)
+            return
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self.to_weight_layout(weight_oi).to(self.base_layer.weight.dtype))
 
     def create(self, name: str, rank: int, scaling: float, dropout: float, init: bool | str) -> None:
         out_dim, in_dim = self.to_oi_shape()
-        device = self.base_layer.weight.device
+        device = module_device(self.base_layer)
         self.lora_A[name] = nn.Linear(in_dim, rank, bias=False, device=device)
         self.lora_B[name] = nn.Linear(rank, out_dim, bias=False, device=device)
         self.scaling[name] = scaling
@@ -216,8 +243,7 @@ class LoraLinear(LoraLayer):
         with torch.no_grad():
             self.lora_A[name].weight.copy_(a)
             self.lora_B[name].weight.copy_(b)
-            residual = weight - self.scaling[name] * b @ a
-            self.base_layer.weight.copy_(self.to_weight_layout(residual).to(self.base_layer.weight.dtype))
+        self.set_base_weight_oi(weight - self.scaling[name] * b @ a)
 
     def enable_dora(self, name: str) -> None:
         """DoRA: a learned per-output magnitude, initialised to the row norms of W + delta."""

@@ -19,7 +19,16 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, MergeError, TargetError
-from .layers import Conv1D, LoraLayer, LoraLinear, ModulesToSave, layer_dims, lora_class_for
+from .layers import (
+    QUANTIZED_MERGE,
+    Conv1D,
+    LoraLayer,
+    LoraLinear,
+    ModulesToSave,
+    is_quantized,
+    layer_dims,
+    lora_class_for,
+)
 
 CONFIGS_ATTR = "lora_configs"
 
@@ -105,7 +114,7 @@ def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | Non
     return None
 
 
-def _output_head_paths(model: nn.Module, task_type: str | None = None) -> set[str]:
+def output_head_paths(model: nn.Module, task_type: str | None = None) -> set[str]:
     """Paths of the output embedding (LM head) or a SEQ_CLS head, which `all-linear` leaves out as PEFT does."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -124,7 +133,7 @@ def _name_matches(spec: list[str] | str, path: str) -> bool:
 def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Every module `config` adapts, by path; errors if none match or a match cannot take LoRA."""
     saved = config.modules_to_save or []
-    heads = _output_head_paths(model, config.task_type) if config.target_modules == ALL_LINEAR else set()
+    heads = output_head_paths(model, config.task_type) if config.target_modules == ALL_LINEAR else set()
     linear_types = (nn.Linear, *((Conv1D,) if Conv1D else ()))
     targets: dict[str, nn.Module] = {}
     layer_indices: set[int | None] = set()  # layers of name matches that layers_to_transform left out
@@ -184,7 +193,7 @@ def _resolve_target_names(model: nn.Module, config: LoraConfig, targets: dict[st
 
 
 # --- adding and removing -------------------------------------------------------------------------------------
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, child, module)
@@ -241,7 +250,7 @@ def _inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -
     for path, layer in {**wrappers, **saved_wrappers}.items():
         layer.train(targets.get(path, saved.get(path)).training)  # an eval-mode model stays in eval mode
         if model.get_submodule(path) is not layer:
-            _set_module(model, path, layer)
+            set_module(model, path, layer)
     adapter_configs(model)[name] = _resolve_target_names(model, config, targets)
 
 
@@ -307,13 +316,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             layer.merge(others)
         layer.remove(name)
         if not layer.scaling:
-            _set_module(model, path, layer.base_layer)
+            set_module(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         if name in wrapper.modules_to_save:
             del wrapper.modules_to_save[name]
             wrapper.active = None if wrapper.active == name else wrapper.active
             if not len(wrapper.modules_to_save):
-                _set_module(model, path, wrapper.original_module)
+                set_module(model, path, wrapper.original_module)
     del adapter_configs(model)[name]
     set_active_adapters(model, [n for n in active_adapters(model) if n != name])
 
@@ -357,6 +366,8 @@ def merge(model: nn.Module, names: str | Sequence[str] | None = None, safe: bool
     """
     names = _as_names(model, names)
     layers = [layer for _, layer in lora_layers(model)]
+    if any(is_quantized(layer.base_layer) for layer in layers):
+        raise MergeError(QUANTIZED_MERGE)
     _refuse_tied_weights(model, [(p, layer) for p, layer in lora_layers(model) if set(names) & set(layer.scaling)])
     backups = {}
     try:
@@ -402,10 +413,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     else:
         unmerge(model)
     for path, layer in list(lora_layers(model)):
-        _set_module(model, path, layer.base_layer)
+        set_module(model, path, layer.base_layer)
     for path, wrapper in list(saved_modules(model)):
         keep = wrapper.current() if merge else wrapper.original_module
-        _set_module(model, path, keep)
+        set_module(model, path, keep)
     model.__dict__.pop(CONFIGS_ATTR, None)
     model.__dict__.pop("lora_active", None)
     return model

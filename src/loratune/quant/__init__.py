@@ -1,0 +1,10 @@
+"""Quantized frozen base weights (QLoRA): NF4 and int8 storage, quantized layers, low-memory loading."""
+
+from .convert import MergeReport, QuantReport, check_model_quantizable, merge_quantized, quantize_model
+from .formats import FORMATS, QuantizedWeight, dequantize, quantize
+from .linear import QuantLinear
+
+__all__ = [
+    "FORMATS", "MergeReport", "QuantLinear", "QuantReport", "QuantizedWeight", "check_model_quantizable",
+    "dequantize", "merge_quantized", "quantize", "quantize_model",
+]

@@ -1,0 +1,167 @@
+"""Whole-model operations: quantize the frozen linear layers (optionally with LoftQ), and merge back.
+
+Output heads (the LM head, a classifier) stay in full precision, as in QLoRA: they are small next to
+the body, tied to the embeddings in many models, and trained in full for classification.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import QuantizationError
+from ..layers import Conv1D, LoraLayer, LoraLinear, ModulesToSave, is_quantized
+from ..model import lora_layers, output_head_paths, set_module, unload
+from .formats import check_quantizable, dequantize, quantize
+from .linear import QuantLinear
+
+_LINEAR_TYPES = (nn.Linear, *((Conv1D,) if Conv1D else ()))
+
+
+@dataclass
+class QuantReport:
+    """What quantizing did: layers converted, bytes before and after, and the relative weight error
+    ||W - W_q|| / ||W|| over all converted layers (with LoftQ: W_q includes the adapter's initial update)."""
+
+    layers: int
+    dense_bytes: int
+    quantized_bytes: int
+    relative_error: float
+    relative_error_without_loftq: float | None = None
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Frozen linear layers to store quantized, by path: every Linear/Conv1D except output heads and
+    modules trained in full. For a LoRA layer the path names the wrapper; its `base_layer` is converted."""
+    heads = output_head_paths(model) | output_head_paths(model, "SEQ_CLS")
+    inside = [p + "." for p, m in model.named_modules() if isinstance(m, (ModulesToSave, LoraLayer))]
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if path in heads or path.startswith(tuple(inside)):
+            continue
+        base = module.base_layer if isinstance(module, LoraLinear) else module
+        if isinstance(base, _LINEAR_TYPES) and not is_quantized(base):
+            found[path] = module
+    return found
+
+
+def check_model_quantizable(model: nn.Module, format: str) -> dict[str, nn.Module]:
+    """The layers `quantize_model` would convert; a clear error if none, or if one cannot take `format`."""
+    layers = quantizable_layers(model)
+    if not layers:
+        raise QuantizationError(f"quantize: {format}: the model has no linear layers to quantize")
+    for path, module in layers.items():
+        base = getattr(module, "base_layer", module)
+        in_dim, out_dim = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
+        check_quantizable(format, (out_dim, in_dim), f"layer {path!r}")
+    return layers
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, format: str, double_quant: bool = True, loftq_iterations: int = 0,
+                   adapter: str = "default") -> QuantReport:
+    """Replace the frozen linear layers by `QuantLinear`s in place, one at a time (the dense weight of a
+    layer is freed as soon as its quantized copy exists).
+
+    With `loftq_iterations > 0`, LoRA layers holding `adapter` get LoftQ initialisation: alternately
+    quantize W - s*B@A and set B, A to the top singular directions of the remaining error, so that
+    base + adapter starts closer to the full-precision W than the quantized base alone.
+    """
+    layers = check_model_quantizable(model, format)
+    dense_bytes = quantized_bytes = 0
+    error_sq = plain_error_sq = norm_sq = 0.0
+    for path, module in layers.items():
+        base = getattr(module, "base_layer", module)
+        weight = base.weight.detach()
+        dense_bytes += weight.numel() * weight.element_size()
+        weight_oi = (weight.t() if isinstance(base, Conv1D) else weight).float()
+        norm_sq += weight_oi.square().sum().item()
+        q = quantize(weight_oi, format, double_quant)
+        plain_error_sq += (weight_oi - dequantize(q, torch.float32)).square().sum().item()
+        if loftq_iterations and isinstance(module, LoraLinear) and adapter in module.lora_A:
+            q, error = _loftq(module, adapter, weight_oi, format, double_quant, loftq_iterations)
+            error_sq += error
+        quantized = QuantLinear(q, base.bias)
+        quantized.train(base.training)
+        quantized_bytes += q.nbytes()
+        if isinstance(module, LoraLinear):
+            module.base_layer = quantized
+            module.transposed = False  # QuantLinear stores (out, in) whatever the original layout
+        else:
+            set_module(model, path, quantized)
+        del base, weight, weight_oi
+    plain = math.sqrt(plain_error_sq / max(norm_sq, 1e-30))
+    if not loftq_iterations:
+        return QuantReport(len(layers), dense_bytes, quantized_bytes, plain)
+    return QuantReport(len(layers), dense_bytes, quantized_bytes, math.sqrt(error_sq / max(norm_sq, 1e-30)), plain)
+
+
+def _loftq(layer: LoraLinear, name: str, weight: torch.Tensor, format: str, double_quant: bool,
+           iterations: int):
+    """LoftQ (Li et al. 2023): returns the quantized residual and the squared error it leaves with the adapter."""
+    scaling = layer.scaling[name]
+    a_param, b_param = layer.lora_A[name].weight, layer.lora_B[name].weight
+    rank = a_param.shape[0]
+    delta = torch.zeros_like(weight)
+    for _ in range(iterations):
+        q = quantize(weight - delta, format, double_quant)
+        error = weight - dequantize(q, torch.float32)
+        u, s, v = torch.svd_lowrank(error, q=min(rank + 8, *error.shape), niter=4)
+        root = torch.sqrt(s[:rank] / scaling)
+        b, a = u[:, :rank] * root, (v[:, :rank] * root).t()
+        delta = scaling * b @ a
+    a_param.copy_(a)
+    b_param.copy_(b)
+    return q, (weight - dequantize(q, torch.float32) - delta).square().sum().item()
+
+
+@dataclass
+class MergeReport:
+    """Merging into quantized layers: ||W_stored - (W_deq + delta)|| / ||W_deq + delta|| over all layers,
+    i.e. the error that storing the merged weight added (rounding to `dtype`, or requantization)."""
+
+    layers: int
+    relative_error: float
+    requantized: bool
+
+
+@torch.no_grad()
+def merge_quantized(model: nn.Module, requantize: bool = False, dtype: torch.dtype = torch.bfloat16) -> MergeReport:
+    """`unload(model)` for a model with quantized layers: fold the active adapters in and remove LoRA.
+
+    Each quantized weight is dequantized, the update added in fp32, and the result stored as a plain
+    `nn.Linear` in `dtype` or, with `requantize`, quantized again in the layer's format. LoRA layers over
+    dense weights are merged exactly, as `unload` does.
+    """
+    error_sq = norm_sq = 0.0
+    count = 0
+    for path, layer in list(lora_layers(model)):
+        base = layer.base_layer
+        if not is_quantized(base):
+            continue
+        merged = base.dequantize(torch.float32)
+        for name in layer.pending():
+            merged = layer.merged_weight(merged, name)
+        if requantize:
+            new = QuantLinear(quantize(merged, base.format, base.double_quant), base.bias)
+            stored = new.dequantize(torch.float32)
+        else:
+            new = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype,
+                            device=merged.device)
+            new.weight.copy_(merged)
+            if base.bias is not None:
+                new.bias.copy_(base.bias)
+            new.requires_grad_(False)
+            stored = new.weight.float()
+        error_sq += (stored - merged).square().sum().item()
+        norm_sq += merged.square().sum().item()
+        new.train(base.training)
+        set_module(model, path, new)
+        count += 1
+    if not count:
+        raise QuantizationError("merge_quantized: the model has no LoRA layers over quantized weights")
+    unload(model, merge=True)
+    return MergeReport(count, math.sqrt(error_sq / max(norm_sq, 1e-30)), requantize)

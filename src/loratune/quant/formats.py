@@ -1,0 +1,160 @@
+"""Storage formats for frozen weights: NF4 (4-bit NormalFloat, QLoRA) and int8, with fast dequantization.
+
+NF4 maps each block of 64 weights, divided by the block's absolute maximum, to the nearest of 16 values
+placed at quantiles of a normal distribution (the QLoRA codebook). Two codes share a byte. With double
+quantization the per-block scales are themselves stored as int8 (mean removed, one fp32 scale per 256
+blocks), which takes the cost of the scales from 0.5 to about 0.127 bits per weight.
+
+int8 stores each output row as int8 codes times one scale (row absmax / 127).
+
+Dequantization is the hot path (it runs in every forward and backward): a byte holds two codes, so a
+256-entry table of value pairs turns each byte into two values with one gather, then one multiply applies
+the block scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import QuantizationError
+
+Format = Literal["nf4", "int8"]
+FORMATS: tuple[str, ...] = ("nf4", "int8")
+
+NF4_BLOCK = 64
+SCALE_BLOCK = 256
+# QLoRA's NF4 codebook (Dettmers et al. 2023, appendix E): 16 normal quantiles, exact zero included.
+NF4_CODEBOOK = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])
+_MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
+# Transient memory while quantizing is bounded by handling this many weights at a time.
+_CHUNK = 1 << 22
+# A table of value pairs viewed as one element twice as wide, so a single gather yields both values.
+_PAIR_VIEW = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
+_PAIR_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+@dataclass
+class QuantizedWeight:
+    """A 2-D weight (out, in) in one of the formats; `data` holds codes, the rest the scales."""
+
+    format: str
+    shape: tuple[int, int]
+    data: torch.Tensor  # nf4: uint8 (numel/2,), two codes per byte; int8: int8 (out, in)
+    scales: torch.Tensor  # nf4: fp32 per block, or int8 codes with double quantization; int8: fp32 per row
+    scale_scales: torch.Tensor | None = None  # double quantization: fp32 per 256 blocks
+    scale_mean: torch.Tensor | None = None  # double quantization: fp32 scalar
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {"data": self.data, "scales": self.scales}
+        if self.scale_scales is not None:
+            named.update(scale_scales=self.scale_scales, scale_mean=self.scale_mean)
+        return named
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def check_quantizable(format: str, shape: tuple[int, ...], where: str) -> None:
+    """Refuse, before any weight is read, a layer whose shape the format cannot store."""
+    if format not in FORMATS:
+        raise QuantizationError(f"quantize: unknown format {format!r}; expected one of none, {', '.join(FORMATS)}")
+    if len(shape) != 2:
+        raise QuantizationError(f"{where}: only 2-D weights can be quantized, got shape {tuple(shape)}")
+    if format == "nf4" and (shape[0] * shape[1]) % NF4_BLOCK:
+        raise QuantizationError(f"{where}: nf4 needs a weight size divisible by {NF4_BLOCK}, got shape {tuple(shape)}")
+
+
+def quantize(weight: torch.Tensor, format: str, double_quant: bool = True) -> QuantizedWeight:
+    """Quantize a 2-D (out, in) weight of any float dtype; the input is left untouched."""
+    check_quantizable(format, tuple(weight.shape), "weight")
+    if format == "int8":
+        return _quantize_int8(weight)
+    return _quantize_nf4(weight, double_quant)
+
+
+def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The (out, in) weight in `dtype`."""
+    if q.format == "int8":
+        return q.data.to(dtype) * q.scales.to(dtype)[:, None]
+    table = _pair_table(dtype, q.data.device)
+    pairs = F.embedding(q.data.view(-1, NF4_BLOCK // 2).int(), table)  # (blocks, 32, 1) of packed pairs
+    values = pairs.view(dtype).view(-1, NF4_BLOCK)
+    return (values * _block_scales(q).to(dtype)[:, None]).view(q.shape)
+
+
+def _quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
+    rows = max(1, _CHUNK // weight.shape[1])
+    data = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        part = weight[start:start + rows].float()
+        scale = part.abs().amax(1).clamp_min(1e-12) / 127
+        data[start:start + rows] = torch.round(part / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        scales[start:start + rows] = scale
+    return QuantizedWeight("int8", tuple(weight.shape), data, scales)
+
+
+def _quantize_nf4(weight: torch.Tensor, double_quant: bool) -> QuantizedWeight:
+    flat = weight.reshape(-1, NF4_BLOCK)
+    blocks = flat.shape[0]
+    data = torch.empty(blocks, NF4_BLOCK // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(blocks, dtype=torch.float32, device=weight.device)
+    midpoints = _MIDPOINTS.to(weight.device)
+    step = max(1, _CHUNK // NF4_BLOCK)
+    for start in range(0, blocks, step):
+        part = flat[start:start + step].float()
+        absmax = part.abs().amax(1)
+        codes = torch.bucketize(part / absmax.clamp_min(1e-12)[:, None], midpoints).to(torch.uint8)
+        data[start:start + step] = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        scales[start:start + step] = absmax
+    q = QuantizedWeight("nf4", tuple(weight.shape), data.view(-1), scales)
+    return _double_quantize(q) if double_quant else q
+
+
+def _double_quantize(q: QuantizedWeight) -> QuantizedWeight:
+    """Scales to int8: subtract their mean, then absmax-quantize each group of 256."""
+    scales = q.scales
+    mean = scales.mean()
+    centred = scales - mean
+    pad = (-centred.numel()) % SCALE_BLOCK
+    groups = F.pad(centred, (0, pad)).view(-1, SCALE_BLOCK)
+    group_scale = groups.abs().amax(1).clamp_min(1e-12) / 127
+    codes = torch.round(groups / group_scale[:, None]).clamp_(-127, 127).to(torch.int8).view(-1)
+    return QuantizedWeight("nf4", q.shape, q.data, codes[: scales.numel()], group_scale, mean)
+
+
+def _block_scales(q: QuantizedWeight) -> torch.Tensor:
+    if q.scale_scales is None:
+        return q.scales
+    groups = q.scales.numel()
+    expanded = q.scale_scales.repeat_interleave(SCALE_BLOCK)[:groups]
+    return q.scales.float() * expanded + q.scale_mean
+
+
+def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 1): entry b holds (codebook[b >> 4], codebook[b & 15]) in `dtype`, packed into one element."""
+    key = (dtype, device)
+    if key not in _PAIR_TABLES:
+        if dtype not in _PAIR_VIEW:
+            raise QuantizationError(f"nf4 dequantization to {dtype} is not supported; use bf16, fp16 or fp32")
+        byte = torch.arange(256)
+        pairs = torch.stack([NF4_CODEBOOK[byte >> 4], NF4_CODEBOOK[byte & 15]], dim=1).to(dtype)
+        _PAIR_TABLES[key] = pairs.view(_PAIR_VIEW[dtype]).to(device).contiguous()
+    return _PAIR_TABLES[key]
+
+
+def bytes_per_weight(format: str, double_quant: bool = True) -> float:
+    """Storage per weight, scales included, for memory estimates."""
+    if format == "int8":
+        return 1.0  # plus 4 bytes per row, negligible
+    scale = (1 + 4 / SCALE_BLOCK) if double_quant else 4
+    return 0.5 + scale / NF4_BLOCK

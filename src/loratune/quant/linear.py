@@ -1,0 +1,92 @@
+"""A frozen linear layer whose weight is stored quantized and dequantized on the fly.
+
+Forward and backward each dequantize the weight once; autograd saves nothing of it, so a quantized
+layer costs its packed codes in memory, never a full-precision copy that outlives one matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import QuantizedWeight, check_quantizable, dequantize, quantize
+
+try:  # GPT-2 style layer with a transposed (in, out) weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:
+    Conv1D = ()
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """y = x @ W.T with W rebuilt from its codes in forward and again in backward (W takes no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+class QuantLinear(nn.Linear):
+    """`nn.Linear` with its weight in NF4 or int8 buffers. Always frozen; `weight` reads as dequantized.
+
+    It subclasses `nn.Linear` so that code that looks for linear layers (LoRA targeting, `all-linear`)
+    finds it, but it holds no weight parameter.
+    """
+
+    quantized = True
+
+    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = q.shape
+        self.format = q.format
+        self.double_quant = q.scale_scales is not None
+        for key, tensor in q.tensors().items():
+            self.register_buffer(key, tensor)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, format: str, double_quant: bool = True, where: str = "layer") -> QuantLinear:
+        """Quantize an `nn.Linear` or a transformers `Conv1D` (stored transposed; quantized as (out, in))."""
+        weight = layer.weight.detach()
+        if isinstance(layer, Conv1D):
+            weight = weight.t()
+        check_quantizable(format, tuple(weight.shape), where)
+        return cls(quantize(weight, format, double_quant), layer.bias)
+
+    @property
+    def packed(self) -> QuantizedWeight:
+        extra = (self.scale_scales, self.scale_mean) if self.double_quant else (None, None)
+        return QuantizedWeight(self.format, (self.out_features, self.in_features), self.data, self.scales, *extra)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return dequantize(self.packed, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (bf16), for code that reads `layer.weight`; a fresh tensor on each read."""
+        return self.dequantize(torch.bfloat16)
+
+    def store(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight with a new (out, in) matrix, quantized in this layer's format."""
+        for key, tensor in quantize(weight, self.format, self.double_quant).tensors().items():
+            setattr(self, key, tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        elif x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            x = x.float()
+        out = _DequantizedMatmul.apply(x, self)
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return getattr(module, "quantized", False) is True
