@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 import torch
 
-from loratune.errors import ConfigError, ModelLoadError
+from loratune.errors import ConfigError, LoratuneError, ModelLoadError
+from loratune.quant.convert import check_model_quantizable, quantize_model
+from loratune.quant.loading import load_quantized, safetensors_files
 
 Task = Literal["causal-lm", "classification", "seq2seq"]
 TASKS: tuple[str, ...] = ("causal-lm", "classification", "seq2seq")
@@ -67,11 +69,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     cache_dir: Path | None = None,
+    quantize: str = "none",
+    double_quant: bool = True,
 ) -> tuple[Any, Any]:
     """Return `(model, tokenizer)` for `task`, with a pad token set on both.
 
     `name_or_path` is a Hugging Face model folder, a `.gguf` file (dequantized once and cached as
     safetensors under `cache_dir`), a built-in name (see `builtin_models`) or a hub name.
+    With `quantize` ("nf4" or "int8") the frozen linear layers are stored quantized (output heads stay in
+    `dtype`); a local safetensors model is then streamed in tensor by tensor, never whole in full precision.
     """
     if task not in TASKS:
         raise ConfigError(f"task: unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -79,7 +85,7 @@ def load_model(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source = _resolve_source(name_or_path, cache)
     tokenizer = _load_tokenizer(source, name_or_path, trust_remote_code)
-    model = _load_weights(source, name_or_path, task, num_labels, dtype, trust_remote_code)
+    model = _load_weights(source, name_or_path, task, num_labels, dtype, trust_remote_code, quantize, double_quant)
     _set_padding(model, tokenizer)
     if task == "classification":
         _set_label_maps(model, num_labels, label_names)
@@ -215,18 +221,34 @@ def _model_class(task: str) -> Any:
 
 
 def _load_weights(
-    source: str, name: str, task: str, num_labels: int | None, dtype: torch.dtype, trust_remote_code: bool
+    source: str, name: str, task: str, num_labels: int | None, dtype: torch.dtype, trust_remote_code: bool,
+    quantize: str = "none", double_quant: bool = True,
 ) -> Any:
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if task == "classification":
         kwargs["num_labels"] = num_labels
+    model_class = _model_class(task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_SEED)  # new heads start the same way every run
         try:
-            model = _model_class(task).from_pretrained(source, **kwargs)
+            if quantize == "none":
+                return model_class.from_pretrained(source, dtype=dtype, **kwargs)
+            config = AutoConfig.from_pretrained(source, **kwargs)
+            folder = Path(source)
+            if folder.is_dir() and safetensors_files(folder):  # checks the layers before reading weights
+                return load_quantized(folder, model_class, config, quantize, double_quant, dtype)
+            with torch.device("meta"):
+                check_model_quantizable(model_class.from_config(config), quantize)
+            model = model_class.from_pretrained(source, dtype=dtype, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
+            if isinstance(exc, LoratuneError):
+                raise
             raise _load_error(name, f"{task} model", exc) from exc
+    quantize_model(model, quantize, double_quant)
     return model
+
 
 
 def _load_error(name: str, what: str, exc: Exception) -> ModelLoadError:

@@ -111,7 +111,7 @@ def _quantize_nf4(weight: torch.Tensor, double_quant: bool) -> QuantizedWeight:
     midpoints = _MIDPOINTS.to(weight.device)
     step = max(1, _CHUNK // NF4_BLOCK)
     for start in range(0, blocks, step):
-        part = flat[start:start + step].float()
+        part = flat[start:start + step].float().contiguous()
         absmax = part.abs().amax(1)
         codes = torch.bucketize(part / absmax.clamp_min(1e-12)[:, None], midpoints).to(torch.uint8)
         data[start:start + step] = (codes[:, 0::2] << 4) | codes[:, 1::2]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..config import LoraConfig
 from ..data import DataConfig
@@ -32,6 +32,20 @@ class ModelSpec(_Strict):
     attn_implementation: Literal["eager", "sdpa"] | None = Field(
         None, description="attention kernel (default: transformers' choice); eager is faster for short CPU runs")
     trust_remote_code: bool = False
+    quantize: Literal["none", "nf4", "int8"] = Field(
+        "none", description="store the frozen linear layers in NF4 or int8 (QLoRA); output heads and adapters "
+                            "stay in full precision")
+    double_quant: bool = Field(True, description="nf4: store the block scales in int8 too (about 0.37 bits "
+                                                 "per weight less)")
+    loftq_iterations: int = Field(
+        0, ge=0, le=20, description="with quantize: LoftQ initialisation, so base + adapter starts closer to the "
+                                    "full-precision weights (loads the model in full precision first)")
+
+    @model_validator(mode="after")
+    def _loftq_needs_quantize(self) -> ModelSpec:
+        if self.loftq_iterations and self.quantize == "none":
+            raise ValueError("loftq_iterations needs model.quantize (nf4 or int8)")
+        return self
 
 
 class TrainSpec(_Strict):
@@ -45,7 +59,11 @@ class TrainSpec(_Strict):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where supported")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = Field(
+        None, description="recompute activations in backward to save memory (default: on when model.quantize)")
+    loss_chunk_tokens: int | None = Field(
+        None, ge=0, description="causal LM: run the output head and loss this many labelled tokens at a time, "
+                                "never holding all logits (0: off; default: 1024 when model.quantize, else off)")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     eval_batch_size: int = Field(16, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")

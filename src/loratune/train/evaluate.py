@@ -34,14 +34,15 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
-                  device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it) -> dict:
+                  device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it,
+                  loss_chunk: int = 0) -> dict:
     """Mean loss over the examples (token-weighted for language modelling), plus task metrics."""
     model.eval()
     total_loss, total_weight, predicted, expected = 0.0, 0, [], []
     for chunk in progress(list(_batches(examples, batch_size)), desc="evaluating"):
         batch = to_device(collate(list(chunk), pad_id, task), device)
         with autocast():
-            loss, logits, weight = batch_loss(model, batch, task)
+            loss, logits, weight = batch_loss(model, batch, task, loss_chunk)
         total_loss += loss.item() * weight
         total_weight += weight
         if task == "classification":

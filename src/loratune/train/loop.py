@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from ..data import collate
 from ..errors import ConfigError, LoratuneError
-from ..io import load_adapter, save_adapter, write_text_atomic
+from ..io import load_adapter, load_adapter_weights_into, save_adapter, write_text_atomic
 from ..model import add_adapter, trainable_parameters
 from ..models import load_model, max_positions
+from ..quant import quantize_model
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig, config_to_yaml
 from .evaluate import evaluate_loss, generate_texts, generation_metrics
@@ -50,6 +51,7 @@ class Session:
     device: torch.device
     precision: str
     progress: Any
+    loss_chunk: int = 0
 
     def autocast(self):
         if self.precision == "bf16":
@@ -62,7 +64,8 @@ class Session:
         if not data.eval_examples:  # nothing held out: report no numbers rather than invented ones
             return {}, []
         metrics = evaluate_loss(self.model, data.eval_examples, task, tc.eval_batch_size,
-                                self.tokenizer.pad_token_id, self.device, self.autocast, self.progress)
+                                self.tokenizer.pad_token_id, self.device, self.autocast, self.progress,
+                                self.loss_chunk)
         samples = []
         if full and data.eval_prompts and task != "classification" and tc.generation_eval:
             outputs = generate_texts(self.model, self.tokenizer, data.eval_prompts, tc.max_new_tokens,
@@ -86,9 +89,12 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
         data_config = data_config.model_copy(update={"label_names": label_names})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(tc.precision, device)
-    model, tokenizer = load_model(config.model.name, config.model.task, label_names=label_names,
-                                  dtype=base_dtype(config.model.dtype, precision),
-                                  trust_remote_code=config.model.trust_remote_code)
+    spec = config.model
+    quantized = spec.quantize != "none"
+    loftq = spec.loftq_iterations > 0  # needs the full-precision weights, so quantizes after the adapter exists
+    model, tokenizer = load_model(spec.name, spec.task, label_names=label_names,
+                                  dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code,
+                                  quantize="none" if loftq else spec.quantize, double_quant=spec.double_quant)
     limit = max_positions(model)
     if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
         raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of "
@@ -97,16 +103,22 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
         model.set_attn_implementation(config.model.attn_implementation)
     data = load_datasets(data_config, tokenizer, config.model.task)
     seed_everything(tc.seed)
-    if adapter_dir is not None:
+    if adapter_dir is not None and not loftq:
         load_adapter(model, adapter_dir, ADAPTER)
     else:
         lora = dataclasses.replace(config.lora, task_type=config.lora.task_type or TASK_TYPES[config.model.task],
                                    base_model_name_or_path=config.lora.base_model_name_or_path or config.model.name)
         add_adapter(model, lora, ADAPTER)
+    if loftq:  # the quantized base depends on the initial adapter: rebuild both, then load trained weights
+        quantize_model(model, spec.quantize, spec.double_quant, spec.loftq_iterations, ADAPTER)
+        if adapter_dir is not None:
+            load_adapter_weights_into(model, adapter_dir, ADAPTER)
     model.to(device)
-    if tc.gradient_checkpointing:
+    checkpointing = tc.gradient_checkpointing if tc.gradient_checkpointing is not None else quantized
+    if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet))
+    loss_chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (1024 if quantized else 0)
+    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), loss_chunk)
 
 
 def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:
@@ -168,7 +180,7 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
             state["micro"] += 1
             batch = to_device(collate(examples, pad_id, task), device)
             with autocast():
-                loss, _, _ = batch_loss(model, batch, task)
+                loss, _, _ = batch_loss(model, batch, task, session.loss_chunk)
             if not torch.isfinite(loss):
                 progress.close()
                 raise TrainingDiverged(f"loss became {loss.item()} at step {state['step'] + 1}; "

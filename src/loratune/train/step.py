@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -13,15 +14,19 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(mean loss, logits, weight): weight is the number of predicted tokens (or rows) the mean is over."""
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
+               loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(mean loss, logits, weight): weight is the number of predicted tokens (or rows) the mean is over.
+
+    With `loss_chunk`, a causal LM's head and loss run that many tokens at a time and logits are None.
+    """
     if task == "classification":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits.float(), batch["labels"]), logits, batch["labels"].numel()
     if task == "seq2seq":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss, out.logits, int((batch["labels"] != IGNORE).sum())
-    return causal_lm_loss(model, batch)
+    return causal_lm_loss(model, batch, loss_chunk)
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -33,7 +38,8 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return (body, head) if isinstance(body, nn.Module) and head is not None and plain else None
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                   loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Next-token loss computed only where there are labels.
 
     The output head runs on the gathered labelled positions alone: with answer-only loss that is a few
@@ -48,6 +54,23 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     else:
         body, head = parts
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if loss_chunk:
+            loss = chunked_head_loss(head, hidden[:, :-1][mask], targets[mask], loss_chunk)
+            return loss / max(weight, 1), None, weight
         logits = head(hidden[:, :-1][mask])
     loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum") / max(weight, 1)
     return loss, logits, weight
+
+
+def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)`, `chunk` rows at a time; each chunk's logits are dropped
+    after its forward and recomputed in backward, so at most one chunk of logits exists at once."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(_head_loss, head, hidden[start:start + chunk], targets[start:start + chunk],
+                                   use_reentrant=False)
+    return total
+
+
+def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
