@@ -81,7 +81,7 @@ def _inspect(args: argparse.Namespace) -> None:
     from .inspect import inspect_command
 
     inspect_command(model_name=args.model, task=args.task, config_path=args.config, adapter=args.adapter,
-                    out=sys.stdout)
+                    out=sys.stdout, memory=args.memory)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification", "seq2seq"])
     inspect.add_argument("--config", help="YAML run config whose lora section to apply")
     inspect.add_argument("--adapter", help="adapter folder to summarise")
+    inspect.add_argument("--memory", action="store_true",
+                         help="estimate the peak memory of training with --config, without loading weights")
     inspect.set_defaults(run=_inspect)
 
     demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M on movie-review sentiment, before/after")

@@ -41,7 +41,15 @@ def adapter_summary(directory: str | Path) -> list[str]:
 
 
 def inspect_command(model_name: str | None, task: str, config_path: str | None, adapter: str | None,
-                    out: TextIO) -> None:
+                    out: TextIO, memory: bool = False) -> None:
+    if memory:
+        if not config_path:
+            raise ConfigError("inspect --memory: give --config, the run to estimate")
+        from .memory import estimate_memory, machine_memory
+        from .train import load_config
+
+        out.write("\n".join(estimate_memory(load_config(config_path)).lines(machine_memory())) + "\n")
+        return
     if not (model_name or config_path or adapter):
         raise ConfigError("inspect: give --model, --config or --adapter")
     if adapter:

@@ -251,6 +251,22 @@ def _load_weights(
 
 
 
+def model_skeleton(name_or_path: str, task: Task, *, num_labels: int = 2, trust_remote_code: bool = False,
+                   cache_dir: Path | None = None) -> Any:
+    """The model's modules on the `meta` device: every shape, no storage, no weights read (for estimates)."""
+    from transformers import AutoConfig
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = _resolve_source(name_or_path, cache)
+    kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "classification" else {}
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+        with torch.device("meta"):
+            return _model_class(task).from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name_or_path, f"{task} model config", exc) from exc
+
+
 def _load_error(name: str, what: str, exc: Exception) -> ModelLoadError:
     from transformers.utils.hub import is_offline_mode
 

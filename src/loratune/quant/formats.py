@@ -9,7 +9,8 @@ int8 stores each output row as int8 codes times one scale (row absmax / 127).
 
 Dequantization is the hot path (it runs in every forward and backward): a byte holds two codes, so a
 256-entry table of value pairs turns each byte into two values with one gather, then one multiply applies
-the block scales.
+the block scales. With a `Workspace` every step writes into buffers kept between calls: a fresh tensor of
+tens of megabytes costs more in page faults than the arithmetic that fills it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class QuantizedWeight:
     format: str
     shape: tuple[int, int]
     data: torch.Tensor  # nf4: uint8 (numel/2,), two codes per byte; int8: int8 (out, in)
-    scales: torch.Tensor  # nf4: fp32 per block, or int8 codes with double quantization; int8: fp32 per row
+    scales: torch.Tensor  # nf4: fp32 per block, or int8 per block padded to groups of 256; int8: fp32 per row
     scale_scales: torch.Tensor | None = None  # double quantization: fp32 per 256 blocks
     scale_mean: torch.Tensor | None = None  # double quantization: fp32 scalar
 
@@ -81,14 +82,37 @@ def quantize(weight: torch.Tensor, format: str, double_quant: bool = True) -> Qu
     return _quantize_nf4(weight, double_quant)
 
 
-def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The (out, in) weight in `dtype`."""
+class Workspace:
+    """Flat buffers reused across calls, one per role and dtype, grown to the largest request.
+
+    A tensor `dequantize` returns from a workspace is overwritten by the next call: use it at once.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, role: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (role, dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel]
+
+
+def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.bfloat16,
+               workspace: Workspace | None = None) -> torch.Tensor:
+    """The (out, in) weight in `dtype`; with a `workspace`, written into its buffers (see `Workspace`)."""
+    space = workspace or Workspace()
+    device = q.data.device
     if q.format == "int8":
-        return q.data.to(dtype) * q.scales.to(dtype)[:, None]
-    table = _pair_table(dtype, q.data.device)
-    pairs = F.embedding(q.data.view(-1, NF4_BLOCK // 2).int(), table)  # (blocks, 32, 1) of packed pairs
+        out = space.get("values", q.data.numel(), dtype, device).view(q.shape)
+        return out.copy_(q.data).mul_(q.scales[:, None])
+    table = _pair_table(dtype, device)
+    index = space.get("index", q.data.numel(), torch.int32, device).copy_(q.data)
+    pairs = space.get("values", q.data.numel(), table.dtype, device)
+    torch.index_select(table, 0, index, out=pairs)
     values = pairs.view(dtype).view(-1, NF4_BLOCK)
-    return (values * _block_scales(q).to(dtype)[:, None]).view(q.shape)
+    return values.mul_(_block_scales(q, space)[:, None]).view(q.shape)
 
 
 def _quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
@@ -129,26 +153,26 @@ def _double_quantize(q: QuantizedWeight) -> QuantizedWeight:
     groups = F.pad(centred, (0, pad)).view(-1, SCALE_BLOCK)
     group_scale = groups.abs().amax(1).clamp_min(1e-12) / 127
     codes = torch.round(groups / group_scale[:, None]).clamp_(-127, 127).to(torch.int8).view(-1)
-    return QuantizedWeight("nf4", q.shape, q.data, codes[: scales.numel()], group_scale, mean)
+    return QuantizedWeight("nf4", q.shape, q.data, codes, group_scale, mean)
 
 
-def _block_scales(q: QuantizedWeight) -> torch.Tensor:
+def _block_scales(q: QuantizedWeight, space: Workspace) -> torch.Tensor:
     if q.scale_scales is None:
         return q.scales
-    groups = q.scales.numel()
-    expanded = q.scale_scales.repeat_interleave(SCALE_BLOCK)[:groups]
-    return q.scales.float() * expanded + q.scale_mean
+    out = space.get("scales", q.scales.numel(), torch.float32, q.scales.device).view(-1, SCALE_BLOCK)
+    torch.mul(q.scales.view(-1, SCALE_BLOCK), q.scale_scales[:, None], out=out)
+    return out.add_(q.scale_mean).view(-1)[: q.data.numel() * 2 // NF4_BLOCK]
 
 
 def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256, 1): entry b holds (codebook[b >> 4], codebook[b & 15]) in `dtype`, packed into one element."""
+    """(256,): entry b holds (codebook[b >> 4], codebook[b & 15]) in `dtype`, packed into one element."""
     key = (dtype, device)
     if key not in _PAIR_TABLES:
         if dtype not in _PAIR_VIEW:
             raise QuantizationError(f"nf4 dequantization to {dtype} is not supported; use bf16, fp16 or fp32")
         byte = torch.arange(256)
         pairs = torch.stack([NF4_CODEBOOK[byte >> 4], NF4_CODEBOOK[byte & 15]], dim=1).to(dtype)
-        _PAIR_TABLES[key] = pairs.view(_PAIR_VIEW[dtype]).to(device).contiguous()
+        _PAIR_TABLES[key] = pairs.view(_PAIR_VIEW[dtype]).view(-1).to(device)
     return _PAIR_TABLES[key]
 
 

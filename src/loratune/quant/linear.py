@@ -10,12 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import QuantizedWeight, check_quantizable, dequantize, quantize
+from .formats import QuantizedWeight, Workspace, check_quantizable, dequantize, quantize
 
 try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
 except ImportError:
     Conv1D = ()
+
+
+# Shared by every quantized layer: each dequantized weight is used by one matmul and then overwritten.
+_WORKSPACE = Workspace()
 
 
 class _DequantizedMatmul(torch.autograd.Function):
@@ -24,11 +28,11 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype))
+        return F.linear(x, dequantize(layer.packed, x.dtype, _WORKSPACE))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.layer.dequantize(grad.dtype), None
+        return grad @ dequantize(ctx.layer.packed, grad.dtype, _WORKSPACE), None
 
 
 class QuantLinear(nn.Linear):

@@ -89,6 +89,8 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
         data_config = data_config.model_copy(update={"label_names": label_names})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(tc.precision, device)
+    if device.type == "cpu":
+        _warn_if_too_big(config)
     spec = config.model
     quantized = spec.quantize != "none"
     loftq = spec.loftq_iterations > 0  # needs the full-precision weights, so quantizes after the adapter exists
@@ -119,6 +121,15 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (1024 if quantized else 0)
     return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), loss_chunk)
+
+
+def _warn_if_too_big(config: RunConfig) -> None:
+    """Say before loading when the run is likely to exhaust the machine's memory."""
+    from ..memory import estimate_memory, machine_memory, memory_warning
+
+    warning = memory_warning(estimate_memory(config), machine_memory())
+    if warning:
+        print(f"loratune: warning: {warning}", file=sys.stderr)
 
 
 def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""Estimate a training run's peak memory before any weight loads, so running out of memory is foreseen,
+not discovered minutes into a load.
+
+The estimate counts parameters exactly (on a `meta`-device copy of the model with the adapter added) and
+models activations and logits with simple per-token formulas; `docs/benchmarks.md` compares it with
+measured peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model import add_adapter, trainable_parameters
+from .quant.convert import quantizable_layers
+from .quant.formats import bytes_per_weight
+
+GB = 1e9
+#: The Python process itself: torch, transformers, tokenizer and data, measured at about 0.5 GB here.
+RUNTIME_BYTES = int(0.6 * GB)
+ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two AdamW moments
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each part of a run's peak, and a description of the run it was made for."""
+
+    weights: int
+    adapter: int
+    activations: int
+    logits: int
+    runtime: int
+    loading: int
+    trainable: int
+    setting: str
+
+    @property
+    def training(self) -> int:
+        return self.weights + self.adapter + self.activations + self.logits + self.runtime
+
+    @property
+    def peak(self) -> int:
+        return max(self.training, self.loading)
+
+    def lines(self, available: int | None) -> list[str]:
+        have = f"; this machine has {available / GB:.1f} GB" if available else ""
+        return [
+            f"memory estimate ({self.setting}):",
+            f"  frozen weights         {self.weights / GB:7.2f} GB",
+            f"  adapter + optimizer    {self.adapter / GB:7.2f} GB ({self.trainable:,} trainable parameters)",
+            f"  activations            {self.activations / GB:7.2f} GB",
+            f"  logits and loss        {self.logits / GB:7.2f} GB",
+            f"  runtime                {self.runtime / GB:7.2f} GB",
+            f"  peak while loading     {self.loading / GB:7.2f} GB",
+            f"  peak while training    {self.training / GB:7.2f} GB{have}",
+        ]
+
+
+def estimate_memory(config: Any) -> MemoryEstimate:
+    """Peak memory of `loratune train` with this `RunConfig` on the CPU (weights, adapter, activations)."""
+    from .models import model_skeleton
+    from .train.loop import TASK_TYPES, base_dtype, resolve_precision
+
+    spec, tc = config.model, config.train
+    precision = resolve_precision(tc.precision, torch.device("cpu"))
+    element = torch.finfo(base_dtype(spec.dtype, precision)).bits // 8
+    activation_element = 2 if precision == "bf16" else 4
+    model = model_skeleton(spec.name, spec.task, trust_remote_code=spec.trust_remote_code)
+    quantized = spec.quantize != "none"
+    linear = sum(_numel(m) for m in quantizable_layers(model).values()) if quantized else 0
+    total = sum(p.numel() for p in model.parameters())
+    lora = dataclasses.replace(config.lora, init_lora_weights=True,  # PiSSA needs real weights; size is the same
+                               task_type=config.lora.task_type or TASK_TYPES[spec.task])
+    add_adapter(model, lora)
+    trainable = trainable_parameters(model).trainable
+
+    dense = (total - linear) * element
+    weights = dense + int(linear * bytes_per_weight(spec.quantize, spec.double_quant)) if quantized else dense
+    largest = max(p.numel() for p in model.parameters()) * 4
+    streaming = quantized and not spec.loftq_iterations
+    loading = RUNTIME_BYTES + (weights + 2 * largest if streaming else total * element + largest)
+
+    text = model.config.get_text_config()
+    hidden = text.hidden_size
+    layers = text.num_hidden_layers
+    inner = getattr(text, "intermediate_size", None) or 4 * hidden
+    tokens = tc.batch_size * config.data.max_length
+    per_token_layer = activation_element * (10 * hidden + 4 * inner)
+    checkpointing = tc.gradient_checkpointing if tc.gradient_checkpointing is not None else quantized
+    if checkpointing:
+        activations = layers * tokens * hidden * activation_element + tokens * per_token_layer
+    else:
+        activations = layers * tokens * per_token_layer
+    chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (1024 if quantized else 0)
+    vocab = getattr(text, "vocab_size", 0) if spec.task != "classification" else 0
+    logits = min(tokens, chunk or tokens) * vocab * (activation_element + 8)
+    setting = (f"{spec.name}, quantize {spec.quantize}, {precision}, batch {tc.batch_size} x {config.data.max_length}"
+               f" tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
+    return MemoryEstimate(weights, trainable * ADAPTER_BYTES_PER_PARAM, activations, logits, RUNTIME_BYTES,
+                          loading, trainable, setting)
+
+
+def _numel(module: torch.nn.Module) -> int:
+    base = getattr(module, "base_layer", module)
+    return base.weight.numel()
+
+
+def machine_memory() -> int | None:
+    """Bytes this process may use: the smaller of physical memory and a cgroup limit, when known."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:
+            limits.append(int(value))
+    return min(limits) if limits else None
+
+
+def memory_warning(estimate: MemoryEstimate, available: int | None) -> str | None:
+    """A one-line warning when the estimated peak exceeds the machine's memory, else None."""
+    if available is None or estimate.peak <= available:
+        return None
+    return (f"estimated peak memory {estimate.peak / GB:.1f} GB exceeds this machine's {available / GB:.1f} GB; "
+            "consider model.quantize: nf4, a smaller train.batch_size or data.max_length, or "
+            "train.gradient_checkpointing: true (see `loratune inspect --config ... --memory`)")
