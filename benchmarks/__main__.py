@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description="loratune vs PEFT: speed and memory (default command 'run'), quality parity ('quality'), "
                     "rebuild the results section of docs/benchmarks.md from benchmarks/results/latest.json "
-                    "('docs'), or compare the default path's loss curve with fp32 ('loss-curve').")
+                    "('docs'), compare the default path's loss curve with fp32 ('loss-curve'), or measure "
+                    "quantized bases ('qlora', see python -m benchmarks qlora --help).")
     parser.add_argument("command", nargs="?", default="run", choices=["run", "quality", "docs", "loss-curve"])
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="run only this case (repeatable)")
     variants = sorted({v.name for c in CASES.values() for v in c.variants})
@@ -60,6 +61,11 @@ def run_speed(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["qlora"]:  # its own options: python -m benchmarks qlora --help
+        from benchmarks.qlora import main as qlora_main
+
+        return qlora_main(argv[1:])
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     if args.command == "docs":

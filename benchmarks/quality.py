@@ -52,12 +52,13 @@ def load_data(opts: QualityOptions) -> tuple[Any, list[str], Any]:
     return load_datasets(cfg, tokenizer, "classification"), label_names, tokenizer
 
 
-def build(kind: str, r: int, label_names: list[str], opts: QualityOptions) -> Any:
-    """A fresh classifier; with kind 'lora', loratune LoRA r on query/value plus the trained head."""
+def build(kind: str, r: int, label_names: list[str], opts: QualityOptions, quantize: str = "none") -> Any:
+    """A fresh classifier; with kind 'lora', loratune LoRA r on query/value plus the trained head.
+    `quantize` stores the frozen linear layers in that format (the qlora benchmark's comparison)."""
     import loratune
     from loratune.models import load_model
 
-    model, _ = load_model(MODEL, "classification", label_names=label_names)
+    model, _ = load_model(MODEL, "classification", label_names=label_names, quantize=quantize)
     if kind == "lora":
         torch.manual_seed(SEED)
         config = loratune.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=opts.lora_dropout,

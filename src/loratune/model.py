@@ -63,9 +63,11 @@ class ParamCount(NamedTuple):
 
 
 def trainable_parameters(model: nn.Module) -> ParamCount:
-    """Trainable and total parameter counts (shared parameters counted once)."""
+    """Trainable and total parameter counts (shared parameters counted once; a quantized layer's weight,
+    stored in buffers, counts as its in x out parameters)."""
     params = list(model.parameters())
-    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if is_quantized(m))
+    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized)
 
 
 def _check_name(model: nn.Module, name: str) -> LoraConfig:

@@ -80,10 +80,11 @@ def quantize_model(model: nn.Module, format: str, double_quant: bool = True, lof
         weight_oi = (weight.t() if isinstance(base, Conv1D) else weight).float()
         norm_sq += weight_oi.square().sum().item()
         q = quantize(weight_oi, format, double_quant)
-        plain_error_sq += (weight_oi - dequantize(q, torch.float32)).square().sum().item()
+        layer_error = (weight_oi - dequantize(q, torch.float32)).square().sum().item()
+        plain_error_sq += layer_error
         if loftq_iterations and isinstance(module, LoraLinear) and adapter in module.lora_A:
-            q, error = _loftq(module, adapter, weight_oi, format, double_quant, loftq_iterations)
-            error_sq += error
+            q, layer_error = _loftq(module, adapter, weight_oi, format, double_quant, loftq_iterations)
+        error_sq += layer_error
         quantized = QuantLinear(q, base.bias)
         quantized.train(base.training)
         quantized_bytes += q.nbytes()
@@ -94,9 +95,8 @@ def quantize_model(model: nn.Module, format: str, double_quant: bool = True, lof
             set_module(model, path, quantized)
         del base, weight, weight_oi
     plain = math.sqrt(plain_error_sq / max(norm_sq, 1e-30))
-    if not loftq_iterations:
-        return QuantReport(len(layers), dense_bytes, quantized_bytes, plain)
-    return QuantReport(len(layers), dense_bytes, quantized_bytes, math.sqrt(error_sq / max(norm_sq, 1e-30)), plain)
+    error = math.sqrt(error_sq / max(norm_sq, 1e-30))
+    return QuantReport(len(layers), dense_bytes, quantized_bytes, error, plain if loftq_iterations else None)
 
 
 def _loftq(layer: LoraLinear, name: str, weight: torch.Tensor, format: str, double_quant: bool,

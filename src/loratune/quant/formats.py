@@ -77,6 +77,7 @@ def check_quantizable(format: str, shape: tuple[int, ...], where: str) -> None:
 def quantize(weight: torch.Tensor, format: str, double_quant: bool = True) -> QuantizedWeight:
     """Quantize a 2-D (out, in) weight of any float dtype; the input is left untouched."""
     check_quantizable(format, tuple(weight.shape), "weight")
+    weight = weight.detach()
     if format == "int8":
         return _quantize_int8(weight)
     return _quantize_nf4(weight, double_quant)

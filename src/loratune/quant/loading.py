@@ -59,7 +59,8 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raw = bytearray(end - start)
             if handle.readinto(raw) != len(raw):
                 raise ModelLoadError(f"{path}: file is truncated inside tensor {key!r}")
-            tensor = torch.frombuffer(raw, dtype=_DTYPES[info["dtype"]]) if raw else torch.empty(0)
+            dtype = _DTYPES[info["dtype"]]
+            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             yield key, tensor.view(info["shape"])
 
 

@@ -65,6 +65,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
 def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)`, `chunk` rows at a time; each chunk's logits are dropped
     after its forward and recomputed in backward, so at most one chunk of logits exists at once."""
+    if hidden.shape[0] == 0:  # no labelled token: a zero that still has a graph, like the unchunked loss
+        return _head_loss(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         total = total + checkpoint(_head_loss, head, hidden[start:start + chunk], targets[start:start + chunk],
