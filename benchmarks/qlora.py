@@ -273,7 +273,8 @@ def sentiment_part(quick: bool) -> list[dict[str, Any]]:
         model = build("lora", 8, label_names, opts, quantize=quantize)
         seconds = train(model, data, tokenizer.pad_token_id, opts.lr_lora, opts)
         correct = accuracy(model, data, tokenizer.pad_token_id)
-        rows.append({"part": "sentiment", "quantize": quantize, "accuracy": correct, "train_s": seconds, "train_examples": len(data.train), "eval_examples": len(data.eval)})
+        rows.append({"part": "sentiment", "quantize": quantize, "accuracy": correct, "train_s": seconds,
+                     "train_examples": len(data.train), "eval_examples": len(data.eval)})
         print(f"[qlora] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     return rows
 
