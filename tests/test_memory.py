@@ -1,0 +1,98 @@
+"""The memory estimate: exact parameter counts, the effect of each setting, the CLI and the warning."""
+
+import pytest
+import yaml
+
+from loratune.cli import main
+from loratune.memory import GB, estimate_memory, machine_memory, memory_warning
+from loratune.model import add_adapter, trainable_parameters
+from loratune.models import load_model
+from loratune.quant.formats import bytes_per_weight
+from loratune.train.config import validate_config
+from loratune.train.loop import TASK_TYPES
+
+
+def estimate(run_config, **model):
+    return estimate_memory(validate_config(run_config(model=model, train={"precision": "fp32"}), "test"))
+
+
+def linear_weights(model) -> int:
+    """Weights of GPT-2's Conv1D layers in the blocks: what quantize converts."""
+    return sum(m.weight.numel() for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc")))
+
+
+def test_counts_match_the_real_model(run_config, tiny_gpt2):
+    config = validate_config(run_config(train={"precision": "fp32"}), "test")
+    model, _ = load_model(tiny_gpt2, "causal-lm")
+    total = sum(p.numel() for p in model.parameters())
+    add_adapter(model, config.lora.__class__(**{**config.lora.to_dict(), "task_type": TASK_TYPES["causal-lm"]}))
+    found = estimate_memory(config)
+    assert found.trainable == trainable_parameters(model).trainable > 0
+    assert found.adapter == 16 * found.trainable
+    assert found.weights == total * 4  # fp32 base, nothing quantized
+
+
+def test_quantizing_shrinks_exactly_the_linear_weights(run_config, tiny_gpt2):
+    model, _ = load_model(tiny_gpt2, "causal-lm")
+    linear = linear_weights(model)
+    dense, nf4, int8 = (estimate(run_config, name=tiny_gpt2, quantize=q) for q in ("none", "nf4", "int8"))
+    assert dense.weights - nf4.weights == pytest.approx(linear * (4 - bytes_per_weight("nf4")), abs=1)
+    assert dense.weights - int8.weights == pytest.approx(linear * 3, abs=1)
+    # quantized runs stream the weights in and checkpoint activations by default
+    assert nf4.loading < dense.loading and nf4.activations < dense.activations
+
+
+def test_longer_batches_need_more_memory(run_config, tiny_gpt2):
+    short = estimate_memory(validate_config(run_config(data={"max_length": 16}), "test"))
+    long = estimate_memory(validate_config(run_config(data={"max_length": 64}), "test"))
+    assert long.activations == pytest.approx(4 * short.activations)
+    assert long.logits == pytest.approx(4 * short.logits)
+
+
+def test_warning_only_when_the_peak_exceeds_the_machine(run_config, tiny_gpt2):
+    found = estimate(run_config, name=tiny_gpt2)
+    assert memory_warning(found, None) is None
+    assert memory_warning(found, found.peak) is None
+    message = memory_warning(found, found.peak - 1)
+    assert "exceeds" in message and "quantize" in message and "\n" not in message
+    assert machine_memory() > 1 * GB
+
+
+def test_inspect_memory_prints_the_estimate_without_loading_weights(run_config, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inspect --memory must not load weights")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", refuse)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config(model={"quantize": "nf4"})))
+    assert main(["inspect", "--config", str(path), "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "quantize nf4" in out and "peak while training" in out and "trainable parameters" in out
+
+
+def test_inspect_memory_needs_a_config(capsys):
+    assert main(["inspect", "--memory", "--model", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "loratune: error: inspect --memory: give --config, the run to estimate"
+
+
+def test_train_refuses_a_quantization_the_layers_cannot_take(run_config, tmp_path, tiny_gpt2, capsys):
+    """36 x 108 = 3,888 weights per c_attn: not a whole number of 64-weight NF4 blocks."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "odd-gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=36, n_layer=1, n_head=2)).save_pretrained(folder)
+    for name in Path(tiny_gpt2).iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(name, folder / name.name)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_config(model={"name": str(folder), "quantize": "nf4"})))
+    assert main(["train", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nf4 needs a weight size divisible by 64" in err and "c_attn" in err, err
+    assert not (tmp_path / "run").exists()
