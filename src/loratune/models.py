@@ -19,7 +19,7 @@ import torch
 
 from loratune.errors import ConfigError, LoratuneError, ModelLoadError
 from loratune.quant.convert import check_model_quantizable, quantize_model
-from loratune.quant.loading import load_quantized, safetensors_files
+from loratune.quant.loading import load_quantized, return_large_blocks, safetensors_files
 
 Task = Literal["causal-lm", "classification", "seq2seq"]
 TASKS: tuple[str, ...] = ("causal-lm", "classification", "seq2seq")
@@ -235,6 +235,7 @@ def _load_weights(
         try:
             if quantize == "none":
                 return model_class.from_pretrained(source, dtype=dtype, **kwargs)
+            return_large_blocks()
             config = AutoConfig.from_pretrained(source, **kwargs)
             folder = Path(source)
             if folder.is_dir() and safetensors_files(folder):  # checks the layers before reading weights

@@ -108,9 +108,9 @@ def test_the_layer_holds_no_weight_parameter_and_nothing_trainable(format, doubl
     assert {name for name, _ in layer.named_buffers()} == buffers
     assert set(layer.state_dict()) == buffers | {"bias"}
     assert layer.data.dtype == (torch.uint8 if format == "nf4" else torch.int8)
-    # `weight` reads as a fresh dequantized bf16 tensor, never a stored parameter
+    # `weight` reads as a fresh dequantized tensor in the dense layer's dtype, never a stored parameter
     weight = layer.weight
-    assert weight.dtype == torch.bfloat16 and torch.equal(weight, layer.dequantize(torch.bfloat16))
+    assert weight.dtype == torch.float32 and torch.equal(weight, layer.dequantize(torch.float32))
     weight.zero_()
     assert layer.weight.abs().sum() > 0
     assert f"format={format}" in repr(layer)

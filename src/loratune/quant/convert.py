@@ -85,7 +85,7 @@ def quantize_model(model: nn.Module, format: str, double_quant: bool = True, lof
         if loftq_iterations and isinstance(module, LoraLinear) and adapter in module.lora_A:
             q, layer_error = _loftq(module, adapter, weight_oi, format, double_quant, loftq_iterations)
         error_sq += layer_error
-        quantized = QuantLinear(q, base.bias)
+        quantized = QuantLinear(q, base.bias, weight.dtype)
         quantized.train(base.training)
         quantized_bytes += q.nbytes()
         if isinstance(module, LoraLinear):
@@ -146,7 +146,7 @@ def merge_quantized(model: nn.Module, requantize: bool = False, dtype: torch.dty
         for name in layer.pending():
             merged = layer.merged_weight(merged, name)
         if requantize:
-            new = QuantLinear(quantize(merged, base.format, base.double_quant), base.bias)
+            new = QuantLinear(quantize(merged, base.format, base.double_quant), base.bias, base.dtype)
             stored = new.dequantize(torch.float32)
         else:
             new = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype,

@@ -44,10 +44,12 @@ class QuantLinear(nn.Linear):
 
     quantized = True
 
-    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = q.shape
         self.format = q.format
+        self.dtype = dtype  # what `weight` reads as: the dtype the dense layer had
         self.double_quant = q.scale_scales is not None
         for key, tensor in q.tensors().items():
             self.register_buffer(key, tensor)
@@ -60,7 +62,7 @@ class QuantLinear(nn.Linear):
         if isinstance(layer, Conv1D):
             weight = weight.t()
         check_quantizable(format, tuple(weight.shape), where)
-        return cls(quantize(weight, format, double_quant), layer.bias)
+        return cls(quantize(weight, format, double_quant), layer.bias, weight.dtype)
 
     @property
     def packed(self) -> QuantizedWeight:
@@ -72,8 +74,9 @@ class QuantLinear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight (bf16), for code that reads `layer.weight`; a fresh tensor on each read."""
-        return self.dequantize(torch.bfloat16)
+        """The dequantized weight in the dense layer's dtype, for model code that reads `layer.weight` (e.g. a
+        dtype check before a projection); a fresh tensor on each read, so costly in a loop."""
+        return self.dequantize(self.dtype)
 
     def store(self, weight: torch.Tensor) -> None:
         """Replace the stored weight with a new (out, in) matrix, quantized in this layer's format."""

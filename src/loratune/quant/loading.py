@@ -9,7 +9,10 @@ quantized model plus about one full-precision tensor.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,12 +89,52 @@ def load_quantized(folder: Path, model_class: Any, config: Any, format: str, dou
                 continue
             path, _, leaf = name.rpartition(".")
             if path in targets and leaf == "weight":
-                _place_quantized(model, path, targets[path], tensor, format, double_quant)
+                _place_quantized(model, path, targets[path], tensor, format, double_quant, dtype)
             else:
                 _place_tensor(model, path, leaf, tensor, dtype)
             del tensor
+            release_free_memory()
     _finish(model, targets)
+    release_free_memory()
     return model
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's `malloc_trim`; elsewhere nothing happens).
+
+    Reading and quantizing leaves freed blocks of tens of megabytes between the small quantized tensors
+    that stay; glibc keeps such pages resident, which measured 0.7 GB of a 1.1B model's 2.1 GB after loading.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def return_large_blocks(threshold: int = 4 << 20) -> bool:
+    """Ask glibc to serve allocations of `threshold` bytes and more from fresh mappings, which go back to
+    the system when freed. Process-wide; left alone when the user set `MALLOC_MMAP_THRESHOLD_`.
+
+    Training otherwise leaves freed activation blocks of a few megabytes resident between tensors that
+    stay: measured on a 1.1B NF4 model (batch 1 x 512), peak RSS 3.0-3.8 GB by default and 2.0 GB with
+    this, at about 15% more time per step (fresh pages cost page faults). Quantized mode is for when memory
+    is what runs out, so `load_model(..., quantize=...)` turns it on. Returns whether it took effect.
+    """
+    if _LIBC is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _model_key(key: str, expected: set[str], prefix: str) -> str | None:
@@ -106,10 +149,10 @@ def _model_key(key: str, expected: set[str], prefix: str) -> str | None:
 
 
 def _place_quantized(model: nn.Module, path: str, meta_layer: nn.Module, weight: torch.Tensor, format: str,
-                     double_quant: bool) -> None:
+                     double_quant: bool, dtype: torch.dtype) -> None:
     if isinstance(meta_layer, Conv1D):
         weight = weight.t()
-    layer = QuantLinear(quantize(weight, format, double_quant))
+    layer = QuantLinear(quantize(weight, format, double_quant), dtype=dtype)
     layer.bias = meta_layer.bias  # real if the file held it before the weight, else filled in later
     layer._is_hf_initialized = True  # transformers' init must not touch it
     set_module(model, path, layer)
