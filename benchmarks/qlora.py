@@ -120,7 +120,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Load the model as `loratune train` would (streaming when quantized), add LoRA, time training steps."""
     from loratune import LoraConfig, add_adapter
     from loratune.models import load_model
-    from loratune.quant.loading import return_large_blocks
+    from loratune.quant.allocator import return_large_blocks
     from loratune.train.loop import base_dtype, resolve_precision
     from loratune.train.step import batch_loss
 

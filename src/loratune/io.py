@@ -93,8 +93,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
     state = adapter_state_dict(model, name)
     config = adapter_configs(model)[name]
     data = config.to_dict()
-    data["fan_in_fan_out"] = bool(Conv1D) and any(
-        isinstance(layer.base_layer, Conv1D) for _, layer in lora_layers(model) if name in layer.scaling)
+    data["fan_in_fan_out"] = bool(Conv1D) and any(  # a quantized Conv1D keeps the original layout's flag
+        isinstance(layer.base_layer, Conv1D) or getattr(layer.base_layer, "from_conv1d", False)
+        for _, layer in lora_layers(model) if name in layer.scaling)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}

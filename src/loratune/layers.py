@@ -20,6 +20,7 @@ try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # transformers is optional for the core
     Conv1D = ()
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear, *((Conv1D,) if Conv1D else ()))
 
 QUANTIZED_MERGE = ("cannot merge into a quantized base weight in place; use loratune.quant.merge_quantized, which "
                    "dequantizes, adds the update and keeps full precision or requantizes")

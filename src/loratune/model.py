@@ -20,8 +20,8 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, MergeError, TargetError
 from .layers import (
+    LINEAR_TYPES,
     QUANTIZED_MERGE,
-    Conv1D,
     LoraLayer,
     LoraLinear,
     ModulesToSave,
@@ -136,12 +136,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     """Every module `config` adapts, by path; errors if none match or a match cannot take LoRA."""
     saved = config.modules_to_save or []
     heads = output_head_paths(model, config.task_type) if config.target_modules == ALL_LINEAR else set()
-    linear_types = (nn.Linear, *((Conv1D,) if Conv1D else ()))
     targets: dict[str, nn.Module] = {}
     layer_indices: set[int | None] = set()  # layers of name matches that layers_to_transform left out
     for path, module in _candidate_modules(model):
         if config.target_modules == ALL_LINEAR:
-            hit = isinstance(module, linear_types) and path not in heads and not _name_matches(saved, path)
+            hit = isinstance(module, LINEAR_TYPES) and path not in heads and not _name_matches(saved, path)
         else:
             hit = _name_matches(config.target_modules, path)
         if not hit or (config.exclude_modules and _name_matches(config.exclude_modules, path)):
@@ -229,6 +228,10 @@ def _inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -
     overlap = sorted(set(targets) & set(saved))
     if overlap:
         raise TargetError(f"module {overlap[0]!r} is both a LoRA target and in modules_to_save")
+    for path, module in saved.items():
+        if any(is_quantized(m) for m in module.modules()):
+            raise TargetError(f"modules_to_save {path!r} holds layers stored quantized, which cannot be trained in "
+                              "full; leave it out of modules_to_save or load the model without quantize")
     for feature, used in (("use_dora", config.use_dora), ("init_lora_weights='pissa'", pissa)):
         for path, module in targets.items():
             if used and lora_class_for(module) is not LoraLinear:

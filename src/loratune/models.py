@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +19,9 @@ from typing import Any, Literal
 import torch
 
 from loratune.errors import ConfigError, LoratuneError, ModelLoadError
+from loratune.quant.allocator import return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
-from loratune.quant.loading import load_quantized, return_large_blocks, safetensors_files
+from loratune.quant.loading import NotStreamable, load_quantized, safetensors_files
 
 Task = Literal["causal-lm", "classification", "seq2seq"]
 TASKS: tuple[str, ...] = ("causal-lm", "classification", "seq2seq")
@@ -224,8 +226,6 @@ def _load_weights(
     source: str, name: str, task: str, num_labels: int | None, dtype: torch.dtype, trust_remote_code: bool,
     quantize: str = "none", double_quant: bool = True,
 ) -> Any:
-    from transformers import AutoConfig
-
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if task == "classification":
         kwargs["num_labels"] = num_labels
@@ -235,21 +235,33 @@ def _load_weights(
         try:
             if quantize == "none":
                 return model_class.from_pretrained(source, dtype=dtype, **kwargs)
-            return_large_blocks()
-            config = AutoConfig.from_pretrained(source, **kwargs)
-            folder = Path(source)
-            if folder.is_dir() and safetensors_files(folder):  # checks the layers before reading weights
-                return load_quantized(folder, model_class, config, quantize, double_quant, dtype)
-            with torch.device("meta"):
-                check_model_quantizable(model_class.from_config(config), quantize)
-            model = model_class.from_pretrained(source, dtype=dtype, **kwargs)
+            return _load_quantized(source, model_class, quantize, double_quant, dtype, kwargs)
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, LoratuneError):
                 raise
             raise _load_error(name, f"{task} model", exc) from exc
+
+
+def _load_quantized(source: str, model_class: Any, quantize: str, double_quant: bool, dtype: torch.dtype,
+                    kwargs: dict[str, Any]) -> Any:
+    """Stream a local safetensors model into quantized layers; otherwise load it whole, then quantize.
+    Either way the layers are checked against the format before any weight is read."""
+    from transformers import AutoConfig
+
+    return_large_blocks()
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    remote = kwargs["trust_remote_code"]
+    folder = Path(source)
+    if folder.is_dir() and safetensors_files(folder):
+        try:
+            return load_quantized(folder, model_class, config, quantize, double_quant, dtype, remote)
+        except NotStreamable as exc:
+            warnings.warn(f"{source}: {exc}; loading in full precision, then quantizing", stacklevel=3)
+    with torch.device("meta"):
+        check_model_quantizable(model_class.from_config(config, trust_remote_code=remote), quantize)
+    model = model_class.from_pretrained(source, dtype=dtype, **kwargs)
     quantize_model(model, quantize, double_quant)
     return model
-
 
 
 def model_skeleton(name_or_path: str, task: Task, *, num_labels: int = 2, trust_remote_code: bool = False,

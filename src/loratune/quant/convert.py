@@ -13,12 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import QuantizationError
-from ..layers import Conv1D, LoraLayer, LoraLinear, ModulesToSave, is_quantized
+from ..layers import LINEAR_TYPES, Conv1D, LoraLayer, LoraLinear, ModulesToSave, is_quantized, layer_dims
 from ..model import lora_layers, output_head_paths, set_module, unload
-from .formats import check_quantizable, dequantize, quantize
+from .formats import check_quantizable
 from .linear import QuantLinear
-
-_LINEAR_TYPES = (nn.Linear, *((Conv1D,) if Conv1D else ()))
 
 
 @dataclass
@@ -38,12 +36,13 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     modules trained in full. For a LoRA layer the path names the wrapper; its `base_layer` is converted."""
     heads = output_head_paths(model) | output_head_paths(model, "SEQ_CLS")
     inside = [p + "." for p, m in model.named_modules() if isinstance(m, (ModulesToSave, LoraLayer))]
+    skipped = tuple(inside) + tuple(h + "." for h in heads)  # a head's own layers (e.g. classifier.dense) too
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
-        if path in heads or path.startswith(tuple(inside)):
+        if path in heads or path.startswith(skipped):
             continue
         base = module.base_layer if isinstance(module, LoraLinear) else module
-        if isinstance(base, _LINEAR_TYPES) and not is_quantized(base):
+        if isinstance(base, LINEAR_TYPES) and not is_quantized(base):
             found[path] = module
     return found
 
@@ -54,8 +53,7 @@ def check_model_quantizable(model: nn.Module, format: str) -> dict[str, nn.Modul
     if not layers:
         raise QuantizationError(f"quantize: {format}: the model has no linear layers to quantize")
     for path, module in layers.items():
-        base = getattr(module, "base_layer", module)
-        in_dim, out_dim = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else base.weight.shape
+        in_dim, out_dim = layer_dims(getattr(module, "base_layer", module))
         check_quantizable(format, (out_dim, in_dim), f"layer {path!r}")
     return layers
 
@@ -75,47 +73,51 @@ def quantize_model(model: nn.Module, format: str, double_quant: bool = True, lof
     error_sq = plain_error_sq = norm_sq = 0.0
     for path, module in layers.items():
         base = getattr(module, "base_layer", module)
-        weight = base.weight.detach()
-        dense_bytes += weight.numel() * weight.element_size()
-        weight_oi = (weight.t() if isinstance(base, Conv1D) else weight).float()
+        dense_bytes += base.weight.numel() * base.weight.element_size()
+        quantized = QuantLinear.from_linear(base, format, double_quant, f"layer {path!r}")
+        weight_oi = (base.weight.t() if quantized.from_conv1d else base.weight).float()
         norm_sq += weight_oi.square().sum().item()
-        q = quantize(weight_oi, format, double_quant)
-        layer_error = (weight_oi - dequantize(q, torch.float32)).square().sum().item()
+        layer_error = (weight_oi - quantized.dequantize(torch.float32)).square().sum().item()
         plain_error_sq += layer_error
         if loftq_iterations and isinstance(module, LoraLinear) and adapter in module.lora_A:
-            q, layer_error = _loftq(module, adapter, weight_oi, format, double_quant, loftq_iterations)
+            layer_error = _loftq(module, adapter, weight_oi, quantized, loftq_iterations)
         error_sq += layer_error
-        quantized = QuantLinear(q, base.bias, weight.dtype)
         quantized.train(base.training)
-        quantized_bytes += q.nbytes()
+        quantized_bytes += quantized.packed.nbytes()
         if isinstance(module, LoraLinear):
             module.base_layer = quantized
             module.transposed = False  # QuantLinear stores (out, in) whatever the original layout
         else:
             set_module(model, path, quantized)
-        del base, weight, weight_oi
+        del base, weight_oi
     plain = math.sqrt(plain_error_sq / max(norm_sq, 1e-30))
     error = math.sqrt(error_sq / max(norm_sq, 1e-30))
     return QuantReport(len(layers), dense_bytes, quantized_bytes, error, plain if loftq_iterations else None)
 
 
-def _loftq(layer: LoraLinear, name: str, weight: torch.Tensor, format: str, double_quant: bool,
-           iterations: int):
-    """LoftQ (Li et al. 2023): returns the quantized residual and the squared error it leaves with the adapter."""
+LOFTQ_SEED = 0
+
+
+def _loftq(layer: LoraLinear, name: str, weight: torch.Tensor, quantized: QuantLinear, iterations: int) -> float:
+    """LoftQ (Li et al. 2023): sets the adapter's factors and the quantized residual in place; returns the
+    squared error W - (Q + s*B@A) left. Seeded, so the same weights always give the same base."""
     scaling = layer.scaling[name]
     a_param, b_param = layer.lora_A[name].weight, layer.lora_B[name].weight
     rank = a_param.shape[0]
-    delta = torch.zeros_like(weight)
-    for _ in range(iterations):
-        q = quantize(weight - delta, format, double_quant)
-        error = weight - dequantize(q, torch.float32)
-        u, s, v = torch.svd_lowrank(error, q=min(rank + 8, *error.shape), niter=4)
-        root = torch.sqrt(s[:rank] / scaling)
-        b, a = u[:, :rank] * root, (v[:, :rank] * root).t()
-        delta = scaling * b @ a
+    a, b = torch.zeros_like(a_param, dtype=torch.float32), torch.zeros_like(b_param, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(LOFTQ_SEED)
+        for step in range(iterations):
+            if step:
+                quantized.store(weight - scaling * b @ a)
+            error = weight - quantized.dequantize(torch.float32)
+            u, s, v = torch.svd_lowrank(error, q=min(rank + 8, *error.shape), niter=4)
+            k = min(rank, s.numel())  # a rank above the layer's smaller side leaves the rest zero
+            root = torch.sqrt(s[:k] / scaling)
+            b[:, :k], a[:k] = u[:, :k] * root, (v[:, :k] * root).t()
     a_param.copy_(a)
     b_param.copy_(b)
-    return q, (weight - dequantize(q, torch.float32) - delta).square().sum().item()
+    return (weight - quantized.dequantize(torch.float32) - scaling * b @ a).square().sum().item()
 
 
 @dataclass
@@ -129,12 +131,13 @@ class MergeReport:
 
 
 @torch.no_grad()
-def merge_quantized(model: nn.Module, requantize: bool = False, dtype: torch.dtype = torch.bfloat16) -> MergeReport:
+def merge_quantized(model: nn.Module, requantize: bool = False, dtype: torch.dtype | None = None) -> MergeReport:
     """`unload(model)` for a model with quantized layers: fold the active adapters in and remove LoRA.
 
-    Each quantized weight is dequantized, the update added in fp32, and the result stored as a plain
-    `nn.Linear` in `dtype` or, with `requantize`, quantized again in the layer's format. LoRA layers over
-    dense weights are merged exactly, as `unload` does.
+    Each quantized weight under a LoRA layer is dequantized, the update added in fp32, and the result
+    stored as a dense layer (`nn.Linear`, or `Conv1D` where the model had one) in `dtype` (default: the
+    dense layer's original dtype) or, with `requantize`, quantized again in the layer's format. LoRA layers
+    over dense weights are merged exactly, as `unload` does; quantized layers without LoRA stay quantized.
     """
     error_sq = norm_sq = 0.0
     count = 0
@@ -146,16 +149,12 @@ def merge_quantized(model: nn.Module, requantize: bool = False, dtype: torch.dty
         for name in layer.pending():
             merged = layer.merged_weight(merged, name)
         if requantize:
-            new = QuantLinear(quantize(merged, base.format, base.double_quant), base.bias, base.dtype)
+            new = QuantLinear.from_weight(merged, base.bias, base.format, base.double_quant, dtype=base.dtype)
+            new.from_conv1d = base.from_conv1d
             stored = new.dequantize(torch.float32)
         else:
-            new = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype,
-                            device=merged.device)
-            new.weight.copy_(merged)
-            if base.bias is not None:
-                new.bias.copy_(base.bias)
-            new.requires_grad_(False)
-            stored = new.weight.float()
+            new = _dense_layer(base, merged, dtype or base.dtype)
+            stored = (new.weight.t() if base.from_conv1d else new.weight).float()
         error_sq += (stored - merged).square().sum().item()
         norm_sq += merged.square().sum().item()
         new.train(base.training)
@@ -165,3 +164,17 @@ def merge_quantized(model: nn.Module, requantize: bool = False, dtype: torch.dty
         raise QuantizationError("merge_quantized: the model has no LoRA layers over quantized weights")
     unload(model, merge=True)
     return MergeReport(count, math.sqrt(error_sq / max(norm_sq, 1e-30)), requantize)
+
+
+def _dense_layer(base: QuantLinear, weight_oi: torch.Tensor, dtype: torch.dtype) -> nn.Module:
+    """A frozen dense layer of the kind the model had, holding `weight_oi` (out, in) in `dtype`."""
+    if base.from_conv1d:
+        layer = Conv1D(base.out_features, base.in_features).to(device=weight_oi.device, dtype=dtype)
+        layer.weight.copy_(weight_oi.t())
+    else:
+        layer = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, dtype=dtype,
+                          device=weight_oi.device)
+        layer.weight.copy_(weight_oi)
+    if base.bias is not None:
+        layer.bias.copy_(base.bias)
+    return layer.requires_grad_(False)

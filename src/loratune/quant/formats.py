@@ -93,10 +93,12 @@ class Workspace:
         self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def get(self, role: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A `numel`-element view of the buffer for `role`, made or grown as needed."""
         key = (role, dtype, device)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+            with torch.inference_mode(False):  # made in inference mode, it could not be written outside it
+                buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel]
 
 

@@ -6,20 +6,23 @@ layer costs its packed codes in memory, never a full-precision copy that outlive
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import Conv1D
 from .formats import QuantizedWeight, Workspace, check_quantizable, dequantize, quantize
 
-try:  # GPT-2 style layer with a transposed (in, out) weight
-    from transformers.pytorch_utils import Conv1D
-except ImportError:
-    Conv1D = ()
+# Shared by the quantized layers of a thread: each dequantized weight is used by one matmul, then overwritten.
+_LOCAL = threading.local()
 
 
-# Shared by every quantized layer: each dequantized weight is used by one matmul and then overwritten.
-_WORKSPACE = Workspace()
+def _workspace() -> Workspace:
+    if not hasattr(_LOCAL, "workspace"):
+        _LOCAL.workspace = Workspace()
+    return _LOCAL.workspace
 
 
 class _DequantizedMatmul(torch.autograd.Function):
@@ -28,11 +31,11 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, dequantize(layer.packed, x.dtype, _WORKSPACE))
+        return F.linear(x, dequantize(layer.packed, x.dtype, _workspace()))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad @ dequantize(ctx.layer.packed, grad.dtype, _WORKSPACE), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ dequantize(ctx.layer.packed, grad.dtype, _workspace()), None
 
 
 class QuantLinear(nn.Linear):
@@ -50,19 +53,28 @@ class QuantLinear(nn.Linear):
         self.out_features, self.in_features = q.shape
         self.format = q.format
         self.dtype = dtype  # what `weight` reads as: the dtype the dense layer had
+        self.from_conv1d = False  # made from a transformers Conv1D: adapters record fan_in_fan_out
         self.double_quant = q.scale_scales is not None
         for key, tensor in q.tensors().items():
             self.register_buffer(key, tensor)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, format: str, double_quant: bool = True,
+                    *, conv1d: bool = False, dtype: torch.dtype | None = None, where: str = "layer") -> QuantLinear:
+        """Quantize a dense weight, (out, in) or, for a transformers `Conv1D`, (in, out)."""
+        weight = weight.detach()
+        weight_oi = weight.t() if conv1d else weight
+        check_quantizable(format, tuple(weight_oi.shape), where)
+        layer = cls(quantize(weight_oi, format, double_quant), bias, dtype or weight.dtype)
+        layer.from_conv1d = conv1d
+        return layer
+
+    @classmethod
     def from_linear(cls, layer: nn.Module, format: str, double_quant: bool = True, where: str = "layer") -> QuantLinear:
-        """Quantize an `nn.Linear` or a transformers `Conv1D` (stored transposed; quantized as (out, in))."""
-        weight = layer.weight.detach()
-        if isinstance(layer, Conv1D):
-            weight = weight.t()
-        check_quantizable(format, tuple(weight.shape), where)
-        return cls(quantize(weight, format, double_quant), layer.bias, weight.dtype)
+        """Quantize an `nn.Linear` or a transformers `Conv1D`."""
+        return cls.from_weight(layer.weight, layer.bias, format, double_quant, conv1d=isinstance(layer, Conv1D),
+                               where=where)
 
     @property
     def packed(self) -> QuantizedWeight:
@@ -93,7 +105,3 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
-
-
-def is_quantized(module: nn.Module) -> bool:
-    return getattr(module, "quantized", False) is True

@@ -9,10 +9,7 @@ quantized model plus about one full-precision tensor.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
-import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +20,9 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..layers import Conv1D
-from ..model import set_module
+from ..model import output_head_paths, set_module
+from .allocator import release_free_memory
 from .convert import check_model_quantizable
-from .formats import quantize
 from .linear import QuantLinear
 
 _DTYPES = {
@@ -45,18 +42,27 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from a safetensors file in file order, reading each tensor on its own."""
-    with path.open("rb") as handle:
-        try:
+def read_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(header size, {key: {dtype, shape, data_offsets}}) of a safetensors file, in file order."""
+    try:
+        with path.open("rb") as handle:
             (header_size,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(header_size))
-        except (struct.error, ValueError) as exc:
-            raise ModelLoadError(f"{path}: not a safetensors file ({exc})") from exc
         header.pop("__metadata__", None)
-        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+        for key, info in entries:
             if info["dtype"] not in _DTYPES:
                 raise ModelLoadError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelLoadError(f"{path}: not a safetensors file ({exc})") from exc
+    return header_size, dict(entries)
+
+
+def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from a safetensors file in file order, reading each tensor on its own."""
+    header_size, header = read_header(path)
+    with path.open("rb") as handle:
+        for key, info in header.items():
             start, end = info["data_offsets"]
             handle.seek(8 + header_size + start)
             raw = bytearray(end - start)
@@ -64,30 +70,37 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 raise ModelLoadError(f"{path}: file is truncated inside tensor {key!r}")
             dtype = _DTYPES[info["dtype"]]
             tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            yield key, tensor.view(info["shape"])
+            try:
+                yield key, tensor.view(info["shape"])
+            except RuntimeError as exc:
+                raise ModelLoadError(f"{path}: tensor {key!r} does not match its shape {info['shape']}") from exc
+
+
+class NotStreamable(Exception):
+    """The files do not map one to one onto the model (renamed or fused keys): load through transformers."""
 
 
 def load_quantized(folder: Path, model_class: Any, config: Any, format: str, double_quant: bool = True,
-                   dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+                   dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False) -> nn.Module:
     """Build `model_class` from `config` with its linear layers in `format`, reading `folder`'s safetensors.
 
-    Weights the files lack (a new classification head) are initialised by the model's own init, as
-    `from_pretrained` does; the caller seeds the generator.
+    The file headers are checked against the model first: a shape mismatch is a `ModelLoadError`, and keys
+    that need renaming raise `NotStreamable` before any weight is read. Weights the files lack may only be
+    output heads (a new classifier), initialised by the model's own init as `from_pretrained` does; the
+    caller seeds the generator.
     """
     files = safetensors_files(folder)
     if not files:
         raise ModelLoadError(f"{folder}: no safetensors weights to stream (model.safetensors or an index)")
     with torch.device("meta"):
-        model = model_class.from_config(config, dtype=dtype)
+        model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     targets = check_model_quantizable(model, format)
-    expected = set(model.state_dict())
-    prefix = getattr(model, "base_model_prefix", "")
+    names = _plan(files, model)
     for file in files:
         for key, tensor in read_tensors(file):
-            name = _model_key(key, expected, prefix)
-            if name is None:
+            if key not in names:
                 continue
-            path, _, leaf = name.rpartition(".")
+            path, _, leaf = names[key].rpartition(".")
             if path in targets and leaf == "weight":
                 _place_quantized(model, path, targets[path], tensor, format, double_quant, dtype)
             else:
@@ -99,60 +112,50 @@ def load_quantized(folder: Path, model_class: Any, config: Any, format: str, dou
     return model
 
 
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the system (glibc's `malloc_trim`; elsewhere nothing happens).
-
-    Reading and quantizing leaves freed blocks of tens of megabytes between the small quantized tensors
-    that stay; glibc keeps such pages resident, which measured 0.7 GB of a 1.1B model's 2.1 GB after loading.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def return_large_blocks(threshold: int = 4 << 20) -> bool:
-    """Ask glibc to serve allocations of `threshold` bytes and more from fresh mappings, which go back to
-    the system when freed. Process-wide; left alone when the user set `MALLOC_MMAP_THRESHOLD_`.
-
-    Training otherwise leaves freed activation blocks of a few megabytes resident between tensors that
-    stay: measured on a 1.1B NF4 model (batch 1 x 512), peak RSS 3.0-3.8 GB by default and 2.0 GB with
-    this, at about 15% more time per step (fresh pages cost page faults). Quantized mode is for when memory
-    is what runs out, so `load_model(..., quantize=...)` turns it on. Returns whether it took effect.
-    """
-    if _LIBC is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, threshold))
-
-
-_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-
-
-def _glibc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
+def _plan(files: list[Path], model: nn.Module) -> dict[str, str]:
+    """{file key: model key} for every tensor to load, after checking names and shapes against the model."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ignorable = {k for k, _ in model.named_buffers()} - set(expected)  # non-persistent buffers, rebuilt anyway
+    prefix = getattr(model, "base_model_prefix", "")
+    names: dict[str, str] = {}
+    for file in files:
+        for key, info in read_header(file)[1].items():
+            name = _model_key(key, set(expected) | ignorable, prefix)
+            if name in ignorable:
+                continue
+            if name is None:
+                raise NotStreamable(f"checkpoint key {key!r} has no parameter of that name in the model")
+            if tuple(info["shape"]) != expected[name]:
+                raise ModelLoadError(f"{file}: tensor {key!r} has shape {tuple(info['shape'])}, the model "
+                                     f"expects {expected[name]} (config.json and weights disagree)")
+            names[key] = name
+    heads = tuple(p + "." for p in output_head_paths(model) | output_head_paths(model, "SEQ_CLS"))
+    loaded = set(names.values())
+    shared: dict[int, set[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(param), set()).add(key)
+    for key in sorted(set(expected) - loaded):
+        tied = any(key in group and group & loaded for group in shared.values())
+        if not tied and not key.startswith(heads):
+            raise NotStreamable(f"model weight {key!r} is not in the checkpoint under that name")
+    return names
 
 
-_LIBC = _glibc()
-
-
-def _model_key(key: str, expected: set[str], prefix: str) -> str | None:
+def _model_key(key: str, known: set[str], prefix: str) -> str | None:
     """The model's name for a file key: the same, or with the base-model prefix added or removed."""
-    if key in expected:
+    if key in known:
         return key
-    if prefix and f"{prefix}.{key}" in expected:
+    if prefix and f"{prefix}.{key}" in known:
         return f"{prefix}.{key}"
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in known:
         return key[len(prefix) + 1:]
     return None
 
 
 def _place_quantized(model: nn.Module, path: str, meta_layer: nn.Module, weight: torch.Tensor, format: str,
                      double_quant: bool, dtype: torch.dtype) -> None:
-    if isinstance(meta_layer, Conv1D):
-        weight = weight.t()
-    layer = QuantLinear(quantize(weight, format, double_quant), dtype=dtype)
+    layer = QuantLinear.from_weight(weight, None, format, double_quant, conv1d=isinstance(meta_layer, Conv1D),
+                                    dtype=dtype, where=f"layer {path!r}")
     layer.bias = meta_layer.bias  # real if the file held it before the weight, else filled in later
     layer._is_hf_initialized = True  # transformers' init must not touch it
     set_module(model, path, layer)
@@ -177,6 +180,7 @@ def _finish(model: nn.Module, targets: dict[str, nn.Module]) -> None:
         layer = model.get_submodule(path)
         if not isinstance(layer, QuantLinear) or (layer.bias is not None and layer.bias.device.type == "meta"):
             raise ModelLoadError(f"weights of layer {path!r} are missing from the model files")
+    model.tie_weights()  # before storage is given: a tied head must not get a full-size copy of its own
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for key, tensor in table.items():

@@ -82,6 +82,13 @@ class RunConfig(_Strict):
     train: TrainSpec = TrainSpec()
     output_dir: Path = Path("runs/latest")
 
+    @model_validator(mode="after")
+    def _one_initialisation(self) -> RunConfig:
+        if self.model.loftq_iterations and self.lora.init_lora_weights == "pissa":
+            raise ValueError("model.loftq_iterations and lora.init_lora_weights: pissa both set the adapter's "
+                             "start; choose one")
+        return self
+
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Set `a.b.c=value` in a nested dict; the value is parsed as YAML."""

@@ -111,13 +111,16 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
         lora = dataclasses.replace(config.lora, task_type=config.lora.task_type or TASK_TYPES[config.model.task],
                                    base_model_name_or_path=config.lora.base_model_name_or_path or config.model.name)
         add_adapter(model, lora, ADAPTER)
-    if loftq:  # the quantized base depends on the initial adapter: rebuild both, then load trained weights
+    if loftq:  # LoftQ makes the quantized base and the adapter's start together (seeded): rebuild, then load
         quantize_model(model, spec.quantize, spec.double_quant, spec.loftq_iterations, ADAPTER)
         if adapter_dir is not None:
             load_adapter_weights_into(model, adapter_dir, ADAPTER)
     model.to(device)
     checkpointing = tc.gradient_checkpointing if tc.gradient_checkpointing is not None else quantized
-    if checkpointing:
+    supported = getattr(model, "supports_gradient_checkpointing", False)
+    if tc.gradient_checkpointing and not supported:
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+    if checkpointing and supported:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (1024 if quantized else 0)
     return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), loss_chunk)
@@ -127,7 +130,12 @@ def _warn_if_too_big(config: RunConfig) -> None:
     """Say before loading when the run is likely to exhaust the machine's memory."""
     from ..memory import estimate_memory, machine_memory, memory_warning
 
-    warning = memory_warning(estimate_memory(config), machine_memory())
+    try:
+        warning = memory_warning(estimate_memory(config), machine_memory())
+    except LoratuneError:
+        raise
+    except Exception as exc:  # an estimate that cannot be made must not stop a run that can
+        warning = f"peak memory could not be estimated ({type(exc).__name__}: {exc})"
     if warning:
         print(f"loratune: warning: {warning}", file=sys.stderr)
 

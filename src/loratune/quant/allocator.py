@@ -1,0 +1,51 @@
+"""Keep the C allocator from holding on to freed memory: what makes a quantized model's peak RSS its real size.
+
+glibc only; elsewhere these functions do nothing. Reading and quantizing a model, and training it with
+checkpointed activations, free many blocks of a few megabytes between tensors that stay; glibc keeps those
+pages resident unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Any
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's `malloc_trim`; elsewhere nothing happens).
+
+    Reading and quantizing leaves freed blocks of tens of megabytes between the small quantized tensors
+    that stay; glibc keeps such pages resident, which measured 0.7 GB of a 1.1B model's 2.1 GB after loading.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def return_large_blocks(threshold: int = 4 << 20) -> bool:
+    """Ask glibc to serve allocations of `threshold` bytes and more from fresh mappings, which go back to
+    the system when freed. Process-wide; left alone when the user set `MALLOC_MMAP_THRESHOLD_`.
+
+    Training otherwise leaves freed activation blocks of a few megabytes resident between tensors that
+    stay: measured on a 1.1B NF4 model (batch 1 x 512), peak RSS 3.0-3.8 GB by default and 2.0 GB with
+    this, at about 15% more time per step (fresh pages cost page faults). Quantized mode is for when memory
+    is what runs out, so `load_model(..., quantize=...)` turns it on. Returns whether it took effect.
+    """
+    if _LIBC is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
