@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loratune import LoraConfig, MergeError, add_adapter, merge
-from loratune.errors import QuantizationError
+from loratune.errors import QuantizationError, TargetError
 from loratune.layers import LoraLinear, ModulesToSave
 from loratune.model import lora_layers
 from loratune.quant import QuantLinear, check_model_quantizable, dequantize, merge_quantized, quantize, quantize_model
@@ -258,3 +258,69 @@ def test_pissa_on_a_quantized_model_stores_the_residual_back_quantized():
         restored = layer.base_layer.dequantize(torch.float32) + delta
         assert relative(restored, weights[path]) < 0.15 * residual.norm().item() / weights[path].norm().item()
     assert relative(logits(model, ids), before) < 0.15
+
+
+def test_the_layers_inside_a_classification_head_stay_dense():
+    """RoBERTa's head is a small MLP (classifier.dense, classifier.out_proj): all of it is the head."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(RobertaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=128))
+    layers = quantizable_layers(model)
+    assert not [p for p in layers if p.startswith("classifier")]
+    assert "roberta.encoder.layer.0.attention.self.query" in layers
+
+
+def test_modules_to_save_over_quantized_layers_is_refused():
+    model = bert()
+    quantize_model(model, "nf4")
+    with pytest.raises(TargetError, match=r"modules_to_save 'bert\.pooler' holds layers stored quantized"):
+        add_adapter(model, LoraConfig(r=4, target_modules=["query"], modules_to_save=["pooler"]))
+    assert not list(lora_layers(model))  # nothing half-done
+
+
+def test_merge_quantized_keeps_the_model_dtype_and_gpt2_layout(tmp_path):
+    model = gpt2()
+    add_adapter(model, LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    quantize_model(model, "nf4")
+    ids = input_ids()
+    before = logits(model, ids)
+    report = merge_quantized(model)  # no dtype given: the layers' own (fp32 here)
+    assert report.relative_error < 1e-7
+    attn = model.transformer.h[0].attn.c_attn
+    assert type(attn) is Conv1D and attn.weight.dtype == torch.float32 and attn.weight.shape == (64, 192)
+    assert isinstance(model.transformer.h[0].attn.c_proj, QuantLinear)  # no LoRA there: stays quantized
+    torch.testing.assert_close(logits(model, ids), before, atol=1e-4, rtol=1e-4)
+
+
+def test_a_quantized_gpt2_adapter_records_the_conv1d_layout(tmp_path):
+    from loratune.io import read_adapter_config, save_adapter
+
+    model = gpt2()
+    quantize_model(model, "nf4")
+    add_adapter(model, LoraConfig(r=4, target_modules=["c_attn"]))
+    save_adapter(model, tmp_path / "adapter")
+    assert read_adapter_config(tmp_path / "adapter").to_dict()["fan_in_fan_out"] is True
+
+
+def test_loftq_is_repeatable_and_leaves_the_global_generator_alone():
+    factors = []
+    for _ in range(2):
+        model = loftq_model()
+        torch.manual_seed(123)
+        quantize_model(model, "nf4", loftq_iterations=2)
+        assert torch.equal(torch.rand(3), torch.manual_seed(123) and torch.rand(3))
+        factors.append({k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
+    assert factors[0].keys() == factors[1].keys() and factors[0]
+    assert all(torch.equal(factors[0][k], factors[1][k]) for k in factors[0])
+
+
+def test_loftq_with_a_rank_above_a_layers_smaller_side():
+    """k_proj is 32 x 64 here; r=48 is allowed (below the larger side) and LoftQ fills what exists."""
+    model = llama()
+    weights = dense_weights(model)
+    add_adapter(model, LoraConfig(r=48, lora_alpha=48, target_modules=["k_proj"]))
+    report = quantize_model(model, "nf4", loftq_iterations=1)
+    assert report.relative_error < report.relative_error_without_loftq
+    assert total_error(model, weights) == pytest.approx(report.relative_error, rel=1e-4)

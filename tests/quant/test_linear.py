@@ -235,3 +235,19 @@ def test_a_quantized_parameter_dequantizes():
     x = inputs(2, 64)
     torch.testing.assert_close(layer(x), F.linear(x, expected, dense.bias))  # (forward runs without grad)
     assert torch.equal(layer.dequantize(torch.float32), expected)
+
+
+def test_a_first_call_in_inference_mode_does_not_spoil_later_training():
+    import loratune.quant.linear as linear_module
+
+    linear_module._LOCAL.__dict__.clear()  # fresh buffers, made under inference mode below
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(64, 64), "nf4")
+    x = inputs(2, 64)
+    with torch.inference_mode():
+        expected = layer(x)
+    x.requires_grad_(True)
+    out = layer(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert x.grad is not None

@@ -196,7 +196,7 @@ def test_weights_missing_from_the_files_are_named(llama_folder, tmp_path):
     dropped = index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != dropped}
     index_path.write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match=r"weights of layer 'model\.layers\.1\.mlp\.down_proj' are missing"):
+    with pytest.raises(ModelLoadError, match=r"'model\.layers\.1\.mlp\.down_proj\.weight' is missing"):
         load_model(str(folder), "causal-lm", quantize="nf4")
 
 
@@ -271,3 +271,27 @@ def test_without_safetensors_the_layers_are_still_checked_before_loading(tmp_pat
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(QuantizationError, match=r"layer 'model\.layers\.0\.self_attn\.k_proj'"):
         load_model(str(tmp_path), "causal-lm", quantize="nf4")  # from_pretrained would fail the test
+
+
+def test_a_shape_that_disagrees_with_the_config_is_named_before_loading(llama_folder, tmp_path, no_from_pretrained):
+    folder = copy_folder(llama_folder, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 192  # the files hold 128-wide MLPs
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"has shape \(128, 64\), the model expects \(192, 64\)"):
+        load_model(str(folder), "causal-lm", quantize="nf4")
+
+
+def test_keys_that_need_renaming_load_through_transformers(llama_folder, tmp_path, tokenizer):
+    """A file key with no parameter of that name: stream nothing, let from_pretrained do its renaming."""
+    folder = copy_folder(llama_folder, tmp_path / "model")
+    extra = folder / "extra.safetensors"
+    save_file({"model.layers.0.mlp.legacy_scale": torch.ones(3)}, str(extra))
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.layers.0.mlp.legacy_scale"] = extra.name
+    index_path.write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="legacy_scale.*loading in full precision, then quantizing"):
+        model = streamed(folder, "causal-lm", "nf4")
+    reference = in_memory_reference(llama_folder, "causal-lm", "nf4")
+    assert_same_model(model, reference, input_ids(len(tokenizer)))

@@ -169,3 +169,10 @@ def test_resuming_a_quantized_run_matches_an_uninterrupted_one(run_config, tmp_p
     for key in expected:
         assert torch.equal(resumed[key], expected[key]), key
     assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+
+
+def test_loftq_and_pissa_together_are_a_config_error(run_config):
+    data = run_config(model={"quantize": "nf4", "loftq_iterations": 1})
+    data["lora"]["init_lora_weights"] = "pissa"
+    with pytest.raises(ConfigError, match="loftq_iterations and lora.init_lora_weights: pissa"):
+        validate_config(data, "run.yaml")

@@ -84,8 +84,8 @@ def load_quantized(folder: Path, model_class: Any, config: Any, format: str, dou
                    dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False) -> nn.Module:
     """Build `model_class` from `config` with its linear layers in `format`, reading `folder`'s safetensors.
 
-    The file headers are checked against the model first: a shape mismatch is a `ModelLoadError`, and keys
-    that need renaming raise `NotStreamable` before any weight is read. Weights the files lack may only be
+    The file headers are checked against the model first: a missing weight or a shape mismatch is a
+    `ModelLoadError`, and keys that need renaming raise `NotStreamable`, before any weight is read. Weights the files lack may only be
     output heads (a new classifier), initialised by the model's own init as `from_pretrained` does; the
     caller seeds the generator.
     """
@@ -137,7 +137,7 @@ def _plan(files: list[Path], model: nn.Module) -> dict[str, str]:
     for key in sorted(set(expected) - loaded):
         tied = any(key in group and group & loaded for group in shared.values())
         if not tied and not key.startswith(heads):
-            raise NotStreamable(f"model weight {key!r} is not in the checkpoint under that name")
+            raise ModelLoadError(f"model weight {key!r} is missing from the model files")
     return names
 
 
