@@ -1,5 +1,7 @@
 """The memory estimate: exact parameter counts, the effect of each setting, the CLI and the warning."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -25,7 +27,7 @@ def test_counts_match_the_real_model(run_config, tiny_gpt2):
     config = validate_config(run_config(train={"precision": "fp32"}), "test")
     model, _ = load_model(tiny_gpt2, "causal-lm")
     total = sum(p.numel() for p in model.parameters())
-    add_adapter(model, config.lora.__class__(**{**config.lora.to_dict(), "task_type": TASK_TYPES["causal-lm"]}))
+    add_adapter(model, dataclasses.replace(config.lora, task_type=TASK_TYPES["causal-lm"]))
     found = estimate_memory(config)
     assert found.trainable == trainable_parameters(model).trainable > 0
     assert found.adapter == 16 * found.trainable
