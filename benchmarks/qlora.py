@@ -239,28 +239,43 @@ def _timed(fn: Any, repeats: int = 5) -> tuple[Any, float]:
 
 
 def smollm2_part(quick: bool) -> list[dict[str, Any]]:
-    """Mean next-token loss of SmolLM2 on movie-review text with the base in fp32, NF4 and int8."""
-    from loratune.data import DataConfig, collate, load_datasets
+    """Mean next-token loss of SmolLM2 on movie-review text with the base in fp32, NF4 and int8, and NF4 with
+    a LoftQ-initialised adapter (all-linear r=16, 4 iterations): what that adapter recovers at step 0."""
+    from loratune import LoraConfig, add_adapter
+    from loratune.data import DataConfig, load_datasets
     from loratune.models import load_model
-    from loratune.train.step import batch_loss
+    from loratune.quant import quantize_model
 
     cfg = DataConfig(train="movie-sentiment", format="text", text_field="text", max_length=256, seed=0,
                      max_train_records=16 if quick else 400, validation_fraction=0.0)
     rows, base_loss = [], None
-    for quantize in ("none", "nf4", "int8"):
-        model, tokenizer = load_model("smollm2-135m-instruct", "causal-lm", quantize=quantize)
+    for label in ("none", "nf4", "int8", "nf4+loftq"):
+        quantize, report = label.split("+")[0], None
+        model, tokenizer = load_model("smollm2-135m-instruct", "causal-lm",
+                                      quantize="none" if label == "nf4+loftq" else quantize)
+        if label == "nf4+loftq":
+            add_adapter(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+            report = quantize_model(model, "nf4", loftq_iterations=4)
         data = load_datasets(cfg, tokenizer, "causal-lm")
-        total = weight = 0.0
-        with torch.no_grad():
-            for start in range(0, len(data.train_examples), 8):
-                batch = collate(data.train_examples[start:start + 8], tokenizer.pad_token_id, "causal-lm")
-                loss, _, count = batch_loss(model, batch, "causal-lm")
-                total, weight = total + loss.item() * count, weight + count
-        loss = total / weight
+        loss, tokens = _mean_loss(model, data.train_examples, tokenizer.pad_token_id)
         base_loss = loss if quantize == "none" else base_loss
-        rows.append({"part": "smollm2", "quantize": quantize, "loss": loss, "tokens": int(weight),
-                     "relative_difference": abs(loss - base_loss) / base_loss})
+        rows.append({"part": "smollm2", "quantize": label, "loss": loss, "tokens": tokens,
+                     "relative_difference": abs(loss - base_loss) / base_loss,
+                     "weight_error": report and report.relative_error,
+                     "weight_error_without_loftq": report and report.relative_error_without_loftq})
     return rows
+
+
+def _mean_loss(model: Any, examples: list[dict], pad_id: int) -> tuple[float, int]:
+    from loratune.data import collate
+    from loratune.train.step import batch_loss
+
+    total = weight = 0.0
+    with torch.no_grad():
+        for start in range(0, len(examples), 8):
+            loss, _, count = batch_loss(model, collate(examples[start:start + 8], pad_id, "causal-lm"), "causal-lm")
+            total, weight = total + loss.item() * count, weight + count
+    return total / weight, int(weight)
 
 
 def sentiment_part(quick: bool) -> list[dict[str, Any]]:

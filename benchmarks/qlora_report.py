@@ -14,7 +14,7 @@ TITLES = {
     "roundtrip": "NF4 round trip against torchao (block 64, scales double-quantized in groups of 256)",
     "tinyllama": "TinyLlama-shaped 1.1B, LoRA all-linear r=16, batch 1 x 512",
     "llama7b": "Llama-2-7B-shaped, LoRA all-linear r=16, batch 1 x 256",
-    "smollm2": "SmolLM2-135M-Instruct: mean next-token loss on movie-review text (no training)",
+    "smollm2": "SmolLM2-135M-Instruct: mean next-token loss on movie-review text, before any training",
     "sentiment": "minilm-l6 LoRA r=8 (query, value + head) on movie-sentiment, 1 epoch",
 }
 
@@ -72,9 +72,11 @@ def part_lines(part: str, result: dict[str, Any]) -> list[str]:
                        "peak RSS after training GB", "estimated GB", "s/step median (min–max)", "step time / dense",
                        "first loss"], table)
     elif part == "smollm2":
-        out += _table(["base weights", "loss", "relative difference to fp32", "tokens"],
-                      [[r["quantize"], _f(r["loss"], 4), f"{100 * r['relative_difference']:.2f}%", str(r["tokens"])]
-                       for r in rows])
+        out += _table(["base weights", "loss", "relative difference to fp32", "tokens",
+                       "weight error ||W - W_q|| / ||W|| (without LoftQ)"],
+                      [[r["quantize"], _f(r["loss"], 4), f"{100 * r['relative_difference']:.2f}%", str(r["tokens"]),
+                        f"{_f(r.get('weight_error'), 4)} ({_f(r.get('weight_error_without_loftq'), 4)})"
+                        if r.get("weight_error") else "-"] for r in rows])
     elif part == "sentiment":
         out += _table(["base weights", "accuracy", "train s", "train / held-out examples"],
                       [[r["quantize"], _f(r["accuracy"], 4), _f(r["train_s"], 1),

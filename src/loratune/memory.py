@@ -19,6 +19,7 @@ import torch
 from .model import add_adapter, trainable_parameters
 from .quant.convert import quantizable_layers
 from .quant.formats import bytes_per_weight
+from .quant.loading import safetensors_files
 
 GB = 1e9
 #: The Python process itself: torch, transformers, tokenizer and data, measured at about 0.5 GB here.
@@ -83,7 +84,10 @@ def estimate_memory(config: Any) -> MemoryEstimate:
     weights = dense + int(linear * bytes_per_weight(spec.quantize, spec.double_quant)) if quantized else dense
     largest = max(p.numel() for p in model.parameters()) * 4
     streaming = quantized and not spec.loftq_iterations
-    loading = RUNTIME_BYTES + (weights + 2 * largest if streaming else total * element + largest)
+    if streaming:
+        loading = RUNTIME_BYTES + weights + 2 * largest
+    else:  # transformers maps the files while loading, and their pages count as resident
+        loading = RUNTIME_BYTES + total * element + max(largest, _on_disk(spec.name))
 
     text = model.config.get_text_config()
     hidden = text.hidden_size
@@ -103,6 +107,12 @@ def estimate_memory(config: Any) -> MemoryEstimate:
                f" tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
     return MemoryEstimate(weights, trainable * ADAPTER_BYTES_PER_PARAM, activations, logits, RUNTIME_BYTES,
                           loading, trainable, setting)
+
+
+def _on_disk(name: str) -> int:
+    """Bytes of a local model folder's safetensors files (0 when unknown)."""
+    folder = Path(name).expanduser()
+    return sum(f.stat().st_size for f in safetensors_files(folder)) if folder.is_dir() else 0
 
 
 def _numel(module: torch.nn.Module) -> int:

@@ -85,9 +85,9 @@ def load_quantized(folder: Path, model_class: Any, config: Any, format: str, dou
     """Build `model_class` from `config` with its linear layers in `format`, reading `folder`'s safetensors.
 
     The file headers are checked against the model first: a missing weight or a shape mismatch is a
-    `ModelLoadError`, and keys that need renaming raise `NotStreamable`, before any weight is read. Weights the files lack may only be
-    output heads (a new classifier), initialised by the model's own init as `from_pretrained` does; the
-    caller seeds the generator.
+    `ModelLoadError`, and keys that need renaming raise `NotStreamable`, before any weight is read. Weights
+    the files may lack are output heads (a new classifier), initialised by the model's own init as
+    `from_pretrained` does; the caller seeds the generator.
     """
     files = safetensors_files(folder)
     if not files:
