@@ -53,6 +53,14 @@ def model_dir() -> Path:
 
 
 def peak_rss_gb() -> float:
+    """This process's peak resident memory. From /proc's VmHWM where there is one: `ru_maxrss` of a child
+    starts at the parent's resident size at fork (Linux keeps it across exec), which is not the child's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
