@@ -42,12 +42,13 @@ def test_first_losses_are_pinned(run_config, tmp_path):
     assert losses == pytest.approx(PINNED_LOSSES, abs=1e-4)
 
 
-def test_resume_matches_an_uninterrupted_run_bit_for_bit(run_config, tmp_path, monkeypatch):
-    straight = run_config(train={"max_steps": 6, "checkpoint_every": 2}, output_dir=str(tmp_path / "straight"))
-    run(straight)
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(run_config, tmp_path, monkeypatch, quantize):
+    settings = {"model": {"quantize": quantize}, "train": {"max_steps": 6, "checkpoint_every": 2}}
+    run(run_config(**settings, output_dir=str(tmp_path / "straight")))
     expected = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
 
-    interrupted = run_config(train={"max_steps": 6, "checkpoint_every": 2}, output_dir=str(tmp_path / "resumed"))
+    interrupted = run_config(**settings, output_dir=str(tmp_path / "resumed"))
     real_save = loop.save_checkpoint
 
     def save_then_crash(root, step, *args, **kwargs):
@@ -65,9 +66,12 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(run_config, tmp_path, m
     assert resumed.keys() == expected.keys()
     for key in expected:
         assert torch.equal(resumed[key], expected[key]), key
-    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["kind"] == "train"]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    def train_losses(out):
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "straight")
+    assert [step for step, _ in train_losses(tmp_path / "resumed")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_checkpoints_keep_the_last_k(run_config, tmp_path):
