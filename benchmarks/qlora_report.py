@@ -73,7 +73,7 @@ def part_lines(part: str, result: dict[str, Any]) -> list[str]:
                        "first loss"], table)
     elif part == "smollm2":
         out += _table(["base weights", "loss", "relative difference to fp32", "tokens",
-                       "weight error ||W - W_q|| / ||W|| (without LoftQ)"],
+                       "weight error ‖W − W_q‖ / ‖W‖ (without LoftQ)"],
                       [[r["quantize"], _f(r["loss"], 4), f"{100 * r['relative_difference']:.2f}%", str(r["tokens"]),
                         f"{_f(r.get('weight_error'), 4)} ({_f(r.get('weight_error_without_loftq'), 4)})"
                         if r.get("weight_error") else "-"] for r in rows])
