@@ -98,3 +98,23 @@ def test_train_refuses_a_quantization_the_layers_cannot_take(run_config, tmp_pat
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "nf4 needs a weight size divisible by 64" in err and "c_attn" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_only_a_local_safetensors_model_is_estimated_as_streamed(run_config, tmp_path, tiny_gpt2):
+    """Without safetensors files the quantized load goes through from_pretrained, whole, then quantizes."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "bin-gpt2"
+    pickled.mkdir()
+    for name in Path(tiny_gpt2).iterdir():
+        if name.suffix == ".safetensors":
+            torch.save(load_file(name), pickled / "pytorch_model.bin")
+        else:
+            shutil.copy(name, pickled / name.name)
+    streamed = estimate(run_config, name=tiny_gpt2, quantize="nf4")
+    whole = estimate(run_config, name=str(pickled), quantize="nf4")
+    assert streamed.weights == whole.weights and whole.loading > streamed.loading

@@ -83,7 +83,7 @@ def estimate_memory(config: Any) -> MemoryEstimate:
     dense = (total - linear) * element
     weights = dense + int(linear * bytes_per_weight(spec.quantize, spec.double_quant)) if quantized else dense
     largest = max(p.numel() for p in model.parameters()) * 4
-    streaming = quantized and not spec.loftq_iterations
+    streaming = quantized and not spec.loftq_iterations and _streams(spec.name)
     if streaming:
         loading = RUNTIME_BYTES + weights + 2 * largest
     else:  # transformers maps the files while loading, and their pages count as resident
@@ -107,6 +107,16 @@ def estimate_memory(config: Any) -> MemoryEstimate:
                f" tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
     return MemoryEstimate(weights, trainable * ADAPTER_BYTES_PER_PARAM, activations, logits, RUNTIME_BYTES,
                           loading, trainable, setting)
+
+
+def _streams(name: str) -> bool:
+    """Whether `load_model` streams this model: a local safetensors folder, or a GGUF file's cached copy."""
+    from .models import builtin_models
+
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return bool(safetensors_files(folder))
+    return name in builtin_models() or folder.suffix.lower() == ".gguf"
 
 
 def _on_disk(name: str) -> int:
