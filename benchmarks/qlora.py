@@ -129,6 +129,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from loratune import LoraConfig, add_adapter
     from loratune.models import load_model
     from loratune.quant.allocator import return_large_blocks
+    from loratune.train.config import DEFAULT_LOSS_CHUNK
     from loratune.train.loop import base_dtype, resolve_precision
     from loratune.train.step import batch_loss
 
@@ -154,7 +155,7 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         batch = {"input_ids": ids[step], "attention_mask": torch.ones_like(ids[step]), "labels": ids[step]}
         began = time.perf_counter()
         with autocast:
-            loss, _, _ = batch_loss(model, batch, "causal-lm", 1024)
+            loss, _, _ = batch_loss(model, batch, "causal-lm", DEFAULT_LOSS_CHUNK)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -184,13 +185,13 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 def estimate_gb(folder: Path, quantize: str, seq_len: int) -> dict[str, float]:
     """loratune's own memory estimate for the same run, to set beside the measurement."""
     from loratune.memory import estimate_memory
-    from loratune.train.config import validate_config
+    from loratune.train.config import DEFAULT_LOSS_CHUNK, validate_config
 
     config = validate_config({
         "model": {"name": str(folder), "quantize": quantize},
         "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"},
         "data": {"train": "movie-sentiment", "max_length": seq_len},
-        "train": {"batch_size": 1, "gradient_checkpointing": True, "loss_chunk_tokens": 1024},
+        "train": {"batch_size": 1, "gradient_checkpointing": True, "loss_chunk_tokens": DEFAULT_LOSS_CHUNK},
     }, "qlora benchmark")
     estimate = estimate_memory(config)
     return {"estimated_load_gb": estimate.loading / 1e9, "estimated_train_gb": estimate.training / 1e9}

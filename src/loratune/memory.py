@@ -95,12 +95,12 @@ def estimate_memory(config: Any) -> MemoryEstimate:
     inner = getattr(text, "intermediate_size", None) or 4 * hidden
     tokens = tc.batch_size * config.data.max_length
     per_token_layer = activation_element * (10 * hidden + 4 * inner)
-    checkpointing = tc.gradient_checkpointing if tc.gradient_checkpointing is not None else quantized
+    checkpointing = config.gradient_checkpointing
     if checkpointing:
         activations = layers * tokens * hidden * activation_element + tokens * per_token_layer
     else:
         activations = layers * tokens * per_token_layer
-    chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (1024 if quantized else 0)
+    chunk = config.loss_chunk
     vocab = getattr(text, "vocab_size", 0) if spec.task != "classification" else 0
     logits = min(tokens, chunk or tokens) * vocab * (activation_element + 8)
     setting = (f"{spec.name}, quantize {spec.quantize}, {precision}, batch {tc.batch_size} x {config.data.max_length}"

@@ -17,6 +17,7 @@ from ..data import DataConfig
 from ..errors import ConfigError
 
 Task = Literal["causal-lm", "classification", "seq2seq"]
+DEFAULT_LOSS_CHUNK = 1024  # labelled tokens per chunk of the output head and loss, in quantized mode
 
 
 class _Strict(BaseModel):
@@ -81,6 +82,18 @@ class RunConfig(_Strict):
     data: DataConfig
     train: TrainSpec = TrainSpec()
     output_dir: Path = Path("runs/latest")
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """`train.gradient_checkpointing`, or on by default when the base is quantized."""
+        explicit = self.train.gradient_checkpointing
+        return explicit if explicit is not None else self.model.quantize != "none"
+
+    @property
+    def loss_chunk(self) -> int:
+        """`train.loss_chunk_tokens`, or 1024 by default when the base is quantized (0: no chunking)."""
+        explicit = self.train.loss_chunk_tokens
+        return explicit if explicit is not None else (DEFAULT_LOSS_CHUNK if self.model.quantize != "none" else 0)
 
     @model_validator(mode="after")
     def _one_initialisation(self) -> RunConfig:

@@ -92,7 +92,6 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
     if device.type == "cpu":
         _warn_if_too_big(config)
     spec = config.model
-    quantized = spec.quantize != "none"
     loftq = spec.loftq_iterations > 0  # needs the full-precision weights, so quantizes after the adapter exists
     model, tokenizer = load_model(spec.name, spec.task, label_names=label_names,
                                   dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code,
@@ -116,14 +115,12 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
         if adapter_dir is not None:
             load_adapter_weights_into(model, adapter_dir, ADAPTER)
     model.to(device)
-    checkpointing = tc.gradient_checkpointing if tc.gradient_checkpointing is not None else quantized
     supported = getattr(model, "supports_gradient_checkpointing", False)
     if tc.gradient_checkpointing and not supported:
         raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-    if checkpointing and supported:
+    if config.gradient_checkpointing and supported:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_chunk = tc.loss_chunk_tokens if tc.loss_chunk_tokens is not None else (1024 if quantized else 0)
-    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), loss_chunk)
+    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk)
 
 
 def _warn_if_too_big(config: RunConfig) -> None:
