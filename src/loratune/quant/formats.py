@@ -16,14 +16,12 @@ tens of megabytes costs more in page faults than the arithmetic that fills it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import QuantizationError
 
-Format = Literal["nf4", "int8"]
 FORMATS: tuple[str, ...] = ("nf4", "int8")
 
 NF4_BLOCK = 64
