@@ -43,7 +43,7 @@ def resolve_threads(args: argparse.Namespace) -> int:
 
 def run_speed(args: argparse.Namespace) -> int:
     from benchmarks.report import markdown, write_all
-    from benchmarks.runner import RunOptions, run_suite
+    from benchmarks.runner import RunOptions, measure_ceilings, run_suite
 
     if args.steps < 5 or args.warmup < 3:
         print("--steps must be >= 5 and --warmup >= 3", file=sys.stderr)
@@ -52,7 +52,10 @@ def run_speed(args: argparse.Namespace) -> int:
         print("--device cuda: no CUDA device available", file=sys.stderr)
         return 2
     repeats = 1 if args.quick and args.repeats == 3 else args.repeats
-    options = RunOptions(args.steps, args.warmup, repeats, args.device, resolve_threads(args), args.quick)
+    threads = resolve_threads(args)
+    ceilings = measure_ceilings(args.device, threads)
+    print("GEMM ceiling (GFLOP/s): " + ", ".join(f"{k} {v:,.1f}" for k, v in ceilings.items()), file=sys.stderr)
+    options = RunOptions(args.steps, args.warmup, repeats, args.device, threads, args.quick, ceilings)
     results = run_suite(select_cases(args.case, args.quick, args.variant), options)
     paths = write_all(results, update_docs=not args.no_docs)
     print(markdown(results))

@@ -27,7 +27,7 @@ class BenchConfig:
     r: int
     targets: list[str] | str
     lora_dropout: float
-    precision: str  # "fp32" or "bf16" (torch.autocast with bfloat16)
+    precision: str  # "fp32" or "bf16" (torch.autocast with bfloat16); see `resolve_precision` for "auto"
     device: str = "cpu"
     init_lora_weights: bool = True
 
@@ -52,6 +52,21 @@ def precision_context(cfg: BenchConfig) -> contextlib.AbstractContextManager[Any
     if cfg.precision == "fp32":
         return contextlib.nullcontext()
     raise ValueError(f"unknown precision {cfg.precision!r}")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """A configuration's precision on this machine: "auto" is what `loratune train` resolves it to (bf16
+    where the hardware has native bf16 matmuls, fp32 elsewhere); "fp32" and "bf16" stay as they are."""
+    if precision != "auto":
+        return precision
+    from loratune.train.loop import resolve_precision as loratune_precision
+
+    return loratune_precision("auto", torch.device(device))
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 matmuls have hardware support here; without it bf16 autocast is far slower than fp32."""
+    return resolve_precision("auto", device) == "bf16"
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -80,8 +95,9 @@ def causal_lm_step(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 # --- loratune --------------------------------------------------------------------------------------------------
 def loratune_train_setup(model: nn.Module, cfg: BenchConfig) -> Setup:
-    """loratune's default training path, as `loratune train` runs it: with bf16 precision the frozen base
-    is stored in bf16 (`model.dtype: auto`) while the adapter stays fp32, and the loss is the trainer's."""
+    """loratune's default training path, as `loratune train` runs it (`precision: auto`): where bf16 is
+    native the frozen base is stored in bf16 (`model.dtype: auto`) while the adapter stays fp32; the loss is
+    the trainer's."""
     import loratune
     from loratune.train.loop import base_dtype
     from loratune.train.step import causal_lm_loss
@@ -226,13 +242,22 @@ class Library:
     precision: str
 
 
-#: The configurations compared, in the order they alternate. `loratune` is loratune's default setting;
-#: PEFT runs plain fp32 and with bf16 autocast (its fastest CPU setting). Ratios are loratune / each PEFT one.
+#: The configurations compared, in the order they alternate. `loratune` is loratune's default setting
+#: (`precision: auto`); PEFT runs plain fp32 and with bf16 autocast (its fastest setting where bf16 is native;
+#: `unavailable_config` skips it elsewhere). Ratios are loratune / each PEFT one.
 CONFIGS: dict[str, Library] = {
-    "loratune": Library("loratune", loratune_train_setup, LoratuneOps, "bf16"),
+    "loratune": Library("loratune", loratune_train_setup, LoratuneOps, "auto"),
     "peft-fp32": Library("peft-fp32", peft_train_setup, PeftOps, "fp32"),
     "peft-bf16": Library("peft-bf16", peft_train_setup, PeftOps, "bf16"),
 }
 CONFIG_ORDER: tuple[str, ...] = tuple(CONFIGS)
 BASELINES: tuple[str, ...] = ("peft-bf16", "peft-fp32")
 
+
+
+def unavailable_config(label: str, device: str) -> str | None:
+    """Why a configuration is not run here, else None: bf16 autocast on a CPU without native bf16 would
+    measure an emulation many times slower than fp32, which is nobody's best setting."""
+    if CONFIGS[label].precision == "bf16" and not native_bf16(device):
+        return "not run: this CPU has no native bf16 (AMX or AVX512-BF16), so fp32 is PEFT's fastest setting"
+    return None

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from benchmarks.cases import Case, Variant, unavailable_reason
-from benchmarks.libs import BASELINES, CONFIG_ORDER
+from benchmarks.libs import BASELINES, CONFIG_ORDER, unavailable_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT_S = 3600
 #: Raw per-run values that are not aggregated as metrics.
-NOT_METRICS = {"status", "reason", "step_times", "last_loss"}
+NOT_METRICS = {"status", "reason", "step_times", "last_loss", "precision"}
 #: Metrics shown per configuration but not compared as loratune / PEFT.
 NO_RATIO = {"load_1min"}
 
@@ -38,6 +38,8 @@ class RunOptions:
     device: str = "cpu"
     threads: int = torch.get_num_threads()
     quick: bool = False
+    #: Measured matmul ceilings in GFLOP/s by precision ("fp32", "bf16"), for the utilisation metric.
+    ceilings: dict[str, float] | None = None
 
 
 def log(message: str) -> None:
@@ -47,7 +49,8 @@ def log(message: str) -> None:
 def run_child(case: Case, variant: Variant, config: str, options: RunOptions) -> dict[str, Any]:
     """One configuration in a fresh interpreter; returns its raw result (or a 'failed' status)."""
     spec = {"case": case.name, "variant": variant.name, "config": config, "quick": options.quick,
-            "steps": options.steps, "warmup": options.warmup, "device": options.device, "threads": options.threads}
+            "steps": options.steps, "warmup": options.warmup, "device": options.device, "threads": options.threads,
+            "ceilings": options.ceilings or {}}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory(prefix="loratune-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
@@ -67,6 +70,40 @@ def run_child(case: Case, variant: Variant, config: str, options: RunOptions) ->
         return {"status": "failed", "reason": f"worker exited with {proc.returncode} and wrote no result"}
 
 
+def gemm_ceiling(dtype: torch.dtype, device: str, threads: int) -> float:
+    """Best GFLOP/s of one square matmul in `dtype`: the size doubles from 256 until a product takes 20 ms
+    (or reaches 4096), so an emulated dtype costs a fraction of a second, then the median of 5 products."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, seconds = 256, 0.0
+        while True:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+            seconds = statistics.median(_timed_matmul(a, b, device) for _ in range(5 if n >= 4096 else 2))
+            if seconds >= 0.02 or n >= 4096:
+                break
+            n *= 2
+        return 2 * n**3 / seconds / 1e9
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _timed_matmul(a: torch.Tensor, b: torch.Tensor, device: str) -> float:
+    torch.mm(a, b)  # warm-up: first calls pick kernels
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    torch.mm(a, b)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_ceilings(device: str, threads: int) -> dict[str, float]:
+    """The GEMM ceiling of each precision on this machine, measured once per run in the parent."""
+    return {"fp32": gemm_ceiling(torch.float32, device, threads), "bf16": gemm_ceiling(torch.bfloat16, device, threads)}
+
+
 def summarize(values: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
 
@@ -78,7 +115,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {"status": runs[0]["status"] if runs else "failed", "reason": runs[0].get("reason", "") if runs else ""}
     keys = [k for k, v in ok[0].items() if k not in NOT_METRICS and isinstance(v, (int, float))]
     metrics = {k: summarize([float(r[k]) for r in ok]) for k in keys}
-    out: dict[str, Any] = {"status": "ok", "runs": len(ok), "metrics": metrics}
+    out: dict[str, Any] = {"status": "ok", "runs": len(ok), "metrics": metrics, "precision": ok[0].get("precision")}
     if len(ok) < len(runs):
         out["failed_runs"] = [r.get("reason", "") for r in runs if r["status"] != "ok"]
     return out
@@ -103,6 +140,10 @@ def run_variant(case: Case, variant: Variant, options: RunOptions) -> dict[str, 
     for round_index in range(options.repeats):
         for config in CONFIG_ORDER:
             if runs[config] and runs[config][0]["status"] == "unavailable":
+                continue
+            skip = unavailable_config(config, options.device)
+            if skip:
+                runs[config].append({"status": "unavailable", "reason": skip})
                 continue
             start = time.perf_counter()
             result = run_child(case, variant, config, options)
@@ -146,6 +187,7 @@ def run_suite(cases: list[Case], options: RunOptions) -> dict[str, Any]:
                 rows.append(run_variant(case, variant, options))
     meta = environment(options, time.perf_counter() - start)
     meta["max_load_1min"] = max_load(rows)
+    meta["gemm_ceiling_gflops"] = options.ceilings
     return {"meta": meta, "rows": rows}
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks.cases import CASES, LORA_DROPOUT, MIXED_ADAPTERS, Case, build_model, random_batches, select_cases
-from benchmarks.libs import CONFIGS, BenchConfig, Ops, precision_context, trainable_count
+from benchmarks.libs import CONFIGS, BenchConfig, Ops, precision_context, resolve_precision, trainable_count
 
 SAVE_LOAD_REPS = 3
 
@@ -54,9 +54,15 @@ def peak_memory_mb(device: str) -> dict[str, float]:
 
 
 def measure_training(setup: Any, batches: list[torch.Tensor], warmup: int, device: str) -> dict[str, Any]:
-    """Step time and tokens/s over the timed steps (`batches` after the first `warmup`)."""
+    """Step time and tokens/s over the timed steps (`batches` after the first `warmup`); the first warm-up
+    step also counts the step's matmul FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     batches = [b.to(device) for b in batches]
-    losses = [setup.step(b) for b in batches[:warmup]]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        losses = [setup.step(batches[0])]
+    losses += [setup.step(b) for b in batches[1:warmup]]
     _sync(device)
     times = []
     for batch in batches[warmup:]:
@@ -66,7 +72,15 @@ def measure_training(setup: Any, batches: list[torch.Tensor], warmup: int, devic
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     return {"step_s": step_s, "step_times": times, "tokens_per_s": batches[0].numel() / step_s,
-            "first_loss": losses[0], "last_loss": losses[-1]}
+            "first_loss": losses[0], "last_loss": losses[-1], "step_gflop": counter.get_total_flops() / 1e9,
+            "gflops_per_s": counter.get_total_flops() / 1e9 / step_s}
+
+
+def ceiling_share(result: dict[str, Any], ceilings: dict[str, float], precision: str) -> dict[str, float]:
+    """Achieved matmul GFLOP/s as a fraction of the measured GEMM ceiling at the precision that ran."""
+    if "gflops_per_s" not in result or not ceilings.get(precision):
+        return {}
+    return {"ceiling_share": result["gflops_per_s"] / ceilings[precision]}
 
 
 def measure_inference(model: Any, ops: Ops, cfg: BenchConfig, ids: torch.Tensor, reps: int) -> dict[str, float]:
@@ -112,6 +126,7 @@ def run_train_case(case: Case, spec: dict[str, Any], cfg: BenchConfig) -> dict[s
     batches = random_batches(model.config.vocab_size, spec["warmup"] + spec["steps"], case.batch, case.seq_len)
     result: dict[str, Any] = {"trainable_params": trainable_count(setup.model)}
     result.update(measure_training(setup, batches, spec["warmup"], cfg.device))
+    result.update(ceiling_share(result, spec.get("ceilings", {}), cfg.precision))
     result.update(peak_memory_mb(cfg.device))
     ids = batches[0].to(cfg.device)
     result.update(measure_inference(setup.model, ops, cfg, ids, spec["steps"]))
@@ -152,11 +167,12 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     case = select_cases([spec["case"]], spec["quick"], [spec["variant"]])[0]
     variant = next(v for v in CASES[spec["case"]].variants if v.name == spec["variant"])
-    cfg = BenchConfig(variant.r, variant.target_spec, LORA_DROPOUT, CONFIGS[spec["config"]].precision,
-                      spec["device"], init_lora_weights=case.kind != "mixed")
+    precision = resolve_precision(CONFIGS[spec["config"]].precision, spec["device"])
+    cfg = BenchConfig(variant.r, variant.target_spec, LORA_DROPOUT, precision, spec["device"],
+                      init_lora_weights=case.kind != "mixed")
     try:
         runner = run_mixed_case if case.kind == "mixed" else run_train_case
-        return {"status": "ok", **runner(case, spec, cfg)}
+        return {"status": "ok", "precision": precision, **runner(case, spec, cfg)}
     except ImportError as exc:
         return {"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"}
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
