@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterNameError, MergeError, TargetError
+from .fused import dropout_branch
 
 try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -293,12 +294,15 @@ class LoraLinear(LoraLayer):
         if self.row_plan is not None:
             return result + self._mixed_batch_delta(x).to(result.dtype)
         for name in self.pending():
-            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](lora_input(x, lora_a.weight))
+            lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
             if name in self.lora_magnitude_vector:
+                h = dropout(lora_input(x, lora_a.weight))
                 result = result + self._dora_delta(h, result, name).to(result.dtype)
+            elif isinstance(dropout, nn.Dropout) and dropout.training:  # keeps x, not a dropped-out copy
+                delta = dropout_branch(x, lora_a.weight, lora_b.weight, dropout.p, self.scaling[name])
+                result = result + delta.to(result.dtype)
             else:  # scaling the r-wide intermediate is cheaper than scaling the output
-                result = result + lora_b(lora_a(h) * self.scaling[name]).to(result.dtype)
+                result = result + lora_b(lora_a(lora_input(x, lora_a.weight)) * self.scaling[name]).to(result.dtype)
         return result
 
     def _dora_delta(self, h: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:

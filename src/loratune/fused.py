@@ -1,0 +1,73 @@
+"""The LoRA branch under dropout, `scaling * B(A(dropout(x)))`, as one autograd function.
+
+Plain autograd keeps, per adapted layer, the dropped-out copy of the input (for A's gradient) and the
+mask; q, k and v read the same input yet keep three copies. This function keeps the input itself, which
+layers reading the same tensor share, plus a one-byte mask, and rebuilds the dropped-out input in
+backward. The mask comes from 16-bit slices of 64-bit random integers: measured on a 1M-element tensor
+(2-CPU x86, torch 2.13), 1.6 ms against 6.4 ms for `bernoulli_` and 10.7 ms for `F.dropout`.
+
+Semantics are standard inverted dropout, each layer with its own mask, with the drop probability rounded
+to a multiple of 1/65536 (|error| <= 7.7e-6) and kept values scaled by 1/(1 - that probability), so the
+expected input is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LEVELS = 1 << 16
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(mask of kept positions, the scale kept values get), drawn from torch's generator for `device`."""
+    drop_levels = min(round(p * _LEVELS), _LEVELS - 1)
+    count = shape.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), (1 << 63) - 1)
+    lanes = words.view(torch.int16)[:count].view(shape)
+    keep = lanes >= drop_levels - (1 << 15)  # lanes are uniform on [-2^15, 2^15)
+    return keep, _LEVELS / (_LEVELS - drop_levels)
+
+
+def _compute_dtype(x: torch.Tensor, a: torch.Tensor) -> torch.dtype:
+    """Under autocast the matmuls run in autocast's dtype; otherwise in the adapter's (fp32 by default)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return a.dtype
+
+
+class _DropoutBranch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor, keep_scale: float,
+                scaling: float) -> torch.Tensor:
+        dtype = _compute_dtype(x, a)
+        with torch.autocast(x.device.type, enabled=False):
+            h = torch.where(keep, x.to(dtype) * keep_scale, 0)
+            su = (h @ a.to(dtype).t()) * scaling
+            out = su @ b.to(dtype).t()
+        ctx.save_for_backward(x, keep, a, b, su)
+        ctx.keep_scale, ctx.scaling, ctx.dtype = keep_scale, scaling, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, keep, a, b, su = ctx.saved_tensors
+        dtype, keep_scale = ctx.dtype, ctx.keep_scale
+        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
+        grad_b = (g.t() @ su.reshape(-1, su.shape[-1])).to(b.dtype) if ctx.needs_input_grad[2] else None
+        g_u = (g @ b.to(dtype)) * ctx.scaling
+        grad_a = grad_x = None
+        if ctx.needs_input_grad[1]:
+            h = torch.where(keep, x.to(dtype) * keep_scale, 0).reshape(-1, x.shape[-1])
+            grad_a = (g_u.t() @ h).to(a.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_h = (g_u @ a.to(dtype)).reshape(x.shape)
+            grad_x = torch.where(keep, grad_h * keep_scale, 0).to(x.dtype)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def dropout_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: float, scaling: float,
+                   keep: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """`scaling * (dropout(x) @ A^T) @ B^T` with dropout probability `p`; `keep` = (mask, scale) fixes the
+    mask (for tests), else one is drawn with `keep_mask`."""
+    mask, keep_scale = keep if keep is not None else keep_mask(x.shape, p, x.device)
+    return _DropoutBranch.apply(x, a, b, mask, keep_scale, scaling)

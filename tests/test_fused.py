@@ -1,0 +1,114 @@
+"""The fused LoRA dropout branch: gradients, the mask's statistics, and the layer using it in training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import loratune.fused as fused
+from loratune.fused import dropout_branch, keep_mask
+from loratune.layers import LoraLinear
+
+
+def _reference(x, a, b, mask, keep_scale, scaling):
+    return scaling * ((x * mask * keep_scale) @ a.t()) @ b.t()
+
+
+def test_gradients_match_autograd_of_the_formula_in_double():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 5, 6) > 0.3
+    assert torch.autograd.gradcheck(lambda x, a, b: dropout_branch(x, a, b, 0.3, 0.7, keep=(mask, 1 / 0.7)),
+                                    (x, a, b))
+    out = dropout_branch(x, a, b, 0.3, 0.7, keep=(mask, 1 / 0.7))
+    expected = _reference(x, a, b, mask, 1 / 0.7, 0.7)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (x, a, b))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, a, b))
+    for got, want in zip(grads, expected_grads):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_mask_drops_p_of_the_positions_and_keeps_the_mean(p):
+    torch.manual_seed(0)
+    keep, keep_scale = keep_mask(torch.Size((1000, 1000)), p, torch.device("cpu"))
+    n = keep.numel()
+    dropped = 1 - keep.float().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(dropped - p) < 5 * sigma + 8e-6  # 8e-6: p is rounded to a multiple of 1/65536
+    assert keep_scale == pytest.approx(1 / (1 - p), rel=1e-4)
+    assert abs(keep.float().mean().item() * keep_scale - 1) < 6 * sigma / (1 - p)
+
+
+def test_mask_rows_are_not_correlated_and_draws_follow_the_seed():
+    torch.manual_seed(1)
+    first, _ = keep_mask(torch.Size((400, 1000)), 0.5, torch.device("cpu"))
+    torch.manual_seed(1)
+    again, _ = keep_mask(torch.Size((400, 1000)), 0.5, torch.device("cpu"))
+    assert torch.equal(first, again)
+    second, _ = keep_mask(torch.Size((400, 1000)), 0.5, torch.device("cpu"))
+    assert not torch.equal(first, second)
+    # neighbouring positions share a 64-bit word: they must still be independent
+    agree = (first[:, :-1] == first[:, 1:]).float().mean().item()
+    assert abs(agree - 0.5) < 0.01
+
+
+def test_no_dropout_at_p_zero_and_no_division_by_zero_near_one():
+    keep, keep_scale = keep_mask(torch.Size((64, 64)), 0.0, torch.device("cpu"))
+    assert bool(keep.all()) and keep_scale == 1.0
+    keep, keep_scale = keep_mask(torch.Size((64, 64)), 0.999999, torch.device("cpu"))
+    assert keep_scale == 65536.0
+
+
+def _layer(p: float) -> LoraLinear:
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(6, 4))
+    layer.create("a", 3, 0.5, p, False)
+    layer.active = ["a"]
+    return layer.train()
+
+
+def test_training_layer_uses_the_drawn_mask_for_output_and_gradients(monkeypatch):
+    layer = _layer(0.25)
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    mask = torch.rand(2, 5, 6) > 0.25
+    monkeypatch.setattr(fused, "keep_mask", lambda shape, p, device: (mask, 1 / 0.75))
+    out = layer(x)
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    expected = layer.base_layer(x) + _reference(x, a, b, mask, 1 / 0.75, 0.5)
+    assert torch.allclose(out, expected, atol=1e-6)
+    got = torch.autograd.grad(out.sum(), (x, a, b))
+    want = torch.autograd.grad(expected.sum(), (x, a, b))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_bf16_input_with_fp32_adapter_returns_gradients_in_each_dtype():
+    layer = _layer(0.1)
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(3, 6, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert layer.lora_A["a"].weight.grad.dtype == torch.float32
+
+
+def test_autocast_runs_the_branch_in_bf16_close_to_fp32(monkeypatch):
+    layer = _layer(0.2)
+    x = torch.randn(4, 6)
+    mask = torch.rand(4, 6) > 0.2
+    monkeypatch.setattr(fused, "keep_mask", lambda shape, p, device: (mask, 1 / 0.8))
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    fp32 = layer(x)
+    grads32 = torch.autograd.grad(fp32.sum(), (a, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    grads16 = torch.autograd.grad(low.float().sum(), (a, b))
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), fp32, rtol=3e-2, atol=3e-2)
+    for g16, g32 in zip(grads16, grads32):
+        assert g16.dtype == torch.float32 and torch.allclose(g16, g32, rtol=3e-2, atol=3e-2)
