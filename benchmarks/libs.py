@@ -99,6 +99,7 @@ def loratune_train_setup(model: nn.Module, cfg: BenchConfig) -> Setup:
     native the frozen base is stored in bf16 (`model.dtype: auto`) while the adapter stays fp32; the loss is
     the trainer's."""
     import loratune
+    from loratune.train.config import DEFAULT_LOSS_CHUNK
     from loratune.train.loop import base_dtype
     from loratune.train.step import causal_lm_loss
 
@@ -113,7 +114,7 @@ def loratune_train_setup(model: nn.Module, cfg: BenchConfig) -> Setup:
         optimizer.zero_grad(set_to_none=True)
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
         with precision_context(cfg):
-            loss, _, _ = causal_lm_loss(model, batch)
+            loss, _, _ = causal_lm_loss(model, batch, DEFAULT_LOSS_CHUNK)
         loss.backward()
         optimizer.step()
         return float(loss.item())

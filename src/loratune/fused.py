@@ -40,9 +40,8 @@ class _DropoutBranch(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor, keep_scale: float,
                 scaling: float) -> torch.Tensor:
         dtype = _compute_dtype(x, a)
-        with torch.autocast(x.device.type, enabled=False):
-            h = torch.where(keep, x.to(dtype) * keep_scale, 0)
-            su = (h @ a.to(dtype).t()) * scaling
+        with torch.autocast(x.device.type, enabled=False):  # the keep scale rides on the r-wide product
+            su = (torch.where(keep, x.to(dtype), 0) @ a.to(dtype).t()) * (keep_scale * scaling)
             out = su @ b.to(dtype).t()
         ctx.save_for_backward(x, keep, a, b, su)
         ctx.keep_scale, ctx.scaling, ctx.dtype = keep_scale, scaling, dtype
@@ -54,14 +53,12 @@ class _DropoutBranch(torch.autograd.Function):
         dtype, keep_scale = ctx.dtype, ctx.keep_scale
         g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
         grad_b = (g.t() @ su.reshape(-1, su.shape[-1])).to(b.dtype) if ctx.needs_input_grad[2] else None
-        g_u = (g @ b.to(dtype)) * ctx.scaling
+        g_u = (g @ b.to(dtype)) * (ctx.scaling * keep_scale)  # d loss / d (mask * x) @ A^T
         grad_a = grad_x = None
         if ctx.needs_input_grad[1]:
-            h = torch.where(keep, x.to(dtype) * keep_scale, 0).reshape(-1, x.shape[-1])
-            grad_a = (g_u.t() @ h).to(a.dtype)
+            grad_a = (g_u.t() @ torch.where(keep, x.to(dtype), 0).reshape(-1, x.shape[-1])).to(a.dtype)
         if ctx.needs_input_grad[0]:
-            grad_h = (g_u @ a.to(dtype)).reshape(x.shape)
-            grad_x = torch.where(keep, grad_h * keep_scale, 0).to(x.dtype)
+            grad_x = torch.where(keep, (g_u @ a.to(dtype)).reshape(x.shape), 0).to(x.dtype)
         return grad_x, grad_a, grad_b, None, None, None
 
 

@@ -46,7 +46,7 @@ def test_a_quantized_run_learns_and_its_adapter_fits_the_dense_base(format, run_
     assert dense["loss"] < summary["before"]["loss"] - 0.3
 
 
-def test_quantized_runs_checkpoint_activations_and_chunk_the_loss_by_default(run_config):
+def test_quantized_runs_checkpoint_activations_by_default_and_every_run_chunks_the_loss(run_config):
     quantized = prepare(validate_config(run_config(model={"quantize": "nf4"}), "test"), quiet=True)
     assert quantized.model.is_gradient_checkpointing and quantized.loss_chunk == 1024
     base = quantized.model.transformer.h[0].attn.c_attn.base_layer
@@ -54,7 +54,7 @@ def test_quantized_runs_checkpoint_activations_and_chunk_the_loss_by_default(run
     assert type(quantized.model.lm_head) is nn.Linear
 
     dense = prepare(validate_config(run_config(), "test"), quiet=True)
-    assert not dense.model.is_gradient_checkpointing and dense.loss_chunk == 0
+    assert not dense.model.is_gradient_checkpointing and dense.loss_chunk == 1024
 
     chosen = prepare(validate_config(run_config(model={"quantize": "int8", "double_quant": False},
                                                 train={"gradient_checkpointing": False, "loss_chunk_tokens": 7}),
@@ -62,24 +62,40 @@ def test_quantized_runs_checkpoint_activations_and_chunk_the_loss_by_default(run
     assert not chosen.model.is_gradient_checkpointing and chosen.loss_chunk == 7
     assert chosen.model.transformer.h[0].mlp.c_fc.base_layer.format == "int8"
     forced = prepare(validate_config(run_config(train={"gradient_checkpointing": True}), "test"), quiet=True)
-    assert forced.model.is_gradient_checkpointing and forced.loss_chunk == 0
+    assert forced.model.is_gradient_checkpointing and forced.loss_chunk == 1024
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained-head", "frozen-head"])
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_chunked_head_loss_equals_the_whole_cross_entropy(chunk):
+def test_chunked_head_loss_equals_the_whole_cross_entropy(chunk, frozen):
     generator = torch.Generator().manual_seed(0)
-    head = nn.Linear(16, 50)
+    head = nn.Linear(16, 50).requires_grad_(not frozen)
     hidden = torch.randn(7, 16, generator=generator, requires_grad=True)
     targets = torch.randint(0, 50, (7,), generator=generator)
+    wrt = [hidden] if frozen else [hidden, head.weight]
     expected = F.cross_entropy(head(hidden), targets, reduction="sum")
-    hidden_grad, weight_grad = torch.autograd.grad(expected, [hidden, head.weight])
+    expected_grads = torch.autograd.grad(expected * 0.5, wrt)
 
     loss = chunked_head_loss(head, hidden, targets, chunk)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-    chunked_hidden_grad, chunked_weight_grad = torch.autograd.grad(loss, [hidden, head.weight])
-    torch.testing.assert_close(chunked_hidden_grad, hidden_grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(chunked_weight_grad, weight_grad, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(loss * 0.5, wrt), expected_grads):  # 0.5: backward scales
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_head_loss_under_bf16_autocast_is_close_to_fp32():
+    generator = torch.Generator().manual_seed(0)
+    head = nn.Linear(16, 50).requires_grad_(False)
+    hidden = torch.randn(9, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 50, (9,), generator=generator)
+    expected = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, [hidden])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_head_loss(head, hidden, targets, 4)
+    (grad,) = torch.autograd.grad(loss, [hidden])
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad, expected_grad, rtol=3e-2, atol=3e-2)
 
 
 def test_a_chunked_loss_over_no_labelled_tokens_still_backpropagates():

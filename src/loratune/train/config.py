@@ -17,7 +17,7 @@ from ..data import DataConfig
 from ..errors import ConfigError
 
 Task = Literal["causal-lm", "classification", "seq2seq"]
-DEFAULT_LOSS_CHUNK = 1024  # labelled tokens per chunk of the output head and loss, in quantized mode
+DEFAULT_LOSS_CHUNK = 1024  # labelled tokens per chunk of the output head and loss
 
 
 class _Strict(BaseModel):
@@ -64,7 +64,7 @@ class TrainSpec(_Strict):
         None, description="recompute activations in backward to save memory (default: on when model.quantize)")
     loss_chunk_tokens: int | None = Field(
         None, ge=0, description="causal LM: run the output head and loss this many labelled tokens at a time, "
-                                "never holding all logits (0: off; default: 1024 when model.quantize, else off)")
+                                "never holding all logits (0: off, full logits; default 1024)")
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     eval_batch_size: int = Field(16, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
@@ -91,9 +91,9 @@ class RunConfig(_Strict):
 
     @property
     def loss_chunk(self) -> int:
-        """`train.loss_chunk_tokens`, or 1024 by default when the base is quantized (0: no chunking)."""
+        """`train.loss_chunk_tokens`, 1024 by default (0: no chunking, full logits)."""
         explicit = self.train.loss_chunk_tokens
-        return explicit if explicit is not None else (DEFAULT_LOSS_CHUNK if self.model.quantize != "none" else 0)
+        return explicit if explicit is not None else DEFAULT_LOSS_CHUNK
 
     @model_validator(mode="after")
     def _one_initialisation(self) -> RunConfig:

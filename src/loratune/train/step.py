@@ -63,10 +63,16 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
 
 
 def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Summed cross-entropy of `head(hidden)`, `chunk` rows at a time; each chunk's logits are dropped
-    after its forward and recomputed in backward, so at most one chunk of logits exists at once."""
+    """Summed cross-entropy of `head(hidden)`, `chunk` rows at a time, so at most one chunk of logits exists.
+
+    A frozen `nn.Linear` head (the usual LoRA case) gets its input gradient computed chunk by chunk during
+    the forward, which costs no extra work; a head that trains drops each chunk's logits after its forward
+    and recomputes them in backward (one more head forward).
+    """
     if hidden.shape[0] == 0:  # no labelled token: a zero that still has a graph, like the unchunked loss
         return _head_loss(head, hidden, targets)
+    if torch.is_grad_enabled() and hidden.requires_grad and _frozen_linear(head):
+        return _FrozenHeadLoss.apply(hidden, head.weight, head.bias, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         total = total + checkpoint(_head_loss, head, hidden[start:start + chunk], targets[start:start + chunk],
@@ -76,3 +82,34 @@ def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
 def _head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _frozen_linear(head: nn.Module) -> bool:
+    return type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
+class _FrozenHeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ W^T + b` against `targets`, for a head that does not train: the
+    gradient with respect to `hidden`, (softmax - one_hot) @ W, is computed per chunk in forward and kept,
+    so backward only scales it and no chunk's logits outlive its loop iteration."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        grad_hidden = torch.empty_like(hidden)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            rows, labels = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(rows, weight, bias).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, labels[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' own storage
+            probs[torch.arange(labels.shape[0], device=labels.device), labels] -= 1
+            grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
