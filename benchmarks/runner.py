@@ -25,7 +25,7 @@ CHILD_TIMEOUT_S = 3600
 #: Raw per-run values that are not aggregated as metrics.
 NOT_METRICS = {"status", "reason", "step_times", "last_loss", "precision"}
 #: Metrics shown per configuration but not compared as loratune / PEFT.
-NO_RATIO = {"load_1min"}
+NO_RATIO = {"load_1min", "step_gflop", "gflops_per_s", "ceiling_share"}
 
 
 @dataclass(frozen=True)
@@ -71,32 +71,42 @@ def run_child(case: Case, variant: Variant, config: str, options: RunOptions) ->
 
 
 def gemm_ceiling(dtype: torch.dtype, device: str, threads: int) -> float:
-    """Best GFLOP/s of one square matmul in `dtype`: the size doubles from 256 until a product takes 20 ms
-    (or reaches 4096), so an emulated dtype costs a fraction of a second, then the median of 5 products."""
+    """Best GFLOP/s of square matmuls in `dtype`, sizes doubling from 256 to 4096; growth stops once one
+    product takes 0.25 s, so an emulated dtype costs seconds. Each size: median of 3 samples of `reps`
+    products, `reps` chosen so a sample lasts about 20 ms."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        n, seconds = 256, 0.0
-        while True:
+        best, n = 0.0, 256
+        while n <= 4096:
             a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-            seconds = statistics.median(_timed_matmul(a, b, device) for _ in range(5 if n >= 4096 else 2))
-            if seconds >= 0.02 or n >= 4096:
+            once = _timed_matmuls(a, b, 1, device)
+            reps = max(1, min(100, int(0.02 / max(once, 1e-6))))
+            seconds = statistics.median(_timed_matmuls(a, b, reps, device) for _ in range(3)) / reps
+            best = max(best, 2 * n**3 / seconds / 1e9)
+            if once >= 0.25:
                 break
             n *= 2
-        return 2 * n**3 / seconds / 1e9
+        return best
     finally:
         torch.set_num_threads(previous)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
-def _timed_matmul(a: torch.Tensor, b: torch.Tensor, device: str) -> float:
+def _timed_matmuls(a: torch.Tensor, b: torch.Tensor, reps: int, device: str) -> float:
     torch.mm(a, b)  # warm-up: first calls pick kernels
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    _synchronize(device)
     start = time.perf_counter()
-    torch.mm(a, b)
+    for _ in range(reps):
+        torch.mm(a, b)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def measure_ceilings(device: str, threads: int) -> dict[str, float]:

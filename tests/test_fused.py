@@ -112,3 +112,58 @@ def test_autocast_runs_the_branch_in_bf16_close_to_fp32(monkeypatch):
     assert torch.allclose(low.float(), fp32, rtol=3e-2, atol=3e-2)
     for g16, g32 in zip(grads16, grads32):
         assert g16.dtype == torch.float32 and torch.allclose(g16, g32, rtol=3e-2, atol=3e-2)
+
+
+def test_eval_identity_dropout_and_dora_keep_the_plain_branch(monkeypatch):
+    import loratune.layers as layers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused dropout branch ran")
+
+    x = torch.randn(3, 6)
+    layer = _layer(0.25)
+    monkeypatch.setattr(layers, "dropout_branch", refuse)
+    layer.eval()(x)
+    _layer(0.0)(x)  # nn.Identity: no dropout to fuse
+    dora = _layer(0.25)
+    dora.enable_dora("a")
+    dora(x)
+    with pytest.raises(AssertionError, match="fused"):
+        _layer(0.25)(x)
+
+
+def test_bf16_input_gives_the_fp32_reference_values(monkeypatch):
+    layer = _layer(0.2)
+    x = torch.randn(4, 6).to(torch.bfloat16).requires_grad_()
+    mask = torch.rand(4, 6) > 0.2
+    monkeypatch.setattr(fused, "keep_mask", lambda shape, p, device: (mask, 1 / 0.8))
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    out = dropout_branch(x, a, b, 0.2, 0.5)
+    x32 = x.detach().float().requires_grad_()
+    expected = _reference(x32, a, b, mask, 1 / 0.8, 0.5)
+    assert out.dtype == torch.float32  # computed in the adapter's dtype; the layer casts to the base's
+    assert torch.allclose(out, expected, atol=1e-6)
+    (gx,) = torch.autograd.grad(out.sum(), (x,))
+    (gx32,) = torch.autograd.grad(expected.sum(), (x32,))
+    assert gx.dtype == torch.bfloat16 and torch.allclose(gx.float(), gx32, rtol=1e-2, atol=1e-2)
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    import tiny_models as tm
+
+    from loratune import LoraConfig, add_adapter
+
+    grads = []
+    for checkpointing in (False, True):
+        model = tm.llama()
+        add_adapter(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear",
+                                      init_lora_weights=False))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(5)
+        ids = tm.input_ids()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(g0, g1, atol=1e-6) for g0, g1 in zip(*grads))
+    assert any(g.abs().max() > 0 for g in grads[0])

@@ -14,6 +14,7 @@ expected input is unchanged.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _LEVELS = 1 << 16
 
@@ -22,7 +23,7 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.
     """(mask of kept positions, the scale kept values get), drawn from torch's generator for `device`."""
     drop_levels = min(round(p * _LEVELS), _LEVELS - 1)
     count = shape.numel()
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), (1 << 63) - 1)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)  # all 64 bits
     lanes = words.view(torch.int16)[:count].view(shape)
     keep = lanes >= drop_levels - (1 << 15)  # lanes are uniform on [-2^15, 2^15)
     return keep, _LEVELS / (_LEVELS - drop_levels)
@@ -43,11 +44,13 @@ class _DropoutBranch(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):  # the keep scale rides on the r-wide product
             su = (torch.where(keep, x.to(dtype), 0) @ a.to(dtype).t()) * (keep_scale * scaling)
             out = su @ b.to(dtype).t()
-        ctx.save_for_backward(x, keep, a, b, su)
-        ctx.keep_scale, ctx.scaling, ctx.dtype = keep_scale, scaling, dtype
+        # x itself, so layers reading one input share it; a copy only when x is wider than the compute dtype
+        ctx.save_for_backward(x if x.dtype == dtype else x.to(dtype), keep, a, b, su)
+        ctx.keep_scale, ctx.scaling, ctx.dtype, ctx.input_dtype = keep_scale, scaling, dtype, x.dtype
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, keep, a, b, su = ctx.saved_tensors
         dtype, keep_scale = ctx.dtype, ctx.keep_scale
@@ -58,7 +61,7 @@ class _DropoutBranch(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_a = (g_u.t() @ torch.where(keep, x.to(dtype), 0).reshape(-1, x.shape[-1])).to(a.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.where(keep, (g_u @ a.to(dtype)).reshape(x.shape), 0).to(x.dtype)
+            grad_x = torch.where(keep, (g_u @ a.to(dtype)).reshape(x.shape), 0).to(ctx.input_dtype)
         return grad_x, grad_a, grad_b, None, None, None
 
 

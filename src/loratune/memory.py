@@ -20,6 +20,7 @@ from .model import add_adapter, trainable_parameters
 from .quant.convert import quantizable_layers
 from .quant.formats import bytes_per_weight
 from .quant.loading import safetensors_files
+from .train.step import split_lm
 
 GB = 1e9
 #: The Python process itself: torch, transformers, tokenizer and data, measured at about 0.5 GB here.
@@ -100,7 +101,7 @@ def estimate_memory(config: Any) -> MemoryEstimate:
         activations = layers * tokens * hidden * activation_element + tokens * per_token_layer
     else:
         activations = layers * tokens * per_token_layer
-    chunk = config.loss_chunk
+    chunk = config.loss_chunk if spec.task == "causal-lm" and split_lm(model) is not None else 0  # as batch_loss
     vocab = getattr(text, "vocab_size", 0) if spec.task != "classification" else 0
     logits = min(tokens, chunk or tokens) * vocab * (activation_element + 8)
     setting = (f"{spec.name}, quantize {spec.quantize}, {precision}, batch {tc.batch_size} x {config.data.max_length}"

@@ -65,11 +65,12 @@ def test_quantized_runs_checkpoint_activations_by_default_and_every_run_chunks_t
     assert forced.model.is_gradient_checkpointing and forced.loss_chunk == 1024
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained-head", "frozen-head"])
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_chunked_head_loss_equals_the_whole_cross_entropy(chunk, frozen):
+def test_chunked_head_loss_equals_the_whole_cross_entropy(chunk, frozen, bias):
     generator = torch.Generator().manual_seed(0)
-    head = nn.Linear(16, 50).requires_grad_(not frozen)
+    head = nn.Linear(16, 50, bias=bias).requires_grad_(not frozen)
     hidden = torch.randn(7, 16, generator=generator, requires_grad=True)
     targets = torch.randint(0, 50, (7,), generator=generator)
     wrt = [hidden] if frozen else [hidden, head.weight]
@@ -78,9 +79,12 @@ def test_chunked_head_loss_equals_the_whole_cross_entropy(chunk, frozen):
 
     loss = chunked_head_loss(head, hidden, targets, chunk)
     assert loss.dtype == torch.float32
+    assert (type(loss.grad_fn).__name__ == "_FrozenHeadLossBackward") == frozen  # a frozen head skips recompute
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for got, want in zip(torch.autograd.grad(loss * 0.5, wrt), expected_grads):  # 0.5: backward scales
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_head_loss(head, hidden, targets, chunk), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_frozen_head_loss_under_bf16_autocast_is_close_to_fp32():

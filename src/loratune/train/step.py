@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
@@ -67,11 +68,15 @@ def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
     A frozen `nn.Linear` head (the usual LoRA case) gets its input gradient computed chunk by chunk during
     the forward, which costs no extra work; a head that trains drops each chunk's logits after its forward
-    and recomputes them in backward (one more head forward).
+    and recomputes them in backward (one more head forward). `targets` are class indices: positions
+    without a label are dropped before this is called.
     """
     if hidden.shape[0] == 0:  # no labelled token: a zero that still has a graph, like the unchunked loss
         return _head_loss(head, hidden, targets)
-    if torch.is_grad_enabled() and hidden.requires_grad and _frozen_linear(head):
+    if not torch.is_grad_enabled():  # evaluation: nothing to recompute
+        starts = range(0, hidden.shape[0], chunk)
+        return sum(_head_loss(head, hidden[i:i + chunk], targets[i:i + chunk]) for i in starts)
+    if hidden.requires_grad and _frozen_linear(head):
         return _FrozenHeadLoss.apply(hidden, head.weight, head.bias, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
@@ -110,6 +115,7 @@ class _FrozenHeadLoss(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+        return (grad_hidden.float() * grad_total.float()).to(grad_hidden.dtype), None, None, None, None
