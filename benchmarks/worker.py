@@ -24,6 +24,9 @@ from benchmarks.cases import CASES, LORA_DROPOUT, MIXED_ADAPTERS, Case, build_mo
 from benchmarks.libs import CONFIGS, BenchConfig, Ops, precision_context, resolve_precision, trainable_count
 
 SAVE_LOAD_REPS = 3
+#: Timed forwards per latency (after one untimed): the same-model "adapters off" rows of two processes differ
+#: by more than more repetitions would remove, and three keep `make bench` within half an hour on 2 cores.
+FORWARD_REPS = 3
 
 
 def _sync(device: str) -> None:
@@ -84,26 +87,33 @@ def ceiling_share(result: dict[str, Any], ceilings: dict[str, float], precision:
 
 
 def measure_inference(model: Any, ops: Ops, cfg: BenchConfig, ids: torch.Tensor, reps: int) -> dict[str, float]:
-    """Forward latency with adapters disabled, unmerged and merged; merge and unmerge time."""
+    """Forward latency with adapters disabled, unmerged and merged; merge and unmerge time.
+
+    The three forwards are interleaved, one of each per round (after one untimed round), so drift of a
+    noisy machine hits them alike: they are compared with each other (unmerged and merged against base).
+    """
     model.eval()
 
     def forward() -> None:
         with torch.no_grad(), precision_context(cfg):
             model(input_ids=ids)
 
-    out: dict[str, float] = {}
-    with ops.disabled(model):
-        out["fwd_base_s"] = statistics.median(timed(forward, 1, reps, cfg.device))
-    out["fwd_unmerged_s"] = statistics.median(timed(forward, 1, reps, cfg.device))
-    merge_times, unmerge_times = [], []
-    for i in range(3):
-        merge_times += timed(lambda: ops.merge(model), 0, 1, cfg.device)
-        if i == 0:
-            out["fwd_merged_s"] = statistics.median(timed(forward, 1, reps, cfg.device))
-        unmerge_times += timed(lambda: ops.unmerge(model), 0, 1, cfg.device)
-    out["merge_s"] = statistics.median(merge_times)
-    out["unmerge_s"] = statistics.median(unmerge_times)
-    return out
+    def base_forward() -> None:
+        with ops.disabled(model):
+            forward()
+
+    times: dict[str, list[float]] = {k: [] for k in ("fwd_base_s", "fwd_unmerged_s", "fwd_merged_s", "merge_s",
+                                                       "unmerge_s")}
+    for round_index in range(reps + 1):
+        rounds = {"fwd_base_s": timed(base_forward, 0, 1, cfg.device),
+                  "fwd_unmerged_s": timed(forward, 0, 1, cfg.device),
+                  "merge_s": timed(lambda: ops.merge(model), 0, 1, cfg.device),
+                  "fwd_merged_s": timed(forward, 0, 1, cfg.device),
+                  "unmerge_s": timed(lambda: ops.unmerge(model), 0, 1, cfg.device)}
+        if round_index:  # the first round warms up
+            for key, value in rounds.items():
+                times[key] += value
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def measure_save_load(model: Any, ops: Ops, device: str) -> dict[str, float]:
@@ -129,7 +139,7 @@ def run_train_case(case: Case, spec: dict[str, Any], cfg: BenchConfig) -> dict[s
     result.update(ceiling_share(result, spec.get("ceilings", {}), cfg.precision))
     result.update(peak_memory_mb(cfg.device))
     ids = batches[0].to(cfg.device)
-    result.update(measure_inference(setup.model, ops, cfg, ids, spec["steps"]))
+    result.update(measure_inference(setup.model, ops, cfg, ids, FORWARD_REPS))
     result.update(measure_save_load(setup.model, ops, cfg.device))
     return result
 
@@ -151,7 +161,7 @@ def run_mixed_case(case: Case, spec: dict[str, Any], cfg: BenchConfig) -> dict[s
         def call() -> None:
             with torch.no_grad(), precision_context(cfg):
                 fn()
-        return statistics.median(timed(call, spec["warmup"], spec["steps"], cfg.device))
+        return statistics.median(timed(call, 1, FORWARD_REPS, cfg.device))
 
     single_s = run(lambda: ops.forward_single(setup.model, "default", ids))
     mixed_s = run(lambda: ops.forward_mixed(setup.model, rows, ids))
