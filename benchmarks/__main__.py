@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: torch's default; 1 with --quick, which is less "
                              "disturbed by other work on the machine)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: a smoke test in under a minute")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: a smoke test of about a minute")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the results section of the docs")
     parser.add_argument("--epochs", type=int, default=3, help="quality: training epochs (default 3)")
     return parser

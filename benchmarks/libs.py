@@ -255,7 +255,6 @@ CONFIG_ORDER: tuple[str, ...] = tuple(CONFIGS)
 BASELINES: tuple[str, ...] = ("peft-bf16", "peft-fp32")
 
 
-
 def unavailable_config(label: str, device: str) -> str | None:
     """Why a configuration is not run here, else None: bf16 autocast on a CPU without native bf16 would
     measure an emulation many times slower than fp32, which is nobody's best setting."""

@@ -19,6 +19,7 @@ import torch
 
 from benchmarks.cases import Case, Variant, unavailable_reason
 from benchmarks.libs import BASELINES, CONFIG_ORDER, unavailable_config
+from benchmarks.worker import timed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT_S = 3600
@@ -80,10 +81,10 @@ def gemm_ceiling(dtype: torch.dtype, device: str, threads: int) -> float:
         best, n = 0.0, 256
         while n <= 4096:
             a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-            once = _timed_matmuls(a, b, 1, device)
+            once = timed(lambda a=a, b=b: torch.mm(a, b), 1, 1, device)[0]
             reps = max(1, min(100, int(0.02 / max(once, 1e-6))))
-            seconds = statistics.median(_timed_matmuls(a, b, reps, device) for _ in range(3)) / reps
-            best = max(best, 2 * n**3 / seconds / 1e9)
+            sample = timed(lambda a=a, b=b, k=reps: [torch.mm(a, b) for _ in range(k)], 0, 3, device)
+            best = max(best, 2 * n**3 / (statistics.median(sample) / reps) / 1e9)
             if once >= 0.25:
                 break
             n *= 2
@@ -92,21 +93,6 @@ def gemm_ceiling(dtype: torch.dtype, device: str, threads: int) -> float:
         torch.set_num_threads(previous)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-
-
-def _timed_matmuls(a: torch.Tensor, b: torch.Tensor, reps: int, device: str) -> float:
-    torch.mm(a, b)  # warm-up: first calls pick kernels
-    _synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        torch.mm(a, b)
-    _synchronize(device)
-    return time.perf_counter() - start
-
-
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def measure_ceilings(device: str, threads: int) -> dict[str, float]:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,7 @@ def measure_inference(model: Any, ops: Ops, cfg: BenchConfig, ids: torch.Tensor,
         with ops.disabled(model):
             forward()
 
-    times: dict[str, list[float]] = {k: [] for k in ("fwd_base_s", "fwd_unmerged_s", "fwd_merged_s", "merge_s",
-                                                       "unmerge_s")}
+    times: dict[str, list[float]] = defaultdict(list)
     for round_index in range(reps + 1):
         rounds = {"fwd_base_s": timed(base_forward, 0, 1, cfg.device),
                   "fwd_unmerged_s": timed(forward, 0, 1, cfg.device),

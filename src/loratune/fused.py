@@ -41,11 +41,11 @@ class _DropoutBranch(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor, keep_scale: float,
                 scaling: float) -> torch.Tensor:
         dtype = _compute_dtype(x, a)
+        x_in = x.to(dtype)  # x itself when already in `dtype`, so layers reading one input share what they save
         with torch.autocast(x.device.type, enabled=False):  # the keep scale rides on the r-wide product
-            su = (torch.where(keep, x.to(dtype), 0) @ a.to(dtype).t()) * (keep_scale * scaling)
+            su = (torch.where(keep, x_in, 0) @ a.to(dtype).t()) * (keep_scale * scaling)
             out = su @ b.to(dtype).t()
-        # x itself, so layers reading one input share it; a copy only when x is wider than the compute dtype
-        ctx.save_for_backward(x if x.dtype == dtype else x.to(dtype), keep, a, b, su)
+        ctx.save_for_backward(x_in, keep, a, b, su)
         ctx.keep_scale, ctx.scaling, ctx.dtype, ctx.input_dtype = keep_scale, scaling, dtype, x.dtype
         return out
 
@@ -59,7 +59,7 @@ class _DropoutBranch(torch.autograd.Function):
         g_u = (g @ b.to(dtype)) * (ctx.scaling * keep_scale)  # d loss / d (mask * x) @ A^T
         grad_a = grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_a = (g_u.t() @ torch.where(keep, x.to(dtype), 0).reshape(-1, x.shape[-1])).to(a.dtype)
+            grad_a = (g_u.t() @ torch.where(keep, x, 0).reshape(-1, x.shape[-1])).to(a.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = torch.where(keep, (g_u @ a.to(dtype)).reshape(x.shape), 0).to(ctx.input_dtype)
         return grad_x, grad_a, grad_b, None, None, None

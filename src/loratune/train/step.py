@@ -73,15 +73,15 @@ def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tens
     """
     if hidden.shape[0] == 0:  # no labelled token: a zero that still has a graph, like the unchunked loss
         return _head_loss(head, hidden, targets)
-    if not torch.is_grad_enabled():  # evaluation: nothing to recompute
-        starts = range(0, hidden.shape[0], chunk)
-        return sum(_head_loss(head, hidden[i:i + chunk], targets[i:i + chunk]) for i in starts)
-    if hidden.requires_grad and _frozen_linear(head):
+    training = torch.is_grad_enabled()
+    if training and hidden.requires_grad and _frozen_linear(head):
         return _FrozenHeadLoss.apply(hidden, head.weight, head.bias, targets, chunk)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        total = total + checkpoint(_head_loss, head, hidden[start:start + chunk], targets[start:start + chunk],
-                                   use_reentrant=False)
+        rows, labels = hidden[start:start + chunk], targets[start:start + chunk]
+        loss = checkpoint(_head_loss, head, rows, labels, use_reentrant=False) if training else \
+            _head_loss(head, rows, labels)  # evaluation: nothing to recompute
+        total = total + loss
     return total
 
 
