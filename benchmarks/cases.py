@@ -57,7 +57,7 @@ CASES: dict[str, Case] = {
     "smollm2": Case(
         "smollm2", "train", "smollm2",
         (Variant("q_v-r8", 8, ("q_proj", "v_proj")), ALL_LINEAR), 4, 256,
-        "SmolLM2-135M-Instruct, real weights via loratune.models.load_model"),
+        "SmolLM2-135M-Instruct, real weights via loratune.pretrained.load_model"),
     "mixed-batch": Case(
         "mixed-batch", "mixed", "gpt2-small",
         (Variant("all-linear-r8", 8, "all-linear"),), MIXED_ADAPTERS, 256,
@@ -89,10 +89,10 @@ def unavailable_reason(case: Case, quick: bool) -> str | None:
         return None
     if quick:
         return "skipped in --quick mode (loads real weights)"
-    if importlib.util.find_spec("loratune.models") is None:
-        return "unavailable: loratune.models is not importable"
+    if importlib.util.find_spec("loratune.pretrained") is None:
+        return "unavailable: loratune.pretrained is not importable"
     try:
-        from loratune.models import load_model  # noqa: F401
+        from loratune.pretrained import load_model  # noqa: F401
     except ImportError as exc:
         return f"unavailable: {exc}"
     return None
@@ -106,7 +106,7 @@ def build_model(name: str, quick: bool) -> Any:
     if name == "llama-220m":
         return _llama(quick)
     if name == "smollm2":
-        from loratune.models import load_model
+        from loratune.pretrained import load_model
 
         model, _ = load_model("smollm2-135m-instruct", "causal-lm")
         return model

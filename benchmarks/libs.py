@@ -59,7 +59,7 @@ def resolve_precision(precision: str, device: str) -> str:
     where the hardware has native bf16 matmuls, fp32 elsewhere); "fp32" and "bf16" stay as they are."""
     if precision != "auto":
         return precision
-    from loratune.train.loop import resolve_precision as loratune_precision
+    from loratune.precision import resolve_precision as loratune_precision
 
     return loratune_precision("auto", torch.device(device))
 
@@ -99,8 +99,8 @@ def loratune_train_setup(model: nn.Module, cfg: BenchConfig) -> Setup:
     native the frozen base is stored in bf16 (`model.dtype: auto`) while the adapter stays fp32; the loss is
     the trainer's."""
     import loratune
-    from loratune.train.config import DEFAULT_LOSS_CHUNK
-    from loratune.train.loop import base_dtype
+    from loratune.precision import base_dtype
+    from loratune.train.run_config import DEFAULT_LOSS_CHUNK
     from loratune.train.step import causal_lm_loss
 
     model.to(base_dtype("auto", cfg.precision))

@@ -28,7 +28,7 @@ def run_config(precision: str, output_dir: Path) -> dict[str, Any]:
 
 def train_losses(precision: str) -> list[float]:
     from loratune.train import fit
-    from loratune.train.config import validate_config
+    from loratune.train.run_config import validate_config
 
     with tempfile.TemporaryDirectory() as tmp:
         fit(validate_config(run_config(precision, Path(tmp)), "loss-curve"), quiet=True)

@@ -127,10 +127,10 @@ def _write_tokenizer(folder: Path) -> None:
 def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Load the model as `loratune train` would (streaming when quantized), add LoRA, time training steps."""
     from loratune import LoraConfig, add_adapter
-    from loratune.models import load_model
+    from loratune.precision import base_dtype, resolve_precision
+    from loratune.pretrained import load_model
     from loratune.quant.allocator import return_large_blocks
-    from loratune.train.config import DEFAULT_LOSS_CHUNK
-    from loratune.train.loop import base_dtype, resolve_precision
+    from loratune.train.run_config import DEFAULT_LOSS_CHUNK
     from loratune.train.step import batch_loss
 
     torch.manual_seed(0)
@@ -185,7 +185,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 def estimate_gb(folder: Path, quantize: str, seq_len: int) -> dict[str, float]:
     """loratune's own memory estimate for the same run, to set beside the measurement."""
     from loratune.memory import estimate_memory
-    from loratune.train.config import DEFAULT_LOSS_CHUNK, validate_config
+    from loratune.train.run_config import DEFAULT_LOSS_CHUNK, validate_config
 
     config = validate_config({
         "model": {"name": str(folder), "quantize": quantize},
@@ -252,7 +252,7 @@ def smollm2_part(quick: bool) -> list[dict[str, Any]]:
     a LoftQ-initialised adapter (all-linear r=16, 4 iterations): what that adapter recovers at step 0."""
     from loratune import LoraConfig, add_adapter
     from loratune.data import DataConfig, load_datasets
-    from loratune.models import load_model
+    from loratune.pretrained import load_model
     from loratune.quant import quantize_model
 
     cfg = DataConfig(train="movie-sentiment", format="text", text_field="text", max_length=256, seed=0,

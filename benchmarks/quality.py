@@ -41,9 +41,9 @@ class QualityOptions:
 
 
 def load_data(opts: QualityOptions) -> tuple[Any, list[str], Any]:
-    """The formatted splits, label names and tokenizer, through loratune.data and loratune.models."""
+    """The formatted splits, label names and tokenizer, through loratune.data and loratune.pretrained."""
     from loratune.data import DataConfig, load_datasets, read_label_names
-    from loratune.models import load_model
+    from loratune.pretrained import load_model
 
     cfg = DataConfig(train=DATASET, validation_fraction=0.2, max_length=opts.max_length, seed=SEED,
                      max_train_records=opts.max_train_records, max_eval_records=opts.max_eval_records)
@@ -56,7 +56,7 @@ def build(kind: str, r: int, label_names: list[str], opts: QualityOptions, quant
     """A fresh classifier; with kind 'lora', loratune LoRA r on query/value plus the trained head.
     `quantize` stores the frozen linear layers in that format (the qlora benchmark's comparison)."""
     import loratune
-    from loratune.models import load_model
+    from loratune.pretrained import load_model
 
     model, _ = load_model(MODEL, "classification", label_names=label_names, quantize=quantize)
     if kind == "lora":
@@ -118,7 +118,7 @@ def run_quality(epochs: int = 3, quick: bool = False, threads: int | None = None
     """All runs (full fine-tuning, then each rank), then the JSON/markdown/plot and the docs section."""
     try:
         import loratune.data  # noqa: F401
-        import loratune.models  # noqa: F401
+        import loratune.pretrained  # noqa: F401
     except ImportError as exc:
         print(f"quality: unavailable ({exc})", file=sys.stderr)
         return 1

@@ -32,7 +32,7 @@ def model_cache(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2(model_cache):
     """(model, tokenizer) of the built-in SmolLM2; the dequantized copy takes about 20 s to make once."""
-    from loratune.models import load_model
+    from loratune.pretrained import load_model
 
     return load_model("smollm2-135m-instruct", "causal-lm", cache_dir=model_cache)
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import loratune as lt
 from loratune.cli import main
-from loratune.serve.generate import generate_stream
+from loratune.generate import generate_stream
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import pytest
 import yaml
 
 from loratune.cli import main
+from loratune.core.adapters import add_adapter, trainable_parameters
 from loratune.memory import GB, estimate_memory, machine_memory, memory_warning
-from loratune.model import add_adapter, trainable_parameters
-from loratune.models import load_model
-from loratune.quant.formats import bytes_per_weight
-from loratune.train.config import validate_config
-from loratune.train.loop import TASK_TYPES
+from loratune.pretrained import load_model
+from loratune.quant.storage import bytes_per_weight
+from loratune.tasks import TASK_TYPES
+from loratune.train.run_config import validate_config
 
 
 def estimate(run_config, **model):

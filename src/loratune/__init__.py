@@ -1,19 +1,6 @@
 """loratune: LoRA fine-tuning with a small core and PEFT-compatible adapter files."""
 
-from .config import LoraConfig
-from .errors import (
-    AdapterFileError,
-    AdapterNameError,
-    ConfigError,
-    DataError,
-    LoratuneError,
-    MergeError,
-    ModelLoadError,
-    QuantizationError,
-    TargetError,
-)
-from .io import load_adapter, save_adapter
-from .model import (
+from loratune.core.adapters import (
     ParamCount,
     active_adapters,
     add_adapter,
@@ -27,6 +14,10 @@ from .model import (
     unload,
     unmerge,
 )
+from loratune.core.errors import AdapterFileError, AdapterNameError, ConfigError, LoratuneError, MergeError, TargetError
+from loratune.core.lora_config import LoraConfig
+from loratune.core.peft_format import load_adapter, save_adapter
+from loratune.errors import DataError, ModelLoadError, QuantizationError
 
 __all__ = [
     "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LoratuneError",

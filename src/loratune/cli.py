@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from .errors import LoratuneError
+from loratune.core.errors import LoratuneError
+from loratune.tasks import TASKS
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .train import fit, load_config
+    from loratune.train import fit, load_config
 
     config = load_config(args.config, args.set)
     summary = fit(config, resume=args.resume, quiet=args.quiet)
@@ -34,7 +33,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .train import evaluate_run, load_config
+    from loratune.train import evaluate_run, load_config
 
     config = load_config(args.config, args.set)
     metrics = evaluate_run(config, adapter=args.adapter, quiet=args.quiet)
@@ -43,16 +42,17 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from .serve.generate import generate_stream
+    from loratune.generate import generate_stream
 
     generate_stream(args.model, args.prompt, adapter=args.adapter, chat=args.chat,
                     max_new_tokens=args.max_new_tokens, out=sys.stdout, task=args.task)
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from .io import load_adapter, read_adapter_config
-    from .model import unload
-    from .models import load_model
+    from loratune.core.adapters import unload
+    from loratune.core.atomic_write import atomic_folder
+    from loratune.core.peft_format import load_adapter, read_adapter_config
+    from loratune.pretrained import load_model
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -63,29 +63,21 @@ def _merge(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.model, args.task)
     load_adapter(model, args.adapter)
     merged = unload(model, merge=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"merged model written to {out}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .inspect import inspect_command
+    from loratune.summary import inspect_command
 
     inspect_command(model_name=args.model, task=args.task, config_path=args.config, adapter=args.adapter,
                     out=sys.stdout, memory=args.memory)
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .train import demo_config, fit
+    from loratune.train import demo_config, fit
 
     config = demo_config(args.output, args.set)
     summary = fit(config, quiet=args.quiet)
@@ -135,12 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
-    merge.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification", "seq2seq"])
+    merge.add_argument("--task", default="causal-lm", choices=TASKS)
     merge.set_defaults(run=_merge)
 
     inspect = commands.add_parser("inspect", help="show modules, targets, trainable parameters, adapter files")
     inspect.add_argument("--model")
-    inspect.add_argument("--task", default="causal-lm", choices=["causal-lm", "classification", "seq2seq"])
+    inspect.add_argument("--task", default="causal-lm", choices=TASKS)
     inspect.add_argument("--config", help="YAML run config whose lora section to apply")
     inspect.add_argument("--adapter", help="adapter folder to summarise")
     inspect.add_argument("--memory", action="store_true",

@@ -16,11 +16,14 @@ from typing import Any
 
 import torch
 
-from .model import add_adapter, trainable_parameters
-from .quant.convert import quantizable_layers
-from .quant.formats import bytes_per_weight
-from .quant.loading import safetensors_files
-from .train.step import split_lm
+from loratune.core.adapters import add_adapter, trainable_parameters
+from loratune.precision import base_dtype, resolve_precision
+from loratune.pretrained import model_skeleton, will_stream
+from loratune.quant.convert import quantizable_layers
+from loratune.quant.storage import bytes_per_weight
+from loratune.quant.streaming import safetensors_files
+from loratune.tasks import TASK_TYPES
+from loratune.train.step import split_lm
 
 GB = 1e9
 #: The Python process itself: torch, transformers, tokenizer and data, measured at about 0.5 GB here.
@@ -65,9 +68,6 @@ class MemoryEstimate:
 
 def estimate_memory(config: Any) -> MemoryEstimate:
     """Peak memory of `loratune train` with this `RunConfig` on the CPU (weights, adapter, activations)."""
-    from .models import model_skeleton
-    from .train.loop import TASK_TYPES, base_dtype, resolve_precision
-
     spec, tc = config.model, config.train
     precision = resolve_precision(tc.precision, torch.device("cpu"))
     element = torch.finfo(base_dtype(spec.dtype, precision)).bits // 8
@@ -84,7 +84,7 @@ def estimate_memory(config: Any) -> MemoryEstimate:
     dense = (total - linear) * element
     weights = dense + int(linear * bytes_per_weight(spec.quantize, spec.double_quant)) if quantized else dense
     largest = max(p.numel() for p in model.parameters()) * 4
-    streaming = quantized and not spec.loftq_iterations and _streams(spec.name)
+    streaming = will_stream(spec.name, spec.quantize, spec.loftq_iterations)
     if streaming:
         loading = RUNTIME_BYTES + weights + 2 * largest
     else:  # transformers maps the files while loading, and their pages count as resident
@@ -108,16 +108,6 @@ def estimate_memory(config: Any) -> MemoryEstimate:
                f" tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
     return MemoryEstimate(weights, trainable * ADAPTER_BYTES_PER_PARAM, activations, logits, RUNTIME_BYTES,
                           loading, trainable, setting)
-
-
-def _streams(name: str) -> bool:
-    """Whether `load_model` streams this model: a local safetensors folder, or a GGUF file's cached copy."""
-    from .models import builtin_models
-
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        return bool(safetensors_files(folder))
-    return name in builtin_models() or folder.suffix.lower() == ".gguf"
 
 
 def _on_disk(name: str) -> int:

@@ -11,9 +11,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loratune import LoraConfig, MergeError, add_adapter, merge
-from loratune.errors import QuantizationError, TargetError
-from loratune.layers import LoraLinear, ModulesToSave
-from loratune.model import lora_layers
+from loratune.core.adapters import lora_layers
+from loratune.core.errors import TargetError
+from loratune.core.layers import LoraLinear, ModulesToSave
+from loratune.errors import QuantizationError
 from loratune.quant import QuantLinear, check_model_quantizable, dequantize, merge_quantized, quantize, quantize_model
 from loratune.quant.convert import quantizable_layers
 
@@ -297,7 +298,7 @@ def test_merge_quantized_keeps_the_model_dtype_and_gpt2_layout(tmp_path):
 def test_a_quantized_gpt2_adapter_records_the_conv1d_layout(tmp_path):
     import json
 
-    from loratune.io import save_adapter
+    from loratune.core.peft_format import save_adapter
 
     model = gpt2()
     quantize_model(model, "nf4")

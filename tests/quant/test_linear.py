@@ -12,9 +12,9 @@ from transformers.pytorch_utils import Conv1D
 
 import loratune.quant.linear as linear_module
 from loratune import LoraConfig, MergeError, add_adapter
+from loratune.core.adapters import lora_layers
+from loratune.core.layers import LoraLinear, module_device
 from loratune.errors import QuantizationError
-from loratune.layers import LoraLinear, module_device
-from loratune.model import lora_layers
 from loratune.quant import QuantLinear, dequantize, quantize, quantize_model
 
 FORMATS = [("nf4", True), ("nf4", False), ("int8", True)]

@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
-from loratune.errors import ConfigError
-
-IGNORE = -100
+from loratune.core.errors import ConfigError
+from loratune.tasks import IGNORE_INDEX
 
 
 def collate(examples: Sequence[dict[str, Any]], pad_token_id: int, task: str) -> dict[str, torch.Tensor]:
@@ -30,7 +29,7 @@ def collate(examples: Sequence[dict[str, Any]], pad_token_id: int, task: str) ->
     if task == "classification":
         batch["labels"] = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
     else:
-        batch["labels"] = _pad([list(e["labels"]) for e in examples], IGNORE)
+        batch["labels"] = _pad([list(e["labels"]) for e in examples], IGNORE_INDEX)
     return batch
 
 

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import QuantizationError
-from ..layers import LINEAR_TYPES, Conv1D, LoraLayer, LoraLinear, ModulesToSave, is_quantized, layer_dims
-from ..model import lora_layers, output_head_paths, set_module, unload
-from .formats import check_quantizable
-from .linear import QuantLinear
+from loratune.core.adapters import lora_layers, output_head_paths, set_module, unload
+from loratune.core.layers import LINEAR_TYPES, Conv1D, LoraLayer, LoraLinear, ModulesToSave, is_quantized, layer_dims
+from loratune.errors import QuantizationError
+from loratune.quant.linear import QuantLinear
+from loratune.quant.storage import check_quantizable
 
 
 @dataclass
@@ -85,8 +85,7 @@ def quantize_model(model: nn.Module, format: str, double_quant: bool = True, lof
         quantized.train(base.training)
         quantized_bytes += quantized.packed.nbytes()
         if isinstance(module, LoraLinear):
-            module.base_layer = quantized
-            module.transposed = False  # QuantLinear stores (out, in) whatever the original layout
+            module.replace_base_layer(quantized)  # QuantLinear stores (out, in) whatever the original layout
         else:
             set_module(model, path, quantized)
         del base, weight_oi

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Conv1D
-from .formats import QuantizedWeight, Workspace, check_quantizable, dequantize, quantize
+from loratune.core.layers import Conv1D
+from loratune.quant.storage import QuantizedWeight, Workspace, check_quantizable, dequantize, quantize
 
 # Shared by the quantized layers of a thread: each dequantized weight is used by one matmul, then overwritten.
 _LOCAL = threading.local()

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import RunConfig, TrainSpec, load_config, validate_config
-from .loop import evaluate_run, fit
+from loratune.train.loop import evaluate_run, fit
+from loratune.train.run_config import RunConfig, TrainSpec, load_config, validate_config
 
 
 def demo_config(output_dir: str | Path = "runs/demo", overrides: list[str] | None = None) -> RunConfig:
     """The embedded demo's config (`train/demo.yaml`), with its output folder and any `--set` overrides."""
-    from .config import apply_override
+    from loratune.train.run_config import apply_override
 
     data = yaml.safe_load(resources.files(__package__).joinpath("demo.yaml").read_text(encoding="utf-8"))
     data["output_dir"] = str(output_dir)

@@ -10,15 +10,15 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import LoratuneError
-from ..io import load_adapter_weights_into, save_adapter
+from loratune.core.atomic_write import atomic_folder
+from loratune.core.errors import LoratuneError
+from loratune.core.peft_format import load_adapter_weights_into, save_adapter
 
 STATE_NAME = "trainer_state.pt"
 META_NAME = "checkpoint.json"
@@ -42,19 +42,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(root: Path, step: int, model: nn.Module, adapter: str, trainer_state: dict[str, Any],
                     keep: int) -> Path:
     """Write checkpoint `step-N` atomically, then drop the oldest beyond `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=root))
-    try:
+    with atomic_folder(final, replace=True) as tmp:
         save_adapter(model, tmp, adapter)
         torch.save(trainer_state, tmp / STATE_NAME)
         (tmp / META_NAME).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final

@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..data import collate
-from .step import batch_loss, to_device
+from loratune.data import collate
+from loratune.train.step import batch_loss, to_device
 
 
 def macro_f1(predicted: Sequence, expected: Sequence) -> float:

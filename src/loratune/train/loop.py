@@ -1,6 +1,7 @@
-"""One training run, top to bottom: load, adapt, evaluate, train, checkpoint, evaluate, save, report.
+"""One training run as a recipe that reads top to bottom: set up (or resume), then repeat one step with an
+evaluation and a checkpoint when due, then evaluate, save the adapter and write the report.
 
-`fit(config)` is what `loratune train` calls; a library user can call it too, or reuse its pieces.
+`fit(config)` is what `loratune train` calls; a library user can call it too, or reuse its steps.
 """
 
 from __future__ import annotations
@@ -18,22 +19,22 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..data import collate
-from ..errors import ConfigError, LoratuneError
-from ..io import load_adapter, load_adapter_weights_into, save_adapter, write_text_atomic
-from ..model import add_adapter, trainable_parameters
-from ..models import load_model, max_positions
-from ..quant import quantize_model
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import RunConfig, config_to_yaml
-from .evaluate import evaluate_loss, generate_texts, generation_metrics
-from .optim import build_optimizer, build_scheduler
-from .report import plot_history, write_metrics, write_report
-from .step import batch_loss, to_device
+from loratune.core.adapters import trainable_parameters
+from loratune.core.atomic_write import write_text_atomic
+from loratune.core.errors import ConfigError, LoratuneError
+from loratune.core.peft_format import save_adapter
+from loratune.data import collate, load_datasets, read_label_names
+from loratune.memory import estimate_memory, machine_memory, memory_warning
+from loratune.precision import base_dtype, resolve_precision
+from loratune.pretrained import load_adapted_model, max_positions
+from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from loratune.train.evaluate import evaluate_loss, generate_texts, generation_metrics
+from loratune.train.optim import build_optimizer, build_scheduler
+from loratune.train.report import plot_history, write_metrics, write_report
+from loratune.train.run_config import RunConfig, config_to_yaml
+from loratune.train.step import batch_loss, to_device
 
 ADAPTER = "default"
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "classification": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TrainingDiverged(LoratuneError):
@@ -77,56 +78,261 @@ class Session:
         return metrics, samples
 
 
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands: what a checkpoint saves and resuming restores (with the optimizer and RNG)."""
+
+    step: int = 0
+    micro: int = 0  # micro-batches consumed: the position in the data
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best: float | None = None  # lowest evaluation loss so far, for early stopping
+    bad_evals: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+@dataclasses.dataclass
+class Run:
+    """A run in progress: the session, the optimizer, the state, and where the run writes."""
+
+    session: Session
+    out: Path
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: RunState
+    before: dict[str, Any]
+    samples_before: list[dict[str, str]]
+    board: Any = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Add an entry to the history, `metrics.jsonl` and TensorBoard (when installed)."""
+        self.state.history.append(entry)
+        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+        if self.board:
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.board.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
+
+
+# --- the recipe ----------------------------------------------------------------------------------------------
+def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> dict[str, Any]:
+    """Train one LoRA adapter as `config` says and write everything into `config.output_dir`."""
+    out, tc = Path(config.output_dir), config.train
+    check_output_dir(out, resume)
+    session = prepare(config, _quiet(quiet))
+    out.mkdir(parents=True, exist_ok=True)
+    run = resume_run(session, out) if resume else start_run(session, out)
+    session.model.train()
+    order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed)
+    progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
+    try:
+        while run.state.step < tc.max_steps and not run.state.stopped_early:
+            train_step(run, order, progress)
+            if _due(tc.eval_every, run.state.step) and session.data.eval_examples and run.state.step < tc.max_steps:
+                evaluate_during_training(run)
+            if _due(tc.checkpoint_every, run.state.step):
+                save_run_checkpoint(run)
+    finally:
+        progress.close()
+    return finish(run)
+
+
 def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> Session:
     """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen."""
-    from ..data import load_datasets, read_label_names
-
-    tc = config.train
+    tc, spec = config.train, config.model
     seed_everything(tc.seed)
     data_config = config.data
-    label_names = read_label_names(data_config) if config.model.task == "classification" else None
+    label_names = read_label_names(data_config) if spec.task == "classification" else None
     if label_names:  # fix the order once, so the head and the examples agree
         data_config = data_config.model_copy(update={"label_names": label_names})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(tc.precision, device)
     if device.type == "cpu":
         _warn_if_too_big(config)
-    spec = config.model
-    loftq = spec.loftq_iterations > 0  # needs the full-precision weights, so quantizes after the adapter exists
-    model, tokenizer = load_model(spec.name, spec.task, label_names=label_names,
-                                  dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code,
-                                  quantize="none" if loftq else spec.quantize, double_quant=spec.double_quant)
+    model, tokenizer = load_adapted_model(
+        spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir, quantize=spec.quantize,
+        double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
+        dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
     limit = max_positions(model)
     if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
-        raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of "
-                          f"{config.model.name}")
-    if config.model.attn_implementation:
-        model.set_attn_implementation(config.model.attn_implementation)
-    data = load_datasets(data_config, tokenizer, config.model.task)
-    seed_everything(tc.seed)
-    if adapter_dir is not None and not loftq:
-        load_adapter(model, adapter_dir, ADAPTER)
-    else:
-        lora = dataclasses.replace(config.lora, task_type=config.lora.task_type or TASK_TYPES[config.model.task],
-                                   base_model_name_or_path=config.lora.base_model_name_or_path or config.model.name)
-        add_adapter(model, lora, ADAPTER)
-    if loftq:  # LoftQ makes the quantized base and the adapter's start together (seeded): rebuild, then load
-        quantize_model(model, spec.quantize, spec.double_quant, spec.loftq_iterations, ADAPTER)
-        if adapter_dir is not None:
-            load_adapter_weights_into(model, adapter_dir, ADAPTER)
+        raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of {spec.name}")
+    if spec.attn_implementation:
+        model.set_attn_implementation(spec.attn_implementation)
+    data = load_datasets(data_config, tokenizer, spec.task)
     model.to(device)
+    _set_gradient_checkpointing(model, config)
+    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk)
+
+
+def start_run(session: Session, out: Path) -> Run:
+    """A fresh run: new optimizer, and the "before" evaluation as the history's first entry."""
+    optimizer, scheduler = _optimizer(session)
+    before, samples_before = session.evaluate(full=True)
+    state = RunState(history=[{"kind": "eval", "step": 0, **before}] if before else [])
+    return _open_run(Run(session, out, optimizer, scheduler, state, before, samples_before))
+
+
+def resume_run(session: Session, out: Path) -> Run:
+    """Continue from the newest complete checkpoint: adapter, optimizer, scheduler, state and RNG streams."""
+    checkpoints = out / "checkpoints"
+    found = latest_checkpoint(checkpoints)
+    if found is None:
+        raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
+    optimizer, scheduler = _optimizer(session)
+    saved = load_checkpoint(found, session.model, ADAPTER)
+    check_same_run(saved.get("config", {}), session.config.model_dump(mode="json"), found)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    state = RunState(**saved["state"])
+    return _open_run(Run(session, out, optimizer, scheduler, state, saved["before"], saved["samples_before"]))
+
+
+def train_step(run: Run, order: BatchOrder, progress: Any) -> None:
+    """One optimizer step over `grad_accum` micro-batches; logs loss, learning rate and throughput."""
+    tc, state, model = run.session.config.train, run.state, run.session.model
+    started = time.perf_counter()
+    loss, tokens = accumulate_gradients(run, order)
+    if tc.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    elapsed = time.perf_counter() - started
+    state.tokens += tokens
+    state.seconds += elapsed
+    run.record({"kind": "train", "step": state.step, "loss": loss, "lr": lr, "tokens_per_s": tokens / elapsed})
+    progress.update(1)
+    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+
+
+def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
+    """Forward and backward over the step's micro-batches; returns (mean loss, tokens seen)."""
+    session, state = run.session, run.state
+    tc, task = session.config.train, session.config.model.task
+    loss_sum, tokens = 0.0, 0
+    for _ in range(tc.grad_accum):
+        examples = [session.data.train_examples[i] for i in order.batch(state.micro)]
+        state.micro += 1
+        batch = to_device(collate(examples, session.tokenizer.pad_token_id, task), session.device)
+        with session.autocast():
+            loss, _, _ = batch_loss(session.model, batch, task, session.loss_chunk)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} at step {state.step + 1}; "
+                                   f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+        (loss / tc.grad_accum).backward()
+        loss_sum += loss.item() / tc.grad_accum
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, tokens
+
+
+def evaluate_during_training(run: Run) -> None:
+    """Loss on the evaluation split; counts evaluations without improvement, for early stopping."""
+    state, patience = run.state, run.session.config.train.early_stopping_patience
+    metrics, _ = run.session.evaluate(full=False)
+    run.record({"kind": "eval", "step": state.step, **metrics})
+    if state.best is None or metrics["loss"] < state.best:
+        state.best, state.bad_evals = metrics["loss"], 0
+    else:
+        state.bad_evals += 1
+    if patience and state.bad_evals >= patience:
+        state.stopped_early = True
+
+
+def save_run_checkpoint(run: Run) -> None:
+    """Write checkpoint `step-N`; refuses weights that are no longer finite (nothing worth resuming)."""
+    model, state, config = run.session.model, run.state, run.session.config
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        raise TrainingDiverged(f"adapter weights became non-finite at step {state.step}; "
+                               f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+    save_checkpoint(run.checkpoints, state.step, model, ADAPTER, {
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "state": dataclasses.asdict(state), "rng": rng_state(), "before": run.before,
+        "samples_before": run.samples_before, "config": config.model_dump(mode="json")},
+        config.train.keep_checkpoints)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Evaluate the trained adapter, save it, and write metrics, plot and report; returns the summary."""
+    session, out, config = run.session, run.out, run.session.config
+    after, samples_after = session.evaluate(full=True)
+    if after:
+        run.record({"kind": "eval", "step": run.state.step, **after})
+    save_adapter(session.model, out / "adapter", ADAPTER)
+    summary = run_summary(run, after, samples_after)
+    write_metrics(out / "metrics.json", summary)
+    plot_history(out / "plot.png", run.state.history, f"{config.model.name} on {config.data.train}")
+    write_report(out / "report.md", summary, config_to_yaml(config))
+    if run.board:
+        run.board.close()
+    return summary
+
+
+def run_summary(run: Run, after: dict[str, Any], samples_after: list[dict[str, str]]) -> dict[str, Any]:
+    session, state, config = run.session, run.state, run.session.config
+    count = trainable_parameters(session.model)
+    return {
+        "model": config.model.name, "task": config.model.task, "precision": session.precision,
+        "steps": state.step, "stopped_early": state.stopped_early,
+        "trainable_parameters": count.trainable, "total_parameters": count.total,
+        "trainable_fraction": count.fraction,
+        "train_seconds": state.seconds, "tokens_per_second": state.tokens / max(state.seconds, 1e-9),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "data": {"train": config.data.train, **session.data.info},
+        "before": run.before, "after": after, "samples_before": run.samples_before, "samples_after": samples_after,
+        "adapter_dir": str(run.out / "adapter"),
+    }
+
+
+def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:
+    """Evaluate the base model with a saved adapter (default: the run's own) on the config's evaluation data."""
+    session = prepare(config, _quiet(quiet), Path(adapter) if adapter else Path(config.output_dir) / "adapter")
+    metrics, _ = session.evaluate(full=True)
+    return metrics
+
+
+# --- helpers of the steps ------------------------------------------------------------------------------------
+def _open_run(run: Run) -> Run:
+    """Write the history so far and the config, and open TensorBoard: the files a run appends to."""
+    write_text_atomic(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.state.history))
+    write_text_atomic(run.out / "config.yaml", config_to_yaml(run.session.config))
+    run.board = _tensorboard(run.out)
+    return run
+
+
+def _optimizer(session: Session) -> tuple[torch.optim.Optimizer, Any]:
+    tc = session.config.train
+    optimizer = build_optimizer(session.model, tc.learning_rate, tc.weight_decay, tc.lora_plus_ratio)
+    return optimizer, build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.schedule)
+
+
+def _due(every: int | None, step: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+def _quiet(quiet: bool | None) -> bool:
+    return (not sys.stderr.isatty()) if quiet is None else quiet
+
+
+def _set_gradient_checkpointing(model: torch.nn.Module, config: RunConfig) -> None:
     supported = getattr(model, "supports_gradient_checkpointing", False)
-    if tc.gradient_checkpointing and not supported:
+    if config.train.gradient_checkpointing and not supported:
         raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
     if config.gradient_checkpointing and supported:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk)
 
 
 def _warn_if_too_big(config: RunConfig) -> None:
     """Say before loading when the run is likely to exhaust the machine's memory."""
-    from ..memory import estimate_memory, machine_memory, memory_warning
-
     try:
         warning = memory_warning(estimate_memory(config), machine_memory())
     except LoratuneError:
@@ -135,140 +341,6 @@ def _warn_if_too_big(config: RunConfig) -> None:
         warning = f"peak memory could not be estimated ({type(exc).__name__}: {exc})"
     if warning:
         print(f"loratune: warning: {warning}", file=sys.stderr)
-
-
-def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:
-    """Evaluate the base model with a saved adapter (default: the run's own) on the config's evaluation data."""
-    quiet = (not sys.stderr.isatty()) if quiet is None else quiet
-    session = prepare(config, quiet, Path(adapter) if adapter else Path(config.output_dir) / "adapter")
-    metrics, _ = session.evaluate(full=True)
-    return metrics
-
-
-def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> dict[str, Any]:
-    """Train one LoRA adapter as `config` says and write everything into `config.output_dir`."""
-    out = Path(config.output_dir)
-    tc, task = config.train, config.model.task
-    checkpoints = out / "checkpoints"
-    check_output_dir(out, resume)
-    quiet = (not sys.stderr.isatty()) if quiet is None else quiet
-    session = prepare(config, quiet)
-    out.mkdir(parents=True, exist_ok=True)
-    model, data, device = session.model, session.data, session.device
-    autocast, precision = session.autocast, session.precision
-    optimizer = build_optimizer(model, tc.learning_rate, tc.weight_decay, tc.lora_plus_ratio)
-    scheduler = build_scheduler(optimizer, tc.warmup_steps, tc.max_steps, tc.schedule)
-    pad_id = session.tokenizer.pad_token_id
-    evaluate = session.evaluate
-
-    # 3. Fresh start or resume.
-    state = {"step": 0, "micro": 0, "history": [], "best": None, "bad_evals": 0, "tokens": 0, "seconds": 0.0}
-    if resume:
-        found = latest_checkpoint(checkpoints)
-        if found is None:
-            raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
-        saved = load_checkpoint(found, model, ADAPTER)
-        check_same_run(saved.get("config", {}), config.model_dump(mode="json"), found)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-        before, samples_before = saved["before"], saved["samples_before"]
-        set_rng_state(saved["rng"])
-    else:
-        before, samples_before = evaluate(full=True)
-        if before:
-            state["history"].append({"kind": "eval", "step": 0, **before})
-    log_path = out / "metrics.jsonl"
-    write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in state["history"]))
-    write_text_atomic(out / "config.yaml", config_to_yaml(config))
-    board = _tensorboard(out)
-
-    # 4. Train.
-    model.train()
-    order = BatchOrder(len(data.train_examples), tc.batch_size, tc.seed)
-    progress = session.progress(total=tc.max_steps, initial=state["step"], desc="training")
-    stopped_early = False
-    while state["step"] < tc.max_steps:
-        started = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
-        for _ in range(tc.grad_accum):
-            examples = [data.train_examples[i] for i in order.batch(state["micro"])]
-            state["micro"] += 1
-            batch = to_device(collate(examples, pad_id, task), device)
-            with autocast():
-                loss, _, _ = batch_loss(model, batch, task, session.loss_chunk)
-            if not torch.isfinite(loss):
-                progress.close()
-                raise TrainingDiverged(f"loss became {loss.item()} at step {state['step'] + 1}; "
-                                       f"{_last_good(checkpoints)} (try a lower learning rate)")
-            (loss / tc.grad_accum).backward()
-            loss_sum += loss.item() / tc.grad_accum
-            tokens += int(batch["attention_mask"].sum())
-        if tc.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        elapsed = time.perf_counter() - started
-        state["tokens"] += tokens
-        state["seconds"] += elapsed
-        record = {"kind": "train", "step": state["step"], "loss": loss_sum, "lr": lr, "tokens_per_s": tokens / elapsed}
-        state["history"].append(record)
-        _append_line(log_path, record, board)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-
-        if tc.eval_every and data.eval_examples and state["step"] % tc.eval_every == 0 and state["step"] < tc.max_steps:
-            metrics, _ = evaluate(full=False)
-            entry = {"kind": "eval", "step": state["step"], **metrics}
-            state["history"].append(entry)
-            _append_line(log_path, entry, board)
-            if state["best"] is None or metrics["loss"] < state["best"]:
-                state["best"], state["bad_evals"] = metrics["loss"], 0
-            else:
-                state["bad_evals"] += 1
-            if tc.early_stopping_patience and state["bad_evals"] >= tc.early_stopping_patience:
-                stopped_early = True
-        if tc.checkpoint_every and state["step"] % tc.checkpoint_every == 0:
-            if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-                progress.close()  # a checkpoint must hold weights worth resuming from
-                raise TrainingDiverged(f"adapter weights became non-finite at step {state['step']}; "
-                                       f"{_last_good(checkpoints)} (try a lower learning rate)")
-            save_checkpoint(checkpoints, state["step"], model, ADAPTER, {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-                "rng": rng_state(), "before": before, "samples_before": samples_before,
-                "config": config.model_dump(mode="json")}, tc.keep_checkpoints)
-        if stopped_early:
-            break
-    progress.close()
-
-    # 5. Evaluate, save, report.
-    after, samples_after = evaluate(full=True)
-    if after:
-        state["history"].append({"kind": "eval", "step": state["step"], **after})
-        _append_line(log_path, state["history"][-1], board)
-    save_adapter(model, out / "adapter", ADAPTER)
-    count = trainable_parameters(model)
-    summary = {
-        "model": config.model.name, "task": task, "precision": precision,
-        "steps": state["step"], "stopped_early": stopped_early,
-        "trainable_parameters": count.trainable, "total_parameters": count.total,
-        "trainable_fraction": count.fraction,
-        "train_seconds": state["seconds"], "tokens_per_second": state["tokens"] / max(state["seconds"], 1e-9),
-        "peak_rss_mb": peak_rss_mb(),
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "data": {"train": config.data.train, **data.info},
-        "before": before, "after": after, "samples_before": samples_before, "samples_after": samples_after,
-        "adapter_dir": str(out / "adapter"),
-    }
-    write_metrics(out / "metrics.json", summary)
-    plot_history(out / "plot.png", state["history"], f"{config.model.name} on {config.data.train}")
-    write_report(out / "report.md", summary, config_to_yaml(config))
-    if board:
-        board.close()
-    return summary
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
@@ -303,31 +375,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """bf16 autocast on CUDA with bf16 support or on CPUs with native bf16 (AMX / AVX512-BF16)."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def base_dtype(requested: str, precision: str) -> torch.dtype:
-    """Frozen weights in bf16 when the matmuls run in bf16 anyway: autocast then has nothing to cast, and
-    the weights take half the memory. Adapter weights stay fp32 (they are created in fp32)."""
-    if requested == "auto":
-        return torch.bfloat16 if precision == "bf16" else torch.float32
-    return DTYPES[requested]
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -354,15 +401,6 @@ def _progress_factory(quiet: bool):
     def make(iterable=None, **kwargs):
         return tqdm(iterable, disable=quiet, leave=False, dynamic_ncols=True, **kwargs)
     return make
-
-
-def _append_line(path: Path, record: dict[str, Any], board) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-    if board:
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                board.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
 
 def _tensorboard(out: Path):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_path, write_text_atomic
+from loratune.core.atomic_write import atomic_path, write_text_atomic
 
 
 def write_metrics(path: Path, summary: dict[str, Any]) -> None:

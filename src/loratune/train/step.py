@@ -8,7 +8,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100
+from loratune.tasks import IGNORE_INDEX
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -26,7 +26,7 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
         return F.cross_entropy(logits.float(), batch["labels"]), logits, batch["labels"].numel()
     if task == "seq2seq":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, out.logits, int((batch["labels"] != IGNORE).sum())
+        return out.loss, out.logits, int((batch["labels"] != IGNORE_INDEX).sum())
     return causal_lm_loss(model, batch, loss_chunk)
 
 
@@ -47,7 +47,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     tokens per row instead of the whole sequence times the vocabulary, in time and in memory.
     """
     targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE
+    mask = targets != IGNORE_INDEX
     weight = int(mask.sum())
     parts = split_lm(model)
     if parts is None:

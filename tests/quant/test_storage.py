@@ -7,9 +7,9 @@ have no __init__.py, so equal basenames would collide at collection.)
 import pytest
 import torch
 
-import loratune.quant.formats as formats
+import loratune.quant.storage as formats
 from loratune.errors import QuantizationError
-from loratune.quant.formats import (
+from loratune.quant.storage import (
     NF4_BLOCK,
     NF4_CODEBOOK,
     SCALE_BLOCK,

@@ -15,9 +15,10 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from loratune import models as loratune_models
-from loratune.errors import ConfigError, ModelLoadError
-from loratune.models import builtin_models, gguf_to_folder, load_model
+from loratune import pretrained as loratune_models
+from loratune.core.errors import ConfigError
+from loratune.errors import ModelLoadError
+from loratune.pretrained import builtin_models, gguf_to_folder, load_model
 
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "hello", "world"]
 

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelLoadError
-from ..layers import Conv1D
-from ..model import output_head_paths, set_module
-from .allocator import release_free_memory
-from .convert import check_model_quantizable
-from .linear import QuantLinear
+from loratune.core.adapters import output_head_paths, set_module
+from loratune.core.layers import Conv1D
+from loratune.errors import ModelLoadError
+from loratune.quant.allocator import release_free_memory
+from loratune.quant.convert import check_model_quantizable
+from loratune.quant.linear import QuantLinear
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

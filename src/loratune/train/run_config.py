@@ -12,11 +12,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import LoraConfig
-from ..data import DataConfig
-from ..errors import ConfigError
+from loratune.core.errors import ConfigError
+from loratune.core.lora_config import LoraConfig
+from loratune.data import DataConfig
+from loratune.tasks import Task
 
-Task = Literal["causal-lm", "classification", "seq2seq"]
 DEFAULT_LOSS_CHUNK = 1024  # labelled tokens per chunk of the output head and loss
 
 
@@ -142,7 +142,7 @@ def validate_config(data: dict[str, Any], source: str) -> RunConfig:
 
 def _check_data_files(config: RunConfig, source: str) -> None:
     """A missing data file is reported now, not after minutes of model loading."""
-    from ..data import builtin_datasets
+    from loratune.data import builtin_datasets
 
     for key in ("train", "validation"):
         value = getattr(config.data, key)

@@ -1,4 +1,5 @@
-"""Load a base model and its tokenizer from a local folder, a GGUF file, a built-in name or the hub.
+"""Load a base model and its tokenizer from a local folder, a GGUF file, a built-in name or the hub,
+quantized or not, with its adapter (`load_adapted_model` owns the order of load, quantize and LoftQ).
 
 Every failure a user can cause (a wrong path, an unknown name, no network) becomes a one-line
 `ModelLoadError`, so the command-line tool can print it without a traceback.
@@ -6,25 +7,27 @@ Every failure a user can cause (a wrong path, an unknown name, no network) becom
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from loratune.errors import ConfigError, LoratuneError, ModelLoadError
+from loratune.core.adapters import add_adapter
+from loratune.core.atomic_write import atomic_folder
+from loratune.core.errors import ConfigError, LoratuneError
+from loratune.core.lora_config import LoraConfig
+from loratune.core.peft_format import load_adapter, load_adapter_weights_into
+from loratune.errors import ModelLoadError
 from loratune.quant.allocator import return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
-from loratune.quant.loading import NotStreamable, load_quantized, safetensors_files
-
-Task = Literal["causal-lm", "classification", "seq2seq"]
-TASKS: tuple[str, ...] = ("causal-lm", "classification", "seq2seq")
+from loratune.quant.streaming import NotStreamable, load_quantized, safetensors_files
+from loratune.tasks import TASK_TYPES, TASKS, Task
 
 #: Seed for randomly initialised heads (the classifier of an encoder), so runs are repeatable.
 HEAD_SEED = 0
@@ -156,17 +159,13 @@ def gguf_to_folder(gguf_path: Path, cache: Path) -> Path:
     target = cache / "gguf" / _gguf_cache_name(gguf_path)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent))
     try:
-        _convert_gguf(gguf_path, tmp)
-        os.replace(tmp, target)
+        with atomic_folder(target) as tmp:
+            _convert_gguf(gguf_path, tmp)
     except OSError as exc:
         if (target / "config.json").is_file():  # another process finished first
             return target
         raise ModelLoadError(f"model {str(gguf_path)!r}: cannot write cache {target}: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -235,14 +234,27 @@ def _load_weights(
         try:
             if quantize == "none":
                 return model_class.from_pretrained(source, dtype=dtype, **kwargs)
-            return _load_quantized(source, model_class, quantize, double_quant, dtype, kwargs)
+            return _load_quantized(name, source, model_class, quantize, double_quant, dtype, kwargs)
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, LoratuneError):
                 raise
             raise _load_error(name, f"{task} model", exc) from exc
 
 
-def _load_quantized(source: str, model_class: Any, quantize: str, double_quant: bool, dtype: torch.dtype,
+def will_stream(name_or_path: str, quantize: str, loftq_iterations: int = 0) -> bool:
+    """Whether loading streams the model tensor by tensor into quantized layers (peak: the quantized model
+    plus one tensor) rather than loading it whole first: quantized, without LoftQ (which needs the
+    full-precision weights), from local safetensors (a folder, or a GGUF file's or built-in's cached copy).
+    The one decision both `load_model` and the memory estimate use; it reads no weights."""
+    if quantize == "none" or loftq_iterations:
+        return False
+    path = _builtin_path(name_or_path) if name_or_path in _BUILTINS else Path(name_or_path).expanduser()
+    if path.is_file():
+        return path.suffix.lower() == ".gguf"  # converted once into a safetensors folder
+    return path.is_dir() and bool(safetensors_files(path))
+
+
+def _load_quantized(name: str, source: str, model_class: Any, quantize: str, double_quant: bool, dtype: torch.dtype,
                     kwargs: dict[str, Any]) -> Any:
     """Stream a local safetensors model into quantized layers; otherwise load it whole, then quantize.
     Either way the layers are checked against the format before any weight is read."""
@@ -251,10 +263,9 @@ def _load_quantized(source: str, model_class: Any, quantize: str, double_quant: 
     return_large_blocks()
     config = AutoConfig.from_pretrained(source, **kwargs)
     remote = kwargs["trust_remote_code"]
-    folder = Path(source)
-    if folder.is_dir() and safetensors_files(folder):
+    if will_stream(name, quantize):
         try:
-            return load_quantized(folder, model_class, config, quantize, double_quant, dtype, remote)
+            return load_quantized(Path(source), model_class, config, quantize, double_quant, dtype, remote)
         except NotStreamable as exc:
             warnings.warn(f"{source}: {exc}; loading in full precision, then quantizing", stacklevel=3)
     with torch.device("meta"):
@@ -262,6 +273,39 @@ def _load_quantized(source: str, model_class: Any, quantize: str, double_quant: 
     model = model_class.from_pretrained(source, dtype=dtype, **kwargs)
     quantize_model(model, quantize, double_quant)
     return model
+
+
+def load_adapted_model(
+    name_or_path: str,
+    task: Task,
+    lora: LoraConfig,
+    adapter_name: str,
+    *,
+    adapter_dir: Path | None = None,
+    quantize: str = "none",
+    double_quant: bool = True,
+    loftq_iterations: int = 0,
+    **load_kwargs: Any,
+) -> tuple[Any, Any]:
+    """`(model, tokenizer)` with adapter `adapter_name` on a frozen base: a fresh one from `lora`, or the one
+    saved in `adapter_dir`. The one place that orders loading, quantizing and LoftQ: plain quantization
+    happens while loading; LoftQ needs the full-precision weights and the adapter, so it loads in full
+    precision, adds the adapter, then quantizes base and adapter together (and then loads saved weights).
+    `load_kwargs` go to `load_model`."""
+    loftq = quantize != "none" and loftq_iterations > 0
+    model, tokenizer = load_model(name_or_path, task, quantize="none" if loftq else quantize,
+                                  double_quant=double_quant, **load_kwargs)
+    if adapter_dir is not None and not loftq:
+        load_adapter(model, adapter_dir, adapter_name)
+    else:
+        lora = dataclasses.replace(lora, task_type=lora.task_type or TASK_TYPES[task],
+                                   base_model_name_or_path=lora.base_model_name_or_path or name_or_path)
+        add_adapter(model, lora, adapter_name)
+    if loftq:
+        quantize_model(model, quantize, double_quant, loftq_iterations, adapter_name)
+        if adapter_dir is not None:
+            load_adapter_weights_into(model, adapter_dir, adapter_name)
+    return model, tokenizer
 
 
 def model_skeleton(name_or_path: str, task: Task, *, num_labels: int = 2, trust_remote_code: bool = False,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import QuantizationError
+from loratune.errors import QuantizationError
 
 FORMATS: tuple[str, ...] = ("nf4", "int8")
 

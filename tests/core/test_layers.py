@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from loratune import LoraConfig, MergeError, TargetError, add_adapter, merge, unmerge
-from loratune.layers import LoraConv, LoraEmbedding, LoraLinear, ModulesToSave
+from loratune.core.layers import LoraConv, LoraEmbedding, LoraLinear, ModulesToSave
 
 
 def _linear_layer(base: nn.Module, rank: int = 3, scaling: float = 0.5, init=False) -> LoraLinear:

@@ -24,7 +24,7 @@ from loratune import (
     save_adapter,
     set_active_adapters,
 )
-from loratune.io import CONFIG_NAME, WEIGHTS_NAME
+from loratune.core.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 ADAPTER_FILES = {CONFIG_NAME, WEIGHTS_NAME}
 
@@ -146,7 +146,7 @@ def test_all_linear_for_sequence_classification_leaves_the_head_out():
 
 
 def test_save_failure_leaves_no_files(tmp_path, monkeypatch):
-    import loratune.io as io
+    import loratune.core.peft_format as io
 
     model = tm.llama()
     add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"]))

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-import loratune.fused as fused
-from loratune.fused import dropout_branch, keep_mask
-from loratune.layers import LoraLinear
+import loratune.core.dropout_branch as fused
+from loratune.core.dropout_branch import dropout_branch, keep_mask
+from loratune.core.layers import LoraLinear
 
 
 def _reference(x, a, b, mask, keep_scale, scaling):
@@ -115,7 +115,7 @@ def test_autocast_runs_the_branch_in_bf16_close_to_fp32(monkeypatch):
 
 
 def test_eval_identity_dropout_and_dora_keep_the_plain_branch(monkeypatch):
-    import loratune.layers as layers
+    import loratune.core.layers as layers
 
     def refuse(*args, **kwargs):
         raise AssertionError("the fused dropout branch ran")

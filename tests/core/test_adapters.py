@@ -27,8 +27,8 @@ from loratune import (
     unload,
     unmerge,
 )
-from loratune.layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
-from loratune.model import find_targets, lora_layers
+from loratune.core.adapters import find_targets, lora_layers
+from loratune.core.layers import LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 
 FAMILIES = ["gpt2", "llama", "bert", "t5", "opt"]
 

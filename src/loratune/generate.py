@@ -6,13 +6,13 @@ from typing import TextIO
 
 import torch
 
-from ..io import load_adapter, read_adapter_config
-from ..models import load_model, max_positions
+from loratune.core.peft_format import load_adapter, read_adapter_config
+from loratune.pretrained import load_model, max_positions
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     """Token ids for a plain prompt, or for one user turn rendered with the model's chat template."""
-    from ..errors import ConfigError
+    from loratune.core.errors import ConfigError
 
     if not prompt.strip():
         raise ConfigError("--prompt: the prompt is empty")
@@ -43,7 +43,7 @@ def generate_stream(model_name: str, prompt: str, adapter: str | None, chat: boo
     ids = prompt_ids(tokenizer, prompt, chat)
     limit = max_positions(model)
     if limit is not None and not model.config.is_encoder_decoder and ids.shape[1] + max_new_tokens > limit:
-        from ..errors import ConfigError
+        from loratune.core.errors import ConfigError
 
         raise ConfigError(f"--max-new-tokens: the prompt ({ids.shape[1]} tokens) plus {max_new_tokens} new tokens "
                           f"exceed the model's {limit} positions")

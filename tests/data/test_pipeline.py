@@ -5,8 +5,9 @@ import pytest
 from conftest import VOCAB
 from pydantic import ValidationError
 
+from loratune.core.errors import ConfigError
 from loratune.data import DataConfig, builtin_datasets, load_datasets, pack
-from loratune.errors import ConfigError, DataError
+from loratune.errors import DataError
 
 EOS = VOCAB["</s>"]
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,21 +17,23 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import LoraConfig
-from .errors import AdapterFileError, ConfigError, LoratuneError
-from .layers import Conv1D
-from .model import (
-    _check_name,
-    _inject,
+from loratune.core.adapters import (
+    active_adapters,
     adapter_configs,
     adapter_parameters,
     bias_parameters,
+    check_adapter_name,
     delete_adapter,
     find_targets,
+    inject,
     lora_layers,
     mark_trainable,
     set_active_adapters,
 )
+from loratune.core.atomic_write import atomic_path
+from loratune.core.errors import AdapterFileError, ConfigError, LoratuneError
+from loratune.core.layers import Conv1D
+from loratune.core.lora_config import LoraConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,32 +41,9 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and writers) make the file private; the result is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's file keys."""
-    config = _check_name(model, name)
+    config = check_adapter_name(model, name)
     state = {}
     for path, param in {**adapter_parameters(model, name), **bias_parameters(model, config.bias)}.items():
         state[KEY_PREFIX + _strip_adapter_name(path, name)] = param.detach()
@@ -154,18 +131,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str | Non
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory, allow_pickle=allow_pickle)
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    active = list(model.__dict__.get("lora_active", []))
+    active = active_adapters(model)
     existed = name in adapter_configs(model)
     try:
         _check_targets(model, config, directory)
-        _inject(model, config, name, initialize=False)
+        inject(model, config, name, initialize=False)
         _copy_weights(model, name, config, weights, directory)
     except LoratuneError:
         if not existed and name in adapter_configs(model):
             delete_adapter(model, name)
         for param in model.parameters():
             param.requires_grad_(requires_grad.get(id(param), param.requires_grad))
-        model.__dict__["lora_active"] = active
+        set_active_adapters(model, active)
         raise
     set_active_adapters(model, active or [name])
     if trainable:
@@ -211,5 +188,5 @@ def _copy_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict
 
 def load_adapter_weights_into(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> None:
     """Overwrite an existing adapter's tensors with those stored in `directory` (used to resume training)."""
-    config = _check_name(model, name)
+    config = check_adapter_name(model, name)
     _copy_weights(model, name, config, read_adapter_weights(directory), directory)

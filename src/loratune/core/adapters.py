@@ -1,8 +1,8 @@
 """Put LoRA adapters into any `nn.Module`, and manage them: activate, merge, unmerge, unload, delete, mix.
 
-State lives on the model itself: the LoRA layers hold the factors, and `model.lora_configs` maps each
-adapter name to its `LoraConfig`. Every function checks its input before it changes anything, so an
-error leaves the model exactly as it was.
+State lives on the model itself: the LoRA layers hold the factors, and `adapter_state(model)` holds each
+adapter's `LoraConfig` (also readable as `model.lora_configs`, as PEFT's `peft_config`) and the active list.
+Every function checks its input before it changes anything, so an error leaves the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import difflib
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterNameError, MergeError, TargetError
-from .layers import (
+from loratune.core.errors import AdapterNameError, MergeError, TargetError
+from loratune.core.layers import (
     LINEAR_TYPES,
     QUANTIZED_MERGE,
     LoraLayer,
@@ -29,13 +29,40 @@ from .layers import (
     layer_dims,
     lora_class_for,
 )
+from loratune.core.lora_config import ALL_LINEAR, LoraConfig
 
 CONFIGS_ATTR = "lora_configs"
+STATE_ATTR = "lora_state"
+
+
+@dataclass
+class AdapterState:
+    """What a model holds besides the layers: each adapter's config, and the adapters in use, in order."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    """The model's adapter state (created empty on first use); the one place that touches `model.__dict__`.
+
+    Kept out of `nn.Module`'s registries so it never reaches `state_dict` or `named_modules`.
+    """
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        state = model.__dict__[STATE_ATTR] = AdapterState()
+        model.__dict__[CONFIGS_ATTR] = state.configs  # read-only view for users, by PEFT's example
+    return state
+
+
+def forget_adapter_state(model: nn.Module) -> None:
+    model.__dict__.pop(STATE_ATTR, None)
+    model.__dict__.pop(CONFIGS_ATTR, None)
 
 
 # --- inspection ----------------------------------------------------------------------------------------------
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
-    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+    return adapter_state(model).configs
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -70,7 +97,7 @@ def trainable_parameters(model: nn.Module) -> ParamCount:
     return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized)
 
 
-def _check_name(model: nn.Module, name: str) -> LoraConfig:
+def check_adapter_name(model: nn.Module, name: str) -> LoraConfig:
     configs = adapter_configs(model)
     if name not in configs:
         known = ", ".join(sorted(configs)) or "none"
@@ -83,12 +110,12 @@ def _as_names(model: nn.Module, names: str | Sequence[str] | None) -> list[str]:
         return active_adapters(model)
     names = [names] if isinstance(names, str) else list(names)
     for name in names:
-        _check_name(model, name)
+        check_adapter_name(model, name)
     return names
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    return list(model.__dict__.get("lora_active", []))
+    return list(adapter_state(model).active)
 
 
 # --- finding targets -----------------------------------------------------------------------------------------
@@ -206,7 +233,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str = "default") -> 
     The first adapter on a model becomes active; later ones are added inactive (see `set_active_adapters`),
     as in PEFT. Returns the same model, changed in place.
     """
-    _inject(model, config, name, initialize=True)
+    inject(model, config, name, initialize=True)
     if not active_adapters(model):
         set_active_adapters(model, [name])
     mark_trainable(model, name)
@@ -220,7 +247,7 @@ def check_new_name(model: nn.Module, name: str) -> None:
         raise AdapterNameError(f"adapter name {name!r} is already taken")
 
 
-def _inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -> None:
+def inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) -> None:
     check_new_name(model, name)
     targets = find_targets(model, config)
     pissa = initialize and config.init_lora_weights == "pissa"
@@ -302,7 +329,7 @@ def mark_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
         param.requires_grad_(False)
     if not trainable:
         return
-    config = _check_name(model, name)
+    config = check_adapter_name(model, name)
     for param in adapter_parameters(model, name).values():
         param.requires_grad_(True)
     for param in bias_parameters(model, config.bias).values():
@@ -311,7 +338,7 @@ def mark_trainable(model: nn.Module, name: str, trainable: bool = True) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove an adapter; layers left with no adapter are replaced by the original module."""
-    _check_name(model, name)
+    check_adapter_name(model, name)
     for path, layer in list(lora_layers(model)):
         if name not in layer.scaling:
             continue
@@ -335,7 +362,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def set_active_adapters(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make `names` the adapters in use; with several, their updates add up."""
     names = _as_names(model, names)
-    model.__dict__["lora_active"] = names
+    adapter_state(model).active = names
     for _, layer in lora_layers(model):
         layer.active = [n for n in names if n in layer.scaling]
     for _, wrapper in saved_modules(model):
@@ -422,8 +449,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for path, wrapper in list(saved_modules(model)):
         keep = wrapper.current() if merge else wrapper.original_module
         set_module(model, path, keep)
-    model.__dict__.pop(CONFIGS_ATTR, None)
-    model.__dict__.pop("lora_active", None)
+    forget_adapter_state(model)
     return model
 
 
@@ -437,7 +463,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     """
     if len(adapters) != len(weights) or not adapters:
         raise AdapterNameError("add_weighted_adapter needs one weight per adapter, and at least one adapter")
-    configs = [_check_name(model, a) for a in adapters]
+    configs = [check_adapter_name(model, a) for a in adapters]
     check_new_name(model, name)
     if any(c.modules_to_save for c in configs) or any(c.use_dora for c in configs):
         raise TargetError("add_weighted_adapter cannot combine adapters with modules_to_save or DoRA")
@@ -492,7 +518,7 @@ def mixed_adapter_batch(model: nn.Module, row_adapters: Sequence[str | None]) ->
     so a batch that mixes many adapters costs about as much as one adapter. For inference (no dropout).
     """
     names = sorted({n for n in row_adapters if n is not None})
-    configs = {n: _check_name(model, n) for n in names}
+    configs = {n: check_adapter_name(model, n) for n in names}
     if any(c.use_dora for c in configs.values()) or any(c.modules_to_save for c in configs.values()):
         raise TargetError("mixed-adapter batches do not support DoRA adapters or modules_to_save")
     slot = {n: i + 1 for i, n in enumerate(names)}

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import AdapterNameError, MergeError, TargetError
-from .fused import dropout_branch
+from loratune.core.dropout_branch import dropout_branch
+from loratune.core.errors import AdapterNameError, MergeError, TargetError
 
 try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -206,6 +206,12 @@ class LoraLinear(LoraLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.transposed = isinstance(base_layer, Conv1D)
         self.dora_norm: dict[str, torch.Tensor] = {}
+
+    def replace_base_layer(self, layer: nn.Module) -> None:
+        """Put `layer` under the adapters in place of the current base (e.g. its quantized copy); the new
+        layer's weight is read as stored: (in, out) for a `Conv1D`, (out, in) for anything else."""
+        self.base_layer = layer
+        self.transposed = isinstance(layer, Conv1D)
 
     def base_weight_oi(self) -> torch.Tensor:
         weight = self.base_layer.weight

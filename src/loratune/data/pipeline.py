@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loratune.core.errors import ConfigError
 from loratune.data.builtin import builtin_spec, is_builtin, read_builtin
-from loratune.data.config import DataConfig
-from loratune.data.formats import Formatter, check_task_format
+from loratune.data.data_config import DataConfig
+from loratune.data.examples import Formatter, check_task_format
 from loratune.data.labels import LabelMap, infer_label_names
 from loratune.data.readers import read_file, records_from_rows
 from loratune.data.records import BadRecords, Record
-from loratune.errors import ConfigError, DataError
+from loratune.errors import DataError
 
 
 @dataclass

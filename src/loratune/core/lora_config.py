@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from loratune.core.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")

@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
-import loratune.quant.loading as loading
+import loratune.quant.streaming as loading
 from loratune.errors import ModelLoadError, QuantizationError
-from loratune.models import load_model
+from loratune.pretrained import load_model
 from loratune.quant import QuantLinear, quantize_model
-from loratune.quant.loading import read_tensors, safetensors_files
+from loratune.quant.streaming import read_tensors, safetensors_files
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from loratune.data.config import DataConfig
+from loratune.core.errors import ConfigError
+from loratune.data.data_config import DataConfig
 from loratune.data.labels import LabelMap
 from loratune.data.records import Record, record_error
-from loratune.errors import ConfigError
+from loratune.tasks import IGNORE_INDEX
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_PROMPT_TEMPLATE = "Text: {text}\nLabel:"
 DEFAULT_COMPLETION_TEMPLATE = " {label}"
@@ -156,7 +156,7 @@ class Formatter:
         answer_ids = self._ids(answer, special=False) + ([self.eos] if self.eos is not None else [])
         keep_bos = self._bos_first(prompt_ids)
         fitted_prompt, fitted_answer = fit_pair(prompt_ids, answer_ids, self.cfg.max_length, keep_bos)
-        prompt_labels = fitted_prompt if self.cfg.train_on_prompt else [IGNORE] * len(fitted_prompt)
+        prompt_labels = fitted_prompt if self.cfg.train_on_prompt else [IGNORE_INDEX] * len(fitted_prompt)
         example = {"input_ids": fitted_prompt + fitted_answer, "labels": prompt_labels + fitted_answer}
         truncated = len(fitted_prompt) + len(fitted_answer) < len(prompt_ids) + len(answer_ids)
         return Formatted(example, fitted_prompt, answer.strip(), truncated)
@@ -209,7 +209,7 @@ class Formatter:
         if self.cfg.train_on_prompt:
             labels = list(ids)
         else:
-            labels = [tok if _inside(start, spans) else IGNORE
+            labels = [tok if _inside(start, spans) else IGNORE_INDEX
                       for tok, (start, _) in zip(ids, encoded["offset_mapping"])]
         length = self.cfg.max_length
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

@@ -9,9 +9,9 @@ from typing import TextIO
 
 from torch import nn
 
-from .errors import ConfigError
-from .io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
-from .model import add_adapter, find_targets, trainable_parameters
+from loratune.core.adapters import add_adapter, find_targets, trainable_parameters
+from loratune.core.errors import ConfigError
+from loratune.core.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
 
 
 def module_summary(model: nn.Module) -> list[str]:
@@ -45,8 +45,8 @@ def inspect_command(model_name: str | None, task: str, config_path: str | None, 
     if memory:
         if not config_path:
             raise ConfigError("inspect --memory: give --config, the run to estimate")
-        from .memory import estimate_memory, machine_memory
-        from .train import load_config
+        from loratune.memory import estimate_memory, machine_memory
+        from loratune.train import load_config
 
         out.write("\n".join(estimate_memory(load_config(config_path)).lines(machine_memory())) + "\n")
         return
@@ -56,13 +56,13 @@ def inspect_command(model_name: str | None, task: str, config_path: str | None, 
         out.write("\n".join(adapter_summary(adapter)) + "\n")
     run = None
     if config_path:
-        from .train import load_config
+        from loratune.train import load_config
 
         run = load_config(config_path)
         model_name, task = model_name or run.model.name, run.model.task
     if not model_name:
         return
-    from .models import load_model
+    from loratune.pretrained import load_model
 
     model, _ = load_model(model_name, task)
     count = trainable_parameters(model)

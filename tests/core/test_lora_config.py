@@ -9,7 +9,7 @@ import peft
 import pytest
 
 from loratune import ConfigError, LoraConfig
-from loratune.config import pattern_matches
+from loratune.core.lora_config import pattern_matches
 
 
 def test_defaults_and_scaling():

@@ -3,9 +3,10 @@
 import pytest
 from conftest import VOCAB, ids
 
-from loratune.data import IGNORE, DataConfig, Formatter, Record, fit_pair
+from loratune.core.errors import ConfigError
+from loratune.data import IGNORE_INDEX, DataConfig, Formatter, Record, fit_pair
 from loratune.data.labels import LabelMap
-from loratune.errors import ConfigError, DataError
+from loratune.errors import DataError
 
 EOS = VOCAB["</s>"]
 
@@ -22,7 +23,7 @@ def rec(**fields):
 def test_prompt_completion_learns_only_the_answer_and_eos(tok):
     out = fmt(tok)(rec(prompt="hello world", completion="the cat"))
     assert out.example["input_ids"] == ids("hello", "world", "the", "cat") + [EOS]
-    assert out.example["labels"] == [IGNORE, IGNORE] + ids("the", "cat") + [EOS]
+    assert out.example["labels"] == [IGNORE_INDEX, IGNORE_INDEX] + ids("the", "cat") + [EOS]
     assert out.prompt_ids == ids("hello", "world")
     assert out.reference == "the cat"
 
@@ -48,7 +49,7 @@ def test_translation_prompt_names_languages_for_causal_lm(tok):
     assert prompt == "Translate English to Spanish:\nhello world\n"
     out = formatter(rec(source="hello world", target="hola mundo"))
     assert out.example["input_ids"][-3:] == ids("hola", "mundo") + [EOS]
-    assert out.example["labels"].count(IGNORE) == len(out.example["labels"]) - 3
+    assert out.example["labels"].count(IGNORE_INDEX) == len(out.example["labels"]) - 3
 
 
 def test_translation_for_seq2seq_reads_the_prompt_and_predicts_the_target(tok):
@@ -128,7 +129,7 @@ def test_long_record_is_truncated_to_max_length_with_bos(bos_tok):
     assert len(out.example["input_ids"]) == 8 and out.truncated
     assert out.example["input_ids"][0] == VOCAB["<s>"]
     assert out.example["input_ids"][-1] == EOS and out.example["labels"][-1] == EOS
-    assert out.example["labels"][:4] == [IGNORE] * 4
+    assert out.example["labels"][:4] == [IGNORE_INDEX] * 4
 
 
 def test_text_without_packing_is_cut_and_labels_every_token(tok):
@@ -149,7 +150,7 @@ CHAT = [
 def test_chat_learns_only_assistant_turns(smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
     out = fmt(tokenizer, format="chat")(rec(messages=CHAT))
-    learned = [t for t, label in zip(out.example["input_ids"], out.example["labels"]) if label != IGNORE]
+    learned = [t for t, label in zip(out.example["input_ids"], out.example["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(learned) == "Hello!<|im_end|>\n4<|im_end|>\n"
     assert tokenizer.decode(out.example["input_ids"]).startswith("<|im_start|>system")
     assert tokenizer.decode(out.prompt_ids).endswith("<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")

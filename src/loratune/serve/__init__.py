@@ -1,1 +1,0 @@
-"""Inference helpers: streaming generation from a base model plus adapters."""
