@@ -24,7 +24,7 @@ from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError
 from loratune.core.peft_format import save_adapter
 from loratune.data import collate, load_datasets, read_label_names
-from loratune.memory import estimate_memory, machine_memory, memory_warning
+from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
