@@ -32,9 +32,10 @@ from typing import Any
 
 import torch
 
+from benchmarks.qlora_report import PARTS, write_qlora
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
-PARTS = ("roundtrip", "tinyllama", "llama7b", "smollm2", "sentiment")
 SHAPES: dict[str, dict[str, int]] = {
     "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000),
@@ -184,7 +185,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def estimate_gb(folder: Path, quantize: str, seq_len: int) -> dict[str, float]:
     """loratune's own memory estimate for the same run, to set beside the measurement."""
-    from loratune.memory import estimate_memory
+    from loratune.train.memory import estimate_memory
     from loratune.train.run_config import DEFAULT_LOSS_CHUNK, validate_config
 
     config = validate_config({
@@ -324,7 +325,6 @@ def run_qlora(parts: list[str], quick: bool) -> int:
     """Run the parts in order; each one's rows replace that part's earlier rows in the results file."""
     import transformers
 
-    from benchmarks.qlora_report import write_qlora
     from benchmarks.runner import cpu_model
 
     failed = False

@@ -18,6 +18,9 @@ TITLES = {
     "sentiment": "minilm-l6 LoRA r=8 (query, value + head) on movie-sentiment, 1 epoch",
 }
 
+#: The benchmark's parts, in the order they run and are reported.
+PARTS = ("roundtrip", "tinyllama", "llama7b", "smollm2", "sentiment")
+
 
 def write_qlora(part: str, result: dict[str, Any], quick: bool, directory: Path = RESULTS_DIR) -> list[Path]:
     """Merge one part's result into qlora.json (qlora-quick.json for --quick) and rewrite the tables."""
@@ -85,8 +88,6 @@ def part_lines(part: str, result: dict[str, Any]) -> list[str]:
 
 
 def qlora_markdown(results: dict[str, Any]) -> str:
-    from benchmarks.qlora import PARTS
-
     lines: list[str] = []
     for part in PARTS:
         if part in results["parts"]:
