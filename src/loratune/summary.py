@@ -45,8 +45,8 @@ def inspect_command(model_name: str | None, task: str, config_path: str | None, 
     if memory:
         if not config_path:
             raise ConfigError("inspect --memory: give --config, the run to estimate")
-        from loratune.train.memory import estimate_memory, machine_memory
         from loratune.train import load_config
+        from loratune.train.memory import estimate_memory, machine_memory
 
         out.write("\n".join(estimate_memory(load_config(config_path)).lines(machine_memory())) + "\n")
         return

@@ -7,10 +7,10 @@ import yaml
 
 from loratune.cli import main
 from loratune.core.adapters import add_adapter, trainable_parameters
-from loratune.train.memory import GB, estimate_memory, machine_memory, memory_warning
 from loratune.pretrained import load_model
 from loratune.quant.storage import bytes_per_weight
 from loratune.tasks import TASK_TYPES
+from loratune.train.memory import GB, estimate_memory, machine_memory, memory_warning
 from loratune.train.run_config import validate_config
 
 

@@ -4,7 +4,7 @@ tokenized examples for a task, and batch them."""
 from loratune.data.builtin import builtin_datasets
 from loratune.data.collate import collate
 from loratune.data.data_config import FORMATS, DataConfig
-from loratune.data.examples import Formatter, fit_pair
+from loratune.data.formatting import Formatter, fit_pair
 from loratune.data.pipeline import DataSplit, LoadedData, load_datasets, pack, read_label_names, split_records
 from loratune.data.records import BadRecords, Record
 from loratune.tasks import IGNORE_INDEX

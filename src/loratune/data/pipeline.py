@@ -11,7 +11,7 @@ from typing import Any
 from loratune.core.errors import ConfigError
 from loratune.data.builtin import builtin_spec, is_builtin, read_builtin
 from loratune.data.data_config import DataConfig
-from loratune.data.examples import Formatter, check_task_format
+from loratune.data.formatting import Formatter, check_task_format
 from loratune.data.labels import LabelMap, infer_label_names
 from loratune.data.readers import read_file, records_from_rows
 from loratune.data.records import BadRecords, Record

@@ -24,11 +24,11 @@ from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError
 from loratune.core.peft_format import save_adapter
 from loratune.data import collate, load_datasets, read_label_names
-from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from loratune.train.evaluate import evaluate_loss, generate_texts, generation_metrics
+from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
