@@ -9,6 +9,7 @@ from loratune.export import export
 
 
 def one_line_error(capsys, argv, *fragments):
+    capsys.readouterr()  # drop what building the fixtures printed
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err, err
