@@ -1,7 +1,7 @@
 """What a format cannot carry is refused in one line before anything is written; the command's exit codes."""
 
 import pytest
-from conftest import save_adapter
+from export_tools import save_adapter, tiny_adapter, tiny_llama_dir  # noqa: F401 (fixtures)
 
 from loratune.cli import main
 from loratune.errors import LoratuneError

@@ -4,7 +4,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import TARGETS, save_adapter
+from export_tools import TARGETS, save_adapter, tiny_adapter, tiny_llama_dir  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
 
 from loratune.export import export, gguf_source

@@ -1,4 +1,6 @@
-"""A tiny Llama folder with a byte-level BPE tokenizer and chat template, and adapters on it (all offline)."""
+"""Fixtures and helpers for the export tests: a tiny Llama folder with a byte-level BPE tokenizer and chat template,
+and adapters with non-zero B. Test modules import the fixtures by name (a conftest.py here would shadow the
+`from conftest import` of other test folders)."""
 
 import pytest
 import torch
@@ -26,20 +28,6 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """Llama with grouped-query attention (4 heads, 2 KV heads), so q and k are reordered differently."""
-    tokenizer = bpe_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def save_adapter(folder, model_dir, seed: int = 1, **lora) -> str:
     """An adapter with non-zero lora_B (a freshly initialised one would change nothing)."""
     model = LlamaForCausalLM.from_pretrained(model_dir)
@@ -52,6 +40,20 @@ def save_adapter(folder, model_dir, seed: int = 1, **lora) -> str:
                 param.normal_(0, 0.2)
     lt.save_adapter(model, folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """Llama with grouped-query attention (4 heads, 2 KV heads), so q and k are reordered differently."""
+    tokenizer = bpe_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
