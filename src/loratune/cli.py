@@ -49,24 +49,17 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from loratune.core.adapters import unload
-    from loratune.core.atomic_write import atomic_folder
-    from loratune.core.peft_format import load_adapter, read_adapter_config
-    from loratune.pretrained import load_model
+    from .export.merged_folder import write_merged_folder
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LoratuneError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        raise LoratuneError(f"{out}: output folder exists and is not empty")
-    read_adapter_config(args.adapter)  # fail before the model loads
-    model, tokenizer = load_model(args.model, args.task)
-    load_adapter(model, args.adapter)
-    merged = unload(model, merge=True)
-    with atomic_folder(out) as tmp:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    out = write_merged_folder(args.model, args.adapter, args.out, args.task)
     print(f"merged model written to {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export
+
+    for path in export(args.adapter_dir, args.model, args.format, args.out, args.dtype):
+        print(f"wrote {path}")
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -129,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True)
     merge.add_argument("--task", default="causal-lm", choices=TASKS)
     merge.set_defaults(run=_merge)
+
+    export = commands.add_parser("export", help="write an adapter for llama.cpp / Ollama (GGUF) or a merged model")
+    export.add_argument("adapter_dir")
+    export.add_argument("--model", required=True, help="the base model: a folder, a .gguf file or a built-in name")
+    export.add_argument("--format", required=True, choices=["gguf-lora", "gguf", "safetensors"])
+    export.add_argument("--out", required=True, help="the .gguf file (or, for safetensors, the folder) to write")
+    export.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="tensor type (default: f32 for gguf-lora and safetensors, f16 for gguf)")
+    export.set_defaults(run=_export)
 
     inspect = commands.add_parser("inspect", help="show modules, targets, trainable parameters, adapter files")
     inspect.add_argument("--model")

@@ -114,7 +114,7 @@ def _check_labels(task: str, num_labels: int | None, label_names: list[str] | No
 def _resolve_source(name_or_path: str, cache: Path) -> str:
     """Turn what the user wrote into something `from_pretrained` accepts: a folder or a hub name."""
     if name_or_path in _BUILTINS:
-        return _resolve_local(_builtin_path(name_or_path), cache)
+        return _resolve_local(builtin_path(name_or_path), cache)
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _resolve_local(path, cache)
@@ -137,7 +137,7 @@ def _resolve_local(path: Path, cache: Path) -> str:
     return str(path)
 
 
-def _builtin_path(name: str) -> Path:
+def builtin_path(name: str) -> Path:
     """Find a built-in's files without importing its package (their `__init__` may need extras)."""
     spec = _BUILTINS[name]
     found = importlib.util.find_spec(spec.package)
@@ -248,7 +248,7 @@ def will_stream(name_or_path: str, quantize: str, loftq_iterations: int = 0) -> 
     The one decision both `load_model` and the memory estimate use; it reads no weights."""
     if quantize == "none" or loftq_iterations:
         return False
-    path = _builtin_path(name_or_path) if name_or_path in _BUILTINS else Path(name_or_path).expanduser()
+    path = builtin_path(name_or_path) if name_or_path in _BUILTINS else Path(name_or_path).expanduser()
     if path.is_file():
         return path.suffix.lower() == ".gguf"  # converted once into a safetensors folder
     return path.is_dir() and bool(safetensors_files(path))

@@ -1,0 +1,40 @@
+"""The merged model as a transformers folder: what `loratune merge` and `export --format safetensors` write."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+import loratune as lt
+from loratune.core.atomic_write import atomic_folder
+from loratune.core.errors import ConfigError, LoratuneError
+from loratune.core.peft_format import read_adapter_config
+from loratune.pretrained import load_model
+
+FOLDER_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_empty_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise LoratuneError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        raise LoratuneError(f"{out}: output folder exists and is not empty")
+
+
+def write_merged_folder(model_name: str, adapter_dir: str | os.PathLike, out: str | os.PathLike,
+                        task: str = "causal-lm", dtype: str = "f32") -> Path:
+    """Load `model_name`, merge the adapter in, save weights and tokenizer; the folder appears whole or not at all."""
+    out = Path(out)
+    if dtype not in FOLDER_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r}: a safetensors folder is written as one of {', '.join(FOLDER_DTYPES)}")
+    check_empty_folder(out)
+    read_adapter_config(adapter_dir)  # fail before the model loads
+    model, tokenizer = load_model(model_name, task)
+    lt.load_adapter(model, adapter_dir)
+    merged = lt.unload(model, merge=True).to(FOLDER_DTYPES[dtype])
+    with atomic_folder(out) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
