@@ -31,3 +31,10 @@ class AdapterFileError(LoratuneError, ValueError):
 
 class MergeError(LoratuneError, ValueError):
     """Merging would produce non-finite weights, or the adapter cannot be merged."""
+
+
+class WriteError(LoratuneError, OSError):
+    """A file could not be written (disk full, no permission); the message names the path and the cause.
+
+    An `OSError` too, so callers that handle failed writes of any origin keep working.
+    """

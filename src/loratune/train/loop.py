@@ -26,7 +26,13 @@ from loratune.core.peft_format import save_adapter
 from loratune.data import collate, load_datasets, read_label_names
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
-from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from loratune.train.checkpoint import (
+    latest_checkpoint,
+    load_newest_readable,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from loratune.train.evaluate import evaluate_loss, generate_texts, generation_metrics
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.optim import build_optimizer, build_scheduler
@@ -179,13 +185,12 @@ def start_run(session: Session, out: Path) -> Run:
 
 
 def resume_run(session: Session, out: Path) -> Run:
-    """Continue from the newest complete checkpoint: adapter, optimizer, scheduler, state and RNG streams."""
-    checkpoints = out / "checkpoints"
-    found = latest_checkpoint(checkpoints)
-    if found is None:
-        raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
+    """Continue from the newest readable checkpoint (newer unreadable ones are passed over with a warning):
+    adapter, optimizer, scheduler, state and RNG streams."""
     optimizer, scheduler = _optimizer(session)
-    saved = load_checkpoint(found, session.model, ADAPTER)
+    found, saved, passed_over = load_newest_readable(out / "checkpoints", session.model, ADAPTER)
+    for warning in passed_over:
+        print(f"loratune: warning: {warning}", file=sys.stderr)
     check_same_run(saved.get("config", {}), session.config.model_dump(mode="json"), found)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
