@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,6 +21,16 @@ def _train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set)
     summary = fit(config, resume=args.resume, quiet=args.quiet)
     _print_summary(summary, Path(config.output_dir))
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues a stopped `loratune train` (or `demo`) run, as the user would type it."""
+    if args.command == "demo":  # the demo's resolved config, written when its training starts
+        words = ["loratune", "train", str(Path(args.output) / "config.yaml")]
+    else:
+        words = ["loratune", "train", args.config]
+        words += [part for assignment in args.set for part in ("--set", assignment)]
+    return "`" + shlex.join([*words, "--resume"]) + "`"
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -150,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """Keep transformers' own progress bars and warnings off the terminal when it is not interactive."""
+    from loratune.import_noise import silence_import_noise
+
+    silence_import_noise()  # before transformers imports torchao
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -164,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except LoratuneError as exc:
+        from loratune.train.stop_signals import RunStopped  # imported already when one was raised
+
+        if isinstance(exc, RunStopped):
+            print(f"loratune: {exc.message(_resume_command(args))}", file=sys.stderr)
+            return exc.exit_code
         if args.debug:
             raise
         print(f"loratune: error: {exc}", file=sys.stderr)

@@ -80,12 +80,11 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
 @contextmanager
 def _naming_failures(target: Path, tmp: Path | None) -> Iterator[None]:
     """Turn a file-system failure inside a write into `WriteError` naming the target (not the temporary
-    path) and the cause. Serializers written in Rust (safetensors) report I/O errors in their own type."""
+    path) and the cause; a failure inside a folder being written names the file within the target folder.
+    Serializers written in Rust (safetensors) report I/O errors in their own type."""
     try:
         yield
-    except WriteError:
-        raise
-    except OSError as exc:
+    except OSError as exc:  # WriteError too: a nested write names its file under our temporary path
         raise _write_error(target, tmp, exc.filename, exc.strerror or str(exc), exc.errno) from exc
     except SafetensorError as exc:
         cause = _io_cause(str(exc))
@@ -97,9 +96,9 @@ def _naming_failures(target: Path, tmp: Path | None) -> Iterator[None]:
 def _write_error(target: Path, tmp: Path | None, filename: str | None, cause: str, errno: int | None) -> WriteError:
     where = target
     if filename and tmp is not None and Path(filename).is_relative_to(tmp) and Path(filename) != tmp:
-        where = target / Path(filename).relative_to(tmp)  # a file inside a folder being written
+        where = target / Path(filename).relative_to(tmp)
     error = WriteError(f"cannot write {where}: {cause}")
-    error.errno = errno
+    error.errno, error.strerror, error.filename = errno, cause, str(where)
     return error
 
 
