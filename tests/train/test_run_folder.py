@@ -79,7 +79,8 @@ def test_a_run_in_progress_holds_its_folder(run_config, tmp_path, monkeypatch, c
     assert answers[0] == 2
     assert answers[1].startswith(f"loratune: error: output_dir {out} is in use by another loratune run "
                                  f"(process {os.getpid()}, started ")
-    assert answers[1].endswith("); wait for it to finish or choose another output_dir\n") and answers[1].count("\n") == 1
+    assert answers[1].endswith("); wait for it to finish or choose another output_dir\n")
+    assert answers[1].count("\n") == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
 

@@ -12,6 +12,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str) -> dict[str, Any
     checkpoint that cannot be read leaves the model as it was.
     """
     try:
-        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: {_first_line(exc)})") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "state", "rng"} <= set(state):

@@ -285,7 +285,8 @@ def _kept_in_checkpoint(run: Run) -> str:
         path = checkpoint_now(run)
     except WriteError as exc:
         return f"no checkpoint could be written either ({exc}); {_last_good(run.checkpoints)}"
-    return f"the {run.state.step} trained steps are kept in checkpoint {path}: free space, then --resume writes the adapter"
+    return (f"the {run.state.step} trained steps are kept in checkpoint {path}: free space, then --resume writes "
+            "the adapter")
 
 
 def finish(run: Run) -> dict[str, Any]:
