@@ -217,3 +217,16 @@ def test_loading_a_model_puts_only_loratunes_own_lines_on_stderr(config_file, tm
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+def test_the_demo_writes_a_new_numbered_folder_beside_earlier_demos(tmp_path):
+    from loratune.cli import next_free_folder
+
+    base = tmp_path / "runs" / "demo"
+    assert next_free_folder(base) == str(base)
+    base.mkdir(parents=True)
+    assert next_free_folder(base) == str(base)  # empty: free
+    (base / "report.md").write_text("earlier demo")
+    (tmp_path / "runs" / "demo-2").mkdir()
+    (tmp_path / "runs" / "demo-2" / "config.yaml").write_text("x")
+    assert next_free_folder(base) == str(tmp_path / "runs" / "demo-3")

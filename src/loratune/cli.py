@@ -14,6 +14,8 @@ from pathlib import Path
 from loratune.core.errors import LoratuneError
 from loratune.tasks import TASKS
 
+DEMO_OUTPUT = "runs/demo"
+
 
 def _train(args: argparse.Namespace) -> None:
     from loratune.train import fit, load_config
@@ -90,9 +92,22 @@ def _inspect(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from loratune.train import demo_config, fit
 
+    if args.output is None:  # `make demo` again: a new numbered folder, never over the earlier demo
+        args.output = next_free_folder(Path(DEMO_OUTPUT))
+        if args.output != DEMO_OUTPUT:
+            print(f"loratune: {DEMO_OUTPUT} holds an earlier demo; writing to {args.output}", file=sys.stderr)
     config = demo_config(args.output, args.set)
     summary = fit(config, quiet=args.quiet)
     _print_summary(summary, Path(config.output_dir))
+
+
+def next_free_folder(base: Path) -> str:
+    """`base`, or `base-2`, `base-3`, ...: the first that does not exist or is an empty folder."""
+    candidate, number = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return str(candidate)
 
 
 def _positive_int(text: str) -> int:
@@ -151,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
 
     demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M on movie-review sentiment, before/after")
-    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--output", help=f"output folder (default: {DEMO_OUTPUT}, or {DEMO_OUTPUT}-2, -3, ... when "
+                      "that holds an earlier demo)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", action="store_const", const=True, default=None,
                       help="no progress bars (the default when stderr is not a terminal)")
