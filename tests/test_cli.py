@@ -2,6 +2,10 @@
 
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,3 +151,82 @@ def test_generate_with_a_seq2seq_adapter(tiny_t5, tmp_path, capsys):
     assert streamed.getvalue() == text + "\n"
     assert main(["generate", "--model", tiny_t5, "--adapter", str(tmp_path / "t5-adapter"), "--prompt", "the cat",
                  "--max-new-tokens", "3"]) == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lora.r=true", "lora: LoraConfig.r must be a positive integer, got True"),
+    ("lora.lora_alpha=0", "lora: LoraConfig.lora_alpha must be a finite non-zero number, got 0"),
+    ("lora.lora_alpha=.nan", "lora: LoraConfig.lora_alpha must be a finite non-zero number, got nan"),
+    ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
+    ("train.learning_rate=-.inf", "train.learning_rate: Input should be a finite number"),
+    ("train.weight_decay=.nan", "train.weight_decay: Input should be a finite number"),
+    ("train.max_grad_norm=.inf", "train.max_grad_norm: Input should be a finite number"),
+    ("train.lora_plus_ratio=.inf", "train.lora_plus_ratio: Input should be a finite number"),
+])
+def test_values_that_would_train_nothing_or_blow_up_are_refused_before_loading(config_file, capsys, tmp_path,
+                                                                               monkeypatch, override, message):
+    import loratune.pretrained
+
+    monkeypatch.setattr(loratune.pretrained, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    path = config_file()
+    assert one_line_error(capsys, ["train", path, "--set", override]) == f"loratune: error: {path}: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_that_is_not_utf8_is_one_line(config_file, capsys, tmp_path):
+    path = config_file()
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes(open(path, encoding="utf-8").read().encode("utf-16"))
+    assert one_line_error(capsys, ["train", str(utf16)]) == (
+        f"loratune: error: {utf16}: the file is UTF-16 text; save the config as UTF-8")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("model: {name: caf\u00e9}\n".encode("latin-1"))
+    assert one_line_error(capsys, ["train", str(latin1)]) == (
+        f"loratune: error: {latin1}: not UTF-8 text (byte 0xe9 at position 17); save the config as UTF-8")
+
+
+def test_a_corrupt_model_file_is_one_line_for_train_inspect_and_generate(config_file, capsys, tmp_path, tiny_gpt2):
+    bad = tmp_path / "bad-model"
+    shutil.copytree(tiny_gpt2, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:3000])  # truncated
+    expected = (f"loratune: error: model '{bad}': {weights} is corrupt or truncated (Error while deserializing "
+                "header: incomplete metadata, file not fully covered)")
+    for argv in (["train", config_file(model={"name": str(bad)})], ["inspect", "--model", str(bad)],
+                 ["generate", "--model", str(bad), "--prompt", "the cat"]):
+        assert one_line_error(capsys, argv) == expected, argv
+    assert not (tmp_path / "run").exists()  # the failed run left no folder behind
+
+
+def test_eval_refuses_an_adapter_made_for_another_task(config_file, capsys, tmp_path, tiny_bert):
+    path = config_file(train={"max_steps": 1})
+    assert main(["train", path, "--quiet"]) == 0
+    capsys.readouterr()
+    adapter = tmp_path / "run" / "adapter"
+    classify = config_file(model={"name": tiny_bert, "task": "classification"}, data={
+        "prompt_template": None, "completion_template": None}, lora={"target_modules": ["query", "value"]})
+    assert one_line_error(capsys, ["eval", classify, "--adapter", str(adapter)]) == (
+        f"loratune: error: {adapter}/adapter_config.json: a causal-lm adapter (task_type CAUSAL_LM), but the run's "
+        "model.task is classification")
+
+
+def test_loading_a_model_puts_only_loratunes_own_lines_on_stderr(config_file, tmp_path):
+    """transformers imports torchao when installed (a test dependency here), which logs about its kernels."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "loratune.cli", "train", config_file(train={"max_steps": 1})],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
+def test_the_demo_writes_a_new_numbered_folder_beside_earlier_demos(tmp_path):
+    from loratune.cli import next_free_folder
+
+    base = tmp_path / "runs" / "demo"
+    assert next_free_folder(base) == str(base)
+    base.mkdir(parents=True)
+    assert next_free_folder(base) == str(base)  # empty: free
+    (base / "report.md").write_text("earlier demo")
+    (tmp_path / "runs" / "demo-2").mkdir()
+    (tmp_path / "runs" / "demo-2" / "config.yaml").write_text("x")
+    assert next_free_folder(base) == str(tmp_path / "runs" / "demo-3")

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from loratune.core.errors import LoratuneError
 from loratune.tasks import TASKS
+
+DEMO_OUTPUT = "runs/demo"
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -20,6 +23,16 @@ def _train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.set)
     summary = fit(config, resume=args.resume, quiet=args.quiet)
     _print_summary(summary, Path(config.output_dir))
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues a stopped `loratune train` (or `demo`) run, as the user would type it."""
+    if args.command == "demo":  # the demo's resolved config, written when its training starts
+        words = ["loratune", "train", str(Path(args.output) / "config.yaml")]
+    else:
+        words = ["loratune", "train", args.config]
+        words += [part for assignment in args.set for part in ("--set", assignment)]
+    return "`" + shlex.join([*words, "--resume"]) + "`"
 
 
 def _print_summary(summary: dict, out: Path) -> None:
@@ -72,9 +85,22 @@ def _inspect(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from loratune.train import demo_config, fit
 
+    if args.output is None:  # `make demo` again: a new numbered folder, never over the earlier demo
+        args.output = next_free_folder(Path(DEMO_OUTPUT))
+        if args.output != DEMO_OUTPUT:
+            print(f"loratune: {DEMO_OUTPUT} holds an earlier demo; writing to {args.output}", file=sys.stderr)
     config = demo_config(args.output, args.set)
     summary = fit(config, quiet=args.quiet)
     _print_summary(summary, Path(config.output_dir))
+
+
+def next_free_folder(base: Path) -> str:
+    """`base`, or `base-2`, `base-3`, ...: the first that does not exist or is an empty folder."""
+    candidate, number = base, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        number += 1
+        candidate = base.with_name(f"{base.name}-{number}")
+    return str(candidate)
 
 
 def _positive_int(text: str) -> int:
@@ -142,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
 
     demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M on movie-review sentiment, before/after")
-    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--output", help=f"output folder (default: {DEMO_OUTPUT}, or {DEMO_OUTPUT}-2, -3, ... when "
+                      "that holds an earlier demo)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--quiet", action="store_const", const=True, default=None,
                       help="no progress bars (the default when stderr is not a terminal)")
@@ -152,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """Keep transformers' own progress bars and warnings off the terminal when it is not interactive."""
+    from loratune.import_noise import silence_import_noise
+
+    silence_import_noise()  # before transformers imports torchao
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -166,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except LoratuneError as exc:
+        from loratune.train.stop_signals import RunStopped  # imported already when one was raised
+
+        if isinstance(exc, RunStopped):
+            print(f"loratune: {exc.message(_resume_command(args))}", file=sys.stderr)
+            return exc.exit_code
         if args.debug:
             raise
         print(f"loratune: error: {exc}", file=sys.stderr)

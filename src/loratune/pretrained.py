@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from loratune.core.adapters import add_adapter
 from loratune.core.atomic_write import atomic_folder
 from loratune.core.errors import ConfigError, LoratuneError
 from loratune.core.lora_config import LoraConfig
-from loratune.core.peft_format import load_adapter, load_adapter_weights_into
+from loratune.core.peft_format import load_adapter, load_adapter_weights_into, read_adapter_config
 from loratune.errors import ModelLoadError
 from loratune.quant.allocator import return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
@@ -235,10 +236,23 @@ def _load_weights(
             if quantize == "none":
                 return model_class.from_pretrained(source, dtype=dtype, **kwargs)
             return _load_quantized(name, source, model_class, quantize, double_quant, dtype, kwargs)
+        except SafetensorError as exc:
+            raise _corrupt_weights_error(name, source, exc) from None
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, LoratuneError):
                 raise
             raise _load_error(name, f"{task} model", exc) from exc
+
+
+def _corrupt_weights_error(name: str, source: str, exc: Exception) -> ModelLoadError:
+    """Name the safetensors file that cannot be read (its header is checked; no tensor is loaded)."""
+    for path in safetensors_files(Path(source)) if Path(source).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as bad:
+            return ModelLoadError(f"model {name!r}: {path} is corrupt or truncated ({_first_line(bad)})")
+    return ModelLoadError(f"model {name!r}: corrupt or truncated safetensors weights ({_first_line(exc)})")
 
 
 def will_stream(name_or_path: str, quantize: str, loftq_iterations: int = 0) -> bool:
@@ -293,6 +307,8 @@ def load_adapted_model(
     precision, adds the adapter, then quantizes base and adapter together (and then loads saved weights).
     `load_kwargs` go to `load_model`."""
     loftq = quantize != "none" and loftq_iterations > 0
+    if adapter_dir is not None:
+        check_adapter_task(adapter_dir, task)
     model, tokenizer = load_model(name_or_path, task, quantize="none" if loftq else quantize,
                                   double_quant=double_quant, **load_kwargs)
     if adapter_dir is not None and not loftq:
@@ -306,6 +322,16 @@ def load_adapted_model(
         if adapter_dir is not None:
             load_adapter_weights_into(model, adapter_dir, adapter_name)
     return model, tokenizer
+
+
+def check_adapter_task(adapter_dir: str | Path, task: Task) -> None:
+    """Refuse, before any weight loads, an adapter saved for another task: a causal-LM adapter on a
+    classification run would be scored through a randomly initialised head."""
+    saved = read_adapter_config(adapter_dir).task_type
+    if saved is not None and saved != TASK_TYPES[task]:
+        kind = {v: k for k, v in TASK_TYPES.items()}.get(saved, "another task's")
+        raise ConfigError(f"{Path(adapter_dir) / 'adapter_config.json'}: a {kind} adapter (task_type {saved}), "
+                          f"but the run's model.task is {task}")
 
 
 def model_skeleton(name_or_path: str, task: Task, *, num_labels: int = 2, trust_remote_code: bool = False,

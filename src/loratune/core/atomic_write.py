@@ -2,7 +2,9 @@
 
 Everything loratune writes for a user (adapter files, checkpoints, the GGUF cache, a merged model, the run's
 reports) goes through these two context managers: the block writes to a temporary path beside the target,
-which is renamed onto the target only if the block succeeds.
+which is renamed onto the target only if the block succeeds. A write that fails for a reason of the file
+system (disk full, no permission) raises `WriteError` naming the target path and the cause, not the
+temporary name; the temporary path is removed either way.
 """
 
 from __future__ import annotations
@@ -13,6 +15,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+from loratune.core.errors import WriteError
+
+# temporary names: "." + target name + "." + random + ".tmp"; a run removes those left by a killed writer
+TEMPORARY_SUFFIX = ".tmp"
 
 
 def _ordinary_permissions(path: str | os.PathLike, mode: int) -> None:
@@ -26,13 +35,15 @@ def _ordinary_permissions(path: str | os.PathLike, mode: int) -> None:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with _naming_failures(path, None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        os.close(fd)
     try:
-        yield Path(tmp)
-        _ordinary_permissions(tmp, 0o666)
-        os.replace(tmp, path)
+        with _naming_failures(path, Path(tmp)):
+            yield Path(tmp)
+            _ordinary_permissions(tmp, 0o666)
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -48,17 +59,53 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     """Yield a temporary folder beside `path`; rename it onto `path` only if the block succeeds.
 
     An empty folder already at `path` is replaced; a non-empty one only with `replace`, else the rename
-    raises `OSError` (a caller racing another writer can then use the other's result). Temporary names
+    raises `WriteError`, an `OSError` (a caller racing another writer can then use the other's result). Temporary names
     start with '.', so a reader listing the parent can skip unfinished folders.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _naming_failures(path, None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent))
     try:
-        yield tmp
-        _ordinary_permissions(tmp, 0o777)
-        if path.is_dir() and (replace or not any(path.iterdir())):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with _naming_failures(path, tmp):
+            yield tmp
+            _ordinary_permissions(tmp, 0o777)
+            if path.is_dir() and (replace or not any(path.iterdir())):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _naming_failures(target: Path, tmp: Path | None) -> Iterator[None]:
+    """Turn a file-system failure inside a write into `WriteError` naming the target (not the temporary
+    path) and the cause; a failure inside a folder being written names the file within the target folder.
+    Serializers written in Rust (safetensors) report I/O errors in their own type."""
+    try:
+        yield
+    except OSError as exc:  # WriteError too: a nested write names its file under our temporary path
+        raise _write_error(target, tmp, exc.filename, exc.strerror or str(exc), exc.errno) from exc
+    except SafetensorError as exc:
+        cause = _io_cause(str(exc))
+        if cause is None:
+            raise
+        raise _write_error(target, tmp, None, cause, None) from exc
+
+
+def _write_error(target: Path, tmp: Path | None, filename: str | None, cause: str, errno: int | None) -> WriteError:
+    where = target
+    if filename and tmp is not None and Path(filename).is_relative_to(tmp) and Path(filename) != tmp:
+        where = target / Path(filename).relative_to(tmp)
+    error = WriteError(f"cannot write {where}: {cause}")
+    error.errno, error.strerror, error.filename = errno, cause, str(where)
+    return error
+
+
+def _io_cause(message: str) -> str | None:
+    """'Error while serializing: I/O error: No space left on device (os error 28)' -> 'No space left on device'."""
+    marker = "I/O error: "
+    if marker not in message:
+        return None
+    cause = message.split(marker, 1)[1].strip()
+    return cause.rsplit(" (os error", 1)[0] if cause.endswith(")") else cause

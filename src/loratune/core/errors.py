@@ -31,3 +31,14 @@ class AdapterFileError(LoratuneError, ValueError):
 
 class MergeError(LoratuneError, ValueError):
     """Merging would produce non-finite weights, or the adapter cannot be merged."""
+
+
+class WriteError(LoratuneError, OSError):
+    """A file could not be written (disk full, no permission); the message names the path and the cause.
+
+    An `OSError` too, so callers that handle failed writes of any origin keep working; `filename` and
+    `strerror` hold the path and the cause, while the message stays the one line it was given.
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

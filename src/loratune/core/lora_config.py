@@ -77,6 +77,10 @@ class LoraConfig:
         _check_rank("r", self.r)
         for pattern, rank in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{pattern!r}]", rank)
+        for name, alpha in [("lora_alpha", self.lora_alpha),
+                            *((f"alpha_pattern[{p!r}]", a) for p, a in self.alpha_pattern.items())]:
+            if not math.isfinite(alpha) or alpha == 0:  # alpha 0 scales every update to nothing
+                raise ConfigError(f"LoraConfig.{name} must be a finite non-zero number, got {alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.bias not in BIAS_MODES:

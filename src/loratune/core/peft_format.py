@@ -74,12 +74,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         isinstance(layer.base_layer, Conv1D) or getattr(layer.base_layer, "from_conv1d", False)
         for _, layer in lora_layers(model) if name in layer.scaling)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    created = not directory.exists()
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     # Both files are complete on disk before either is renamed into place.
-    with atomic_path(directory / WEIGHTS_NAME) as weights_tmp, atomic_path(directory / CONFIG_NAME) as config_tmp:
-        save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-        config_tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    try:
+        with atomic_path(directory / WEIGHTS_NAME) as weights_tmp, atomic_path(directory / CONFIG_NAME) as config_tmp:
+            save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+            config_tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    except BaseException:
+        if created and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()  # a failed save leaves no empty adapter folder behind
+        raise
     return directory
 
 

@@ -1,15 +1,18 @@
 """Checkpoints: a folder per step holding the adapter, optimizer, scheduler, RNG state and data position.
 
 A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a
-folder that looks finished; resuming picks the newest complete one.
+folder that looks finished; resuming picks the newest complete one that can be read.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,11 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, adapter: str, train
     final = root / f"step-{step}"
     with atomic_folder(final, replace=True) as tmp:
         save_adapter(model, tmp, adapter)
-        torch.save(trainer_state, tmp / STATE_NAME)
+        # serialized in memory, then written by Python: a full disk is then an OSError with its cause,
+        # where torch.save writing the file itself reports only a position mismatch
+        buffer = io.BytesIO()
+        torch.save(trainer_state, buffer)
+        (tmp / STATE_NAME).write_bytes(buffer.getvalue())
         (tmp / META_NAME).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
     for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
@@ -69,10 +76,47 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointUnreadable(LoratuneError):
+    """A checkpoint's files are missing, truncated, corrupt or hold objects that are not plain data."""
+
+
 def load_checkpoint(path: Path, model: nn.Module, adapter: str) -> dict[str, Any]:
-    """Put the checkpoint's adapter weights into `model` and return the trainer state."""
+    """Put the checkpoint's adapter weights into `model` and return the trainer state.
+
+    The state is read first (with `weights_only`: a tampered pickle is refused, nothing in it runs), so a
+    checkpoint that cannot be read leaves the model as it was.
+    """
+    try:
+        with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: {_first_line(exc)})") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "state", "rng"} <= set(state):
+        raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: not a loratune trainer state)")
     try:
         load_adapter_weights_into(model, path, adapter)
-        return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise LoratuneError(f"{path}: cannot read checkpoint ({exc})") from None
+    except LoratuneError as exc:
+        raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({_first_line(exc)})") from None
+    return state
+
+
+def load_newest_readable(root: Path, model: nn.Module, adapter: str) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest checkpoint that can be read: `(path, trainer state, warnings)`, one warning per newer
+    checkpoint passed over. Raises the newest's `CheckpointUnreadable` when none can be read."""
+    found = complete_checkpoints(root)
+    if not found:
+        raise LoratuneError(f"{root}: no complete checkpoint to resume from")
+    warnings, first_error = [], None
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path, model, adapter), warnings
+        except CheckpointUnreadable as exc:
+            first_error = first_error or exc
+            warnings.append(f"{exc}; trying the one before")
+    raise first_error
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -21,18 +21,26 @@ from tqdm.auto import tqdm
 
 from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
-from loratune.core.errors import ConfigError, LoratuneError
+from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.core.peft_format import save_adapter
 from loratune.data import collate, load_datasets, read_label_names
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
-from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from loratune.train.checkpoint import (
+    latest_checkpoint,
+    load_newest_readable,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from loratune.train.evaluate import evaluate_loss, generate_texts, generation_metrics
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
+from loratune.train.run_folder import claim_output_dir
 from loratune.train.step import batch_loss, to_device
+from loratune.train.stop_signals import RunStopped, stop_requests
 
 ADAPTER = "default"
 
@@ -124,23 +132,26 @@ class Run:
 def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> dict[str, Any]:
     """Train one LoRA adapter as `config` says and write everything into `config.output_dir`."""
     out, tc = Path(config.output_dir), config.train
-    check_output_dir(out, resume)
-    session = prepare(config, _quiet(quiet))
-    out.mkdir(parents=True, exist_ok=True)
-    run = resume_run(session, out) if resume else start_run(session, out)
-    session.model.train()
-    order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed)
-    progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
-    try:
-        while run.state.step < tc.max_steps and not run.state.stopped_early:
-            train_step(run, order, progress)
-            if _due(tc.eval_every, run.state.step) and session.data.eval_examples and run.state.step < tc.max_steps:
-                evaluate_during_training(run)
-            if _due(tc.checkpoint_every, run.state.step):
-                save_run_checkpoint(run)
-    finally:
-        progress.close()
-    return finish(run)
+    with claim_output_dir(out, resume), stop_requests() as stops:
+        session = prepare(config, _quiet(quiet))
+        if stops.requested:
+            raise RunStopped(stops.signal_name, 0, None)
+        run = resume_run(session, out) if resume else start_run(session, out)
+        session.model.train()
+        order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed)
+        progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
+        try:
+            while run.state.step < tc.max_steps and not run.state.stopped_early and not stops.requested:
+                train_step(run, order, progress)
+                if _due(tc.eval_every, run.state.step) and session.data.eval_examples and run.state.step < tc.max_steps:
+                    evaluate_during_training(run)
+                if _due(tc.checkpoint_every, run.state.step):
+                    save_run_checkpoint(run)
+        finally:
+            progress.close()
+        if stops.requested:  # between steps: keep the progress, then say how to go on
+            raise RunStopped(stops.signal_name, run.state.step, checkpoint_now(run))
+        return finish(run)
 
 
 def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> Session:
@@ -179,13 +190,12 @@ def start_run(session: Session, out: Path) -> Run:
 
 
 def resume_run(session: Session, out: Path) -> Run:
-    """Continue from the newest complete checkpoint: adapter, optimizer, scheduler, state and RNG streams."""
-    checkpoints = out / "checkpoints"
-    found = latest_checkpoint(checkpoints)
-    if found is None:
-        raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
+    """Continue from the newest readable checkpoint (newer unreadable ones are passed over with a warning):
+    adapter, optimizer, scheduler, state and RNG streams."""
     optimizer, scheduler = _optimizer(session)
-    saved = load_checkpoint(found, session.model, ADAPTER)
+    found, saved, passed_over = load_newest_readable(out / "checkpoints", session.model, ADAPTER)
+    for warning in passed_over:
+        print(f"loratune: warning: {warning}", file=sys.stderr)
     check_same_run(saved.get("config", {}), session.config.model_dump(mode="json"), found)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -260,13 +270,35 @@ def save_run_checkpoint(run: Run) -> None:
         config.train.keep_checkpoints)
 
 
+def checkpoint_now(run: Run) -> Path:
+    """The checkpoint of the run's current step, written now unless it already exists."""
+    latest = latest_checkpoint(run.checkpoints)
+    if latest is not None and latest.name == f"step-{run.state.step}":
+        return latest
+    save_run_checkpoint(run)
+    return run.checkpoints / f"step-{run.state.step}"
+
+
+def _kept_in_checkpoint(run: Run) -> str:
+    """Say where the run's progress is after the final adapter could not be written."""
+    try:
+        path = checkpoint_now(run)
+    except WriteError as exc:
+        return f"no checkpoint could be written either ({exc}); {_last_good(run.checkpoints)}"
+    return (f"the {run.state.step} trained steps are kept in checkpoint {path}: free space, then --resume writes "
+            "the adapter")
+
+
 def finish(run: Run) -> dict[str, Any]:
     """Evaluate the trained adapter, save it, and write metrics, plot and report; returns the summary."""
     session, out, config = run.session, run.out, run.session.config
     after, samples_after = session.evaluate(full=True)
+    try:
+        save_adapter(session.model, out / "adapter", ADAPTER)
+    except WriteError as exc:  # the trained steps must survive a full disk: in a checkpoint, if one fits
+        raise WriteError(f"{exc}; {_kept_in_checkpoint(run)}") from exc
     if after:
         run.record({"kind": "eval", "step": run.state.step, **after})
-    save_adapter(session.model, out / "adapter", ADAPTER)
     summary = run_summary(run, after, samples_after)
     write_metrics(out / "metrics.json", summary)
     plot_history(out / "plot.png", run.state.history, f"{config.model.name} on {config.data.train}")
@@ -341,15 +373,6 @@ def _warn_if_too_big(config: RunConfig) -> None:
         warning = f"peak memory could not be estimated ({type(exc).__name__}: {exc})"
     if warning:
         print(f"loratune: warning: {warning}", file=sys.stderr)
-
-
-def check_output_dir(out: Path, resume: bool) -> None:
-    """A fresh run never mixes with an earlier run's checkpoints; resuming needs them."""
-    if out.exists() and not out.is_dir():
-        raise LoratuneError(f"output_dir {out} exists and is not a folder")
-    if not resume and latest_checkpoint(out / "checkpoints") is not None:
-        raise LoratuneError(f"output_dir {out} holds checkpoints of an earlier run; use --resume to continue it, "
-                            "or choose another output_dir")
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path, prefix: str = "") -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loratune.core.errors import ConfigError
 from loratune.core.lora_config import LoraConfig
@@ -21,7 +21,7 @@ DEFAULT_LOSS_CHUNK = 1024  # labelled tokens per chunk of the output head and lo
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -82,6 +82,13 @@ class RunConfig(_Strict):
     data: DataConfig
     train: TrainSpec = TrainSpec()
     output_dir: Path = Path("runs/latest")
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_as_written(cls, value: Any) -> Any:
+        """Build `LoraConfig` from the YAML values themselves: its own checks are strict (`r: true` is not 1),
+        where validating the dataclass's fields would coerce first."""
+        return LoraConfig.from_dict(value, "LoraConfig") if isinstance(value, dict) else value
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -156,6 +163,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        if exc.object[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise ConfigError(f"{path}: the file is UTF-16 text; save the config as UTF-8") from None
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

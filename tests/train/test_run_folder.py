@@ -1,0 +1,125 @@
+"""The output folder belongs to one run: a lock naming its process, no mixing with other files, no leftovers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import yaml
+
+from loratune.cli import main
+from loratune.train.run_folder import LOCK_NAME
+
+# Holds the folder lock the way a run does (an OS lock on .loratune.lock, the owner's pid inside),
+# without loading torch, so the test does not wait for a second interpreter to import the package.
+LOCK_HOLDER = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, json.dumps({"pid": os.getpid()}).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def write_config(tmp_path, run_config, name="run.yaml", **sections):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(run_config(**sections)))
+    return str(path)
+
+
+def error_line(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_a_busy_folder_is_refused_naming_the_process_and_a_dead_ones_lock_is_taken_over(run_config, tmp_path,
+                                                                                      capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out / LOCK_NAME)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        config = write_config(tmp_path, run_config, train={"max_steps": 2})
+        assert error_line(capsys, ["train", config, "--quiet"]) == (
+            f"loratune: error: output_dir {out} is in use by another loratune run (process {holder.pid}); "
+            "wait for it to finish or choose another output_dir")
+        assert sorted(os.listdir(out)) == [LOCK_NAME]  # nothing written beside the other run
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+
+    assert main(["train", config, "--quiet"]) == 0  # its process is gone: the lock is stale
+    assert capsys.readouterr().err == (f"loratune: warning: output_dir {out}: taking over the lock of process "
+                                       f"{holder.pid}, which is no longer running\n")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and not (out / LOCK_NAME).exists()
+
+
+def test_a_run_in_progress_holds_its_folder(run_config, tmp_path, monkeypatch, capsys):
+    """Two runs at once into one folder: the second is refused while the first trains, and the first ends whole."""
+    import loratune.train.loop as loop
+
+    out = tmp_path / "run"
+    config = write_config(tmp_path, run_config, train={"max_steps": 3})
+    real_step, answers = loop.train_step, []
+
+    def step_then_start_another(*args, **kwargs):
+        real_step(*args, **kwargs)
+        if not answers:
+            answers.append(main(["train", config, "--quiet"]))
+            answers.append(capsys.readouterr().err)
+
+    monkeypatch.setattr(loop, "train_step", step_then_start_another)
+    assert main(["train", config, "--quiet"]) == 0
+    assert answers[0] == 2
+    assert answers[1].startswith(f"loratune: error: output_dir {out} is in use by another loratune run "
+                                 f"(process {os.getpid()}, started ")
+    assert answers[1].endswith("); wait for it to finish or choose another output_dir\n")
+    assert answers[1].count("\n") == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+
+
+def test_a_fresh_run_never_writes_beside_a_finished_run(run_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, run_config, train={"max_steps": 2})
+    assert main(["train", config, "--quiet"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert error_line(capsys, ["train", config, "--quiet", "--set", "lora.r=2"]) == (
+        f"loratune: error: output_dir {out} is not empty (adapter, config.yaml, metrics.json and 3 more); "
+        "a new run needs an empty or new folder, so choose another output_dir")
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_output_dir_dot_never_overwrites_the_users_files(run_config, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    mine = "# my run, with comments\n" + yaml.safe_dump(run_config(output_dir="."))
+    (tmp_path / "config.yaml").write_text(mine)
+    (tmp_path / "report.md").write_text("my notes\n")
+    keep = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert error_line(capsys, ["train", "config.yaml", "--quiet"]) == (
+        "loratune: error: output_dir . is not empty (config.yaml, report.md, sentiment.jsonl); a new run needs an "
+        "empty or new folder, so choose another output_dir")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == keep
+
+
+def test_leftovers_of_killed_writes_are_removed_at_the_next_start(run_config, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, run_config, train={"max_steps": 4, "checkpoint_every": 2})
+    assert main(["train", config, "--quiet"]) == 0
+    leftovers = [out / "checkpoints" / ".step-6.k2j3h4.tmp", out / "adapter" / ".adapter_model.safetensors.x1.tmp",
+                 out / ".metrics.json.q9.tmp"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "trainer_state.pt").write_bytes(b"half")
+    for path in leftovers[1:]:
+        path.write_bytes(b"half")
+    assert main(["train", config, "--quiet", "--resume"]) == 0
+    assert not [p for p in leftovers if p.exists()]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
