@@ -51,10 +51,6 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -205,13 +201,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(_, exc: BodyTooLarge) -> JSONResponse:
-        return JSONResponse(error_body(str(exc), "invalid_request_error", code="request_too_large"), status_code=413)
-
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes, by Content-Length up front or while a chunked body streams in."""
+    """Refuse request bodies over `limit` bytes: by Content-Length up front, else while the body streams in.
+
+    The body is read here, at most `limit` bytes of it, and handed on whole to the routes.
+    """
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -219,23 +214,28 @@ class BodyLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = f"request body larger than the server's limit of {self.limit} bytes"
+        too_large = JSONResponse(error_body(f"request body larger than the server's limit of {self.limit} bytes",
+                                            "invalid_request_error", code="request_too_large"), 413)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            response = JSONResponse(error_body(message, "invalid_request_error", code="request_too_large"), 413)
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
             event = await receive()
-            if event["type"] == "http.request":
-                seen += len(event.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(message)
-            return event
+            if event["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(event.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await too_large(scope, receive, send)
+            if not event.get("more_body", False):
+                break
+        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        await self.app(scope, limited_receive, send)
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
 
 
 # --- generation -----------------------------------------------------------------------------------------------
