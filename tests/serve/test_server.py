@@ -7,8 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -133,6 +133,8 @@ def test_sampling_seed_stop_and_limits(client):
     stop = text.split()[2]
     cut, reason, _ = complete(client, client.models.list().data[0].id, "hello world", stop=[stop])
     assert reason == "stop" and cut == text[:text.index(stop)]
+    _, reason, usage = complete(client, "beta", "hello world", max_tokens=50, extra_body={"ignore_eos": True})
+    assert reason == "length" and usage.completion_tokens == 50
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         complete(client, "nope", "hello")
     with pytest.raises(openai.BadRequestError, match="n: only n=1"):
@@ -241,10 +243,10 @@ def long_llama(tmp_path_factory, tiny_llama):
 
 
 def test_full_queue_gives_429_and_a_dropped_stream_frees_its_row(long_llama):
-    with thread_server(long_llama, max_batch=1, max_queued=1, max_tokens=4000) as (url, engine):
-        engine.eos_ids = set()  # rows run until max_tokens or until their client leaves
+    with thread_server(long_llama, max_batch=1, max_queued=1, max_tokens=4000) as (url, _):
         health = lambda: httpx.get(url + "/health").json()  # noqa: E731
-        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4000, "temperature": 0, "stream": True}
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 4000, "temperature": 0, "stream": True,
+                "ignore_eos": True}  # rows run until max_tokens or until their client leaves
         with httpx.Client(timeout=30) as first, first.stream("POST", url + "/v1/completions", json=body) as running:
             lines = running.iter_lines()
             assert next(line for line in lines if line.startswith("data:"))

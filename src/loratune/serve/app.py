@@ -68,6 +68,7 @@ class _Generation(BaseModel):
     n: int = 1
     stream: bool = False
     logprobs: Any = None
+    ignore_eos: bool = False  # an extension (as in vLLM): generate max_tokens tokens whatever the model says
 
 
 class CompletionRequest(_Generation):
@@ -288,7 +289,7 @@ def _sampling(body: _Generation, prompt_tokens: int, limits: Limits, chat: bool)
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(400, "stop: up to 4 non-empty strings", param="stop")
     return Sampling(max_tokens=asked, temperature=body.temperature, top_p=body.top_p, stop=tuple(stop),
-                    seed=body.seed)
+                    seed=body.seed, ignore_eos=body.ignore_eos)
 
 
 async def _generate(engine: Engine, registry: AdapterRegistry, settings: Settings, body: _Generation,

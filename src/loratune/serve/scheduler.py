@@ -38,6 +38,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_tokens (for benchmarks), as vLLM's extension does
 
 
 @dataclass
@@ -261,7 +262,7 @@ class Engine:
         """Record a token and emit the text it completes; True when the job is finished."""
         if job.cancelled:
             return True
-        eos = token in self.eos_ids
+        eos = token in self.eos_ids and not job.sampling.ignore_eos
         if not eos:
             job.generated.append(token)
         with self.tokenizer_lock:
