@@ -20,6 +20,7 @@ from typing import Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -259,7 +260,10 @@ def _chat_ids(engine: Engine, body: ChatRequest) -> list[int]:
     messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                  "".join(part.get("text", "") for part in m.content if part.get("type") == "text")}
                 for m in body.messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as exc:  # e.g. a template that refuses a role or an order of turns
+        raise APIError(400, f"messages: the chat template refused them ({exc})", param="messages") from None
     with engine.tokenizer_lock:
         return tokenizer(text, add_special_tokens=False).input_ids
 
