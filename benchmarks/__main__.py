@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.qlora import main as qlora_main
 
         return qlora_main(argv[1:])
+    if argv[:1] == ["serve"]:  # its own options: python -m benchmarks serve --help
+        from benchmarks.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     if args.command == "docs":

@@ -14,6 +14,8 @@ from transformers import (  # noqa: E402
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
@@ -71,6 +73,15 @@ def tiny_gpt2(tmp_path_factory):
     config = GPT2Config(vocab_size=len(VOCAB), n_positions=64, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return _save(tmp_path_factory.mktemp("gpt2"), GPT2LMHeadModel(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return _save(tmp_path_factory.mktemp("llama"), LlamaForCausalLM(config))
 
 
 @pytest.fixture(scope="session")

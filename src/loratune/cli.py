@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_const", const=True, default=None,
                       help="no progress bars (the default when stderr is not a terminal)")
     demo.set_defaults(run=_demo)
+
+    from .serve.command import add_serve_parser  # light: the server's imports wait until it runs
+    add_serve_parser(commands)
     return parser
 
 

@@ -1,0 +1,255 @@
+"""`python -m benchmarks serve`: many clients over several adapters against `loratune serve`, on loopback only.
+
+The server runs in its own process (`loratune serve` on 127.0.0.1); the clients are asyncio tasks in this one.
+Three runs of the same request list: concurrent with mixed adapters, concurrent with one adapter, and one at a
+time (a bounded prefix of the list). Every request asks for exactly --new-tokens tokens (`ignore_eos`) at
+temperature 0, so the runs do the same work. Every loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+
+RESULTS = Path(__file__).parent / "results"
+PROMPTS = [
+    "Explain what a LoRA adapter is to a new programmer.", "Write a short poem about the sea.",
+    "Give three tips for learning a new language.", "Why is the sky blue?", "Describe a good breakfast.",
+    "What is the capital of France, and why is it famous?", "Summarise the water cycle.",
+    "How do I make a cup of tea?", "Tell me a story about a brave cat.", "What are prime numbers?",
+    "List some uses of a paperclip.", "Why do we sleep?", "Explain gravity simply.",
+    "What makes a good friend?", "How does a bicycle stay upright?", "Write a haiku about autumn.",
+]
+
+
+def lscpu() -> dict:
+    """CPU model, core count and flags, as `lscpu` reports them (recorded with every result)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {k.strip(): v.strip() for k, v in fields.items() if k.strip() in ("Model name", "CPU(s)", "Flags")}
+
+
+def make_adapters(model_name: str, root: Path, count: int) -> list[tuple[str, str]]:
+    """`count` random adapters (q/k/v/o, r=8) small enough that the model still writes sentences."""
+    import torch
+
+    import loratune as lt
+    from loratune.pretrained import load_model
+
+    model, _ = load_model(model_name, "causal-lm")
+    adapters = []
+    for i in range(count):
+        name = f"adapter{i}"
+        lt.add_adapter(model, lt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                "o_proj"], task_type="CAUSAL_LM"),
+                       name=name)
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for path, param in model.named_parameters():
+                if f"lora_B.{name}." in path:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+        lt.save_adapter(model, root / name, name=name)
+        adapters.append((name, str(root / name)))
+    return adapters
+
+
+def start_server(model: str, adapters: list[tuple[str, str]], max_batch: int) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = [sys.executable, "-m", "loratune.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
+            "--max-batch", str(max_batch), "--max-queued", "1024"]
+    for name, folder in adapters:
+        argv += ["--adapter", f"{name}={folder}"]
+    process = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with code {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.terminate()
+    raise SystemExit("the server did not answer /health within 300 s")
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                return {"ok": False, "error": f"HTTP {response.status_code}"}
+            async for line in response.aiter_lines():
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    return {"ok": False, "error": chunk["error"]["message"]}
+                if first is None and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter()
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        return {"ok": False, "error": type(exc).__name__}
+    end = time.perf_counter()
+    ok = tokens == new_tokens and first is not None
+    return {"ok": ok, "tokens": tokens, "ttft": (first or end) - start, "latency": end - start,
+            **({} if ok else {"error": f"{tokens} tokens"})}
+
+
+async def run_load(url: str, requests: list[tuple[str, str]], clients: int, new_tokens: int, time_limit: float) -> dict:
+    """`clients` workers take requests from the list in order; none starts after `time_limit` seconds."""
+    queue = list(reversed(requests))
+    results: list[dict] = []
+    start = time.perf_counter()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue and time.perf_counter() - start < time_limit:
+            model, prompt = queue.pop()
+            results.append(await one_request(client, url, model, prompt, new_tokens))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit), limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+    wall = time.perf_counter() - start
+    return summarise(results, len(requests), wall)
+
+
+def summarise(results: list[dict], asked: int, wall: float) -> dict:
+    done = [r for r in results if r["ok"]]
+    ttft = sorted(r["ttft"] for r in done)
+    latency = sorted(r["latency"] for r in done)
+
+    def pct(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, round(q * (len(values) - 1)))] if values else float("nan")
+
+    return {"requests": asked, "completed": len(done), "failed": len(results) - len(done),
+            "not_sent": asked - len(results), "errors": sorted({r["error"] for r in results if not r["ok"]}),
+            "tokens": sum(r["tokens"] for r in done), "wall_s": wall,
+            "tokens_per_s": sum(r["tokens"] for r in done) / wall if wall else 0.0,
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
+            "latency_p50_s": pct(latency, 0.5), "latency_p99_s": pct(latency, 0.99),
+            "latency_mean_s": statistics.fmean(latency) if latency else float("nan")}
+
+
+def markdown(result: dict) -> str:
+    args = result["args"]
+    lines = [f"{args['requests']} chat requests of {args['new_tokens']} new tokens on {args['model']}, greedy; "
+             f"server `--max-batch {args['max_batch']}`; CPU: {result['cpu'].get('Model name', '?')}, "
+             f"{result['cpu'].get('CPU(s)', '?')} CPUs.", "",
+             "| run | clients | requests done / failed / not sent | tokens/s | TTFT p50 / p99 (s) | "
+             "latency p50 / p99 (s) | wall (s) |", "|---|---|---|---|---|---|---|"]
+    for name, run in result["runs"].items():
+        lines.append(f"| {name} | {run['clients']} | {run['completed']} / {run['failed']} / {run['not_sent']} | "
+                     f"{run['tokens_per_s']:.1f} | {run['ttft_p50_s']:.2f} / {run['ttft_p99_s']:.2f} | "
+                     f"{run['latency_p50_s']:.2f} / {run['latency_p99_s']:.2f} | {run['wall_s']:.0f} |")
+    ratios = result["ratios"]
+    lines += ["", f"Mixed adapters vs one at a time: **{ratios['mixed_vs_one_at_a_time']:.2f}x** tokens/s; "
+                  f"mixed vs a single adapter: **{ratios['mixed_vs_single_adapter']:.2f}x**."]
+    return "\n".join(lines)
+
+
+def screenshot(url: str, adapters: list[str], path: Path) -> None:
+    """The playground, side by side: the base model and two adapters answering one prompt."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        print("no chromium: screenshot skipped", file=sys.stderr)
+        return
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.goto(url + "/")
+        page.wait_for_selector(f"#models input[value={adapters[1]}]", timeout=30000)
+        for i, box in enumerate(page.query_selector_all("#models input")):
+            box.set_checked(i == 0 or box.get_attribute("value") in adapters[:2])  # the base comes first
+        page.fill("#max-tokens", "32")
+        page.fill("#prompt", "Give three tips for learning a new language.")
+        page.click("#send")
+        page.wait_for_function("[...document.querySelectorAll('.status')].every(s => s.textContent.startsWith('done'))",
+                               timeout=900000)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(path), full_page=True)
+        browser.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--adapters", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--one-at-a-time", type=int, default=32,
+                        help="how many of the requests to send one at a time (default 32, to bound the time)")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--time-limit", type=float, default=900.0, help="seconds per run before no new request starts")
+    parser.add_argument("--screenshot", type=Path, help="also save a PNG of the playground here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        adapters = make_adapters(args.model, Path(tmp), args.adapters)
+        names = [name for name, _ in adapters]
+        mixed = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
+        single = [(names[0], prompt) for _, prompt in mixed]
+        process, url = start_server(args.model, adapters, args.max_batch)
+        try:
+            warm = [(name, PROMPTS[0]) for name in names]
+            asyncio.run(run_load(url, warm, len(warm), args.new_tokens, args.time_limit))
+            runs = {}
+            for label, requests, clients in (("mixed adapters", mixed, args.clients),
+                                             ("single adapter", single, args.clients),
+                                             ("one at a time", mixed[:args.one_at_a_time], 1)):
+                print(f"{label}: {len(requests)} requests, {clients} client(s)...", file=sys.stderr, flush=True)
+                runs[label] = {"clients": clients, **asyncio.run(run_load(url, requests, clients, args.new_tokens,
+                                                                          args.time_limit))}
+                print(f"  {runs[label]['tokens_per_s']:.1f} tokens/s, {runs[label]['failed']} failed",
+                      file=sys.stderr, flush=True)
+            if args.screenshot:
+                screenshot(url, names, args.screenshot)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    result = {"date": date.today().isoformat(), "args": vars(args) | {"screenshot": str(args.screenshot)},
+              "cpu": lscpu(), "runs": runs,
+              "ratios": {"mixed_vs_one_at_a_time": runs["mixed adapters"]["tokens_per_s"] /
+                         runs["one at a time"]["tokens_per_s"],
+                         "mixed_vs_single_adapter": runs["mixed adapters"]["tokens_per_s"] /
+                         runs["single adapter"]["tokens_per_s"]}}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"serve-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(markdown(result))
+    print(f"\nwrote {out}", file=sys.stderr)
+    failed = sum(run["failed"] + run["not_sent"] for run in runs.values())
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

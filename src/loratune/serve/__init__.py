@@ -1,0 +1,1 @@
+"""`loratune serve`: an OpenAI-compatible server of one base model with many adapters, batched together."""

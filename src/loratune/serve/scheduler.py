@@ -1,0 +1,338 @@
+"""Continuous batching of one base model with many LoRA adapters.
+
+One engine thread owns the model. Each iteration it applies pending adapter loads and deletions, admits
+waiting requests (each prompt is prefilled alone, so its numbers match a single-request `generate`), and
+then runs one decode step for every running row together. Rows are left-padded in a shared `DynamicCache`
+and carry their own positions; the per-row adapters are applied in one batched computation by
+`lt.mixed_adapter_batch`. A row leaves as soon as it finishes, and padding no row needs is trimmed.
+
+transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`) packs every request into
+one flattened sequence, so there is no batch row to hang an adapter on; hence this scheduler.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+import loratune as lt
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What a request asks of the decoder; temperature 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False  # run to max_tokens (for benchmarks), as vLLM's extension does
+
+
+@dataclass
+class Event:
+    """A piece of a request's answer, sent from the engine thread to whoever waits on it."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" or "length" on the last event
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the engine: its prompt, its adapter (None: the base model) and its progress."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    sent_chars: int = 0
+    pad: int = 0  # left-padding columns of this row in the shared cache
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        seed = self.sampling.seed if self.sampling.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+
+
+class Engine:
+    """Runs jobs on `model` in a background thread; `submit`, `load_adapter` and `delete_adapter` are thread-safe."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queued: int = 64, prefill_tokens: int = 512) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
+        self.max_batch = max_batch
+        self.max_queued = max_queued
+        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per iteration before the next decode step
+        eos = model.generation_config.eos_token_id
+        eos = tokenizer.eos_token_id if eos is None else eos
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self._waiting: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._commands: deque[tuple[str, str, object, Future]] = deque()
+        self._cache: DynamicCache | None = None
+        self._length = 0  # columns in the shared cache
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # --- called from other threads ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loratune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if len(self._waiting) >= self.max_queued:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (limit {self.max_queued})")
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Free the job's row at the next step (a client went away)."""
+        job.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    def load_adapter(self, name: str, directory: str) -> Future:
+        """Load between two decode steps; the future holds None or the error."""
+        return self._command("load", name, directory)
+
+    def delete_adapter(self, name: str) -> Future:
+        """Delete once no waiting or running request uses the adapter."""
+        return self._command("delete", name, None)
+
+    def stats(self) -> dict[str, int]:
+        return {"running": len(self._running), "queued": len(self._waiting)}
+
+    def _command(self, kind: str, name: str, arg: object) -> Future:
+        future: Future = Future()
+        with self._wake:
+            self._commands.append((kind, name, arg, future))
+            self._wake.notify()
+        return future
+
+    # --- the engine thread --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._commands or self._running):
+                    self._wake.wait(timeout=1.0)
+                if self._stopping:
+                    break
+            try:
+                self._run_commands()
+                self._drop(lambda job: job.cancelled)
+                self._admit()
+                if self._running:
+                    self._decode_step()
+            except Exception as exc:  # a failed step must not take the server down: fail its rows, go on
+                self._fail_running(f"generation failed: {type(exc).__name__}: {exc}")
+        self._fail_running("the server is shutting down")
+        for job in self._waiting:
+            job.emit(Event(error="the server is shutting down"))
+
+    def _run_commands(self) -> None:
+        kept = deque()
+        while True:
+            with self._wake:
+                if not self._commands:
+                    break
+                command = self._commands.popleft()
+            kind, name, arg, future = command
+            if kind == "delete" and self._in_use(name):
+                kept.append(command)  # retry after the requests using it have finished
+                continue
+            try:
+                if kind == "load":
+                    self._load(name, str(arg))
+                else:
+                    lt.delete_adapter(self.model, name)
+                future.set_result(None)
+            except Exception as exc:  # handed to the waiting caller, who reports it
+                future.set_exception(exc)
+        with self._wake:
+            self._commands.extendleft(reversed(kept))
+
+    def _load(self, name: str, directory: str) -> None:
+        lt.load_adapter(self.model, directory, name=name)
+        try:  # refuse what a mixed batch cannot run (DoRA, modules_to_save, convolutions) now, not mid-request
+            with lt.mixed_adapter_batch(self.model, [name]):
+                pass
+        except lt.LoratuneError:
+            lt.delete_adapter(self.model, name)
+            raise
+
+    def _in_use(self, name: str) -> bool:
+        with self._wake:
+            waiting = list(self._waiting)
+        return any(job.adapter == name for job in [*self._running, *waiting])
+
+    def _admit(self) -> None:
+        budget = self.prefill_tokens
+        while len(self._running) < self.max_batch and budget > 0:
+            with self._wake:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            if job.cancelled:
+                continue
+            budget -= len(job.prompt_ids)
+            try:
+                self._prefill(job)
+            except Exception as exc:  # this request alone fails
+                job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _prefill(self, job: Job) -> None:
+        ids = torch.tensor([job.prompt_ids])
+        cache = DynamicCache()
+        with lt.mixed_adapter_batch(self.model, [job.adapter]):
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
+        token = self._choose(out.logits[:, -1].float(), [job])[0]
+        if self._advance(job, token):
+            return
+        self._join(job, cache, ids.shape[1])
+
+    def _join(self, job: Job, cache: DynamicCache, length: int) -> None:
+        """Add a prefilled row to the shared cache, left-padding whichever side is shorter."""
+        if self._cache is None or not self._running:
+            self._cache, self._length, job.pad = cache, length, 0
+            self._running = [job]
+            return
+        grow = max(length - self._length, 0)
+        for shared, new in zip(self._cache.layers, cache.layers):
+            shared.keys = torch.cat([_pad_left(shared.keys, grow), _pad_left(new.keys, self._length + grow - length)])
+            shared.values = torch.cat([_pad_left(shared.values, grow),
+                                       _pad_left(new.values, self._length + grow - length)])
+        for row in self._running:
+            row.pad += grow
+        self._length += grow
+        job.pad = self._length - length
+        self._running.append(job)
+
+    def _decode_step(self) -> None:
+        rows = self._running
+        tokens = torch.tensor([[job.generated[-1]] for job in rows])
+        pads = torch.tensor([job.pad for job in rows])
+        mask = (torch.arange(self._length + 1)[None, :] >= pads[:, None]).long()
+        positions = (self._length - pads)[:, None]
+        with lt.mixed_adapter_batch(self.model, [job.adapter for job in rows]):
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                             past_key_values=self._cache, use_cache=True)
+        self._length += 1
+        chosen = self._choose(out.logits[:, -1].float(), rows)
+        finished = {id(job) for job, token in zip(rows, chosen) if self._advance(job, token)}
+        self._drop(lambda job: id(job) in finished)
+
+    def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> list[int]:
+        """Greedy rows take the argmax; sampled rows draw from their own seeded generator."""
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, job in enumerate(jobs):
+            if job.sampling.temperature > 0:
+                chosen[i] = _sample(logits[i], job.sampling, job.generator)
+        return chosen
+
+    def _advance(self, job: Job, token: int) -> bool:
+        """Record a token and emit the text it completes; True when the job is finished."""
+        if job.cancelled:
+            return True
+        eos = token in self.eos_ids and not job.sampling.ignore_eos
+        if not eos:
+            job.generated.append(token)
+        with self.tokenizer_lock:
+            text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+        stop_at = _find_stop(text, job.sampling.stop, job.sent_chars)
+        if stop_at is not None:
+            reason, text = "stop", text[:stop_at]
+        elif eos:
+            reason = "stop"
+        elif len(job.generated) >= job.sampling.max_tokens:
+            reason = "length"
+        else:
+            reason = None
+        end = len(text) if reason else _safe_end(text, job.sampling.stop, job.sent_chars)
+        delta, job.sent_chars = text[job.sent_chars:end], max(end, job.sent_chars)
+        if reason:
+            job.emit(Event(delta, reason, len(job.prompt_ids), len(job.generated) + eos))
+        elif delta:
+            job.emit(Event(delta))
+        return reason is not None
+
+    def _drop(self, leaving: Callable[[Job], bool]) -> None:
+        keep = [i for i, job in enumerate(self._running) if not leaving(job)]
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        if not self._running:
+            self._cache, self._length = None, 0
+            return
+        index = torch.tensor(keep)
+        trim = min(job.pad for job in self._running)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, trim:]
+            layer.values = layer.values[index, :, trim:]
+        for job in self._running:
+            job.pad -= trim
+        self._length -= trim
+
+    def _fail_running(self, message: str) -> None:
+        for job in self._running:
+            job.emit(Event(error=message))
+        self._running, self._cache, self._length = [], None, 0
+
+
+def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
+    if columns == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[2] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
+
+
+def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # the smallest set reaching top_p stays
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
+    """Where the earliest stop string starts, looking only where a new one can be (text already sent has none)."""
+    found = [i for i in (text.find(s, max(sent - len(s) + 1, 0)) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _safe_end(text: str, stops: tuple[str, ...], sent: int) -> int:
+    """How much text can be sent now: hold back a partial character and anything that may begin a stop string."""
+    end = len(text) - 1 if text.endswith("\ufffd") else len(text)
+    hold = max((size for stop in stops for size in range(1, min(len(stop), end + 1))
+                if text[end - size:end] == stop[:size]), default=0)
+    return max(end - hold, sent)

@@ -1,0 +1,156 @@
+"""The continuous-batching engine on a tiny Llama with two random adapters: a request's greedy tokens are the
+same alone and in any batch, whoever joins or leaves around it."""
+
+import threading
+
+import pytest
+from serve_tools import wait_for
+
+from loratune.pretrained import load_model
+from loratune.serve.scheduler import Engine, Job, QueueFull, Sampling
+
+PROMPTS = ["the cat sat on a mat", "hello world", "the good movie was great and the plot", "dog"]
+MODELS = [None, "alpha", "beta"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama, adapter_root):
+    model, tokenizer = load_model(tiny_llama, "causal-lm")
+    engine = Engine(model, tokenizer)
+    engine.start()
+    for name in ("alpha", "beta"):
+        engine.load_adapter(name, str(adapter_root / name)).result(timeout=30)
+    engine.stop()
+    return model, tokenizer
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events, self.done = [], threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if event.finish_reason or event.error:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+
+def job(tokenizer, prompt: str, adapter, **sampling) -> tuple[Job, Collector]:
+    collect = Collector()
+    return Job(tokenizer(prompt).input_ids, adapter, Sampling(**{"max_tokens": 24, "temperature": 0.0, **sampling}),
+               collect), collect
+
+
+def finish(pairs) -> list[tuple[list[int], str, str]]:
+    for _, collect in pairs:
+        assert collect.done.wait(60), "a request did not finish within 60 s"
+        assert collect.events[-1].error is None, collect.events[-1].error
+    return [(j.generated, c.text, c.events[-1].finish_reason) for j, c in pairs]
+
+
+def run_alone(model, tokenizer, prompt, adapter, **sampling):
+    engine = Engine(model, tokenizer)
+    engine.start()
+    try:
+        pair = job(tokenizer, prompt, adapter, **sampling)
+        engine.submit(pair[0])
+        return finish([pair])[0]
+    finally:
+        engine.stop()
+
+
+def test_mixed_batch_with_joins_and_leaves_equals_each_request_alone(loaded):
+    model, tokenizer = loaded
+    cases = [(p, a) for p in PROMPTS for a in MODELS]
+    alone = {}
+    engine = Engine(model, tokenizer)
+    engine.start()
+    for case in cases:
+        pair = job(tokenizer, *case)
+        engine.submit(pair[0])
+        alone[case] = finish([pair])[0]
+    engine.stop()
+    by_prompt = [{alone[(p, a)][0][:8].__repr__() for a in MODELS} for p in PROMPTS]
+    assert all(len(outputs) == 3 for outputs in by_prompt), "each adapter must change the greedy output"
+
+    # First wave all at once (one batch of mixed lengths and adapters, with different max_tokens so rows leave
+    # at different steps); the second wave joins while the first is decoding.
+    engine = Engine(model, tokenizer, max_batch=16)
+    first = [job(tokenizer, *case, max_tokens=4 + 4 * i) for i, case in enumerate(cases[:6])]
+    second = [job(tokenizer, *case) for case in cases[6:]]
+    for j, _ in first:
+        engine.submit(j)
+    engine.start()
+    try:
+        assert wait_for(lambda: first[0][1].events, what="a first token")  # the first wave is decoding
+        for j, _ in second:
+            engine.submit(j)
+        batched = finish(first + second)
+    finally:
+        engine.stop()
+    for (case, (tokens, text, reason)), (j, _) in zip(zip(cases, batched), first + second):
+        want_tokens, want_text, want_reason = alone[case]
+        limit = j.sampling.max_tokens
+        assert tokens == want_tokens[:limit], case
+        assert want_text.startswith(text) and text.split() == want_text.split()[:len(text.split())], case
+        assert reason == (want_reason if limit >= len(want_tokens) else "length"), case
+
+
+def test_stop_string_cuts_the_answer_and_is_never_streamed(loaded):
+    model, tokenizer = loaded
+    _, text, _ = run_alone(model, tokenizer, "hello world", None)
+    words = text.split()
+    stop = " ".join(words[3:5])
+    tokens, cut, reason = run_alone(model, tokenizer, "hello world", None, stop=("zzz", stop))
+    assert reason == "stop" and cut == text[:text.index(stop)]
+    assert stop not in cut
+
+
+def test_sampling_is_repeatable_with_a_seed(loaded):
+    model, tokenizer = loaded
+    draws = [run_alone(model, tokenizer, "the cat", "alpha", temperature=1.5, seed=s, max_tokens=16)[0]
+             for s in (7, 7, 8)]
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+    nucleus = run_alone(model, tokenizer, "the cat", "alpha", temperature=1.5, top_p=1e-6, seed=3, max_tokens=16)
+    greedy = run_alone(model, tokenizer, "the cat", "alpha", max_tokens=16)
+    assert nucleus[0] == greedy[0]  # a tiny top_p keeps only the most likely token
+
+
+def test_full_queue_refuses_and_cancelled_rows_leave(loaded):
+    model, tokenizer = loaded
+    engine = Engine(model, tokenizer, max_queued=2)
+    pairs = [job(tokenizer, "dog", "alpha", max_tokens=100) for _ in range(2)]
+    for j, _ in pairs:
+        engine.submit(j)
+    with pytest.raises(QueueFull):
+        engine.submit(job(tokenizer, "dog", None)[0])
+    engine.cancel(pairs[0][0])
+    engine.start()
+    try:
+        finish(pairs[1:])
+        assert pairs[0][1].events == []  # cancelled before it ran: never started
+        assert engine.stats() == {"running": 0, "queued": 0}
+    finally:
+        engine.stop()
+
+
+def test_loading_refuses_what_a_mixed_batch_cannot_run(loaded, tmp_path, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    import loratune as lt
+
+    model, tokenizer = loaded
+    donor = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    lt.add_adapter(donor, lt.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    lt.save_adapter(donor, tmp_path / "dora")
+    engine = Engine(model, tokenizer)
+    engine.start()
+    try:
+        with pytest.raises(lt.TargetError, match="DoRA"):
+            engine.load_adapter("dora", str(tmp_path / "dora")).result(timeout=30)
+        assert "dora" not in lt.active_adapters(model) and sorted(model.lora_configs) == ["alpha", "beta"]
+    finally:
+        engine.stop()
