@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import operator
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -160,7 +161,8 @@ class Processes:
         except (dist.DistError, RuntimeError) as exc:
             if isinstance(exc, LoratuneError) or not self.joined:
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(exc).__name__
             raise ProcessFailure(f"rank {self.rank}: another process died or did not answer within "
                                  f"{self.timeout_s:g} s ({first[:200]})") from exc
 
