@@ -295,6 +295,23 @@ def join_checked(load_config: Callable[[], Any], check_data: Callable[[Any], Non
     return config, processes
 
 
+def global_batch(train: Any, processes: int) -> int:
+    """Examples per optimizer step over all processes (`train` is the run's `TrainSpec`)."""
+    return train.batch_size * train.grad_accum * processes
+
+
+def check_global_batch(saved: dict[str, Any], train: Any, processes: int, where: Any) -> None:
+    """A checkpoint resumes on another process count only with the global batch it was written with."""
+    written, written_processes = saved.get("config", {}).get("train", {}), saved.get("processes", 1)
+    before = written.get("batch_size", 0) * written.get("grad_accum", 0) * written_processes
+    now = global_batch(train, processes)
+    if before != now:
+        raise LoratuneError(
+            f"{where}: checkpoint was written with a global batch of {before} (batch_size {written.get('batch_size')}"
+            f" x grad_accum {written.get('grad_accum')} x {written_processes} processes), now it is {now}; set "
+            f"train.grad_accum so that batch_size x grad_accum x processes = {before}")
+
+
 # --- FSDP2 ----------------------------------------------------------------------------------------------------
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a transformers model (its `_no_split_modules` classes): the units FSDP shards."""

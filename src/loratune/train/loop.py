@@ -27,7 +27,7 @@ from loratune.data import collate, load_datasets, read_label_names
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from loratune.train.distributed import Processes, join_processes
+from loratune.train.distributed import Processes, check_global_batch, global_batch, join_processes
 from loratune.train.evaluate import generate_texts, generation_metrics, loss_metrics, loss_totals
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.optim import build_optimizer, build_scheduler
@@ -336,7 +336,7 @@ def run_summary(run: Run, after: dict[str, Any], samples_after: list[dict[str, s
     return {
         "model": config.model.name, "task": config.model.task, "precision": session.precision,
         "steps": state.step, "stopped_early": state.stopped_early,
-        "global_batch": {"examples": global_batch(config, session.processes.world),
+        "global_batch": {"examples": global_batch(config.train, session.processes.world),
                          "per_process": config.train.batch_size, "processes": session.processes.world,
                          "grad_accum": config.train.grad_accum},
         "trainable_parameters": count.trainable, "total_parameters": count.total,
@@ -381,11 +381,6 @@ def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
                 param.grad.mul_(factor)
 
 
-def global_batch(config: RunConfig, processes: int) -> int:
-    """Examples per optimizer step over all processes."""
-    return config.train.batch_size * config.train.grad_accum * processes
-
-
 def read_latest_checkpoint(session: Session, out: Path) -> dict[str, Any]:
     """Load the newest complete checkpoint's adapter into the model and return its trainer state, after
     checking it belongs to this run and keeps its global batch."""
@@ -397,15 +392,7 @@ def read_latest_checkpoint(session: Session, out: Path) -> dict[str, Any]:
         raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
     saved = load_checkpoint(found, session.model, ADAPTER)
     check_same_run(saved.get("config", {}), session.config.model_dump(mode="json"), found)
-    written = saved.get("config", {}).get("train", {})
-    before = written.get("batch_size", 0) * written.get("grad_accum", 0) * saved.get("processes", 1)
-    now = global_batch(session.config, session.processes.world)
-    if before != now:
-        raise LoratuneError(
-            f"{found}: checkpoint was written with a global batch of {before} (batch_size "
-            f"{written.get('batch_size')} x grad_accum {written.get('grad_accum')} x {saved.get('processes', 1)} "
-            f"processes), now it is {now}; set train.grad_accum so that batch_size x grad_accum x processes = "
-            f"{before}")
+    check_global_batch(saved, session.config.train, session.processes.world, found)
     return saved
 
 
