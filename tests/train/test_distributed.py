@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NEGATIVE, POSITIVE, VOCAB, make_tokenizer
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import loratune
 from loratune.train import fit
@@ -33,17 +32,18 @@ SRC = str(Path(loratune.__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """A folder with a dropout-free tiny GPT-2, a data file, and a config writer."""
+def job(tmp_path_factory, tiny_gpt2):
+    """A folder with a dropout-free tiny GPT-2 (the shared tiny GPT-2's tokenizer) and a data file."""
     root = tmp_path_factory.mktemp("distributed")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tokenizer.save_pretrained(root / "gpt2")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(VOCAB), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(root / "gpt2")
-    make_tokenizer().save_pretrained(root / "gpt2")
-    rows = [{"text": f"the {t}", "label": "positive"} for t in POSITIVE] + \
-           [{"text": f"the {t}", "label": "negative"} for t in NEGATIVE]
-    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 3), encoding="utf-8")
+    rows = [{"text": f"the {t}", "label": "positive"} for t in ("good movie", "great film", "good acting")] + \
+           [{"text": f"the {t}", "label": "negative"} for t in ("bad movie", "awful film", "bad acting")]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 6), encoding="utf-8")
     return root
 
 
