@@ -12,17 +12,39 @@ import sys
 from pathlib import Path
 
 from loratune.core.errors import LoratuneError
+from loratune.errors import ReportedByAnotherRank
 from loratune.tasks import TASKS
 
 DEMO_OUTPUT = "runs/demo"
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int | None:
+    from loratune.data import check_sources
     from loratune.train import fit, load_config
+    from loratune.train.distributed import join_checked, under_torchrun
 
-    config = load_config(args.config, args.set)
-    summary = fit(config, resume=args.resume, quiet=args.quiet)
-    _print_summary(summary, Path(config.output_dir))
+    if args.nproc:
+        return _launch_torchrun(args, under_torchrun())
+    config, processes = join_checked(lambda: load_config(args.config, args.set),
+                                     lambda config: check_sources(config.data, config.model.task))
+    with processes:
+        summary = fit(config, resume=args.resume, quiet=args.quiet, processes=processes)
+    if processes.is_main:
+        _print_summary(summary, Path(config.output_dir))
+    return None
+
+
+def _launch_torchrun(args: argparse.Namespace, already: bool) -> int:
+    """`loratune train --nproc N`: the same command under torchrun, N processes on this machine."""
+    import subprocess
+
+    if already:
+        raise LoratuneError("--nproc: already running under torchrun; leave --nproc out")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "loratune", *(["--debug"] if args.debug else []), "train", args.config,
+               *[f"--set={assignment}" for assignment in args.set], *(["--resume"] if args.resume else []),
+               *(["--quiet"] if args.quiet else [])]
+    return subprocess.run(command, check=False).returncode
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -125,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a LoRA adapter from a YAML config")
     with_config(train)
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument("--nproc", type=_positive_int, metavar="N",
+                       help="train with N processes on this machine (launches torchrun; see docs/distributed.md)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model (and adapter) on a config's evaluation data")
@@ -197,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        args.run(args)
+        code = args.run(args)
     except LoratuneError as exc:
         from loratune.train.stop_signals import RunStopped  # imported already when one was raised
 
@@ -206,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         if args.debug:
             raise
-        print(f"loratune: error: {exc}", file=sys.stderr)
+        if not isinstance(exc, ReportedByAnotherRank):  # under torchrun, rank 0 says it once
+            print(f"loratune: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unreadable or unwritable paths the user gave
         if args.debug:
@@ -216,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loratune: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -16,3 +16,7 @@ class ModelLoadError(LoratuneError, ValueError):
 
 class QuantizationError(LoratuneError, ValueError):
     """A layer cannot be stored in the requested format, or a quantized weight cannot do what was asked."""
+
+
+class ReportedByAnotherRank(LoratuneError):
+    """Under torchrun: the error was found on every rank; rank 0 reports it and the others exit quietly."""

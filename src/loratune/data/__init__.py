@@ -5,7 +5,15 @@ from loratune.data.builtin import builtin_datasets
 from loratune.data.collate import collate
 from loratune.data.data_config import FORMATS, DataConfig
 from loratune.data.formatting import Formatter, fit_pair
-from loratune.data.pipeline import DataSplit, LoadedData, load_datasets, pack, read_label_names, split_records
+from loratune.data.pipeline import (
+    DataSplit,
+    LoadedData,
+    check_sources,
+    load_datasets,
+    pack,
+    read_label_names,
+    split_records,
+)
 from loratune.data.records import BadRecords, Record
 from loratune.tasks import IGNORE_INDEX
 
@@ -19,6 +27,7 @@ __all__ = [
     "LoadedData",
     "Record",
     "builtin_datasets",
+    "check_sources",
     "collate",
     "fit_pair",
     "load_datasets",

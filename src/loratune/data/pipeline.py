@@ -123,6 +123,17 @@ def read_label_names(cfg: DataConfig) -> list[str] | None:
     return _label_names(cfg, fmt, _read(None, cfg.train, "train", BadRecords(cfg.skip_bad_records)))
 
 
+def check_sources(cfg: DataConfig, task: str) -> None:
+    """Read a run's records without a tokenizer, so that a missing or malformed file, a format that does not
+    fit the task, or too few labels is found before any model loads (formatting errors come later)."""
+    fmt = _resolve_format(cfg)
+    check_task_format(task, fmt)
+    train = _read(None, cfg.train, "train", BadRecords(cfg.skip_bad_records))
+    _label_names(cfg, fmt, train)
+    if cfg.validation is not None:
+        _read(None, cfg.validation, "validation", BadRecords(cfg.skip_bad_records))
+
+
 def _resolve_format(cfg: DataConfig) -> str:
     if cfg.format is not None:
         return cfg.format

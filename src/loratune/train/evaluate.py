@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -32,25 +33,53 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
+@dataclass
+class LossTotals:
+    """Sums over evaluated examples that add up across shards (ranks) before they become metrics."""
+
+    loss: float = 0.0  # loss x weight, summed
+    weight: int = 0  # predicted tokens (or rows)
+    predicted: list = field(default_factory=list)  # classification only
+    expected: list = field(default_factory=list)
+
+    def __add__(self, other: LossTotals) -> LossTotals:
+        return LossTotals(self.loss + other.loss, self.weight + other.weight, self.predicted + other.predicted,
+                          self.expected + other.expected)
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
                   device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it,
                   loss_chunk: int = 0) -> dict:
     """Mean loss over the examples (token-weighted for language modelling), plus task metrics."""
+    return loss_metrics(loss_totals(model, examples, task, batch_size, pad_id, device, autocast, progress,
+                                    loss_chunk), task)
+
+
+@torch.no_grad()
+def loss_totals(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
+                device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it,
+                loss_chunk: int = 0) -> LossTotals:
+    """The summed loss and weight (and classification predictions) of `examples`."""
     model.eval()
-    total_loss, total_weight, predicted, expected = 0.0, 0, [], []
+    totals = LossTotals()
     for chunk in progress(list(_batches(examples, batch_size)), desc="evaluating"):
         batch = to_device(collate(list(chunk), pad_id, task), device)
         with autocast():
             loss, logits, weight = batch_loss(model, batch, task, loss_chunk)
-        total_loss += loss.item() * weight
-        total_weight += weight
+        totals.loss += loss.item() * weight
+        totals.weight += weight
         if task == "classification":
-            predicted += logits.argmax(-1).tolist()
-            expected += batch["labels"].tolist()
-    mean = total_loss / max(total_weight, 1)
+            totals.predicted += logits.argmax(-1).tolist()
+            totals.expected += batch["labels"].tolist()
+    return totals
+
+
+def loss_metrics(totals: LossTotals, task: str) -> dict:
+    mean = totals.loss / max(totals.weight, 1)
     metrics = {"loss": mean}
     if task == "classification":
+        predicted, expected = totals.predicted, totals.expected
         metrics["accuracy"] = sum(p == e for p, e in zip(predicted, expected)) / max(len(expected), 1)
         metrics["macro_f1"] = macro_f1(predicted, expected)
     else:

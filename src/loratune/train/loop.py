@@ -12,7 +12,7 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.core.peft_format import save_adapter
 from loratune.data import collate, load_datasets, read_label_names
+from loratune.errors import ReportedByAnotherRank
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
 from loratune.train.checkpoint import (
@@ -33,7 +34,8 @@ from loratune.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from loratune.train.evaluate import evaluate_loss, generate_texts, generation_metrics
+from loratune.train.distributed import Processes, check_global_batch, global_batch, join_processes
+from loratune.train.evaluate import generate_texts, generation_metrics, loss_metrics, loss_totals
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.report import plot_history, write_metrics, write_report
@@ -43,6 +45,8 @@ from loratune.train.step import batch_loss, to_device
 from loratune.train.stop_signals import RunStopped, stop_requests
 
 ADAPTER = "default"
+# Keys a resumed run may change: where it writes, and how the same global batch is spread over processes.
+RESUMABLE_CHANGES = {"output_dir", "train.grad_accum", "train.distributed", "train.distributed_timeout"}
 
 
 class TrainingDiverged(LoratuneError):
@@ -61,6 +65,7 @@ class Session:
     precision: str
     progress: Any
     loss_chunk: int = 0
+    processes: Processes = dataclasses.field(default_factory=Processes)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -68,17 +73,20 @@ class Session:
         return nullcontext()
 
     def evaluate(self, full: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """Loss metrics on the evaluation split; with `full`, also metrics on generated answers and samples."""
-        tc, task, data = self.config.train, self.config.model.task, self.data
+        """Loss metrics on the evaluation split; with `full`, also metrics on generated answers and samples.
+
+        Under torchrun each rank evaluates its share and every rank gets the same merged metrics."""
+        tc, task, data, processes = self.config.train, self.config.model.task, self.data, self.processes
         if not data.eval_examples:  # nothing held out: report no numbers rather than invented ones
             return {}, []
-        metrics = evaluate_loss(self.model, data.eval_examples, task, tc.eval_batch_size,
-                                self.tokenizer.pad_token_id, self.device, self.autocast, self.progress,
-                                self.loss_chunk)
+        totals = loss_totals(self.model, processes.shard(data.eval_examples), task, tc.eval_batch_size,
+                             self.tokenizer.pad_token_id, self.device, self.autocast, self.progress, self.loss_chunk)
+        metrics = loss_metrics(processes.total(totals), task)
         samples = []
         if full and data.eval_prompts and task != "classification" and tc.generation_eval:
-            outputs = generate_texts(self.model, self.tokenizer, data.eval_prompts, tc.max_new_tokens,
-                                     tc.eval_batch_size, self.device, self.autocast, self.progress)
+            outputs = processes.unshard(generate_texts(
+                self.model, self.tokenizer, processes.shard(data.eval_prompts), tc.max_new_tokens,
+                tc.eval_batch_size, self.device, self.autocast, self.progress))
             metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
             samples = [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
                        for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
@@ -112,6 +120,7 @@ class Run:
     before: dict[str, Any]
     samples_before: list[dict[str, str]]
     board: Any = None
+    trainer: Any = None  # the module a training step calls: (loss, logits, weight) of a batch, DDP-wrapped or not
 
     @property
     def checkpoints(self) -> Path:
@@ -120,6 +129,8 @@ class Run:
     def record(self, entry: dict[str, Any]) -> None:
         """Add an entry to the history, `metrics.jsonl` and TensorBoard (when installed)."""
         self.state.history.append(entry)
+        if not self.session.processes.is_main:
+            return
         with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry) + "\n")
         if self.board:
@@ -129,19 +140,36 @@ class Run:
 
 
 # --- the recipe ----------------------------------------------------------------------------------------------
-def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> dict[str, Any]:
-    """Train one LoRA adapter as `config` says and write everything into `config.output_dir`."""
+def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None,
+        processes: Processes | None = None) -> dict[str, Any]:
+    """Train one LoRA adapter as `config` says and write everything into `config.output_dir`.
+
+    Under torchrun every process calls this; `processes` (default: join torchrun's group, if any) says which
+    share of the work is this one's, and only rank 0 writes.
+    """
+    own_processes = processes is None
+    processes = processes or join_processes(config.train.distributed_timeout)
+    try:
+        return _fit(config, resume, _quiet(quiet) or not processes.is_main, processes)
+    finally:
+        if own_processes:
+            processes.close()
+
+
+def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> dict[str, Any]:
     out, tc = Path(config.output_dir), config.train
-    with claim_output_dir(out, resume), stop_requests() as stops:
-        session = prepare(config, _quiet(quiet))
-        if stops.requested:
-            raise RunStopped(stops.signal_name, 0, None)
+    with ExitStack() as folder, stop_requests() as stops:
+        # rank 0 owns the folder (lock, emptiness, leftovers); a refusal is said once, by rank 0
+        processes.agree(lambda: folder.enter_context(claim_output_dir(out, resume)) if processes.is_main else None)
+        session = processes.agree(lambda: prepare(config, quiet, processes=processes))
+        if _stop_agreed(processes, stops):
+            raise _stopped(processes, RunStopped(stops.signal_name, 0, None))
         run = resume_run(session, out) if resume else start_run(session, out)
         session.model.train()
         order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed)
         progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
         try:
-            while run.state.step < tc.max_steps and not run.state.stopped_early and not stops.requested:
+            while run.state.step < tc.max_steps and not run.state.stopped_early and not _stop_agreed(processes, stops):
                 train_step(run, order, progress)
                 if _due(tc.eval_every, run.state.step) and session.data.eval_examples and run.state.step < tc.max_steps:
                     evaluate_during_training(run)
@@ -149,22 +177,37 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
                     save_run_checkpoint(run)
         finally:
             progress.close()
-        if stops.requested:  # between steps: keep the progress, then say how to go on
-            raise RunStopped(stops.signal_name, run.state.step, checkpoint_now(run))
+        if _stop_agreed(processes, stops):  # between steps: keep the progress, then say how to go on
+            raise _stopped(processes, RunStopped(stops.signal_name, run.state.step, checkpoint_now(run)))
         return finish(run)
 
 
-def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> Session:
+def _stop_agreed(processes: Processes, stops: Any) -> bool:
+    """Whether a stop signal reached this process or, under torchrun, any other: every rank stops after the
+    same step, so the checkpoint holds all ranks' streams."""
+    if not processes.joined:
+        return stops.requested
+    return any(processes.gather(stops.requested))
+
+
+def _stopped(processes: Processes, stop: RunStopped) -> Exception:
+    """The stop as rank 0 says it; the other ranks end without a second message."""
+    return stop if processes.is_main else ReportedByAnotherRank(str(stop))
+
+
+def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
+            processes: Processes | None = None) -> Session:
     """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen."""
     tc, spec = config.train, config.model
+    processes = processes or Processes()
     seed_everything(tc.seed)
     data_config = config.data
     label_names = read_label_names(data_config) if spec.task == "classification" else None
     if label_names:  # fix the order once, so the head and the examples agree
         data_config = data_config.model_copy(update={"label_names": label_names})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = processes.device
     precision = resolve_precision(tc.precision, device)
-    if device.type == "cpu":
+    if device.type == "cpu" and processes.is_main:
         _warn_if_too_big(config)
     model, tokenizer = load_adapted_model(
         spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir, quantize=spec.quantize,
@@ -178,28 +221,34 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
     data = load_datasets(data_config, tokenizer, spec.task)
     model.to(device)
     _set_gradient_checkpointing(model, config)
-    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk)
+    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk,
+                   processes)
 
 
 def start_run(session: Session, out: Path) -> Run:
     """A fresh run: new optimizer, and the "before" evaluation as the history's first entry."""
     optimizer, scheduler = _optimizer(session)
     before, samples_before = session.evaluate(full=True)
+    session.processes.seed_rank(session.config.train.seed)
     state = RunState(history=[{"kind": "eval", "step": 0, **before}] if before else [])
     return _open_run(Run(session, out, optimizer, scheduler, state, before, samples_before))
 
 
 def resume_run(session: Session, out: Path) -> Run:
     """Continue from the newest readable checkpoint (newer unreadable ones are passed over with a warning):
-    adapter, optimizer, scheduler, state and RNG streams."""
+    adapter, optimizer, scheduler, state and RNG streams.
+
+    Rank 0 reads it and sends it to the others, so the output folder need not be shared between machines.
+    """
+    processes = session.processes
     optimizer, scheduler = _optimizer(session)
-    found, saved, passed_over = load_newest_readable(out / "checkpoints", session.model, ADAPTER)
-    for warning in passed_over:
-        print(f"loratune: warning: {warning}", file=sys.stderr)
-    check_same_run(saved.get("config", {}), session.config.model_dump(mode="json"), found)
+    saved = processes.agree(lambda: read_latest_checkpoint(session, out) if processes.is_main else None)
+    saved = processes.from_main(saved)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved["rng"])
+    rng = processes.rank_rng(saved, session.config.train.seed)
+    if rng is not None:
+        set_rng_state(rng)
     state = RunState(**saved["state"])
     return _open_run(Run(session, out, optimizer, scheduler, state, saved["before"], saved["samples_before"]))
 
@@ -225,23 +274,37 @@ def train_step(run: Run, order: BatchOrder, progress: Any) -> None:
 
 
 def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
-    """Forward and backward over the step's micro-batches; returns (mean loss, tokens seen)."""
-    session, state = run.session, run.state
+    """Forward and backward over this rank's micro-batches of the step; returns the step's (loss, tokens)
+    over all ranks.
+
+    The step's micro-batches are the next `grad_accum x processes` of one seeded global order, dealt out by
+    rank, and the loss is the mean over every predicted token of all of them: each micro-batch's summed
+    loss is back-propagated and the gradients are divided by the global token count afterwards. So one
+    process with batch B and accumulation 2 takes the same step as two processes with batch B.
+    """
+    session, state, processes = run.session, run.state, run.session.processes
     tc, task = session.config.train, session.config.model.task
-    loss_sum, tokens = 0.0, 0
-    for _ in range(tc.grad_accum):
-        examples = [session.data.train_examples[i] for i in order.batch(state.micro)]
-        state.micro += 1
-        batch = to_device(collate(examples, session.tokenizer.pad_token_id, task), session.device)
-        with session.autocast():
-            loss, _, _ = batch_loss(session.model, batch, task, session.loss_chunk)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at step {state.step + 1}; "
-                                   f"{_last_good(run.checkpoints)} (try a lower learning rate)")
-        (loss / tc.grad_accum).backward()
-        loss_sum += loss.item() / tc.grad_accum
-        tokens += int(batch["attention_mask"].sum())
-    return loss_sum, tokens
+    loss_sum, weight_sum, tokens = 0.0, 0, 0
+    with processes.reporting():
+        for micro in range(tc.grad_accum):
+            index = state.micro + micro * processes.world + processes.rank
+            examples = [session.data.train_examples[i] for i in order.batch(index)]
+            batch = to_device(collate(examples, session.tokenizer.pad_token_id, task), session.device)
+            with processes.gradient_sync(run.trainer, micro == tc.grad_accum - 1):
+                with session.autocast():
+                    loss, _, weight = run.trainer(batch)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"loss became {loss.item()} at step {state.step + 1}; "
+                                           f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+                (loss * weight).backward()
+            loss_sum += loss.item() * weight
+            weight_sum += weight
+            tokens += int(batch["attention_mask"].sum())
+        loss_sum, weight_sum, tokens = processes.sum([loss_sum, weight_sum, tokens])
+    state.micro += tc.grad_accum * processes.world
+    # DDP and FSDP average gradients over the ranks; the step's loss is a mean over all its tokens.
+    _scale_gradients(session.model, processes.world / max(weight_sum, 1))
+    return loss_sum / max(weight_sum, 1), int(tokens)
 
 
 def evaluate_during_training(run: Run) -> None:
@@ -258,29 +321,39 @@ def evaluate_during_training(run: Run) -> None:
 
 
 def save_run_checkpoint(run: Run) -> None:
-    """Write checkpoint `step-N`; refuses weights that are no longer finite (nothing worth resuming)."""
-    model, state, config = run.session.model, run.state, run.session.config
+    """Write checkpoint `step-N` (rank 0, with every rank's RNG stream); refuses weights that are no longer
+    finite (nothing worth resuming)."""
+    model, state, config, processes = run.session.model, run.state, run.session.config, run.session.processes
+    streams = processes.gather(rng_state())
+    if not processes.is_main:
+        return
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         raise TrainingDiverged(f"adapter weights became non-finite at step {state.step}; "
                                f"{_last_good(run.checkpoints)} (try a lower learning rate)")
     save_checkpoint(run.checkpoints, state.step, model, ADAPTER, {
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-        "state": dataclasses.asdict(state), "rng": rng_state(), "before": run.before,
+        "state": dataclasses.asdict(state), "rng": streams[0], "rank_rng": streams, "processes": processes.world,
+        "before": run.before,
         "samples_before": run.samples_before, "config": config.model_dump(mode="json")},
         config.train.keep_checkpoints)
 
 
 def checkpoint_now(run: Run) -> Path:
-    """The checkpoint of the run's current step, written now unless it already exists."""
-    latest = latest_checkpoint(run.checkpoints)
-    if latest is not None and latest.name == f"step-{run.state.step}":
-        return latest
+    """The checkpoint of the run's current step, written now unless it already exists (rank 0 decides: only
+    its folder is sure to hold the checkpoints)."""
+    processes, path = run.session.processes, run.checkpoints / f"step-{run.state.step}"
+    latest = latest_checkpoint(run.checkpoints) if processes.is_main else None
+    if processes.from_main(latest is not None and latest.name == path.name):
+        return path
     save_run_checkpoint(run)
-    return run.checkpoints / f"step-{run.state.step}"
+    return path
 
 
 def _kept_in_checkpoint(run: Run) -> str:
-    """Say where the run's progress is after the final adapter could not be written."""
+    """Say where the run's progress is after the final adapter could not be written (rank 0 alone gets here,
+    so under torchrun no new checkpoint, which needs every rank, is tried)."""
+    if run.session.processes.joined:
+        return _last_good(run.checkpoints)
     try:
         path = checkpoint_now(run)
     except WriteError as exc:
@@ -291,18 +364,21 @@ def _kept_in_checkpoint(run: Run) -> str:
 
 def finish(run: Run) -> dict[str, Any]:
     """Evaluate the trained adapter, save it, and write metrics, plot and report; returns the summary."""
-    session, out, config = run.session, run.out, run.session.config
+    session, out, config, processes = run.session, run.out, run.session.config, run.session.processes
     after, samples_after = session.evaluate(full=True)
-    try:
-        save_adapter(session.model, out / "adapter", ADAPTER)
-    except WriteError as exc:  # the trained steps must survive a full disk: in a checkpoint, if one fits
-        raise WriteError(f"{exc}; {_kept_in_checkpoint(run)}") from exc
     if after:
         run.record({"kind": "eval", "step": run.state.step, **after})
+    with processes.full_parameters(session.model):
+        if processes.is_main:
+            try:
+                save_adapter(session.model, out / "adapter", ADAPTER)
+            except WriteError as exc:  # the trained steps must survive a full disk: in a checkpoint, if one fits
+                raise WriteError(f"{exc}; {_kept_in_checkpoint(run)}") from exc
     summary = run_summary(run, after, samples_after)
-    write_metrics(out / "metrics.json", summary)
-    plot_history(out / "plot.png", run.state.history, f"{config.model.name} on {config.data.train}")
-    write_report(out / "report.md", summary, config_to_yaml(config))
+    if processes.is_main:
+        write_metrics(out / "metrics.json", summary)
+        plot_history(out / "plot.png", run.state.history, f"{config.model.name} on {config.data.train}")
+        write_report(out / "report.md", summary, config_to_yaml(config))
     if run.board:
         run.board.close()
     return summary
@@ -314,6 +390,9 @@ def run_summary(run: Run, after: dict[str, Any], samples_after: list[dict[str, s
     return {
         "model": config.model.name, "task": config.model.task, "precision": session.precision,
         "steps": state.step, "stopped_early": state.stopped_early,
+        "global_batch": {"examples": global_batch(config.train, session.processes.world),
+                         "per_process": config.train.batch_size, "processes": session.processes.world,
+                         "grad_accum": config.train.grad_accum},
         "trainable_parameters": count.trainable, "total_parameters": count.total,
         "trainable_fraction": count.fraction,
         "train_seconds": state.seconds, "tokens_per_second": state.tokens / max(state.seconds, 1e-9),
@@ -334,11 +413,40 @@ def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bo
 
 # --- helpers of the steps ------------------------------------------------------------------------------------
 def _open_run(run: Run) -> Run:
-    """Write the history so far and the config, and open TensorBoard: the files a run appends to."""
-    write_text_atomic(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.state.history))
-    write_text_atomic(run.out / "config.yaml", config_to_yaml(run.session.config))
-    run.board = _tensorboard(run.out)
+    """Write the history so far and the config, and open TensorBoard: the files a run appends to (rank 0);
+    then make the module the steps train through (DDP or FSDP under torchrun)."""
+    session = run.session
+    if session.processes.is_main:
+        write_text_atomic(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.state.history))
+        write_text_atomic(run.out / "config.yaml", config_to_yaml(session.config))
+        run.board = _tensorboard(run.out)
+    task, chunk = session.config.model.task, session.loss_chunk
+    run.trainer = session.processes.training_module(
+        session.model, lambda model, batch: batch_loss(model, batch, task, chunk), session.config.train.distributed)
+    if session.processes.sharded:  # sharding replaced the parameters the optimizer was built over
+        run.optimizer, run.scheduler = _optimizer(session)
     return run
+
+
+def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(factor)
+
+
+def read_latest_checkpoint(session: Session, out: Path) -> dict[str, Any]:
+    """Load the newest complete checkpoint's adapter into the model and return its trainer state, after
+    checking it belongs to this run and keeps its global batch."""
+    checkpoints = out / "checkpoints"
+    if session.config.train.distributed == "fsdp":
+        raise ConfigError("--resume: fsdp runs cannot resume yet; resume with train.distributed: ddp")
+    found, saved, passed_over = load_newest_readable(checkpoints, session.model, ADAPTER)
+    for warning in passed_over:
+        print(f"loratune: warning: {warning}", file=sys.stderr)
+    check_same_run(saved.get("config", {}), session.config.model_dump(mode="json"), found)
+    check_global_batch(saved, session.config.train, session.processes.world, found)
+    return saved
 
 
 def _optimizer(session: Session) -> tuple[torch.optim.Optimizer, Any]:
@@ -376,9 +484,10 @@ def _warn_if_too_big(config: RunConfig) -> None:
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path, prefix: str = "") -> None:
-    """Resume only the run that wrote the checkpoint (the output folder may differ)."""
+    """Resume only the run that wrote the checkpoint (the output folder may differ, and so may the process
+    count with the accumulation: `read_latest_checkpoint` checks that the global batch stays the same)."""
     for key in sorted(set(saved) | set(current)):
-        if key == "output_dir" and not prefix:
+        if f"{prefix}{key}" in RESUMABLE_CHANGES:
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -68,6 +68,7 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
               f"examples, {summary['data'].get('skipped_records', 0)} bad records skipped)",
               f"- trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
               f"({100 * summary['trainable_fraction']:.3f}%)",
+              _global_batch_line(summary),
               f"- steps: {summary['steps']}{' (stopped early)' if summary.get('stopped_early') else ''}, "
               f"training time {summary['train_seconds']:.1f} s, {summary['tokens_per_second']:.0f} tokens/s",
               f"- peak memory: {summary['peak_rss_mb']:.0f} MB RSS"
@@ -84,6 +85,12 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
                           f"  - reference: `{_one_line(sample['reference'])}`"]
     lines += ["", "## Plot", "", "![training](plot.png)", "", "## Config", "", "```yaml", config_yaml.rstrip(), "```"]
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _global_batch_line(summary: dict[str, Any]) -> str:
+    batch = summary["global_batch"]
+    return (f"- global batch: {batch['examples']} examples per step ({batch['per_process']} per process x "
+            f"{batch['processes']} process(es) x {batch['grad_accum']} accumulation step(s))")
 
 
 def _one_line(text: str, limit: int = 200, keep_end: bool = False) -> str:

@@ -74,6 +74,13 @@ class TrainSpec(_Strict):
     max_new_tokens: int = Field(32, gt=0, description="tokens generated per answer in evaluation")
     num_samples: int = Field(3, ge=0, description="sample generations shown before and after")
     generation_eval: bool = Field(True, description="score generated answers (accuracy / BLEU) for causal LMs")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (every rank holds the base; only adapter gradients are "
+                           "all-reduced) or fsdp (transformer blocks sharded with FSDP2, for bases too big for one "
+                           "process)")
+    distributed_timeout: float = Field(
+        300, gt=0, description="under torchrun: seconds a rank waits for the others before the job ends with an "
+                               "error naming the rank")
 
 
 class RunConfig(_Strict):
@@ -101,6 +108,16 @@ class RunConfig(_Strict):
         """`train.loss_chunk_tokens`, 1024 by default (0: no chunking, full logits)."""
         explicit = self.train.loss_chunk_tokens
         return explicit if explicit is not None else DEFAULT_LOSS_CHUNK
+
+    @model_validator(mode="after")
+    def _fsdp_limits(self) -> RunConfig:
+        if self.train.distributed == "fsdp" and self.model.quantize != "none":
+            raise ValueError("train.distributed: fsdp does not shard quantized weights; use ddp (every rank "
+                             "holds the quantized base)")
+        if self.train.distributed == "fsdp" and self.train.checkpoint_every:
+            raise ValueError("train.checkpoint_every: checkpoints of fsdp runs are not supported yet; use ddp or "
+                             "set checkpoint_every: 0")
+        return self
 
     @model_validator(mode="after")
     def _one_initialisation(self) -> RunConfig:

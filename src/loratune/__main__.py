@@ -1,0 +1,7 @@
+"""`python -m loratune`: what torchrun runs on each process (`torchrun ... -m loratune train run.yaml`)."""
+
+import sys
+
+from loratune.cli import main
+
+sys.exit(main())

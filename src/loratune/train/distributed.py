@@ -1,0 +1,344 @@
+"""Training on several processes and machines under torchrun: the process group and what the loop asks of it.
+
+torchrun (PyTorch's own launcher) starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous; this module joins them (`gloo` on CPU, `nccl` on CUDA) and gives the training loop one object,
+`Processes`, that answers the same questions in one process as in many: which share of the data is mine,
+sum these numbers over all ranks, am I the one who writes. A run outside torchrun gets a single process
+and no communication at all.
+
+Only the adapter is communicated. DistributedDataParallel is told to ignore every frozen parameter and
+every buffer, so the base model (quantized or not) is loaded by each rank and never broadcast or reduced;
+the trainable parameters are broadcast once from rank 0 and their gradients all-reduced each step.
+With `train.distributed: fsdp` the transformer blocks are sharded with FSDP2 (`fully_shard`) instead,
+for bases too big for one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import operator
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from loratune.core.errors import ConfigError, LoratuneError
+from loratune.errors import ReportedByAnotherRank
+
+DEFAULT_TIMEOUT_S = 300
+T = TypeVar("T")
+
+
+class ProcessFailure(LoratuneError):
+    """Another rank died or stopped answering; this one gives up instead of waiting forever."""
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+@dataclasses.dataclass
+class Processes:
+    """The processes of one training job, as the loop sees them (one process when not under torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    owns_group: bool = False  # this object initialised the process group, so it destroys it
+    sharded: bool = False  # FSDP sharded the model: every rank must run the same forwards
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def joined(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    def close(self) -> None:
+        if self.owns_group and self.joined:
+            dist.destroy_process_group()
+        self.owns_group = False
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- data and results across ranks ----------------------------------------------------------------------
+    def shard(self, items: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous block of `items` (all of them when the model is sharded: FSDP needs every
+        rank to run the same forwards)."""
+        if self.world == 1 or self.sharded:
+            return items
+        n = len(items)
+        return items[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+
+    def unshard(self, part: list[T]) -> list[T]:
+        """The blocks of `shard` put back together, in the original order, on every rank."""
+        if self.world == 1 or self.sharded:
+            return part
+        return [item for block in self.gather(part) for item in block]
+
+    def total(self, part: T) -> T:
+        """The sum (`+`) of every rank's share of a result computed over `shard`."""
+        if self.world == 1 or self.sharded:
+            return part
+        return functools.reduce(operator.add, self.gather(part))
+
+    def gather(self, value: T) -> list[T]:
+        """`value` from every rank, in rank order (any picklable object)."""
+        if not self.joined:
+            return [value]
+        values: list[Any] = [None] * self.world
+        with self.reporting():
+            dist.all_gather_object(values, value)
+        return values
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over the ranks, in float64 (token counts and loss sums)."""
+        if not self.joined:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
+        with self.reporting():
+            dist.all_reduce(total)
+        return total.tolist()
+
+    def from_main(self, value: T) -> T:
+        """Rank 0's `value` on every rank."""
+        if not self.joined:
+            return value
+        box = [value if self.is_main else None]
+        with self.reporting():
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.joined:
+            with self.reporting():
+                dist.barrier()
+
+    def agree(self, step: Callable[[], T]) -> T:
+        """Run `step` on every rank; if it raised a user error anywhere, rank 0 reports the first one
+        (naming the rank when it is not rank 0's own) and every rank stops, so it is said once."""
+        try:
+            result, error = step(), None
+        except LoratuneError as exc:
+            result, error = None, exc
+        if not self.joined:
+            if error:
+                raise error
+            return result
+        failed = [(rank, message) for rank, message in enumerate(self.gather(str(error) if error else None))
+                  if message]
+        if not failed:
+            return result
+        rank, message = failed[0]
+        if self.is_main:
+            if error is not None and rank == 0:
+                raise error
+            raise LoratuneError(f"rank {rank}: {message}")
+        raise ReportedByAnotherRank(message)
+
+    @contextlib.contextmanager
+    def reporting(self) -> Iterator[None]:
+        """Turn a collective that failed (a peer died, or the timeout passed) into a one-line error."""
+        try:
+            yield
+        except (dist.DistError, RuntimeError) as exc:
+            if isinstance(exc, LoratuneError) or not self.joined:
+                raise
+            text = str(exc).strip()
+            first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0]) if text else type(exc).__name__
+            raise ProcessFailure(f"rank {self.rank}: another process died or did not answer within "
+                                 f"{self.timeout_s:g} s ({first[:200]})") from exc
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    # --- randomness ---------------------------------------------------------------------------------------------
+    def seed_rank(self, seed: int) -> None:
+        """Give every rank but 0 its own random stream (dropout masks), after the shared-seed model set-up.
+
+        Rank 0 keeps the stream a single process would have.
+        """
+        if self.rank:
+            torch.manual_seed(seed * 1_000_003 + self.rank)
+
+    def rank_rng(self, saved: dict[str, Any], seed: int) -> dict[str, Any] | None:
+        """The RNG state this rank resumes with: its own when the process count is unchanged, rank 0's on rank
+        0, else None (a fresh per-rank stream: exact equality with dropout then cannot hold)."""
+        streams = saved.get("rank_rng") or [saved["rng"]]
+        if len(streams) == self.world or self.rank == 0:
+            return streams[self.rank]
+        self.seed_rank(seed + saved["state"]["step"])
+        return None
+
+    # --- the model --------------------------------------------------------------------------------------------
+    def training_module(self, model: nn.Module, loss: Callable[[nn.Module, dict], tuple], mode: str) -> nn.Module:
+        """The module the training step calls: `module(batch)` -> (loss, logits, weight) with gradients that
+        are already averaged over the ranks after backward."""
+        forward = LossForward(model, loss)
+        if not self.joined:
+            return forward
+        self.broadcast_trainable(model)
+        if mode == "fsdp":
+            shard_blocks(model, self.device)
+            self.sharded = True
+            return forward
+        frozen = [name for name, p in forward.named_parameters() if not p.requires_grad]
+        buffers = [name for name, _ in forward.named_buffers()]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(forward, frozen + buffers)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        with self.reporting():
+            return nn.parallel.DistributedDataParallel(forward, device_ids=device_ids, init_sync=False)
+
+    def broadcast_trainable(self, model: nn.Module) -> None:
+        """Rank 0's adapter (fresh or resumed) on every rank; the frozen base is not sent."""
+        with self.reporting(), torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad:
+                    dist.broadcast(param.data, src=0)
+
+    @contextlib.contextmanager
+    def gradient_sync(self, module: nn.Module, sync: bool) -> Iterator[None]:
+        """Skip the gradient reduction on all but the last micro-batch of a step."""
+        if sync or not self.joined:
+            yield
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            with module.no_sync():
+                yield
+        else:  # FSDP2: the sharded blocks accumulate unreduced gradients until the last micro-batch
+            blocks = fsdp_blocks(module)
+            for block in blocks:
+                block.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                for block in blocks:
+                    block.set_requires_gradient_sync(True)
+
+    @contextlib.contextmanager
+    def full_parameters(self, model: nn.Module) -> Iterator[None]:
+        """The sharded blocks' parameters whole on every rank (for saving the adapter); a no-op unsharded."""
+        blocks = fsdp_blocks(model) if self.sharded else []
+        with self.reporting():
+            for block in blocks:
+                block.unshard()
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block.reshard()
+
+
+class LossForward(nn.Module):
+    """The training forward as a module, so DistributedDataParallel sees it: the loss function may call the
+    model's parts separately (body, then a chunked head), which DDP would not notice from the model alone."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, dict], tuple]) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple:
+        return self.loss(self.model, batch)
+
+
+def join_processes(timeout_s: float = DEFAULT_TIMEOUT_S) -> Processes:
+    """Join torchrun's process group (reusing one already joined); one plain process when not launched by it."""
+    if not under_torchrun():
+        return Processes()
+    owns = not dist.is_initialized()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if owns:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, timeout_s, owns)
+
+
+def join_checked(load_config: Callable[[], Any], check_data: Callable[[Any], None]) -> tuple[Any, Processes]:
+    """Load the config on every rank, join the group, and agree that config and data are sound before any
+    rank loads a model: an error is then reported once, by rank 0."""
+    try:
+        config, error = load_config(), None
+    except LoratuneError as exc:
+        config, error = None, exc
+    processes = join_processes(config.train.distributed_timeout if config else DEFAULT_TIMEOUT_S)
+
+    def check() -> None:
+        if error is not None:
+            raise error
+        if processes.joined:  # one process reads its data in `prepare` anyway
+            check_data(config)
+
+    try:
+        processes.agree(check)
+    except LoratuneError:
+        processes.close()
+        raise
+    return config, processes
+
+
+def global_batch(train: Any, processes: int) -> int:
+    """Examples per optimizer step over all processes (`train` is the run's `TrainSpec`)."""
+    return train.batch_size * train.grad_accum * processes
+
+
+def check_global_batch(saved: dict[str, Any], train: Any, processes: int, where: Any) -> None:
+    """A checkpoint resumes on another process count only with the global batch it was written with."""
+    written, written_processes = saved.get("config", {}).get("train", {}), saved.get("processes", 1)
+    before = written.get("batch_size", 0) * written.get("grad_accum", 0) * written_processes
+    now = global_batch(train, processes)
+    if before != now:
+        raise LoratuneError(
+            f"{where}: checkpoint was written with a global batch of {before} (batch_size {written.get('batch_size')}"
+            f" x grad_accum {written.get('grad_accum')} x {written_processes} processes), now it is {now}; set "
+            f"train.grad_accum so that batch_size x grad_accum x processes = {before}")
+
+
+# --- FSDP2 ----------------------------------------------------------------------------------------------------
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (its `_no_split_modules` classes): the units FSDP shards."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard_blocks(model: nn.Module, device: torch.device) -> None:
+    """Shard each transformer block with FSDP2; everything outside the blocks (embeddings, head) stays whole
+    on every rank, so it must not train: its gradients would not be reduced."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ConfigError(f"train.distributed: fsdp: {type(model).__name__} names no transformer blocks "
+                          "(_no_split_modules); use ddp")
+    inside = {id(p) for block in blocks for p in block.parameters()}
+    outside = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        raise ConfigError(f"train.distributed: fsdp trains only adapters inside the transformer blocks; "
+                          f"{outside[0]} is outside them (lora.target_modules / modules_to_save); use ddp")
+    model.to(device)
+    for block in blocks:
+        fully_shard(block)
+
+
+def fsdp_blocks(module: nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]

@@ -1,0 +1,233 @@
+"""Training under torchrun on CPU (gloo): 2 processes equal 1, two nodes equal one, resume across process
+counts, one copy of the outputs, a killed rank ends the job, errors said once.
+
+The base model and the adapter have no dropout here: with dropout every rank draws its own masks, so runs
+with different process counts cannot be equal, only statistically alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+import loratune
+from loratune.train import fit
+from loratune.train.run_config import validate_config
+
+STEPS, CHECKPOINT_AT = 6, 3
+SRC = str(Path(loratune.__file__).resolve().parents[1])
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_gpt2):
+    """A folder with a dropout-free tiny GPT-2 (the shared tiny GPT-2's tokenizer) and a data file."""
+    root = tmp_path_factory.mktemp("distributed")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tokenizer.save_pretrained(root / "gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(root / "gpt2")
+    rows = [{"text": f"the {t}", "label": "positive"} for t in ("good movie", "great film", "good acting")] + \
+           [{"text": f"the {t}", "label": "negative"} for t in ("bad movie", "awful film", "bad acting")]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 6), encoding="utf-8")
+    return root
+
+
+def run_config(root: Path, name: str, **train) -> dict:
+    return {
+        "model": {"name": str(root / "gpt2")},
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["c_attn", "c_fc"]},
+        "data": {"train": str(root / "data.jsonl"), "format": "classification",
+                 "prompt_template": "{text} sentiment :", "completion_template": "{label}",
+                 "validation_fraction": 0.25, "max_length": 32},
+        "train": {"max_steps": STEPS, "batch_size": 2, "learning_rate": 0.01, "precision": "fp32",
+                  "eval_batch_size": 8, "max_new_tokens": 2, "seed": 0, "checkpoint_every": CHECKPOINT_AT,
+                  "keep_checkpoints": 5, **train},
+        "output_dir": str(root / name),
+    }
+
+
+def write_config(root: Path, name: str, **train) -> Path:
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(run_config(root, name, **train)), encoding="utf-8")
+    return path
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join([SRC, env.get("PYTHONPATH", "")])
+    return env
+
+
+def torchrun(*args: str, cwd: Path, **popen) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", *args]
+    return subprocess.Popen(command, cwd=cwd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def loratune_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loratune", *args], cwd=cwd, env=environment(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def train_losses(out: Path) -> list[tuple[int, float]]:
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_processes(job):
+    """`loratune train --nproc 2`: batch 2 per process, no accumulation (global batch 4), checkpoint at step 3."""
+    result = loratune_cli("train", str(write_config(job, "two")), "--nproc", "2", "--quiet", cwd=job)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return job / "two", result
+
+
+@pytest.fixture(scope="module")
+def one_process(job):
+    """One process, batch 2 with 2 accumulation steps: the same global batch of 4."""
+    fit(validate_config(run_config(job, "one", grad_accum=2), "test"), quiet=True)
+    return job / "one"
+
+
+def test_two_processes_equal_one_and_write_one_copy(two_processes, one_process):
+    out, result = two_processes
+    assert max_diff(adapter(out), adapter(one_process)) <= 1e-5
+    assert [step for step, _ in train_losses(out)] == list(range(1, STEPS + 1))  # each step recorded once
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one_process.iterdir())
+    assert not [p for p in out.rglob(".*")]  # no temporary leftovers from a second writer
+    assert result.stdout.count("trained 6 steps") == 1
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["global_batch"] == {"examples": 4, "per_process": 2, "processes": 2, "grad_accum": 1}
+    assert "global batch: 4 examples per step (2 per process x 2 process(es)" in (out / "report.md").read_text()
+
+
+def test_two_nodes_equal_one_node(job, two_processes):
+    """Two torchrun agents, one process each, meeting at a loopback c10d rendezvous."""
+    config, port = write_config(job, "nodes"), free_port()
+    agents = [torchrun("--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--rdzv_backend=c10d",
+                       f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=loratune-test", "-m", "loratune", "train",
+                       str(config), "--quiet", cwd=job) for rank in (0, 1)]
+    for agent in agents:
+        _, stderr = agent.communicate(timeout=600)
+        assert agent.returncode == 0, stderr[-3000:]
+    expected = adapter(two_processes[0])
+    for key, value in adapter(job / "nodes").items():
+        assert torch.equal(value, expected[key]), key
+
+
+@pytest.fixture(scope="module")
+def stopped_at_step_3(job, two_processes):
+    """The output folder of the 2-process run as it stood after its step-3 checkpoint: what a run stopped
+    there leaves behind (checkpoint step-3 is written before step 4 starts)."""
+    def copy(name: str) -> Path:
+        out = job / name
+        shutil.copytree(two_processes[0] / "checkpoints" / f"step-{CHECKPOINT_AT}",
+                        out / "checkpoints" / f"step-{CHECKPOINT_AT}")
+        return out
+    return copy
+
+
+def test_resume_with_two_processes_is_bit_identical(job, two_processes, stopped_at_step_3):
+    out = stopped_at_step_3("resumed-two")
+    agent = torchrun("--standalone", "--nproc_per_node=2", "-m", "loratune", "train",
+                     str(write_config(job, "resumed-two")), "--resume", "--quiet", cwd=job)
+    _, stderr = agent.communicate(timeout=600)
+    assert agent.returncode == 0, stderr[-3000:]
+    expected = adapter(two_processes[0])
+    for key, value in adapter(out).items():
+        assert torch.equal(value, expected[key]), key
+    assert train_losses(out) == train_losses(two_processes[0])
+
+
+def test_resume_with_one_process_matches(job, two_processes, stopped_at_step_3):
+    out = stopped_at_step_3("resumed-one")
+    fit(validate_config(run_config(job, "resumed-one", grad_accum=2), "test"), resume=True, quiet=True)
+    assert max_diff(adapter(out), adapter(two_processes[0])) <= 1e-5
+    assert [step for step, _ in train_losses(out)] == list(range(1, STEPS + 1))
+
+
+def test_resume_refuses_another_global_batch(job, stopped_at_step_3):
+    stopped_at_step_3("resumed-wrong")
+    with pytest.raises(loratune.core.errors.LoratuneError, match="global batch of 4 .* now it is 2"):
+        fit(validate_config(run_config(job, "resumed-wrong"), "test"), resume=True, quiet=True)
+
+
+def test_fsdp_equals_one_process(job, one_process):
+    agent = torchrun("--standalone", "--nproc_per_node=2", "-m", "loratune", "train",
+                     str(write_config(job, "fsdp", distributed="fsdp", checkpoint_every=0)), "--quiet", cwd=job)
+    _, stderr = agent.communicate(timeout=600)
+    assert agent.returncode == 0, stderr[-3000:]
+    assert max_diff(adapter(job / "fsdp"), adapter(one_process)) <= 1e-5
+    assert json.loads((job / "fsdp" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_a_killed_rank_ends_the_job_with_a_message(job):
+    out = job / "killed"
+    agent = torchrun("--standalone", "--nproc_per_node=2", "-m", "loratune", "train",
+                     str(write_config(job, "killed", max_steps=10**6, checkpoint_every=0, distributed_timeout=60)),
+                     "--quiet", cwd=job)
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").is_file() or '"train"' not in (out / "metrics.jsonl").read_text():
+        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[1][-3000:]
+        time.sleep(0.5)
+    os.kill(rank_pid(agent.pid, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = agent.communicate(timeout=120)
+    assert time.monotonic() - killed < 60  # the job's timeout; torchrun notices a dead rank in seconds
+    assert agent.returncode != 0
+    assert "rank      : 1 (local_rank: 1)" in stderr and "SIGKILL" in stderr
+
+
+def rank_pid(agent: int, rank: int) -> int:
+    """The process of `rank` among the agent's children (torchrun sets RANK in each one's environment)."""
+    children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    for child in children:
+        variables = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in variables:
+            return int(child)
+    raise AssertionError(f"no rank {rank} among {children}")
+
+
+def test_a_data_error_is_reported_once_before_any_model_loads(job):
+    (job / "broken.jsonl").write_text('{"text": "the good movie", "label": "positive"}\n{not json\n')
+    data = run_config(job, "broken")
+    data["model"]["name"] = str(job / "no-such-model")  # loading it would fail: the data error comes first
+    data["data"]["train"] = str(job / "broken.jsonl")
+    (job / "broken.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    agent = torchrun("--standalone", "--nproc_per_node=2", "-m", "loratune", "train", str(job / "broken.yaml"),
+                     "--quiet", cwd=job)
+    _, stderr = agent.communicate(timeout=600)
+    assert agent.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("loratune: error:")]
+    assert len(errors) == 1 and "broken.jsonl" in errors[0], stderr[-3000:]
+    assert not (job / "broken").exists()
