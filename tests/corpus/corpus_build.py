@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 import torch
+
 FILES = Path(__file__).parent / "files"
 MARKER_NAME = "PAYLOAD_RAN"  # written only if some code in the corpus gets executed
 
@@ -114,7 +115,8 @@ def _adapters(root: Path, marker: Path) -> None:
     tensors = {**_load(good)}
     key = next(k for k in tensors if k.endswith("lora_A.weight"))
     variant("wrong_shapes", _safetensors({**tensors, key: torch.zeros(4, 7)}))
-    variant("extra_tensor", _safetensors({**tensors, "base_model.model.transformer.wte.lora_A.weight": torch.zeros(4, 4)}))
+    stray = "base_model.model.transformer.wte.lora_A.weight"
+    variant("extra_tensor", _safetensors({**tensors, stray: torch.zeros(4, 4)}))
     variant("missing_tensor", _safetensors({k: v for k, v in tensors.items() if k != key}))
 
     from transformers import AutoModelForSequenceClassification

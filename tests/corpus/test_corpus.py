@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from corpus_build import MARKER_NAME, Payload, build_corpus
 
 import loratune
 from loratune.cli import main
-
-from corpus_build import MARKER_NAME, Payload, build_corpus
 
 CASES_FILE = Path(__file__).with_name("cases.yaml")
 _ALL = yaml.safe_load(CASES_FILE.read_text(encoding="utf-8"))

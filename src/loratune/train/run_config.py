@@ -163,7 +163,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # a ReaderError has no `problem`
+        raise ConfigError(f"{path}:{where} invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train)")
     for assignment in overrides or []:
