@@ -114,8 +114,8 @@ def _kill_once(kind: str, config: Path, out: Path, env: dict[str, str], rng: ran
         ready = _wait_for(process, lambda: time.monotonic() - started > rng.uniform(0.5, 4.0), 120)
     elif kind == "random":
         ready = _wait_for(process, lambda: _train_steps(out) > steps_before, 300)
-        ready = ready and _wait_for(process, lambda s=time.monotonic() + rng.uniform(0, 1.5): time.monotonic() > s,
-                                    10)
+        until = time.monotonic() + rng.uniform(0, 1.5)
+        ready = ready and _wait_for(process, lambda: time.monotonic() > until, 10)
     elif kind == "checkpoint":
         ready = _wait_for(process, lambda: any(t.startswith("checkpoints/.step-") for t in
                                                set(_temporaries(out)) - before), 300)
@@ -191,7 +191,7 @@ def full_disk(work: Path, model: str, env: dict[str, str]) -> dict:
     stopped halfway, then a full disk: resuming writes a checkpoint. Each must fail with one line and leave
     what was there."""
     disk = work / "disk"
-    mounted = _mount_tmpfs(disk, 64)
+    mounted = _mount_tmpfs(disk, 160)
     results = {"tmpfs": mounted, "cases": []}
     try:
         for name, max_steps in (("final-adapter-write", 4), ("checkpoint-write", 8)):
@@ -199,7 +199,8 @@ def full_disk(work: Path, model: str, env: dict[str, str]) -> dict:
             config = _config(work, model, out, max_steps=max_steps)
             first = _start(config, False, env)
             if name == "checkpoint-write":  # stop it once the step-4 checkpoint is complete
-                _wait_for(first, lambda: (out / "checkpoints" / "step-4" / "checkpoint.json").is_file(), 600)
+                step_4 = out / "checkpoints" / "step-4" / "checkpoint.json"
+                _wait_for(first, step_4.is_file, 600)
                 first.send_signal(signal.SIGKILL)
             first.communicate()
             before = _snapshot(out)
