@@ -87,11 +87,13 @@ def _temporaries(out: Path) -> list[str]:
     return found
 
 
-def _train_steps(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
+def _metrics_changed_since(out: Path, since_ns: int) -> int:
+    """The modification time of `metrics.jsonl` when newer than `since_ns`, else 0."""
+    try:
+        mtime = (out / "metrics.jsonl").stat().st_mtime_ns
+    except FileNotFoundError:
         return 0
-    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if '"kind": "train"' in line)
+    return mtime if mtime > since_ns else 0
 
 
 def _wait_for(process: subprocess.Popen, ready, timeout: float) -> bool:
@@ -107,13 +109,16 @@ def _wait_for(process: subprocess.Popen, ready, timeout: float) -> bool:
 def _kill_once(kind: str, config: Path, out: Path, env: dict[str, str], rng: random.Random) -> dict:
     resume = _has_checkpoint(out)
     before = set(_temporaries(out))
-    steps_before = _train_steps(out) if resume else 0
+    started_ns = time.time_ns()
     process = _start(config, resume, env)
     started = time.monotonic()
     if kind == "startup":
         ready = _wait_for(process, lambda: time.monotonic() - started > rng.uniform(0.5, 4.0), 120)
     elif kind == "random":
-        ready = _wait_for(process, lambda: _train_steps(out) > steps_before, 300)
+        # the run rewrites metrics.jsonl when it opens, then appends a line per step: wait for that first step
+        ready = _wait_for(process, lambda: _metrics_changed_since(out, started_ns), 300)
+        opened = _metrics_changed_since(out, started_ns)
+        ready = ready and _wait_for(process, lambda: _metrics_changed_since(out, opened), 300)
         until = time.monotonic() + rng.uniform(0, 1.5)
         ready = ready and _wait_for(process, lambda: time.monotonic() > until, 10)
     elif kind == "checkpoint":
