@@ -60,14 +60,17 @@ def read_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
         header.pop("__metadata__", None)
         entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         for key, info in entries:
-            _check_entry(key, info, file_size - 8 - header_size)
+            if _check_entry(key, info) > file_size - 8 - header_size:
+                raise ModelLoadError(f"{path}: file is truncated inside tensor {key!r}")
+    except ModelLoadError:
+        raise
     except (struct.error, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise ModelLoadError(f"{path}: not a safetensors file ({exc})") from exc
     return header_size, dict(entries)
 
 
-def _check_entry(key: str, info: dict[str, Any], data_size: int) -> None:
-    """A tensor's dtype is known, and its offsets and shape agree with each other and fit in the file."""
+def _check_entry(key: str, info: dict[str, Any]) -> int:
+    """A tensor's dtype is known and its offsets and shape agree; returns where its data ends."""
     if info["dtype"] not in _DTYPES:
         raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
@@ -77,8 +80,9 @@ def _check_entry(key: str, info: dict[str, Any], data_size: int) -> None:
     count = 1
     for size in shape:
         count *= size
-    if not start <= end <= data_size or end - start != count * _DTYPES[info["dtype"]].itemsize:
-        raise ValueError(f"tensor {key!r}: offsets {start}..{end} do not fit its shape {shape} or the file")
+    if not start <= end or end - start != count * _DTYPES[info["dtype"]].itemsize:
+        raise ValueError(f"tensor {key!r}: offsets {start}..{end} do not fit its shape {shape}")
+    return end
 
 
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
