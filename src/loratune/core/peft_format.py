@@ -100,8 +100,9 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise AdapterFileError(f"{path}: expected a JSON object")
     try:
         return LoraConfig.from_dict(data, source=str(path))
-    except ConfigError as exc:
-        raise AdapterFileError(str(exc)) from None
+    except ConfigError as exc:  # a value's error may not name the file yet
+        message = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+        raise AdapterFileError(message) from None
 
 
 def read_adapter_weights(directory: str | os.PathLike, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -183,9 +183,15 @@ def _label_names(cfg: DataConfig, fmt: str, train: list[Record]) -> list[str] | 
         return list(cfg.label_names)
     if cfg.train is not None and is_builtin(cfg.train) and builtin_spec(cfg.train).label_names:
         return list(builtin_spec(cfg.train).label_names or ())
+    source = cfg.train or "train dataset"
+    if not train:
+        raise DataError(f"{source}: no records")
     names = infer_label_names(train, cfg.label_field)
+    if not names:
+        raise DataError(f"{source}, field {cfg.label_field!r}: no record has a usable label (missing, empty or "
+                        "not a name)")
     if len(names) < 2:
-        raise DataError(f"{cfg.train or 'train dataset'}, field {cfg.label_field!r}: found {len(names)} distinct "
+        raise DataError(f"{source}, field {cfg.label_field!r}: found {len(names)} distinct "
                         f"label(s) {names}; classification needs at least 2 (or set data.label_names)")
     return names
 

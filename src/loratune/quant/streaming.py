@@ -42,20 +42,47 @@ def safetensors_files(folder: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
 def read_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
-    """(header size, {key: {dtype, shape, data_offsets}}) of a safetensors file, in file order."""
+    """(header size, {key: {dtype, shape, data_offsets}}) of a safetensors file, in file order.
+
+    Every size the header claims is checked against the file's length before anything is allocated, so a
+    damaged or hostile header cannot make a reader allocate more than the file holds."""
     try:
+        file_size = path.stat().st_size
         with path.open("rb") as handle:
             (header_size,) = struct.unpack("<Q", handle.read(8))
+            if header_size > min(MAX_HEADER_BYTES, file_size - 8):
+                raise ValueError(f"header claims {header_size} bytes, the file has {file_size}")
             header = json.loads(handle.read(header_size))
         header.pop("__metadata__", None)
         entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
         for key, info in entries:
-            if info["dtype"] not in _DTYPES:
-                raise ModelLoadError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-    except (struct.error, ValueError, TypeError, KeyError, AttributeError) as exc:
+            if _check_entry(key, info) > file_size - 8 - header_size:
+                raise ModelLoadError(f"{path}: file is truncated inside tensor {key!r}")
+    except ModelLoadError:
+        raise
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise ModelLoadError(f"{path}: not a safetensors file ({exc})") from exc
     return header_size, dict(entries)
+
+
+def _check_entry(key: str, info: dict[str, Any]) -> int:
+    """A tensor's dtype is known and its offsets and shape agree; returns where its data ends."""
+    if info["dtype"] not in _DTYPES:
+        raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
+    start, end = info["data_offsets"]
+    shape = info["shape"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, end, *shape)):
+        raise ValueError(f"tensor {key!r}: offsets and shape must be non-negative integers")
+    count = 1
+    for size in shape:
+        count *= size
+    if not start <= end or end - start != count * _DTYPES[info["dtype"]].itemsize:
+        raise ValueError(f"tensor {key!r}: offsets {start}..{end} do not fit its shape {shape}")
+    return end
 
 
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -90,7 +90,10 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str) -> dict[str, Any
         with warnings.catch_warnings():  # torch warns about a foreign pickle protocol before refusing it
             warnings.simplefilter("ignore", UserWarning)
             state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+    except pickle.UnpicklingError:  # torch's weights-only unpickler met more than tensors and plain values
+        raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: holds objects other than tensors "
+                                   "and plain values, refused unread, since unpickling them could run code)") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: {_first_line(exc)})") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "state", "rng"} <= set(state):
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: not a loratune trainer state)")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
-from loratune.core.errors import ConfigError, LoratuneError, WriteError
+from loratune.core.errors import ConfigError, LoratuneError, TargetError, WriteError
 from loratune.core.peft_format import save_adapter
 from loratune.data import collate, load_datasets, read_label_names
 from loratune.errors import ReportedByAnotherRank
@@ -207,12 +207,15 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
         data_config = data_config.model_copy(update={"label_names": label_names})
     device = processes.device
     precision = resolve_precision(tc.precision, device)
-    if device.type == "cpu" and processes.is_main:
-        _warn_if_too_big(config)
-    model, tokenizer = load_adapted_model(
-        spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir, quantize=spec.quantize,
-        double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
-        dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
+    try:  # the memory estimate applies the lora section first, on a skeleton of the model
+        if device.type == "cpu" and processes.is_main:
+            _warn_if_too_big(config)
+        model, tokenizer = load_adapted_model(
+            spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir, quantize=spec.quantize,
+            double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
+            dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
+    except TargetError as exc:  # name the model the lora section does not fit
+        raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
     limit = max_positions(model)
     if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
         raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of {spec.name}")

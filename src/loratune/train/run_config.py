@@ -165,9 +165,13 @@ def validate_config(data: dict[str, Any], source: str) -> RunConfig:
 
 
 def _check_data_files(config: RunConfig, source: str) -> None:
-    """A missing data file is reported now, not after minutes of model loading."""
+    """A missing data file or format is reported now, not after minutes of model loading."""
     from loratune.data import builtin_datasets
 
+    train = config.data.train
+    if config.data.format is None and train is not None and train not in builtin_datasets():
+        raise ConfigError(f"{source}: data.format: required for a data file (text, prompt_completion, instruction, "
+                          "chat, classification or translation)")
     for key in ("train", "validation"):
         value = getattr(config.data, key)
         if value is not None and value not in builtin_datasets() and not Path(value).expanduser().is_file():
@@ -188,7 +192,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # a ReaderError has no `problem`
+        raise ConfigError(f"{path}:{where} invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, lora, data, train)")
     for assignment in overrides or []:
