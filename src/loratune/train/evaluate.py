@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from loratune.data import collate
-from loratune.train.step import batch_loss, to_device
+from loratune.train.batches import BatchMaker
+from loratune.train.step import batch_loss
 
 
 def macro_f1(predicted: Sequence, expected: Sequence) -> float:
@@ -35,14 +35,16 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
                   device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it,
-                  loss_chunk: int = 0) -> dict:
-    """Mean loss over the examples (token-weighted for language modelling), plus task metrics."""
+                  loss_chunk: int = 0, batches: BatchMaker | None = None) -> dict:
+    """Mean loss over the examples (token-weighted for language modelling), plus task metrics; `batches`
+    builds the batches as training does (default: padded)."""
     model.eval()
+    batches = batches or BatchMaker("padded", task, pad_id)
     total_loss, total_weight, predicted, expected = 0.0, 0, [], []
     for chunk in progress(list(_batches(examples, batch_size)), desc="evaluating"):
-        batch = to_device(collate(list(chunk), pad_id, task), device)
+        batch, prefix = batches.make(list(chunk), device, training=False)
         with autocast():
-            loss, logits, weight = batch_loss(model, batch, task, loss_chunk)
+            loss, logits, weight = batch_loss(model, batch, task, loss_chunk, prefix)
         total_loss += loss.item() * weight
         total_weight += weight
         if task == "classification":

@@ -23,16 +23,19 @@ from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError
 from loratune.core.peft_format import save_adapter
-from loratune.data import collate, load_datasets, read_label_names
+from loratune.data import load_datasets, read_label_names
+from loratune.data.packing import length_grouped
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
+from loratune.train.batches import BatchMaker
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from loratune.train.evaluate import evaluate_loss, generate_texts, generation_metrics
+from loratune.train.label_scoring import scored_labels
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
-from loratune.train.step import batch_loss, to_device
+from loratune.train.step import batch_loss
 
 ADAPTER = "default"
 
@@ -54,6 +57,11 @@ class Session:
     progress: Any
     loss_chunk: int = 0
 
+    @property
+    def batches(self) -> BatchMaker:
+        return BatchMaker(self.config.train.batching, self.config.model.task, self.tokenizer.pad_token_id,
+                          self.config.gradient_checkpointing)
+
     def autocast(self):
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -66,12 +74,20 @@ class Session:
             return {}, []
         metrics = evaluate_loss(self.model, data.eval_examples, task, tc.eval_batch_size,
                                 self.tokenizer.pad_token_id, self.device, self.autocast, self.progress,
-                                self.loss_chunk)
-        samples = []
-        if full and data.eval_prompts and task != "classification" and tc.generation_eval:
+                                self.loss_chunk, self.batches)
+        samples, outputs = [], None
+        scored = data.label_answers if tc.label_scoring and task == "causal-lm" else None
+        if full and data.eval_prompts and scored:
+            outputs = scored_labels(self.model, data.eval_prompts, scored, data.label_names, tc.eval_batch_size,
+                                    self.tokenizer.pad_token_id, self.device, self.autocast, self.progress)
+            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
+        generate = tc.generation_eval if tc.generation_eval is not None else not scored
+        if full and data.eval_prompts and task != "classification" and generate:
             outputs = generate_texts(self.model, self.tokenizer, data.eval_prompts, tc.max_new_tokens,
                                      tc.eval_batch_size, self.device, self.autocast, self.progress)
-            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
+            found = generation_metrics(outputs, data.eval_references, data.label_names)
+            metrics.update({f"generation_{k}": v for k, v in found.items()} if scored else found)
+        if outputs is not None:
             samples = [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
                        for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
         self.model.train()
@@ -129,7 +145,8 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None) -> d
     out.mkdir(parents=True, exist_ok=True)
     run = resume_run(session, out) if resume else start_run(session, out)
     session.model.train()
-    order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed)
+    lengths = [len(e["input_ids"]) for e in session.data.train_examples] if tc.length_grouped else None
+    order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed, lengths)
     progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
     try:
         while run.state.step < tc.max_steps and not run.state.stopped_early:
@@ -222,9 +239,9 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
     for _ in range(tc.grad_accum):
         examples = [session.data.train_examples[i] for i in order.batch(state.micro)]
         state.micro += 1
-        batch = to_device(collate(examples, session.tokenizer.pad_token_id, task), session.device)
+        batch, prefix = session.batches.make(examples, session.device)
         with session.autocast():
-            loss, _, _ = batch_loss(session.model, batch, task, session.loss_chunk)
+            loss, _, _ = batch_loss(session.model, batch, task, session.loss_chunk, prefix)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss.item()} at step {state.step + 1}; "
                                    f"{_last_good(run.checkpoints)} (try a lower learning rate)")
@@ -382,10 +399,10 @@ def peak_rss_mb() -> float:
 class BatchOrder:
     """Which examples form micro-batch k: a fresh seeded shuffle each epoch, so resuming needs only k."""
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, lengths: list[int] | None = None) -> None:
         if size == 0:
             raise LoratuneError("no training examples after loading the data")
-        self.size, self.batch_size, self.seed = size, min(batch_size, size), seed
+        self.size, self.batch_size, self.seed, self.lengths = size, min(batch_size, size), seed, lengths
         self.per_epoch = self.size // self.batch_size
         self._epoch, self._perm = -1, None
 
@@ -394,6 +411,8 @@ class BatchOrder:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator).tolist()
+            if self.lengths is not None:
+                self._perm = length_grouped(self._perm, self.lengths, self.batch_size)
         return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
 
 
