@@ -88,8 +88,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_config, tm
     real_loss = loop.batch_loss
     calls = {"n": 0}
 
-    def poisoned(model, batch, task, loss_chunk=0):
-        loss, logits, weight = real_loss(model, batch, task, loss_chunk)
+    def poisoned(model, batch, task, loss_chunk=0, prefix=0):
+        loss, logits, weight = real_loss(model, batch, task, loss_chunk, prefix)
         calls["n"] += model.training
         return (loss * float("nan") if model.training and calls["n"] == 4 else loss), logits, weight
 

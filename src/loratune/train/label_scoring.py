@@ -72,13 +72,13 @@ def _continuation(body: nn.Module, head: nn.Module, cache: DynamicCache, mask: t
                   lengths: torch.Tensor, label: list[int], device: torch.device) -> torch.Tensor:
     """Log-probability of `label[1:]` given each prompt and `label[0]`: the label's tokens run after the
     (padded) prompts against their cache, which is cut back to the prompts afterwards."""
-    rows, seen, extra = mask.shape[0], mask.shape[1], len(label)
+    rows, extra = mask.shape[0], len(label)
     tokens = torch.tensor(label, device=device).expand(rows, -1)
     positions = lengths[:, None] + torch.arange(extra, device=device)[None, :]
     full_mask = torch.cat([mask, mask.new_ones(rows, extra)], dim=1)
     hidden = body(input_ids=tokens, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
                   use_cache=True).last_hidden_state
-    cache.crop(seen)
+    cache.crop(-extra)
     logp = torch.log_softmax(head(hidden[:, :-1]).float(), dim=-1)
     return logp.gather(2, tokens[:, 1:, None]).squeeze(2).sum(1)
 

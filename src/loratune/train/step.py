@@ -43,10 +43,11 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the model reads of a batch: a packed batch (one with `position_ids`) passes no attention mask,
-    so transformers keeps attention within each sequence from the restarting position ids."""
+    so transformers keeps attention within each sequence from the restarting position ids (which it reads
+    only without a cache: none is built for a loss)."""
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
