@@ -27,6 +27,7 @@ from loratune.data import load_datasets, read_label_names
 from loratune.data.packing import length_grouped
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
+from loratune.quant.linear import set_base_compute
 from loratune.train.batches import BatchMaker
 from loratune.train.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from loratune.train.evaluate import evaluate_loss, generate_texts, generation_metrics
@@ -172,13 +173,17 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None) -> 
     precision = resolve_precision(tc.precision, device)
     if device.type == "cpu":
         _warn_if_too_big(config)
+    int8_compute = tc.base_compute == "int8"  # needs int8 storage: the weights per output channel, once
     model, tokenizer = load_adapted_model(
-        spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir, quantize=spec.quantize,
+        spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir,
+        quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize,
         double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
         dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
     limit = max_positions(model)
     if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
         raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of {spec.name}")
+    if int8_compute:
+        set_base_compute(model, "int8")
     if spec.attn_implementation:
         model.set_attn_implementation(spec.attn_implementation)
     data = load_datasets(data_config, tokenizer, spec.task)
