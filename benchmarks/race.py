@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,11 +45,11 @@ def _common_accuracy(model, tokenizer, data, device) -> tuple[float, float]:
     return metrics["accuracy"], time.perf_counter() - started
 
 
-def run_loratune(steps: int, out: Path) -> dict:
+def run_loratune(steps: int, out: Path, eval_records: int) -> dict:
     from loratune.train import demo_config
     from loratune.train.loop import BatchOrder, finish, prepare, start_run, train_step
 
-    config = demo_config(out, [f"train.max_steps={steps}"])
+    config = demo_config(out, [f"train.max_steps={steps}", f"data.max_eval_records={eval_records}"])
     started = time.perf_counter()
     session = prepare(config, quiet=True)
     loaded = time.perf_counter()
@@ -70,7 +69,7 @@ def run_loratune(steps: int, out: Path) -> dict:
             "common_accuracy": accuracy, "common_eval_s": common_s, "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_trl(steps: int, out: Path) -> dict:
+def run_trl(steps: int, out: Path, eval_records: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -80,7 +79,7 @@ def run_trl(steps: int, out: Path) -> dict:
     from loratune.pretrained import load_model
     from loratune.train import demo_config
 
-    config = demo_config(out)
+    config = demo_config(out, [f"data.max_eval_records={eval_records}"])
     started = time.perf_counter()
     model, tokenizer = load_model(config.model.name, "causal-lm")
     model.set_attn_implementation("eager")  # as the demo does: faster for short sequences on a CPU
@@ -105,10 +104,10 @@ def run_trl(steps: int, out: Path) -> dict:
             "common_eval_s": common_s, "peak_rss_mb": _peak_rss_mb()}
 
 
-def worker(library: str, steps: int, result: Path) -> int:
+def worker(library: str, steps: int, eval_records: int, result: Path) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        row = (run_loratune if library == "loratune" else run_trl)(steps, Path(tmp) / "run")
+        row = (run_loratune if library == "loratune" else run_trl)(steps, Path(tmp) / "run", eval_records)
     row["library"] = library
     result.write_text(json.dumps(row))
     return 0
@@ -118,7 +117,7 @@ def _load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def race(rounds: int, steps: int) -> int:
+def race(rounds: int, steps: int, eval_records: int) -> int:
     rows = []
     for round_index in range(rounds):
         order = LIBRARIES if round_index % 2 == 0 else LIBRARIES[::-1]
@@ -128,7 +127,8 @@ def race(rounds: int, steps: int) -> int:
             load_before = _load_average()
             started = time.perf_counter()
             code = subprocess.call([sys.executable, "-m", "benchmarks.race", "worker", library,
-                                    "--steps", str(steps), "--result", str(result)])
+                                    "--steps", str(steps), "--eval-records", str(eval_records),
+                                    "--result", str(result)])
             if code != 0:
                 print(f"race: the {library} process failed (exit {code})", file=sys.stderr)
                 return 1
@@ -138,12 +138,13 @@ def race(rounds: int, steps: int) -> int:
                        load_average_before=load_before, load_average_after=_load_average())
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    report = {"date": time.strftime("%Y-%m-%d"), "command": f"python -m benchmarks race --rounds {rounds} "
-              f"--steps {steps}", "cpu": platform.processor() or _cpu_model(), "rows": rows}
+    command = f"python -m benchmarks race --rounds {rounds} --steps {steps} --eval-records {eval_records}"
+    report = {"date": time.strftime("%Y-%m-%d"), "command": command, "cpu": _cpu_model(), "rows": rows}
+    name = "race" if (steps, eval_records) == (100, 300) else "race-short"  # a short run never hides the real one
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "race.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
     table = markdown(rows)
-    (RESULTS / "race.md").write_text(table)
+    (RESULTS / f"{name}.md").write_text(f"`{command}`, {report['date']}, {report['cpu']}\n\n{table}")
     print(table)
     return 0
 
@@ -179,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("library", nargs="?", choices=LIBRARIES)
     parser.add_argument("--rounds", type=int, default=1, help="alternated rounds (default 1)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (default 100, the demo's)")
+    parser.add_argument("--eval-records", type=int, default=300, help="held-out reviews (default 300, the demo's)")
     parser.add_argument("--result", type=Path)
     args = parser.parse_args(argv)
     if args.command == "worker":
-        return worker(args.library, args.steps, args.result)
-    return race(args.rounds, args.steps)
+        return worker(args.library, args.steps, args.eval_records, args.result)
+    return race(args.rounds, args.steps, args.eval_records)
 
 
 if __name__ == "__main__":
