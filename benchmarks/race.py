@@ -158,7 +158,7 @@ def _cpu_model() -> str:
 
 KEYS = [("load_s", "load, s"), ("train_s", "training, s"), ("eval_after_s", "evaluation after training, s"),
         ("job_s", "whole job, s"), ("peak_rss_mb", "peak RSS, MB"), ("common_accuracy", "accuracy (generation, "
-        "same code), 300 reviews"), ("own_accuracy", "accuracy (loratune's label scoring)")]
+        "same code), held-out reviews"), ("own_accuracy", "accuracy (loratune's label scoring)")]
 
 
 def markdown(rows: list[dict]) -> str:
