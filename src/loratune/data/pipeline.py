@@ -51,6 +51,7 @@ class LoadedData:
     eval: DataSplit
     label_names: list[str] | None
     info: dict[str, Any]
+    label_answers: list[list[int]] | None = None  # each label's answer tokens, when answers are labels alone
 
     @property
     def train_examples(self) -> DataSplit:
@@ -107,7 +108,9 @@ def load_datasets(
     if not train_split.examples:
         raise DataError(f"{_name(train_source, cfg.train, 'train')}: no usable training records")
     info = _info(cfg, fmt, task, train_split, eval_split, label_names, bad_train, bad_eval)
-    return LoadedData(train_split, eval_split, label_names, info)
+    answers = [formatter.label_answer_ids(name) for name in label_names or []]
+    label_answers = answers if answers and all(answers) and len(set(map(tuple, answers))) == len(answers) else None
+    return LoadedData(train_split, eval_split, label_names, info, label_answers)
 
 
 def read_label_names(cfg: DataConfig) -> list[str] | None:

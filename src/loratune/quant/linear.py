@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.core.layers import Conv1D
+from loratune.quant.int8_compute import Int8Linear
 from loratune.quant.storage import QuantizedWeight, Workspace, check_quantizable, dequantize, quantize
 
 # Shared by the quantized layers of a thread: each dequantized weight is used by one matmul, then overwritten.
@@ -46,6 +47,7 @@ class QuantLinear(nn.Linear):
     """
 
     quantized = True
+    compute = "dequantize"  # or "int8": int8 storage multiplied in int8 (see `quant.int8_compute`)
 
     def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -100,8 +102,20 @@ class QuantLinear(nn.Linear):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         elif x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             x = x.float()
-        out = _DequantizedMatmul.apply(x, self)
+        if self.compute == "int8":
+            out = Int8Linear.apply(x, self.data, self.scales)
+        else:
+            out = _DequantizedMatmul.apply(x, self)
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}"
+
+
+def set_base_compute(model: nn.Module, compute: str) -> int:
+    """Make every int8-stored `QuantLinear` of `model` multiply in int8 ("int8") or dequantize first
+    ("dequantize"); returns how many layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.format == "int8"]
+    for layer in layers:
+        layer.compute = compute
+    return len(layers)

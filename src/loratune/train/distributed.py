@@ -189,7 +189,7 @@ class Processes:
         return None
 
     # --- the model --------------------------------------------------------------------------------------------
-    def training_module(self, model: nn.Module, loss: Callable[[nn.Module, dict], tuple], mode: str) -> nn.Module:
+    def training_module(self, model: nn.Module, loss: Callable[..., tuple], mode: str) -> nn.Module:
         """The module the training step calls: `module(batch)` -> (loss, logits, weight) with gradients that
         are already averaged over the ranks after backward."""
         forward = LossForward(model, loss)
@@ -250,12 +250,12 @@ class LossForward(nn.Module):
     """The training forward as a module, so DistributedDataParallel sees it: the loss function may call the
     model's parts separately (body, then a chunked head), which DDP would not notice from the model alone."""
 
-    def __init__(self, model: nn.Module, loss: Callable[[nn.Module, dict], tuple]) -> None:
+    def __init__(self, model: nn.Module, loss: Callable[..., tuple]) -> None:
         super().__init__()
         self.model, self.loss = model, loss
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple:
-        return self.loss(self.model, batch)
+    def forward(self, batch: dict[str, torch.Tensor], prefix: int = 0) -> tuple:
+        return self.loss(self.model, batch, prefix)
 
 
 def join_processes(timeout_s: float = DEFAULT_TIMEOUT_S) -> Processes:

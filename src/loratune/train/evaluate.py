@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from loratune.data import collate
-from loratune.train.step import batch_loss, to_device
+from loratune.train.batches import BatchMaker
+from loratune.train.step import batch_loss
 
 
 def macro_f1(predicted: Sequence, expected: Sequence) -> float:
@@ -50,23 +50,25 @@ class LossTotals:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
                   device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it,
-                  loss_chunk: int = 0) -> dict:
-    """Mean loss over the examples (token-weighted for language modelling), plus task metrics."""
+                  loss_chunk: int = 0, batches: BatchMaker | None = None) -> dict:
+    """Mean loss over the examples (token-weighted for language modelling), plus task metrics; `batches`
+    builds the batches as training does (default: padded)."""
     return loss_metrics(loss_totals(model, examples, task, batch_size, pad_id, device, autocast, progress,
-                                    loss_chunk), task)
+                                    loss_chunk, batches), task)
 
 
 @torch.no_grad()
 def loss_totals(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
                 device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it,
-                loss_chunk: int = 0) -> LossTotals:
+                loss_chunk: int = 0, batches: BatchMaker | None = None) -> LossTotals:
     """The summed loss and weight (and classification predictions) of `examples`."""
     model.eval()
+    batches = batches or BatchMaker("padded", task, pad_id)
     totals = LossTotals()
     for chunk in progress(list(_batches(examples, batch_size)), desc="evaluating"):
-        batch = to_device(collate(list(chunk), pad_id, task), device)
+        batch, prefix = batches.make(list(chunk), device, training=False)
         with autocast():
-            loss, logits, weight = batch_loss(model, batch, task, loss_chunk)
+            loss, logits, weight = batch_loss(model, batch, task, loss_chunk, prefix)
         totals.loss += loss.item() * weight
         totals.weight += weight
         if task == "classification":

@@ -23,10 +23,13 @@ from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, TargetError, WriteError
 from loratune.core.peft_format import save_adapter
-from loratune.data import collate, load_datasets, read_label_names
+from loratune.data import load_datasets, read_label_names
+from loratune.data.packing import length_grouped
 from loratune.errors import ReportedByAnotherRank
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
+from loratune.quant.linear import set_base_compute
+from loratune.train.batches import BatchMaker
 from loratune.train.checkpoint import (
     latest_checkpoint,
     load_newest_readable,
@@ -36,12 +39,13 @@ from loratune.train.checkpoint import (
 )
 from loratune.train.distributed import Processes, check_global_batch, global_batch, join_processes
 from loratune.train.evaluate import generate_texts, generation_metrics, loss_metrics, loss_totals
+from loratune.train.label_scoring import scored_labels
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
 from loratune.train.run_folder import claim_output_dir
-from loratune.train.step import batch_loss, to_device
+from loratune.train.step import batch_loss
 from loratune.train.stop_signals import RunStopped, stop_requests
 
 ADAPTER = "default"
@@ -67,6 +71,11 @@ class Session:
     loss_chunk: int = 0
     processes: Processes = dataclasses.field(default_factory=Processes)
 
+    @property
+    def batches(self) -> BatchMaker:
+        return BatchMaker(self.config.train.batching, self.config.model.task, self.tokenizer.pad_token_id,
+                          self.config.gradient_checkpointing)
+
     def autocast(self):
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -80,14 +89,24 @@ class Session:
         if not data.eval_examples:  # nothing held out: report no numbers rather than invented ones
             return {}, []
         totals = loss_totals(self.model, processes.shard(data.eval_examples), task, tc.eval_batch_size,
-                             self.tokenizer.pad_token_id, self.device, self.autocast, self.progress, self.loss_chunk)
+                             self.tokenizer.pad_token_id, self.device, self.autocast, self.progress, self.loss_chunk,
+                             self.batches)
         metrics = loss_metrics(processes.total(totals), task)
-        samples = []
-        if full and data.eval_prompts and task != "classification" and tc.generation_eval:
+        samples, outputs = [], None
+        scored = data.label_answers if tc.label_scoring and task == "causal-lm" else None
+        if full and data.eval_prompts and scored:
+            outputs = processes.unshard(scored_labels(
+                self.model, processes.shard(data.eval_prompts), scored, data.label_names, tc.eval_batch_size,
+                self.tokenizer.pad_token_id, self.device, self.autocast, self.progress))
+            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
+        generate = tc.generation_eval if tc.generation_eval is not None else not scored
+        if full and data.eval_prompts and task != "classification" and generate:
             outputs = processes.unshard(generate_texts(
                 self.model, self.tokenizer, processes.shard(data.eval_prompts), tc.max_new_tokens,
                 tc.eval_batch_size, self.device, self.autocast, self.progress))
-            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
+            found = generation_metrics(outputs, data.eval_references, data.label_names)
+            metrics.update({f"generation_{k}": v for k, v in found.items()} if scored else found)
+        if outputs is not None:
             samples = [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
                        for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
         self.model.train()
@@ -166,7 +185,8 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
             raise _stopped(processes, RunStopped(stops.signal_name, 0, None))
         run = resume_run(session, out) if resume else start_run(session, out)
         session.model.train()
-        order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed)
+        lengths = [len(e["input_ids"]) for e in session.data.train_examples] if tc.length_grouped else None
+        order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed, lengths)
         progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
         try:
             while run.state.step < tc.max_steps and not run.state.stopped_early and not _stop_agreed(processes, stops):
@@ -210,8 +230,10 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     try:  # the memory estimate applies the lora section first, on a skeleton of the model
         if device.type == "cpu" and processes.is_main:
             _warn_if_too_big(config)
+        int8_compute = tc.base_compute == "int8"  # needs int8 storage: the weights per output channel, once
         model, tokenizer = load_adapted_model(
-            spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir, quantize=spec.quantize,
+            spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir,
+            quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize,
             double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
             dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
     except TargetError as exc:  # name the model the lora section does not fit
@@ -219,6 +241,8 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     limit = max_positions(model)
     if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
         raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of {spec.name}")
+    if int8_compute:
+        set_base_compute(model, "int8")
     if spec.attn_implementation:
         model.set_attn_implementation(spec.attn_implementation)
     data = load_datasets(data_config, tokenizer, spec.task)
@@ -286,16 +310,16 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
     process with batch B and accumulation 2 takes the same step as two processes with batch B.
     """
     session, state, processes = run.session, run.state, run.session.processes
-    tc, task = session.config.train, session.config.model.task
+    tc = session.config.train
     loss_sum, weight_sum, tokens = 0.0, 0, 0
     with processes.reporting():
         for micro in range(tc.grad_accum):
             index = state.micro + micro * processes.world + processes.rank
             examples = [session.data.train_examples[i] for i in order.batch(index)]
-            batch = to_device(collate(examples, session.tokenizer.pad_token_id, task), session.device)
+            batch, prefix = session.batches.make(examples, session.device)
             with processes.gradient_sync(run.trainer, micro == tc.grad_accum - 1):
                 with session.autocast():
-                    loss, _, weight = run.trainer(batch)
+                    loss, _, weight = run.trainer(batch, prefix)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"loss became {loss.item()} at step {state.step + 1}; "
                                            f"{_last_good(run.checkpoints)} (try a lower learning rate)")
@@ -425,7 +449,8 @@ def _open_run(run: Run) -> Run:
         run.board = _tensorboard(run.out)
     task, chunk = session.config.model.task, session.loss_chunk
     run.trainer = session.processes.training_module(
-        session.model, lambda model, batch: batch_loss(model, batch, task, chunk), session.config.train.distributed)
+        session.model, lambda model, batch, prefix=0: batch_loss(model, batch, task, chunk, prefix),
+        session.config.train.distributed)
     if session.processes.sharded:  # sharding replaced the parameters the optimizer was built over
         run.optimizer, run.scheduler = _optimizer(session)
     return run
@@ -517,10 +542,10 @@ def peak_rss_mb() -> float:
 class BatchOrder:
     """Which examples form micro-batch k: a fresh seeded shuffle each epoch, so resuming needs only k."""
 
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, lengths: list[int] | None = None) -> None:
         if size == 0:
             raise LoratuneError("no training examples after loading the data")
-        self.size, self.batch_size, self.seed = size, min(batch_size, size), seed
+        self.size, self.batch_size, self.seed, self.lengths = size, min(batch_size, size), seed, lengths
         self.per_epoch = self.size // self.batch_size
         self._epoch, self._perm = -1, None
 
@@ -529,6 +554,8 @@ class BatchOrder:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator).tolist()
+            if self.lengths is not None:
+                self._perm = length_grouped(self._perm, self.lengths, self.batch_size)
         return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
 
 

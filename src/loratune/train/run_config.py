@@ -73,7 +73,20 @@ class TrainSpec(_Strict):
     seed: int = 0
     max_new_tokens: int = Field(32, gt=0, description="tokens generated per answer in evaluation")
     num_samples: int = Field(3, ge=0, description="sample generations shown before and after")
-    generation_eval: bool = Field(True, description="score generated answers (accuracy / BLEU) for causal LMs")
+    generation_eval: bool | None = Field(
+        None, description="causal LMs: generate answers and score them (accuracy / BLEU); default: on, unless "
+                          "the answers are a known label set that label scoring covers")
+    label_scoring: bool = Field(
+        True, description="causal LMs whose answers are a known label set: accuracy from each label's "
+                          "log-likelihood after the prompt, one forward pass instead of generation")
+    batching: Literal["padded", "packed", "shared_prefix"] = Field(
+        "padded", description="causal LMs: padded rows; packed (padding-free rows, attention kept within each "
+                              "sequence); or shared_prefix (a batch's common first tokens computed once)")
+    length_grouped: bool = Field(False, description="batches of similar lengths (less padding), order kept "
+                                                    "random across groups of 50 batches")
+    base_compute: Literal["default", "int8"] = Field(
+        "default", description="int8: the frozen linear layers' forward and input-gradient products in int8 "
+                               "(weights per output channel, activations per token, int32 accumulation)")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp (every rank holds the base; only adapter gradients are "
                            "all-reduced) or fsdp (transformer blocks sharded with FSDP2, for bases too big for one "
@@ -117,6 +130,14 @@ class RunConfig(_Strict):
         if self.train.distributed == "fsdp" and self.train.checkpoint_every:
             raise ValueError("train.checkpoint_every: checkpoints of fsdp runs are not supported yet; use ddp or "
                              "set checkpoint_every: 0")
+        return self
+
+    @model_validator(mode="after")
+    def _batching_needs_a_causal_lm(self) -> RunConfig:
+        if self.train.batching != "padded" and self.model.task != "causal-lm":
+            raise ValueError(f"train.batching: {self.train.batching} needs model.task: causal-lm")
+        if self.train.base_compute == "int8" and self.model.quantize == "nf4":
+            raise ValueError("train.base_compute: int8 needs a dense or int8-stored base, not model.quantize: nf4")
         return self
 
     @model_validator(mode="after")

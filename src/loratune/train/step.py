@@ -9,6 +9,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from loratune.tasks import IGNORE_INDEX
+from loratune.train.shared_prefix import shared_prefix_hidden
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -16,10 +17,11 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
-               loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+               loss_chunk: int = 0, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """(mean loss, logits, weight): weight is the number of predicted tokens (or rows) the mean is over.
 
-    With `loss_chunk`, a causal LM's head and loss run that many tokens at a time and logits are None.
+    With `loss_chunk`, a causal LM's head and loss run that many tokens at a time and logits are None;
+    with `prefix`, a causal LM's rows share their first `prefix` tokens, computed once.
     """
     if task == "classification":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -27,7 +29,7 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
     if task == "seq2seq":
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
         return out.loss, out.logits, int((batch["labels"] != IGNORE_INDEX).sum())
-    return causal_lm_loss(model, batch, loss_chunk)
+    return causal_lm_loss(model, batch, loss_chunk, prefix)
 
 
 def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -39,8 +41,17 @@ def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return (body, head) if isinstance(body, nn.Module) and head is not None and plain else None
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model reads of a batch: a packed batch (one with `position_ids`) passes no attention mask,
+    so transformers keeps attention within each sequence from the restarting position ids (which it reads
+    only without a cache: none is built for a loss)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
-                   loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+                   loss_chunk: int = 0, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Next-token loss computed only where there are labels.
 
     The output head runs on the gathered labelled positions alone: with answer-only loss that is a few
@@ -51,10 +62,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     weight = int(mask.sum())
     parts = split_lm(model)
     if parts is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        logits = model(**model_inputs(batch)).logits[:, :-1][mask]
     else:
         body, head = parts
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if prefix:
+            hidden = shared_prefix_hidden(body, batch["input_ids"], batch["attention_mask"], prefix)
+        else:
+            hidden = body(**model_inputs(batch)).last_hidden_state
         if loss_chunk:
             loss = chunked_head_loss(head, hidden[:, :-1][mask], targets[mask], loss_chunk)
             return loss / max(weight, 1), None, weight

@@ -1,0 +1,66 @@
+"""Padding-free batches and length-grouped order, for causal language models of any data format.
+
+A packed batch lays its sequences one after another in rows as wide as its longest sequence (first fit,
+longest first), with position ids restarting at 0 for each sequence and no attention mask: transformers
+reads the restarting positions as packed sequences and keeps attention within each (a block-diagonal
+causal mask). The first token of each sequence gets no label, since in a padded batch nothing predicts
+it either; the loss and the adapter gradients then equal the padded batch's. A row's unused tail is
+padding laid out as one more short sequence without labels, so it never attends to real tokens.
+
+Length-grouped order is the cheaper alternative: batches drawn from runs of similar lengths, so the
+right-padded batch wastes little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from loratune.tasks import IGNORE_INDEX
+
+
+def pack_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `position_ids`, `labels` and `attention_mask` (1 on real tokens; for counting only, the
+    model does not read it) of examples packed into as few rows as the longest example allows."""
+    if not examples:
+        raise ValueError("pack_batch needs at least one example")
+    lengths = [len(e["input_ids"]) for e in examples]
+    width = max(lengths)
+    rows: list[list[int]] = []  # example indices per row
+    room: list[int] = []
+    for index in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    real = torch.zeros(shape, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for index in members:
+            n = lengths[index]
+            ids[r, start:start + n] = torch.tensor(examples[index]["input_ids"], dtype=torch.long)
+            labels[r, start + 1:start + n] = torch.tensor(examples[index]["labels"][1:], dtype=torch.long)
+            positions[r, start:start + n] = torch.arange(n)
+            real[r, start:start + n] = 1
+            start += n
+        positions[r, start:] = torch.arange(width - start)
+    return {"input_ids": ids, "position_ids": positions, "labels": labels, "attention_mask": real}
+
+
+def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, group: int = 50) -> list[int]:
+    """`order` rearranged so each batch holds examples of similar length: windows of `group` batches
+    are sorted by length, longest first; which examples fall in which window stays random."""
+    window = batch_size * group
+    out: list[int] = []
+    for start in range(0, len(order), window):
+        out += sorted(order[start:start + window], key=lambda i: -lengths[i])
+    return out

@@ -1,0 +1,91 @@
+"""Evaluation by label scoring: when the answers are a known set of labels, the model's answer is the label
+with the highest log-likelihood after the prompt, read from one forward pass instead of generated token by
+token.
+
+A batch's prompts run once (their common prefix once, at batch 1, see `shared_prefix`); the last prompt
+token's distribution scores every label's first token, and a label of several tokens adds one short
+forward of its remaining tokens against the prompts' cache. A label's score is the sum of its tokens'
+log-probabilities (no end-of-sequence token), so when greedy generation writes exactly one of the labels
+(single-token labels, or labels whose tokens greedy decoding would pick) the scored answer is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from loratune.train.shared_prefix import MIN_PREFIX, common_prefix_length, prefix_cache
+from loratune.train.step import split_lm
+
+
+@torch.no_grad()
+def label_log_likelihoods(model: nn.Module, prompts: Sequence[list[int]], labels: Sequence[list[int]],
+                          batch_size: int, pad_id: int, device: torch.device,
+                          autocast: Callable = nullcontext, progress: Callable = lambda it, **_: it,
+                          share_prefix: bool = True) -> torch.Tensor:
+    """(prompts x labels) float32 log-likelihoods of each label's tokens right after each prompt."""
+    if not labels or any(not label for label in labels):
+        raise ValueError("every label needs at least one token")
+    parts = split_lm(model)
+    if parts is None:
+        raise ValueError(f"{type(model).__name__}: label scoring needs a causal LM with a plain output head")
+    model.eval()
+    scores = []
+    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for chunk in progress(chunks, desc="scoring labels"):
+        with autocast():
+            scores.append(_score_batch(*parts, list(chunk), labels, pad_id, device, share_prefix))
+    return torch.cat(scores) if scores else torch.zeros(0, len(labels))
+
+
+def _score_batch(body: nn.Module, head: nn.Module, prompts: list[list[int]], labels: Sequence[list[int]],
+                 pad_id: int, device: torch.device, share_prefix: bool) -> torch.Tensor:
+    rows = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    prefix = common_prefix_length(prompts) if share_prefix else 0
+    if prefix >= MIN_PREFIX:
+        _, cache = prefix_cache(body, torch.tensor([prompts[0][:prefix]], device=device), rows)
+    else:
+        prefix, cache = 0, DynamicCache(config=body.config)
+    width = int(lengths.max()) - prefix
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    for r, prompt in enumerate(prompts):
+        ids[r, :len(prompt) - prefix] = torch.tensor(prompt[prefix:])
+    mask = (torch.arange(prefix + width, device=device)[None, :] < lengths[:, None]).long()
+    positions = torch.arange(prefix, prefix + width, device=device).expand(rows, -1)
+    hidden = body(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True).last_hidden_state
+    last = hidden[torch.arange(rows, device=device), lengths - 1 - prefix]
+    first = torch.log_softmax(head(last).float(), dim=-1)
+    scores = torch.stack([first[:, label[0]] for label in labels], dim=1)
+    for k, label in enumerate(labels):
+        if len(label) > 1:
+            scores[:, k] += _continuation(body, head, cache, mask, lengths, label, device)
+    return scores.cpu()
+
+
+def _continuation(body: nn.Module, head: nn.Module, cache: DynamicCache, mask: torch.Tensor,
+                  lengths: torch.Tensor, label: list[int], device: torch.device) -> torch.Tensor:
+    """Log-probability of `label[1:]` given each prompt and `label[0]`: the label's tokens run after the
+    (padded) prompts against their cache, which is cut back to the prompts afterwards."""
+    rows, extra = mask.shape[0], len(label)
+    tokens = torch.tensor(label, device=device).expand(rows, -1)
+    positions = lengths[:, None] + torch.arange(extra, device=device)[None, :]
+    full_mask = torch.cat([mask, mask.new_ones(rows, extra)], dim=1)
+    hidden = body(input_ids=tokens, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True).last_hidden_state
+    cache.crop(-extra)
+    logp = torch.log_softmax(head(hidden[:, :-1]).float(), dim=-1)
+    return logp.gather(2, tokens[:, 1:, None]).squeeze(2).sum(1)
+
+
+def scored_labels(model: nn.Module, prompts: Sequence[list[int]], answers: Sequence[list[int]],
+                  label_names: Sequence[str], batch_size: int, pad_id: int, device: torch.device,
+                  autocast: Callable = nullcontext, progress: Callable = lambda it, **_: it) -> list[str]:
+    """The name of the best-scoring label for each prompt (`answers[k]` are label k's tokens)."""
+    scores = label_log_likelihoods(model, prompts, answers, batch_size, pad_id, device, autocast, progress)
+    return [label_names[k] for k in scores.argmax(dim=1).tolist()]

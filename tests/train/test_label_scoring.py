@@ -1,0 +1,71 @@
+"""Label scoring: exact log-likelihoods of each label after each prompt, and the answer greedy decoding gives."""
+
+import pytest
+import torch
+from tiny_models import llama
+
+from loratune.core.adapters import add_adapter
+from loratune.core.lora_config import LoraConfig
+from loratune.train.label_scoring import label_log_likelihoods, scored_labels
+from loratune.train.loop import fit
+from loratune.train.run_config import validate_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = llama()
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return model.eval()
+
+
+def prompts(count, shared=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.randint(3, 60, (shared,), generator=generator).tolist()
+    return [head + torch.randint(3, 60, (int(n),), generator=generator).tolist()
+            for n in torch.randint(1, 9, (count,), generator=generator)]
+
+
+@torch.no_grad()
+def reference(model, prompt, label):
+    """log p(label | prompt) from one plain forward of prompt + label."""
+    ids = torch.tensor([prompt + label])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+    return sum(logp[len(prompt) - 1 + j, token].item() for j, token in enumerate(label))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "plain"])
+def test_scores_equal_a_reference_computation_for_labels_of_one_or_more_tokens(model, share_prefix):
+    labels = [[7], [9, 11], [13, 4, 5]]
+    batch = prompts(7)
+    scores = label_log_likelihoods(model, batch, labels, batch_size=3, pad_id=0, device=CPU,
+                                   share_prefix=share_prefix)
+    expected = torch.tensor([[reference(model, p, label) for label in labels] for p in batch])
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=2e-5)
+
+
+def test_the_scored_label_is_the_one_greedy_generation_writes(model):
+    batch = prompts(24, seed=1)
+    greedy = []
+    for prompt in batch:
+        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=1, do_sample=False, pad_token_id=0)
+        greedy.append(out[0, -1].item())
+    names = sorted(set(greedy))  # every prompt's greedy answer is exactly one of these single-token labels
+    assert len(names) >= 2
+    chosen = scored_labels(model, batch, [[t] for t in names], [str(t) for t in names], batch_size=5, pad_id=0,
+                           device=CPU)
+    assert chosen == [str(t) for t in greedy]
+
+
+def test_a_run_reports_scored_accuracy_and_generation_accuracy_only_when_asked(run_config):
+    plain = fit(validate_config(run_config(train={"max_steps": 1}), "test"), quiet=True)
+    assert {"accuracy", "macro_f1"} <= set(plain["after"]) and "generation_accuracy" not in plain["after"]
+    assert plain["samples_after"][0]["output"] in ("negative", "positive")
+    both = fit(validate_config(run_config(train={"max_steps": 1, "generation_eval": True},
+                                          output_dir=str(plain["adapter_dir"]) + "-both"), "test"), quiet=True)
+    assert {"accuracy", "generation_accuracy", "generation_macro_f1"} <= set(both["after"])
+    assert both["after"]["accuracy"] == plain["after"]["accuracy"]
+    generated = fit(validate_config(run_config(train={"max_steps": 1, "label_scoring": False},
+                                               output_dir=str(plain["adapter_dir"]) + "-gen"), "test"), quiet=True)
+    assert generated["after"]["accuracy"] == both["after"]["generation_accuracy"]
