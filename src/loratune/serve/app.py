@@ -98,7 +98,7 @@ def create_app(engine: Engine, registry: AdapterRegistry, settings: Settings) ->
     app = FastAPI(title="loratune serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes, seconds=settings.limits.body_seconds)
     created = int(time.time())
-    _add_error_handlers(app)
+    _add_error_handlers(app, settings.api_key)
 
     def authorized(request: Request) -> None:
         _check_key(request, settings.api_key)
@@ -187,13 +187,17 @@ def _check_key(request: Request, key: str | None) -> None:
                        "authentication_error", code="invalid_api_key")
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, api_key: str | None) -> None:
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        try:  # FastAPI reads the body before the key check: a client without the key learns nothing of it
+            _check_key(request, api_key)
+        except APIError as refused:
+            return await api_error(request, refused)
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
