@@ -33,7 +33,8 @@ test: $(STAMP)
 
 # Crash safety: 20 SIGKILLs of a real training run, resumed each time, and a full disk (a tmpfs when run as root).
 soak: $(STAMP)
-	$(PY) -m benchmarks.soak --kills 20
+	@# both run even when the kill soak fails; make fails if either did
+	$(PY) -m benchmarks.soak --kills 20; soak=$$?; $(PY) -m benchmarks.serve_abuse && exit $$soak
 
 # Order independence: every test file alone, in its own process.
 alone: $(STAMP)

@@ -229,6 +229,33 @@ def test_management_needs_a_key_and_a_root(tiny_llama, adapter_root):
         assert "--adapter-root" in error["message"]
 
 
+def test_no_key_learns_nothing_of_the_body_and_a_stalled_body_gets_408(tiny_llama):
+    """Found by benchmarks/serve_abuse.py: a malformed body without the key was answered 400 (naming fields) and
+    a client that stalled mid-body held its request forever (uvicorn has no read timeout)."""
+    with thread_server(tiny_llama, api_key=KEY, body_timeout=1.0) as (url, _):
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            error = error_of(httpx.post(url + "/v1/completions", headers=headers, content=b'{"model": 1}'), 401)
+            assert error["code"] == "invalid_api_key"
+        auth = {"Authorization": f"Bearer {KEY}"}
+        assert error_of(httpx.post(url + "/v1/completions", headers=auth, content=b'{"model": 1}'), 400)
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as stalled:
+            stalled.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                            "Content-Length: 50\r\n\r\n{\"model\"".encode())
+            answer = httpx.post(url + "/v1/completions", headers=auth, timeout=10,
+                                json={"model": "tiny", "prompt": "hello", "max_tokens": 2})
+            assert answer.status_code == 200  # others are served while it stalls
+            answer = b""
+            while not answer.endswith(b"}}"):  # headers and body may come in separate pieces
+                piece = stalled.recv(65536)
+                if not piece:
+                    break
+                answer += piece
+            head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
 @pytest.fixture(scope="module")
 def long_llama(tmp_path_factory, tiny_llama):
     """The tiny Llama with room for long answers, so a row is still running when the test acts on it."""

@@ -34,6 +34,7 @@ class Limits:
     max_prompt_tokens: int = 2048
     max_tokens: int = 512
     max_body_bytes: int = 1 << 20
+    body_seconds: float = 30.0  # a body must arrive whole within this (uvicorn has no read timeout of its own)
     max_positions: int | None = None  # the model's context length, when it has one
 
 
@@ -95,9 +96,9 @@ class AdapterRequest(BaseModel):
 # --- the app --------------------------------------------------------------------------------------------------
 def create_app(engine: Engine, registry: AdapterRegistry, settings: Settings) -> FastAPI:
     app = FastAPI(title="loratune serve", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes, seconds=settings.limits.body_seconds)
     created = int(time.time())
-    _add_error_handlers(app)
+    _add_error_handlers(app, settings.api_key)
 
     def authorized(request: Request) -> None:
         _check_key(request, settings.api_key)
@@ -186,13 +187,17 @@ def _check_key(request: Request, key: str | None) -> None:
                        "authentication_error", code="invalid_api_key")
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, api_key: str | None) -> None:
     @app.exception_handler(APIError)
     async def api_error(_, exc: APIError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        try:  # FastAPI reads the body before the key check: a client without the key learns nothing of it
+            _check_key(request, api_key)
+        except APIError as refused:
+            return await api_error(request, refused)
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
@@ -205,13 +210,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes: by Content-Length up front, else while the body streams in.
+    """Refuse request bodies over `limit` bytes (413) or slower than `seconds` to arrive whole (408): by
+    Content-Length up front, else while the body streams in.
 
-    The body is read here, at most `limit` bytes of it, and handed on whole to the routes.
+    The body is read here, at most `limit` bytes of it, and handed on whole to the routes. The time limit is
+    here because uvicorn has no read timeout: a client that stalls mid-body would hold its request forever.
     """
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, seconds: float = 30.0) -> None:
+        self.app, self.limit, self.seconds = app, limit, seconds
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -221,23 +228,36 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await too_large(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            event = await receive()
-            if event["type"] != "http.request":
-                return  # the client left before sending its body
-            chunks.append(event.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await too_large(scope, receive, send)
-            if not event.get("more_body", False):
-                break
-        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+        try:
+            async with asyncio.timeout(self.seconds):
+                body = await self._read(receive)
+        except TimeoutError:
+            body = JSONResponse(error_body(f"request body not received whole within {self.seconds:g} s",
+                                           "invalid_request_error", code="request_timeout"), 408)
+        if body is None:
+            return  # the client left before sending its body
+        if isinstance(body, JSONResponse):
+            return await body(scope, receive, send)
+        if len(body) > self.limit:
+            return await too_large(scope, receive, send)
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay():
             return pending.pop() if pending else await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or as soon as it passes the limit what came so far; None if the client left."""
+        chunks, size = [], 0
+        while True:
+            event = await receive()
+            if event["type"] != "http.request":
+                return None
+            chunks.append(event.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit or not event.get("more_body", False):
+                return b"".join(chunks)
 
 
 # --- generation -----------------------------------------------------------------------------------------------

@@ -29,6 +29,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
+    return value
+
+
 def add_serve_parser(commands) -> None:
     serve = commands.add_parser("serve", help="serve a base model and many adapters over an OpenAI-compatible API")
     serve.add_argument("--model", required=True, help="base model: folder, .gguf file, built-in or hub name")
@@ -46,6 +53,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--max-prompt-tokens", type=_positive, default=2048)
     serve.add_argument("--max-tokens", type=_positive, default=512, help="largest max_tokens a request may ask")
     serve.add_argument("--max-body-bytes", type=_positive, default=1 << 20)
+    serve.add_argument("--body-timeout", type=_seconds, default=30.0,
+                       help="seconds a request body may take to arrive whole before 408 (default: 30)")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run)
 
@@ -58,7 +67,8 @@ def base_name(model: str) -> str:
 
 def build(model, tokenizer, name: str, adapters: list[tuple[str, str]], *, api_key: str | None = None,
           adapter_root: str | None = None, max_batch: int = 32, max_queued: int = 256, max_adapters: int = 16,
-          max_prompt_tokens: int = 2048, max_tokens: int = 512, max_body_bytes: int = 1 << 20):
+          max_prompt_tokens: int = 2048, max_tokens: int = 512, max_body_bytes: int = 1 << 20,
+          body_timeout: float = 30.0):
     """Start the engine on a loaded model, load the start-up adapters, and return `(app, engine)`."""
     from ..pretrained import max_positions
     from .app import Limits, Settings, create_app
@@ -75,7 +85,7 @@ def build(model, tokenizer, name: str, adapters: list[tuple[str, str]], *, api_k
         check_name(adapter)
         check_safetensors_folder(folder)
         registry.reserve(adapter)
-    limits = Limits(max_prompt_tokens, max_tokens, max_body_bytes, max_positions(model))
+    limits = Limits(max_prompt_tokens, max_tokens, max_body_bytes, body_timeout, max_positions(model))
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queued=max_queued)
     engine.start()
     try:
@@ -120,7 +130,8 @@ def run(args: argparse.Namespace) -> None:
     app, engine = build(model, tokenizer, base_name(args.model), args.adapter, api_key=api_key,
                         adapter_root=args.adapter_root, max_batch=args.max_batch, max_queued=args.max_queued,
                         max_adapters=args.max_adapters, max_prompt_tokens=args.max_prompt_tokens,
-                        max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
+                        max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes,
+                        body_timeout=args.body_timeout)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {base_name(args.model)} with {len(args.adapter)} adapter(s) at http://{shown}:{port}/v1 "
