@@ -11,7 +11,7 @@ import pickle
 from pathlib import Path
 
 import torch
-import yaml
+from cli_tools import error_line, write_config
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -21,23 +21,10 @@ from loratune.cli import main
 NO_SPACE = "Error while serializing: I/O error: No space left on device (os error 28)"
 
 
-def write_config(tmp_path, run_config, **train):
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(run_config(train=train)))
-    return str(path)
-
-
-def error_line(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
-
-
 def test_a_full_disk_at_the_final_adapter_keeps_the_steps_in_a_checkpoint(run_config, tmp_path, monkeypatch,
                                                                            capsys):
     out = tmp_path / "run"
-    config = write_config(tmp_path, run_config, max_steps=4)
+    config = write_config(tmp_path, run_config, train=dict(max_steps=4))
     real_save = peft_format.save_file
 
     def disk_full_for_the_adapter(tensors, filename, metadata=None):
@@ -62,7 +49,7 @@ def test_a_full_disk_at_the_final_adapter_keeps_the_steps_in_a_checkpoint(run_co
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_earlier_checkpoints_survive(run_config, tmp_path, monkeypatch,
                                                                                  capsys):
     out = tmp_path / "run"
-    config = write_config(tmp_path, run_config, max_steps=6, checkpoint_every=2)
+    config = write_config(tmp_path, run_config, train=dict(max_steps=6, checkpoint_every=2))
     real_write = Path.write_bytes
 
     def disk_full_at_step_4(self, data):
@@ -78,7 +65,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_earlier_checkpoints_survive
 
 def test_resume_passes_over_a_corrupt_newest_checkpoint_with_a_warning(run_config, tmp_path, capsys):
     out = tmp_path / "run"
-    config = write_config(tmp_path, run_config, max_steps=4, checkpoint_every=2)
+    config = write_config(tmp_path, run_config, train=dict(max_steps=4, checkpoint_every=2))
     assert main(["train", config, "--quiet"]) == 0
     expected = load_file(out / "adapter" / "adapter_model.safetensors")
     newest = out / "checkpoints" / "step-4" / "adapter_model.safetensors"
@@ -103,7 +90,7 @@ class _Payload:
 
 def test_a_tampered_trainer_state_is_unreadable_and_nothing_in_it_runs(run_config, tmp_path, capsys):
     out = tmp_path / "run"
-    config = write_config(tmp_path, run_config, max_steps=2, checkpoint_every=2)
+    config = write_config(tmp_path, run_config, train=dict(max_steps=2, checkpoint_every=2))
     assert main(["train", config, "--quiet"]) == 0
     marker = tmp_path / "payload-ran"
     state = out / "checkpoints" / "step-2" / "trainer_state.pt"

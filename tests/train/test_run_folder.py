@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import yaml
+from cli_tools import error_line, write_config
 
 from loratune.cli import main
 from loratune.train.run_folder import LOCK_NAME
@@ -21,19 +22,6 @@ os.write(fd, json.dumps({"pid": os.getpid()}).encode())
 print("locked", flush=True)
 time.sleep(120)
 """
-
-
-def write_config(tmp_path, run_config, name="run.yaml", **sections):
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(run_config(**sections)))
-    return str(path)
-
-
-def error_line(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
 
 
 def test_a_busy_folder_is_refused_naming_the_process_and_a_dead_ones_lock_is_taken_over(run_config, tmp_path,

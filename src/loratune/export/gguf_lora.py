@@ -18,7 +18,7 @@ import torch
 
 from loratune.core.errors import AdapterFileError, ConfigError
 from loratune.core.lora_config import LoraConfig
-from loratune.export.gguf_model import encode_tensor
+from loratune.export.gguf_model import write_tensors_and_close
 from loratune.export.layout import GGUFLayout
 
 #: --dtype values a GGUF LoRA takes (llama.cpp reads these for adapters)
@@ -89,11 +89,4 @@ def write_lora_gguf(config: LoraConfig, pairs: dict[str, tuple[torch.Tensor, tor
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config.lora_alpha))
     if name:
         writer.add_name(name)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for tensor_name, array in tensors.items():
-        data, qtype = encode_tensor(tensor_name, array, dtype)
-        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-    writer.write_header_to_file(path=path)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors_and_close(writer, path, tensors, dtype)

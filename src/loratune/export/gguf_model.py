@@ -29,6 +29,18 @@ DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
 }
 
 
+def write_tensors_and_close(writer: gguf.GGUFWriter, path: str | Path, tensors: dict[str, Any], dtype: str) -> None:
+    """Add the tensors in `dtype`, then write header, metadata and tensors to `path` and close the writer."""
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for tensor_name, array in tensors.items():
+        data, qtype = encode_tensor(tensor_name, array, dtype)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def encode_tensor(name: str, array: np.ndarray, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """Encode one tensor as llama.cpp's converter does: vectors and norms stay f32; a row that q8_0's
     32-element blocks do not divide falls back to f16."""
@@ -93,14 +105,7 @@ def write_model_gguf(model: torch.nn.Module, tokenizer: Any, layout: GGUFLayout,
         copy_tokenizer_keys(writer, tokenizer_gguf)
     else:
         add_tokenizer_from_files(writer, tokenizer, config.vocab_size)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for tensor_name, array in model_tensors(model, layout).items():
-        data, qtype = encode_tensor(tensor_name, array, dtype)
-        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
-    writer.write_header_to_file(path=path)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors_and_close(writer, path, model_tensors(model, layout), dtype)
 
 
 def copy_tokenizer_keys(writer: gguf.GGUFWriter, source: Path) -> None:
