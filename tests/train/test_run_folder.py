@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import torch
 import yaml
 from cli_tools import error_line, write_config
 
@@ -111,3 +112,35 @@ def test_leftovers_of_killed_writes_are_removed_at_the_next_start(run_config, tm
     assert not [p for p in leftovers if p.exists()]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_on_resume(run_config, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from loratune.train.run_config import config_to_yaml, load_config
+
+    config = write_config(tmp_path, run_config, train={"max_steps": 2})
+    out = tmp_path / "run"
+    out.mkdir()  # what a run killed before its first checkpoint leaves: its config and a partial metrics file
+    (out / "config.yaml").write_text(config_to_yaml(load_config(config)))
+    (out / "metrics.jsonl").write_text('{"kind": "eval", "step": 0}\n')
+    (out / "checkpoints").mkdir()
+    assert main(["train", config, "--quiet", "--resume"]) == 0
+    assert "no complete checkpoint yet; starting again from step 0" in capsys.readouterr().err
+    plain = write_config(tmp_path, run_config, name="plain.yaml", output_dir=str(tmp_path / "plain"),
+                         train={"max_steps": 2})
+    assert main(["train", plain, "--quiet"]) == 0
+    resumed, uninterrupted = (load_file(p / "adapter" / "adapter_model.safetensors") for p in (out, tmp_path / "plain"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_resume_into_a_folder_with_another_runs_config_and_no_checkpoint_is_refused(run_config, tmp_path, capsys):
+    config = write_config(tmp_path, run_config, train={"max_steps": 2})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("# somebody else's run\n")
+    message = error_line(capsys, ["train", config, "--quiet", "--resume"])
+    assert message == (f"loratune: error: output_dir {out} holds another run's config.yaml and no checkpoint; "
+                       "choose another output_dir")
+    assert (out / "config.yaml").read_text() == "# somebody else's run\n"

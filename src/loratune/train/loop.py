@@ -180,6 +180,7 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
     with ExitStack() as folder, stop_requests() as stops:
         # rank 0 owns the folder (lock, emptiness, leftovers); a refusal is said once, by rank 0
         processes.agree(lambda: folder.enter_context(claim_output_dir(out, resume)) if processes.is_main else None)
+        resume = resume and _has_checkpoint(out, config, processes)
         session = processes.agree(lambda: prepare(config, quiet, processes=processes))
         if _stop_agreed(processes, stops):
             raise _stopped(processes, RunStopped(stops.signal_name, 0, None))
@@ -200,6 +201,26 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
         if _stop_agreed(processes, stops):  # between steps: keep the progress, then say how to go on
             raise _stopped(processes, RunStopped(stops.signal_name, run.state.step, checkpoint_now(run)))
         return finish(run)
+
+
+def _has_checkpoint(out: Path, config: RunConfig, processes: Processes) -> bool:
+    """Whether `--resume` has a checkpoint to continue from. A run stopped before its first checkpoint (its
+    own config.yaml is there, no checkpoint yet) starts again from step 0 with a warning, which equals an
+    uninterrupted run; a folder that holds neither is an error, as is another run's config."""
+    def check() -> bool:
+        checkpoints, saved = out / "checkpoints", out / "config.yaml"
+        if latest_checkpoint(checkpoints) is not None:
+            return True
+        if not saved.is_file():
+            raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
+        if saved.read_text(encoding="utf-8") != config_to_yaml(config):
+            raise LoratuneError(f"output_dir {out} holds another run's config.yaml and no checkpoint; choose "
+                                "another output_dir")
+        print(f"loratune: warning: {checkpoints}: no complete checkpoint yet; starting again from step 0",
+              file=sys.stderr)
+        return False
+
+    return processes.from_main(processes.agree(lambda: check() if processes.is_main else None))
 
 
 def _stop_agreed(processes: Processes, stops: Any) -> bool:
