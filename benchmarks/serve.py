@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -78,17 +79,34 @@ def start_server(model: str, adapters: list[tuple[str, str]], max_batch: int) ->
         argv += ["--adapter", f"{name}={folder}"]
     process = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    wait_for_health(process, url, 300)
+    return process, url
+
+
+def wait_for_health(process: subprocess.Popen, url: str, timeout: float, headers: dict | None = None,
+                    exit_detail: Callable[[], str] = lambda: "") -> None:
+    """Poll `url`/health until the server answers 200; stop it and exit if it dies or `timeout` passes."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited with code {process.returncode}")
+            raise SystemExit(f"the server exited with code {process.returncode}{exit_detail()}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return process, url
+            if httpx.get(url + "/health", headers=headers, timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.2)
+    stop_server(process)
+    raise SystemExit(f"the server did not answer /health within {timeout:.0f} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited within 30 s."""
     process.terminate()
-    raise SystemExit("the server did not answer /health within 300 s")
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int) -> dict:
@@ -234,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.screenshot:
                 screenshot(url, names, args.screenshot)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            stop_server(process)
     result = {"date": date.today().isoformat(), "args": vars(args) | {"screenshot": str(args.screenshot)},
               "cpu": lscpu(), "runs": runs,
               "ratios": {"mixed_vs_one_at_a_time": runs["mixed adapters"]["tokens_per_s"] /

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.serve import stop_server, wait_for_health
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 KEY = "abuse-key-0123456789"
@@ -69,18 +71,8 @@ def start_server(model: str, root: Path, log: Path) -> tuple[subprocess.Popen, s
     env = {**os.environ, "LORATUNE_API_KEY": KEY, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited at start-up: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", headers=auth(), timeout=2).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit("the server did not answer /health within 120 s")
+    wait_for_health(process, url, 120, headers=auth(), exit_detail=lambda: f" at start-up: {log.read_text()[-2000:]}")
+    return process, url
 
 
 def auth(key: str = KEY) -> dict:
@@ -478,11 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome = asyncio.run(abuse(url, process.pid, root, outside, args))
             alive = process.poll() is None
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_server(process)
         log = (work / "server.log").read_text()
     text, ok = report(outcome)
     ok = ok and alive

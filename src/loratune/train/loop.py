@@ -7,6 +7,7 @@ evaluation and a checkpoint when due, then evaluate, save the adapter and write 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import resource
@@ -71,8 +72,8 @@ class Session:
     loss_chunk: int = 0
     processes: Processes = dataclasses.field(default_factory=Processes)
 
-    @property
-    def batches(self) -> BatchMaker:
+    @functools.cached_property
+    def batches(self) -> BatchMaker:  # one per run: the training step asks for it per micro-batch
         return BatchMaker(self.config.train.batching, self.config.model.task, self.tokenizer.pad_token_id,
                           self.config.gradient_checkpointing)
 
