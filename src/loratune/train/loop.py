@@ -227,9 +227,7 @@ def _has_checkpoint(out: Path, config: RunConfig, processes: Processes) -> bool:
 def _stop_agreed(processes: Processes, stops: Any) -> bool:
     """Whether a stop signal reached this process or, under torchrun, any other: every rank stops after the
     same step, so the checkpoint holds all ranks' streams."""
-    if not processes.joined:
-        return stops.requested
-    return any(processes.gather(stops.requested))
+    return processes.sum([float(stops.requested)])[0] > 0  # one all-reduce of a number, not a pickled gather
 
 
 def _stopped(processes: Processes, stop: RunStopped) -> Exception:
