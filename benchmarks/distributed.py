@@ -18,7 +18,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 
@@ -26,6 +25,7 @@ import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.runner import cpu_flags
 from loratune.train import demo_config
 from loratune.train.distributed import join_processes
 from loratune.train.loop import BatchOrder, prepare, start_run, train_step
@@ -38,12 +38,6 @@ def counting_allreduce(counter: dict, bucket):
     return default_hooks.allreduce_hook(None, bucket)
 
 
-def cpu_flags() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Flags")), "unknown")
 
 
 def main() -> None:

@@ -5,10 +5,13 @@ runs it, each in a fresh process, alternated, on the same split.
 
 Both sides train SmolLM2-135M-Instruct on the demo's movie-sentiment split (the examples loratune's data
 pipeline makes: chat-templated prompt, label answer, 128 tokens at most), r=8 all-linear, batch 8, lr 3e-4,
-10 warm-up steps, cosine, bf16 autocast. Each process reports its load, training and evaluation seconds and
-its peak RSS; then the same scoring code (greedy generation of 6 tokens, `generation_metrics`) measures
-accuracy on the same 300 held-out reviews for both. loratune's own evaluation (label scoring, loss) is
-timed as the demo runs it. TRL and accelerate are the `bench` extra (`pip install -e '.[bench]'`).
+10 warm-up steps, cosine, in the precision loratune resolves on the machine for both (bf16 autocast where the
+CPU or GPU computes bf16 natively, fp32 where bf16 would be emulated, as on AVX2-only CPUs). Each process
+reports its load, training and evaluation seconds, the CPU seconds of its threads (a check on the wall
+times when other work shares the machine) and its peak RSS; then the same scoring code (greedy generation
+of 6 tokens, `generation_metrics`) measures accuracy on the same 300 held-out reviews for both. loratune's
+own evaluation (label scoring, loss) is timed as the demo runs it. TRL and accelerate are the `bench` extra
+(`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.runner import cpu_flags, cpu_model
+
 RESULTS = Path(__file__).parent / "results"
 LIBRARIES = ("loratune", "trl")
 
@@ -32,15 +37,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _uses_bf16(device) -> bool:
+    """Both libraries compute in the precision loratune's `auto` picks here, so neither is handed an emulated dtype."""
+    from loratune.precision import resolve_precision
+
+    return resolve_precision("auto", device) == "bf16"
+
+
 def _common_accuracy(model, tokenizer, data, device) -> tuple[float, float]:
     """(accuracy, seconds): greedy answers to the held-out prompts, scored as the demo scores generations."""
+    import contextlib
+
     import torch
 
     from loratune.train.evaluate import generate_texts, generation_metrics
 
     started = time.perf_counter()
+    bf16 = _uses_bf16(device)
     outputs = generate_texts(model, tokenizer, data.eval_prompts, 6, 32, device,
-                             lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+                             lambda: torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                             else contextlib.nullcontext())
     metrics = generation_metrics(outputs, data.eval_references, data.label_names)
     return metrics["accuracy"], time.perf_counter() - started
 
@@ -50,22 +66,23 @@ def run_loratune(steps: int, out: Path, eval_records: int) -> dict:
     from loratune.train.loop import BatchOrder, finish, prepare, start_run, train_step
 
     config = demo_config(out, [f"train.max_steps={steps}", f"data.max_eval_records={eval_records}"])
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     session = prepare(config, quiet=True)
     loaded = time.perf_counter()
     run = start_run(session, out)  # the demo's evaluation before training
-    before = time.perf_counter()
+    before, cpu_before = time.perf_counter(), time.process_time()
     session.model.train()
     order = BatchOrder(len(session.data.train_examples), config.train.batch_size, config.train.seed)
     progress = session.progress(total=steps, desc="training")
     while run.state.step < steps:
         train_step(run, order, progress)
-    trained = time.perf_counter()
+    trained, cpu_trained = time.perf_counter(), time.process_time()
     summary = finish(run)  # evaluation after training, adapter and report
-    done = time.perf_counter()
+    done, cpu_done = time.perf_counter(), time.process_time()
     accuracy, common_s = _common_accuracy(session.model, session.tokenizer, session.data, session.device)
     return {"load_s": loaded - started, "eval_before_s": before - loaded, "train_s": trained - before,
-            "eval_after_s": done - trained, "job_s": done - started, "own_accuracy": summary["after"].get("accuracy"),
+            "eval_after_s": done - trained, "job_s": done - started, "train_cpu_s": cpu_trained - cpu_before,
+            "job_cpu_s": cpu_done - cpu_started, "own_accuracy": summary["after"].get("accuracy"),
             "common_accuracy": accuracy, "common_eval_s": common_s, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -80,27 +97,30 @@ def run_trl(steps: int, out: Path, eval_records: int) -> dict:
     from loratune.train import demo_config
 
     config = demo_config(out, [f"data.max_eval_records={eval_records}"])
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     model, tokenizer = load_model(config.model.name, "causal-lm")
     model.set_attn_implementation("eager")  # as the demo does: faster for short sequences on a CPU
     data = load_datasets(config.data, tokenizer, "causal-lm")  # the same split and the same prompt tokens
     rows = [{"prompt": tokenizer.decode(p), "completion": r}
             for p, r in zip(data.train.prompts, data.train.references)]
     loaded = time.perf_counter()
+    bf16 = _uses_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-4,
-                     warmup_steps=10, lr_scheduler_type="cosine", bf16=True, max_length=256,
+                     warmup_steps=10, lr_scheduler_type="cosine", bf16=bf16, max_length=256,
                      completion_only_loss=True, save_strategy="no", report_to=[], logging_steps=10, seed=0,
                      use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora)
-    prepared = time.perf_counter()
+    prepared, cpu_prepared = time.perf_counter(), time.process_time()
     trainer.train()
-    trained = time.perf_counter()
+    trained, cpu_trained = time.perf_counter(), time.process_time()
     device = next(trainer.model.parameters()).device
     accuracy, common_s = _common_accuracy(trainer.model, tokenizer, data, device)
+    cpu_done = time.process_time()
     return {"load_s": loaded - started, "prepare_s": prepared - loaded, "train_s": trained - prepared,
-            "eval_after_s": common_s, "job_s": trained - started + common_s, "common_accuracy": accuracy,
+            "eval_after_s": common_s, "job_s": trained - started + common_s, "train_cpu_s": cpu_trained - cpu_prepared,
+            "job_cpu_s": cpu_done - cpu_started, "common_accuracy": accuracy,
             "common_eval_s": common_s, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -139,7 +159,8 @@ def race(rounds: int, steps: int, eval_records: int) -> int:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     command = f"python -m benchmarks race --rounds {rounds} --steps {steps} --eval-records {eval_records}"
-    report = {"date": time.strftime("%Y-%m-%d"), "command": command, "cpu": _cpu_model(), "rows": rows}
+    report = {"date": time.strftime("%Y-%m-%d"), "command": command, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+              "rows": rows}
     name = "race" if (steps, eval_records) == (100, 300) else "race-short"  # a short run never hides the real one
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
@@ -149,16 +170,11 @@ def race(rounds: int, steps: int, eval_records: int) -> int:
     return 0
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 KEYS = [("load_s", "load, s"), ("train_s", "training, s"), ("eval_after_s", "evaluation after training, s"),
-        ("job_s", "whole job, s"), ("peak_rss_mb", "peak RSS, MB"), ("common_accuracy", "accuracy (generation, "
-        "same code), held-out reviews"), ("own_accuracy", "accuracy (loratune's label scoring)")]
+        ("job_s", "whole job, s"), ("train_cpu_s", "training, CPU s (all threads)"),
+        ("job_cpu_s", "whole job, CPU s (all threads)"), ("peak_rss_mb", "peak RSS, MB"),
+        ("common_accuracy", "accuracy (generation, same code), held-out reviews"),
+        ("own_accuracy", "accuracy (loratune's label scoring)")]
 
 
 def markdown(rows: list[dict]) -> str:

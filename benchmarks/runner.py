@@ -205,6 +205,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> str:
+    """The CPU's flags as `lscpu` prints them: speed on a CPU depends on AVX-512, AVX512-BF16, VNNI and AMX."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Flags")), "unknown")
+
+
 def environment(options: RunOptions, wall_s: float) -> dict[str, Any]:
     """Versions, hardware and settings recorded with every result file."""
     import peft
