@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     from loratune.train import demo_config
-    from loratune.train.batches import BatchMaker
-    from loratune.train.loop import BatchOrder, prepare
+    from loratune.train.batches import BatchMaker, BatchOrder
+    from loratune.train.session import prepare
     from loratune.train.step import batch_loss
 
     with tempfile.TemporaryDirectory() as tmp:

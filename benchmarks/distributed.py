@@ -27,8 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.runner import cpu_flags
 from loratune.train import demo_config
+from loratune.train.batches import BatchOrder
 from loratune.train.distributed import join_processes
-from loratune.train.loop import BatchOrder, prepare, start_run, train_step
+from loratune.train.loop import start_run, train_step
+from loratune.train.session import prepare
 
 
 def counting_allreduce(counter: dict, bucket):

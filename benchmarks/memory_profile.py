@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     mark("import transformers")
     from loratune.train import demo_config
-    from loratune.train.loop import BatchOrder, finish, prepare, start_run, train_step
+    from loratune.train.batches import BatchOrder
+    from loratune.train.loop import finish, start_run, train_step
+    from loratune.train.session import prepare
 
     mark("import loratune (data, datasets, train)")
     with tempfile.TemporaryDirectory() as tmp:

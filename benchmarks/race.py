@@ -63,7 +63,9 @@ def _common_accuracy(model, tokenizer, data, device) -> tuple[float, float]:
 
 def run_loratune(steps: int, out: Path, eval_records: int) -> dict:
     from loratune.train import demo_config
-    from loratune.train.loop import BatchOrder, finish, prepare, start_run, train_step
+    from loratune.train.batches import BatchOrder
+    from loratune.train.loop import finish, start_run, train_step
+    from loratune.train.session import prepare
 
     config = demo_config(out, [f"train.max_steps={steps}", f"data.max_eval_records={eval_records}"])
     started, cpu_started = time.perf_counter(), time.process_time()

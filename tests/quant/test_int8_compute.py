@@ -9,8 +9,8 @@ from loratune.quant.convert import quantize_model
 from loratune.quant.int8_compute import Int8Linear, quantize_rows
 from loratune.quant.linear import QuantLinear, set_base_compute
 from loratune.quant.storage import quantize
-from loratune.train.loop import prepare
 from loratune.train.run_config import validate_config
+from loratune.train.session import prepare
 from loratune.train.step import causal_lm_loss
 
 

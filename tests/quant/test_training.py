@@ -10,8 +10,9 @@ from loratune import ConfigError
 from loratune.core.peft_format import read_adapter_weights
 from loratune.quant import QuantLinear
 from loratune.train import fit
-from loratune.train.loop import evaluate_run, prepare
+from loratune.train.loop import evaluate_run
 from loratune.train.run_config import validate_config
+from loratune.train.session import prepare
 from loratune.train.step import causal_lm_loss
 
 

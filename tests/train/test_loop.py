@@ -147,8 +147,8 @@ def test_each_generation_format_trains(fmt, rows, tmp_path, run_config):
 
 
 def test_lora_plus_gives_b_factors_a_higher_learning_rate(run_config):
-    from loratune.train.loop import prepare
     from loratune.train.optim import build_optimizer
+    from loratune.train.session import prepare
 
     session = prepare(validate_config(run_config(), "test"), quiet=True)
     optimizer = build_optimizer(session.model, 1e-3, 0.0, 16.0)
@@ -159,7 +159,7 @@ def test_lora_plus_gives_b_factors_a_higher_learning_rate(run_config):
 
 
 def test_bf16_training_keeps_the_base_in_bf16_and_the_adapter_in_fp32(run_config):
-    from loratune.train.loop import prepare
+    from loratune.train.session import prepare
 
     session = prepare(validate_config(run_config(train={"precision": "bf16"}), "test"), quiet=True)
     dtypes = {name: p.dtype for name, p in session.model.named_parameters()}

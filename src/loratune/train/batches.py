@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from loratune.core.errors import LoratuneError
 from loratune.data.collate import collate
-from loratune.data.packing import pack_batch
+from loratune.data.packing import length_grouped, pack_batch
 from loratune.train.shared_prefix import batch_prefix_length
 from loratune.train.step import to_device
 
@@ -31,3 +32,23 @@ class BatchMaker:
         batch = to_device(collate(examples, self.pad_id, self.task), device)
         share = self.batching == "shared_prefix" and causal and not (training and self.checkpointing)
         return batch, batch_prefix_length(batch) if share else 0
+
+
+class BatchOrder:
+    """Which examples form micro-batch k: a fresh seeded shuffle each epoch, so resuming needs only k."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, lengths: list[int] | None = None) -> None:
+        if size == 0:
+            raise LoratuneError("no training examples after loading the data")
+        self.size, self.batch_size, self.seed, self.lengths = size, min(batch_size, size), seed, lengths
+        self.per_epoch = self.size // self.batch_size
+        self._epoch, self._perm = -1, None
+
+    def batch(self, k: int) -> list[int]:
+        epoch, index = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator).tolist()
+            if self.lengths is not None:
+                self._perm = length_grouped(self._perm, self.lengths, self.batch_size)
+        return self._perm[index * self.batch_size:(index + 1) * self.batch_size]

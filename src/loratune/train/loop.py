@@ -7,30 +7,22 @@ evaluation and a checkpoint when due, then evaluate, save the adapter and write 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import random
 import resource
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
-from loratune.core.errors import ConfigError, LoratuneError, TargetError, WriteError
+from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.core.peft_format import save_adapter
-from loratune.data import load_datasets, read_label_names
-from loratune.data.packing import length_grouped
 from loratune.errors import ReportedByAnotherRank
-from loratune.precision import base_dtype, resolve_precision
-from loratune.pretrained import load_adapted_model, max_positions
-from loratune.quant.linear import set_base_compute
-from loratune.train.batches import BatchMaker
+from loratune.train.batches import BatchOrder
 from loratune.train.checkpoint import (
     latest_checkpoint,
     load_newest_readable,
@@ -39,79 +31,20 @@ from loratune.train.checkpoint import (
     set_rng_state,
 )
 from loratune.train.distributed import Processes, check_global_batch, global_batch, join_processes
-from loratune.train.evaluate import generate_texts, generation_metrics, loss_metrics, loss_totals
-from loratune.train.label_scoring import scored_labels
-from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
 from loratune.train.run_folder import claim_output_dir
+from loratune.train.session import ADAPTER, Session, prepare
 from loratune.train.step import batch_loss
 from loratune.train.stop_signals import RunStopped, stop_requests
 
-ADAPTER = "default"
 # Keys a resumed run may change: where it writes, and how the same global batch is spread over processes.
 RESUMABLE_CHANGES = {"output_dir", "train.grad_accum", "train.distributed", "train.distributed_timeout"}
 
 
 class TrainingDiverged(LoratuneError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclasses.dataclass
-class Session:
-    """Everything a run works with once the model, adapter and data are ready."""
-
-    config: RunConfig
-    model: torch.nn.Module
-    tokenizer: Any
-    data: Any
-    device: torch.device
-    precision: str
-    progress: Any
-    loss_chunk: int = 0
-    processes: Processes = dataclasses.field(default_factory=Processes)
-
-    @functools.cached_property
-    def batches(self) -> BatchMaker:  # one per run: the training step asks for it per micro-batch
-        return BatchMaker(self.config.train.batching, self.config.model.task, self.tokenizer.pad_token_id,
-                          self.config.gradient_checkpointing)
-
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
-    def evaluate(self, full: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """Loss metrics on the evaluation split; with `full`, also metrics on generated answers and samples.
-
-        Under torchrun each rank evaluates its share and every rank gets the same merged metrics."""
-        tc, task, data, processes = self.config.train, self.config.model.task, self.data, self.processes
-        if not data.eval_examples:  # nothing held out: report no numbers rather than invented ones
-            return {}, []
-        totals = loss_totals(self.model, processes.shard(data.eval_examples), task, tc.eval_batch_size,
-                             self.tokenizer.pad_token_id, self.device, self.autocast, self.progress, self.loss_chunk,
-                             self.batches)
-        metrics = loss_metrics(processes.total(totals), task)
-        samples, outputs = [], None
-        scored = data.label_answers if tc.label_scoring and task == "causal-lm" else None
-        if full and data.eval_prompts and scored:
-            outputs = processes.unshard(scored_labels(
-                self.model, processes.shard(data.eval_prompts), scored, data.label_names, tc.eval_batch_size,
-                self.tokenizer.pad_token_id, self.device, self.autocast, self.progress))
-            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
-        generate = tc.generation_eval if tc.generation_eval is not None else not scored
-        if full and data.eval_prompts and task != "classification" and generate:
-            outputs = processes.unshard(generate_texts(
-                self.model, self.tokenizer, processes.shard(data.eval_prompts), tc.max_new_tokens,
-                tc.eval_batch_size, self.device, self.autocast, self.progress))
-            found = generation_metrics(outputs, data.eval_references, data.label_names)
-            metrics.update({f"generation_{k}": v for k, v in found.items()} if scored else found)
-        if outputs is not None:
-            samples = [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
-                       for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
-        self.model.train()
-        return metrics, samples
 
 
 @dataclasses.dataclass
@@ -233,43 +166,6 @@ def _stop_agreed(processes: Processes, stops: Any) -> bool:
 def _stopped(processes: Processes, stop: RunStopped) -> Exception:
     """The stop as rank 0 says it; the other ranks end without a second message."""
     return stop if processes.is_main else ReportedByAnotherRank(str(stop))
-
-
-def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
-            processes: Processes | None = None) -> Session:
-    """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen."""
-    tc, spec = config.train, config.model
-    processes = processes or Processes()
-    seed_everything(tc.seed)
-    data_config = config.data
-    label_names = read_label_names(data_config) if spec.task == "classification" else None
-    if label_names:  # fix the order once, so the head and the examples agree
-        data_config = data_config.model_copy(update={"label_names": label_names})
-    device = processes.device
-    precision = resolve_precision(tc.precision, device)
-    try:  # the memory estimate applies the lora section first, on a skeleton of the model
-        if device.type == "cpu" and processes.is_main:
-            _warn_if_too_big(config)
-        int8_compute = tc.base_compute == "int8"  # needs int8 storage: the weights per output channel, once
-        model, tokenizer = load_adapted_model(
-            spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir,
-            quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize,
-            double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
-            dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
-    except TargetError as exc:  # name the model the lora section does not fit
-        raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
-    limit = max_positions(model)
-    if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
-        raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of {spec.name}")
-    if int8_compute:
-        set_base_compute(model, "int8")
-    if spec.attn_implementation:
-        model.set_attn_implementation(spec.attn_implementation)
-    data = load_datasets(data_config, tokenizer, spec.task)
-    model.to(device)
-    _set_gradient_checkpointing(model, config)
-    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk,
-                   processes)
 
 
 def start_run(session: Session, out: Path) -> Run:
@@ -511,26 +407,6 @@ def _quiet(quiet: bool | None) -> bool:
     return (not sys.stderr.isatty()) if quiet is None else quiet
 
 
-def _set_gradient_checkpointing(model: torch.nn.Module, config: RunConfig) -> None:
-    supported = getattr(model, "supports_gradient_checkpointing", False)
-    if config.train.gradient_checkpointing and not supported:
-        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-    if config.gradient_checkpointing and supported:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _warn_if_too_big(config: RunConfig) -> None:
-    """Say before loading when the run is likely to exhaust the machine's memory."""
-    try:
-        warning = memory_warning(estimate_memory(config), machine_memory())
-    except LoratuneError:
-        raise
-    except Exception as exc:  # an estimate that cannot be made must not stop a run that can
-        warning = f"peak memory could not be estimated ({type(exc).__name__}: {exc})"
-    if warning:
-        print(f"loratune: warning: {warning}", file=sys.stderr)
-
-
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path, prefix: str = "") -> None:
     """Resume only the run that wrote the checkpoint (the output folder may differ, and so may the process
     count with the accumulation: `read_latest_checkpoint` checks that the global batch stays the same)."""
@@ -550,39 +426,8 @@ def _last_good(checkpoints: Path) -> str:
     return f"last good checkpoint: {found}" if found else "no checkpoint was written yet"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class BatchOrder:
-    """Which examples form micro-batch k: a fresh seeded shuffle each epoch, so resuming needs only k."""
-
-    def __init__(self, size: int, batch_size: int, seed: int, lengths: list[int] | None = None) -> None:
-        if size == 0:
-            raise LoratuneError("no training examples after loading the data")
-        self.size, self.batch_size, self.seed, self.lengths = size, min(batch_size, size), seed, lengths
-        self.per_epoch = self.size // self.batch_size
-        self._epoch, self._perm = -1, None
-
-    def batch(self, k: int) -> list[int]:
-        epoch, index = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=generator).tolist()
-            if self.lengths is not None:
-                self._perm = length_grouped(self._perm, self.lengths, self.batch_size)
-        return self._perm[index * self.batch_size:(index + 1) * self.batch_size]
-
-
-def _progress_factory(quiet: bool):
-    def make(iterable=None, **kwargs):
-        return tqdm(iterable, disable=quiet, leave=False, dynamic_ncols=True, **kwargs)
-    return make
 
 
 def _tensorboard(out: Path):
