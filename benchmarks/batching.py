@@ -1,5 +1,7 @@
 """Forward + backward time of the demo's batches built padded, packed and with a shared prefix, interleaved in
-one process on the same model and the same batches (so load from other work hits all alike).
+one process on the same model and the same batches (so load from other work hits all alike). The CPU seconds of
+the process's threads are reported beside the wall seconds: they move less than wall time when other work
+shares the cores.
 
     python -m benchmarks batching [--batches 8 --rounds 3] [--set KEY=VALUE ...]
 """
@@ -37,10 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     groups = [[examples[i] for i in order.batch(k)] for k in range(args.batches)]
     makers = {mode: BatchMaker(mode, "causal-lm", session.tokenizer.pad_token_id) for mode in MODES}
     seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu_seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
     shape: dict[str, tuple[int, int, int]] = {}
     for _ in range(args.rounds):
         for mode, maker in makers.items():
-            started, slots, real, prefix_tokens = time.perf_counter(), 0, 0, 0
+            started, cpu_started, slots, real, prefix_tokens = time.perf_counter(), time.process_time(), 0, 0, 0
             for group in groups:
                 batch, prefix = maker.make(group, session.device)
                 with session.autocast():
@@ -51,17 +54,19 @@ def main(argv: list[str] | None = None) -> int:
                 real += int(batch["attention_mask"].sum())
                 prefix_tokens += prefix * (batch["input_ids"].shape[0] - 1)
             seconds[mode].append(time.perf_counter() - started)
+            cpu_seconds[mode].append(time.process_time() - cpu_started)
             shape[mode] = (slots, real, prefix_tokens)
     print(f"{args.batches} demo batches of {config.train.batch_size}, {args.rounds} interleaved rounds, torch threads "
           f"{__import__('torch').get_num_threads()}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("| batching | token slots | real tokens | prefix tokens not recomputed | median s | range s | vs padded |")
-    print("|---|---|---|---|---|---|---|")
-    base = statistics.median(seconds["padded"])
+    print("| batching | token slots | real tokens | prefix tokens not recomputed | median s | range s | vs padded "
+          "| median CPU s | CPU vs padded |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base, cpu_base = statistics.median(seconds["padded"]), statistics.median(cpu_seconds["padded"])
     for mode in MODES:
-        median = statistics.median(seconds[mode])
+        median, cpu_median = statistics.median(seconds[mode]), statistics.median(cpu_seconds[mode])
         slots, real, saved = shape[mode]
         print(f"| {mode} | {slots} | {real} | {saved} | {median:.2f} | {min(seconds[mode]):.2f}-"
-              f"{max(seconds[mode]):.2f} | {base / median:.2f}x |")
+              f"{max(seconds[mode]):.2f} | {base / median:.2f}x | {cpu_median:.2f} | {cpu_base / cpu_median:.2f}x |")
     return 0
 
 
