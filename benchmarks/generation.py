@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             answers[mode] = generate_texts(session.model, session.tokenizer, prompts, args.new_tokens, args.batch,
                                            session.device, session.autocast, share_prefix=share)
             seconds[mode].append(time.perf_counter() - started)
+            print(f"{mode}: {seconds[mode][-1]:.2f} s", file=sys.stderr, flush=True)
     same = len({tuple(texts) for texts in answers.values()}) == 1
     chunks = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     print(f"{len(prompts)} prompts ({sum(map(len, prompts))} tokens, common prefix per chunk "
