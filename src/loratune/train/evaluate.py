@@ -97,8 +97,9 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
     """Greedy continuations of token-id prompts, decoded; a batch generates together, its padding masked.
 
     A decoder-only chunk whose prompts share at least `MIN_PREFIX` first tokens runs that prefix once, at
-    batch 1 (`shared_prefix.prefix_cache`), and generates from its broadcast cache; the tokens and their
-    positions are the unpadded prompts', so the answers are today's within fp32 rounding of the logits.
+    batch 1 (`shared_prefix.prefix_cache`), and generates from its broadcast cache. Tokens and positions are
+    the left-padded batch's, so the answers are too (its logits differ only by rounding); `share_prefix=False`
+    keeps plain left padding.
     """
     model.eval()
     pad_id = tokenizer.pad_token_id
