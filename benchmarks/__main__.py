@@ -73,13 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.serve import main as serve_main
 
         return serve_main(argv[1:])
-    if argv[:1] in (["race"], ["int8-gemm"], ["memory"], ["batching"]):  # own options: python -m benchmarks race -h
+    own = (["race"], ["int8-gemm"], ["memory"], ["batching"], ["generation"])
+    if argv[:1] in own:  # their own options: python -m benchmarks race -h
         from benchmarks.batching import main as batching_main
+        from benchmarks.generation import main as generation_main
         from benchmarks.int8_gemm import main as gemm_main
         from benchmarks.memory_profile import main as memory_main
         from benchmarks.race import main as race_main
 
-        commands = {"race": race_main, "int8-gemm": gemm_main, "memory": memory_main, "batching": batching_main}
+        commands = {"race": race_main, "int8-gemm": gemm_main, "memory": memory_main, "batching": batching_main,
+                    "generation": generation_main}
         return commands[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
