@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stem", default=None,
                         help="write benchmarks/results/STEM.{json,md} and leave the docs alone (for settings run "
                              "in separate processes; --merge joins them)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="join results files of separate processes into quality-lr.{json,md} and the docs")
     return parser
 
 
@@ -98,6 +100,8 @@ def main(argv: list[str]) -> int:
     from benchmarks.quality_lr_report import write_quality_lr
 
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return merge_files(args.merge)
     settings = args.setting or ["full", "lora-qv"]
     try:
         given = {k: float(v) for k, v in (item.split("=", 1) for item in args.lr)}
@@ -138,6 +142,22 @@ def main(argv: list[str]) -> int:
             save()
     save()
     print(f"quality-lr: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
+def merge_files(paths: list[str]) -> int:
+    """--merge: the files' sweeps and runs as one results file and docs section."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.quality_lr_report import merge, write_quality_lr
+
+    try:
+        results = merge([json.loads(Path(p).read_text()) for p in paths])
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"quality-lr --merge: {exc}", file=sys.stderr)
+        return 2
+    print("wrote " + ", ".join(str(p) for p in write_quality_lr(results)))
     return 0
 
 

@@ -28,6 +28,18 @@ def write_quality_lr(results: dict[str, Any], directory: Path = RESULTS_DIR, ste
     return written
 
 
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results object from runs of different settings in separate processes on the same sizes."""
+    sizes = ("sweep_fit_examples", "sweep_val_examples", "sweep_epochs", "train_examples", "eval_examples", "epochs")
+    if len({tuple(p["meta"][k] for k in sizes) for p in parts}) != 1:
+        raise ValueError("the results differ in sizes or epochs: " + ", ".join(sizes))
+    meta = {**parts[0]["meta"], "command": " and ".join(f"`{p['meta']['command']}`" for p in parts)[1:-1],
+            "settings": [s for p in parts for s in p["meta"]["settings"]],
+            "wall_s": max(p["meta"]["wall_s"] for p in parts), "date": max(p["meta"]["date"] for p in parts)}
+    return {"meta": meta, "sweeps": {k: v for p in parts for k, v in p["sweeps"].items()},
+            "runs": [r for p in parts for r in p["runs"]]}
+
+
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per setting over its seeds: mean, min and max held-out accuracy, mean training time, trainable params."""
     out: dict[str, dict[str, Any]] = {}
