@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-epochs", type=int, default=1, help="epochs per sweep run (default 1)")
     parser.add_argument("--train-records", type=int, default=None,
                         help="training examples of the final runs (default: the whole training split)")
+    parser.add_argument("--eval-records", type=int, default=None,
+                        help="held-out examples the final runs score on (default: the whole held-out split)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the final runs (default 3)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[SEED], help="seeds of the final runs (default 0)")
     parser.add_argument("--lr", action="append", default=[], metavar="SETTING=LR",
@@ -112,7 +114,7 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     opts = QualityOptions(epochs=args.sweep_epochs, quick=args.quick,
                           max_train_records=128 if args.quick else args.train_records,
-                          max_eval_records=64 if args.quick else None)
+                          max_eval_records=64 if args.quick else args.eval_records)
     sweep_records = 64 if args.quick else args.sweep_records
     start = time.perf_counter()
     data, label_names, tokenizer = load_data(opts)
