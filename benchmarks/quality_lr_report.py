@@ -36,8 +36,14 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     meta = {**parts[0]["meta"], "command": " and ".join(f"`{p['meta']['command']}`" for p in parts)[1:-1],
             "settings": [s for p in parts for s in p["meta"]["settings"]],
             "wall_s": max(p["meta"]["wall_s"] for p in parts), "date": max(p["meta"]["date"] for p in parts)}
-    return {"meta": meta, "sweeps": {k: v for p in parts for k, v in p["sweeps"].items()},
-            "runs": [r for p in parts for r in p["runs"]]}
+    sweeps: dict[str, Any] = {}
+    for part in parts:  # a part that took a setting's rate with --lr does not hide the sweep that chose it
+        for setting, sweep in part["sweeps"].items():
+            if setting not in sweeps or sweeps[setting].get("given"):
+                sweeps[setting] = sweep
+    meta["settings"] = list(dict.fromkeys(meta["settings"]))
+    meta["seeds"] = sorted({seed for p in parts for seed in p["meta"]["seeds"]})
+    return {"meta": meta, "sweeps": sweeps, "runs": [r for p in parts for r in p["runs"]]}
 
 
 def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -126,5 +126,11 @@ def test_merge_refuses_results_of_different_sizes():
     other = {**part, "meta": {**meta, "train_examples": 13, "settings": ["lora-qv"]}}
     with pytest.raises(ValueError, match="differ"):
         quality_lr_report.merge([part, other])
-    merged = quality_lr_report.merge([part, {**part, "meta": {**meta, "settings": ["lora-qv"]}}])
+    lora = {"meta": {**meta, "settings": ["lora-qv"]}, "sweeps": {"lora-qv": {"trials": [], "chosen_lr": 1e-3}},
+            "runs": [{"setting": "lora-qv", "seed": 0}]}
+    given = {"meta": meta, "sweeps": {"full": {"trials": [], "chosen_lr": 1e-5, "given": True}},
+             "runs": [{"setting": "full", "seed": 1}]}
+    merged = quality_lr_report.merge([given, part, lora])
     assert merged["meta"]["settings"] == ["full", "lora-qv"]
+    assert merged["sweeps"] == {"full": part["sweeps"]["full"], "lora-qv": lora["sweeps"]["lora-qv"]}
+    assert [r["seed"] for r in merged["runs"]] == [1, 0]
