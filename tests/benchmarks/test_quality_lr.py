@@ -121,7 +121,8 @@ def test_harness_sweep_trains_for_real_and_never_reads_the_held_out_split(monkey
 
 def test_merge_refuses_results_of_different_sizes():
     meta = {"sweep_fit_examples": 10, "sweep_val_examples": 2, "sweep_epochs": 1, "train_examples": 12,
-            "eval_examples": 5, "epochs": 3, "command": "c", "settings": ["full"], "wall_s": 1.0, "date": "d"}
+            "eval_examples": 5, "epochs": 3, "command": "c", "settings": ["full"], "wall_s": 1.0, "date": "d",
+            "seeds": [0]}
     part = {"meta": meta, "sweeps": {"full": {"trials": [], "chosen_lr": 1e-5}}, "runs": []}
     other = {**part, "meta": {**meta, "train_examples": 13, "settings": ["lora-qv"]}}
     with pytest.raises(ValueError, match="differ"):
