@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.qlora import main as qlora_main
 
         return qlora_main(argv[1:])
+    if argv[:1] == ["quality-lr"]:  # its own options: python -m benchmarks quality-lr --help
+        from benchmarks.quality_lr import main as quality_lr_main
+
+        return quality_lr_main(argv[1:])
     if argv[:1] == ["serve"]:  # its own options: python -m benchmarks serve --help
         from benchmarks.serve import main as serve_main
 

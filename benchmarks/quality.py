@@ -38,6 +38,7 @@ class QualityOptions:
     max_eval_records: int | None = None
     ranks: tuple[int, ...] = QUALITY_RANKS
     quick: bool = False
+    seed: int = SEED  # training randomness (head and LoRA init, dropout, batch order); the data split stays SEED
 
 
 def load_data(opts: QualityOptions) -> tuple[Any, list[str], Any]:
@@ -52,18 +53,20 @@ def load_data(opts: QualityOptions) -> tuple[Any, list[str], Any]:
     return load_datasets(cfg, tokenizer, "classification"), label_names, tokenizer
 
 
-def build(kind: str, r: int, label_names: list[str], opts: QualityOptions, quantize: str = "none") -> Any:
-    """A fresh classifier; with kind 'lora', loratune LoRA r on query/value plus the trained head.
-    `quantize` stores the frozen linear layers in that format (the qlora benchmark's comparison)."""
+def build(kind: str, r: int, label_names: list[str], opts: QualityOptions, quantize: str = "none",
+          targets: str | list[str] = ("query", "value")) -> Any:
+    """A fresh classifier; with kind 'lora', loratune LoRA r on `targets` (query/value unless told) plus the
+    trained head. `quantize` stores the frozen linear layers in that format (the qlora benchmark's comparison)."""
     import loratune
     from loratune.pretrained import load_model
 
+    torch.manual_seed(opts.seed)  # the new classifier head's init
     model, _ = load_model(MODEL, "classification", label_names=label_names, quantize=quantize)
     if kind == "lora":
-        torch.manual_seed(SEED)
+        torch.manual_seed(opts.seed)
         config = loratune.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=opts.lora_dropout,
-                                     target_modules=["query", "value"], modules_to_save=["classifier"],
-                                     task_type="SEQ_CLS")
+                                     target_modules=targets if isinstance(targets, str) else list(targets),
+                                     modules_to_save=["classifier"], task_type="SEQ_CLS")
         loratune.add_adapter(model, config)
     return model
 
@@ -85,7 +88,7 @@ def train(model: Any, data: Any, pad_id: int, lr: float, opts: QualityOptions) -
     model.train()
     start = time.perf_counter()
     for epoch in range(opts.epochs):
-        for batch in batches(data.train, opts.batch_size, pad_id, SEED + epoch):
+        for batch in batches(data.train, opts.batch_size, pad_id, opts.seed * 1000 + SEED + epoch):
             optimizer.zero_grad(set_to_none=True)
             model(**batch).loss.backward()
             optimizer.step()
@@ -103,14 +106,19 @@ def accuracy(model: Any, data: Any, pad_id: int) -> float:
     return correct / total
 
 
-def run_one(kind: str, r: int, data: Any, label_names: list[str], pad_id: int, opts: QualityOptions) -> dict:
-    model = build(kind, r, label_names, opts)
+def run_one(kind: str, r: int, data: Any, label_names: list[str], pad_id: int, opts: QualityOptions,
+            lr: float | None = None, targets: str | list[str] = ("query", "value")) -> dict:
+    """Build, train on `data.train` and score on `data.eval`: the one run every quality measurement makes.
+    `lr` defaults to the options' rate for `kind`."""
+    lr = lr if lr is not None else opts.lr_lora if kind == "lora" else opts.lr_full
+    model = build(kind, r, label_names, opts, targets=targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    seconds = train(model, data, pad_id, opts.lr_lora if kind == "lora" else opts.lr_full, opts)
+    seconds = train(model, data, pad_id, lr, opts)
     result = {"kind": kind, "r": r if kind == "lora" else None, "accuracy": accuracy(model, data, pad_id),
               "train_s": seconds, "trainable_params": trainable}
-    print(f"[quality] {kind}{'' if kind == 'full' else f' r={r}'}: accuracy {result['accuracy']:.4f}, "
-          f"{seconds:.1f} s, {trainable:,} trainable", file=sys.stderr, flush=True)
+    print(f"[quality] {kind}{'' if kind == 'full' else f' r={r}'} lr {lr:g} seed {opts.seed} "
+          f"({len(data.train)} train / {len(data.eval)} scored, {opts.epochs} epoch(s)): accuracy "
+          f"{result['accuracy']:.4f}, {seconds:.1f} s, {trainable:,} trainable", file=sys.stderr, flush=True)
     return result
 
 
