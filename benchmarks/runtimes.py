@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.runtimes", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="training steps of the SmolLM2 adapter (default 30)")
     parser.add_argument("--tiny-only", action="store_true", help="skip SmolLM2 (a quick smoke test)")
+    parser.add_argument("--adapter", type=Path, help="a SmolLM2 adapter already trained (`loratune demo --set "
+                        "train.max_steps=30` writes runs/demo/adapter) instead of training one")
     args = parser.parse_args(argv)
     import llama_cpp
 
@@ -249,12 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         results["tiny-llama"] = check_model("tiny", model_dir, adapter, random_prompts(len(smol_tokenizer)), work)
         if not args.tiny_only:
             started = time.perf_counter()
-            adapter, summary = trained_adapter(work, args.steps)
+            if args.adapter:
+                adapter, about = args.adapter, {"given": str(args.adapter.resolve())}
+            else:
+                adapter, summary = trained_adapter(work, args.steps)
+                about = {"steps": args.steps, "train_seconds": time.perf_counter() - started,
+                         "accuracy_before": summary["before"].get("accuracy"),
+                         "accuracy_after": summary["after"].get("accuracy")}
             results["smollm2"] = check_model("smollm2", "smollm2-135m-instruct", adapter,
                                              smollm2_prompts(smol_tokenizer), work)
-            results["smollm2"]["adapter"] = {"steps": args.steps, "train_seconds": time.perf_counter() - started,
-                                             "accuracy_before": summary["before"].get("accuracy"),
-                                             "accuracy_after": summary["after"].get("accuracy")}
+            results["smollm2"]["adapter"] = about
     results["vllm"] = vllm_check()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
