@@ -101,18 +101,15 @@ def test_merged_gguf_metadata_tokenizer_and_types(tiny_llama_dir, tiny_adapter, 
         if name.endswith("norm.weight"):
             assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, name
             np.testing.assert_array_equal(values(tensor), reference)
-        elif name in ("token_embd.weight", "output.weight"):  # q8_0's rule: embeddings and head stay f16
-            assert tensor.tensor_type == gguf.GGMLQuantizationType.F16, name
-            np.testing.assert_array_equal(values(tensor), reference.astype(np.float16).astype(np.float32))
-        else:
+        else:  # embeddings and output head too, as llama.cpp's converter writes them (docs/export.md)
             assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
             step = np.abs(reference).reshape(-1, 32).max(axis=1).repeat(32).reshape(reference.shape) / 127
             # half a quantization step, plus the f16 rounding of the block scale (127 * 2**-11 steps)
             assert np.all(np.abs(values(tensor) - reference) <= step * (0.5 + 127 * 2**-11) + 1e-7), name
 
 
-def test_q8_0_export_of_a_tied_model_keeps_the_shared_embedding_in_f16(tmp_path):
-    """A tied model (SmolLM2) has no output.weight: llama.cpp reads token_embd as the head, so that one is f16."""
+def test_q8_0_export_of_a_tied_model_writes_one_q8_0_embedding_and_f32_norms(tmp_path):
+    """A tied model (SmolLM2) has no output.weight: llama.cpp reads token_embd as the head too."""
     tokenizer = bpe_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -122,9 +119,9 @@ def test_q8_0_export_of_a_tied_model_keeps_the_shared_embedding_in_f16(tmp_path)
     adapter = save_adapter(tmp_path / "adapter", tmp_path / "tied")
     export(adapter, str(tmp_path / "tied"), "gguf", tmp_path / "q8.gguf", "q8_0")
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q8.gguf").tensors}
-    assert "output.weight" not in types and types["token_embd.weight"] == gguf.GGMLQuantizationType.F16
-    assert {types[name] for name in types if name.startswith("blk.") and not name.endswith("norm.weight")} == \
-        {gguf.GGMLQuantizationType.Q8_0}
+    assert "output.weight" not in types and types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert {types[name] for name in types if name.endswith("norm.weight")} == {gguf.GGMLQuantizationType.F32}
+    assert {types[name] for name in types if not name.endswith("norm.weight")} == {gguf.GGMLQuantizationType.Q8_0}
 
 
 def test_lora_dtypes_and_q8_fallback(tiny_llama_dir, tiny_adapter, tmp_path):

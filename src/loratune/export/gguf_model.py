@@ -29,19 +29,11 @@ DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
 }
 
 
-#: tensors a q8_0 model export keeps in f16: the embedding table (also the output head of a tied model such as
-#: SmolLM2) and the output head. llama.cpp multiplies a q8_0 matrix by activations rounded to q8_0 too, and at the
-#: head that rounding moves logits by up to 2.5 on SmolLM2 (docs/export.md has the measurements).
-Q8_0_KEPT_F16 = ("token_embd.weight", "output.weight")
-
-
-def write_tensors_and_close(writer: gguf.GGUFWriter, path: str | Path, tensors: dict[str, Any], dtype: str,
-                            overrides: dict[str, str] | None = None) -> None:
-    """Add the tensors in `dtype` (or the dtype `overrides` names for a tensor), then write header, metadata and
-    tensors to `path` and close the writer."""
+def write_tensors_and_close(writer: gguf.GGUFWriter, path: str | Path, tensors: dict[str, Any], dtype: str) -> None:
+    """Add the tensors in `dtype`, then write header, metadata and tensors to `path` and close the writer."""
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for tensor_name, array in tensors.items():
-        data, qtype = encode_tensor(tensor_name, array, (overrides or {}).get(tensor_name, dtype))
+        data, qtype = encode_tensor(tensor_name, array, dtype)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
@@ -113,8 +105,7 @@ def write_model_gguf(model: torch.nn.Module, tokenizer: Any, layout: GGUFLayout,
         copy_tokenizer_keys(writer, tokenizer_gguf)
     else:
         add_tokenizer_from_files(writer, tokenizer, config.vocab_size)
-    overrides = dict.fromkeys(Q8_0_KEPT_F16, "f16") if dtype == "q8_0" else None
-    write_tensors_and_close(writer, path, model_tensors(model, layout), dtype, overrides)
+    write_tensors_and_close(writer, path, model_tensors(model, layout), dtype)
 
 
 def copy_tokenizer_keys(writer: gguf.GGUFWriter, source: Path) -> None:
