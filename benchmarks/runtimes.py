@@ -94,6 +94,11 @@ def forced_argmax(llm, prompt: list[int], reference: list[int]) -> list[int]:
     return [int(np.argmax(llm.scores[len(prompt) - 1 + i])) for i in range(len(reference))]
 
 
+def first_divergence(reference: list[int], candidate: list[int]) -> int | None:
+    """The first generated position where the free-running tokens differ (None: identical)."""
+    return next((i for i, (a, b) in enumerate(zip(reference, candidate)) if a != b), None)
+
+
 def compare(reference, candidate) -> dict:
     same = sum(a == b for ref, cand in zip(reference, candidate) for a, b in zip(ref[0], cand[0]))
     forced = sum(a == b for ref, cand in zip(reference, candidate) for a, b in zip(ref[0], cand[2]))
@@ -101,7 +106,8 @@ def compare(reference, candidate) -> dict:
     return {"token_agreement": same / (len(reference) * NEW_TOKENS),
             "forced_token_agreement": forced / (len(reference) * NEW_TOKENS),
             "prompts_identical": sum(ref[0] == cand[0] for ref, cand in zip(reference, candidate)),
-            "max_abs_logit_diff": max(diffs), "median_abs_logit_diff": float(np.median(diffs))}
+            "max_abs_logit_diff": max(diffs), "median_abs_logit_diff": float(np.median(diffs)),
+            "first_divergence": [first_divergence(ref[0], cand[0]) for ref, cand in zip(reference, candidate)]}
 
 
 def without_extra_buffer_types() -> None:
@@ -150,13 +156,16 @@ def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path)
         lora = work / f"{label}-lora-{dtype}.gguf"
         export(adapter, model_name, "gguf", merged, dtype)
         export(adapter, model_name, "gguf-lora", lora, dtype)
-        for kind, outputs in (("merged", run_llama_cpp(merged, prompts, reference)),
-                              ("base+lora", run_llama_cpp(base_gguf, prompts, reference, lora=lora))):
-            results[f"{kind} {dtype}"] = row = compare(reference, outputs)
+        for kind, path, outputs in (("merged", merged, run_llama_cpp(merged, prompts, reference)),
+                                    ("base+lora", lora, run_llama_cpp(base_gguf, prompts, reference, lora=lora))):
+            results[f"{kind} {dtype}"] = row = compare(reference, outputs) | {"file_bytes": path.stat().st_size}
+            diverged = ", ".join(f"{i}@{pos}" for i, pos in enumerate(row["first_divergence"]) if pos is not None)
             print(f"{label:8s} {kind:9s} {dtype:5s} tokens {row['token_agreement']:7.2%} "
                   f"({row['prompts_identical']}/{len(prompts)} prompts identical; {row['forced_token_agreement']:.2%} "
                   f"fed loratune's tokens), last-position logits max "
-                  f"|diff| {row['max_abs_logit_diff']:.2e} (median {row['median_abs_logit_diff']:.2e})", flush=True)
+                  f"|diff| {row['max_abs_logit_diff']:.2e} (median {row['median_abs_logit_diff']:.2e}); "
+                  f"{path.stat().st_size / 1e6:.1f} MB; first divergence (prompt@token): {diverged or 'none'}",
+                  flush=True)
         if dtype == "f32":
             results["merged f32, f16 KV cache"] = row = compare(reference, run_llama_cpp(merged, prompts, reference,
                                                                                 kv_cache="f16"))
@@ -225,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.runtimes", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="training steps of the SmolLM2 adapter (default 30)")
     parser.add_argument("--tiny-only", action="store_true", help="skip SmolLM2 (a quick smoke test)")
+    parser.add_argument("--adapter", type=Path, help="a SmolLM2 adapter already trained (`loratune demo --set "
+                        "train.max_steps=30` writes runs/demo/adapter) instead of training one")
     args = parser.parse_args(argv)
     import llama_cpp
 
@@ -240,12 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         results["tiny-llama"] = check_model("tiny", model_dir, adapter, random_prompts(len(smol_tokenizer)), work)
         if not args.tiny_only:
             started = time.perf_counter()
-            adapter, summary = trained_adapter(work, args.steps)
+            if args.adapter:
+                adapter, about = args.adapter, {"given": str(args.adapter.resolve())}
+            else:
+                adapter, summary = trained_adapter(work, args.steps)
+                about = {"steps": args.steps, "train_seconds": time.perf_counter() - started,
+                         "accuracy_before": summary["before"].get("accuracy"),
+                         "accuracy_after": summary["after"].get("accuracy")}
             results["smollm2"] = check_model("smollm2", "smollm2-135m-instruct", adapter,
                                              smollm2_prompts(smol_tokenizer), work)
-            results["smollm2"]["adapter"] = {"steps": args.steps, "train_seconds": time.perf_counter() - started,
-                                             "accuracy_before": summary["before"].get("accuracy"),
-                                             "accuracy_after": summary["after"].get("accuracy")}
+            results["smollm2"]["adapter"] = about
     results["vllm"] = vllm_check()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

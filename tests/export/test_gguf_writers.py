@@ -4,8 +4,9 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from export_tools import TARGETS, save_adapter, tiny_adapter, tiny_llama_dir  # noqa: F401 (fixtures)
+from export_tools import TARGETS, bpe_tokenizer, save_adapter, tiny_adapter, tiny_llama_dir  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from loratune.export import export, gguf_source
 from loratune.export.gguf_model import copy_tokenizer_keys
@@ -96,12 +97,31 @@ def test_merged_gguf_metadata_tokenizer_and_types(tiny_llama_dir, tiny_adapter, 
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
     assert len(tensors) == 2 * 9 + 3  # 7 linears + 2 norms per block, embeddings, final norm, output head
     for name, tensor in tensors.items():
-        wanted = gguf.GGMLQuantizationType.F32 if name.endswith("norm.weight") else gguf.GGMLQuantizationType.Q8_0
-        assert tensor.tensor_type == wanted, name
         reference = values(exact[name])
-        step = np.abs(reference).reshape(-1, 32).max(axis=1).repeat(32).reshape(reference.shape) / 127
-        # half a quantization step, plus the f16 rounding of the block scale (127 * 2**-11 steps)
-        assert np.all(np.abs(values(tensor) - reference) <= step * (0.5 + 127 * 2**-11) + 1e-7), name
+        if name.endswith("norm.weight"):
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32, name
+            np.testing.assert_array_equal(values(tensor), reference)
+        else:  # embeddings and output head too, as llama.cpp's converter writes them (docs/export.md)
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+            step = np.abs(reference).reshape(-1, 32).max(axis=1).repeat(32).reshape(reference.shape) / 127
+            # half a quantization step, plus the f16 rounding of the block scale (127 * 2**-11 steps)
+            assert np.all(np.abs(values(tensor) - reference) <= step * (0.5 + 127 * 2**-11) + 1e-7), name
+
+
+def test_q8_0_export_of_a_tied_model_writes_one_q8_0_embedding_and_f32_norms(tmp_path):
+    """A tied model (SmolLM2) has no output.weight: llama.cpp reads token_embd as the head too."""
+    tokenizer = bpe_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    adapter = save_adapter(tmp_path / "adapter", tmp_path / "tied")
+    export(adapter, str(tmp_path / "tied"), "gguf", tmp_path / "q8.gguf", "q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "q8.gguf").tensors}
+    assert "output.weight" not in types and types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert {types[name] for name in types if name.endswith("norm.weight")} == {gguf.GGMLQuantizationType.F32}
+    assert {types[name] for name in types if not name.endswith("norm.weight")} == {gguf.GGMLQuantizationType.Q8_0}
 
 
 def test_lora_dtypes_and_q8_fallback(tiny_llama_dir, tiny_adapter, tmp_path):
