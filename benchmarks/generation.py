@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from loratune.train import demo_config
     from loratune.train.evaluate import generate_texts
-    from loratune.train.loop import prepare
+    from loratune.train.session import prepare
     from loratune.train.shared_prefix import common_prefix_length
 
     with tempfile.TemporaryDirectory() as tmp:

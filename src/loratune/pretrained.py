@@ -26,7 +26,7 @@ from loratune.core.errors import ConfigError, LoratuneError
 from loratune.core.lora_config import LoraConfig
 from loratune.core.peft_format import load_adapter, load_adapter_weights_into, read_adapter_config
 from loratune.errors import ModelLoadError
-from loratune.quant.allocator import return_large_blocks
+from loratune.quant.allocator import release_free_memory, return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
 from loratune.quant.streaming import NotStreamable, load_quantized, safetensors_files
 from loratune.tasks import TASK_TYPES, TASKS, Task
@@ -168,6 +168,8 @@ def gguf_to_folder(gguf_path: Path, cache: Path) -> Path:
         if (target / "config.json").is_file():  # another process finished first
             return target
         raise ModelLoadError(f"model {str(gguf_path)!r}: cannot write cache {target}: {exc}") from exc
+    finally:
+        release_free_memory()  # the dequantized model's blocks (measured: 0.17 GB kept otherwise)
     return target
 
 

@@ -69,3 +69,30 @@ def test_a_run_reports_scored_accuracy_and_generation_accuracy_only_when_asked(r
     generated = fit(validate_config(run_config(train={"max_steps": 1, "label_scoring": False},
                                                output_dir=str(plain["adapter_dir"]) + "-gen"), "test"), quiet=True)
     assert generated["after"]["accuracy"] == both["after"]["generation_accuracy"]
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "plain"])
+def test_single_token_labels_score_exactly_without_growing_the_cache(model, share_prefix):
+    """With one-token labels no continuation needs the prompts' keys and values, so no layer keeps them: each
+    layer's cache holds at most the shared prefix after it ran (the rest is freed layer by layer)."""
+    labels = [[7], [9], [13]]
+    batch = prompts(7)
+    kept = []
+
+    def after_layer(module, args, kwargs, output):
+        cache = kwargs.get("past_key_values")
+        layer = cache.layers[module.self_attn.layer_idx] if cache is not None else None
+        kept.append(layer.keys.shape[-2] if layer is not None and layer.is_initialized else 0)
+
+    hooks = [layer.register_forward_hook(after_layer, with_kwargs=True) for layer in model.model.layers]
+    try:
+        scores = label_log_likelihoods(model, batch, labels, batch_size=7, pad_id=0, device=CPU,
+                                       share_prefix=share_prefix)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    expected = torch.tensor([[reference(model, p, label) for label in labels] for p in batch])
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=2e-5)
+    prefix = 12 if share_prefix else 0  # prompts() share their first 12 tokens
+    layers = len(model.model.layers)
+    assert kept[-layers:] == [prefix] * layers  # the last forward: the rows' own tokens

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import loratune.train.loop as loop
+import loratune.train.session as session_module
 from loratune.train import fit
 from loratune.train.checkpoint import complete_checkpoints
 from loratune.train.run_config import validate_config
@@ -200,3 +201,23 @@ def test_no_evaluation_data_reports_no_metrics(run_config, tmp_path):
     summary = run(run_config(data={"validation_fraction": 0.0}, train={"max_steps": 2}))
     assert summary["before"] == {} and summary["after"] == {}
     assert (tmp_path / "run" / "plot.png").is_file()
+
+
+def test_freed_memory_goes_back_after_loading_each_evaluation_and_each_step(run_config, monkeypatch):
+    """Freed heap pages are handed back at each phase boundary, so a batch of another length or the evaluation
+    after training does not stack on blocks the allocator kept (the demo's peak; see docs/benchmarks.md)."""
+    calls = []
+    monkeypatch.setattr(loop, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(session_module, "release_free_memory", lambda: calls.append(1))
+    steps = []
+    original = loop.train_step
+
+    def counted(run, order, progress):
+        steps.append(len(calls))
+        original(run, order, progress)
+
+    monkeypatch.setattr(loop, "train_step", counted)
+    run(run_config(train={"max_steps": 3}))
+    # prepare once, evaluation before training once, then one per step, then the evaluation after training
+    assert steps == [2, 3, 4]
+    assert len(calls) == 6

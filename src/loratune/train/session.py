@@ -19,6 +19,7 @@ from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
+from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
 from loratune.train.batches import BatchMaker
 from loratune.train.distributed import Processes
@@ -83,6 +84,7 @@ class Session:
             samples = [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
                        for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
         self.model.train()
+        release_free_memory()  # the evaluation batches' blocks, so training does not stack on them
         return metrics, samples
 
 
@@ -119,6 +121,7 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     data = load_datasets(data_config, tokenizer, spec.task)
     model.to(device)
     _set_gradient_checkpointing(model, config)
+    release_free_memory()  # what loading and tokenizing freed
     return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk,
                    processes)
 
