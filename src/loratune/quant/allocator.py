@@ -1,8 +1,9 @@
-"""Keep the C allocator from holding on to freed memory: what makes a quantized model's peak RSS its real size.
+"""Keep the C allocator from holding on to freed memory, so a run's RSS is its real size.
 
-glibc only; elsewhere these functions do nothing. Reading and quantizing a model, and training it with
-checkpointed activations, free many blocks of a few megabytes between tensors that stay; glibc keeps those
-pages resident unless told otherwise.
+glibc only; elsewhere these functions do nothing. Reading and quantizing a model, converting a GGUF file,
+evaluating and each training step free many blocks of a few megabytes between tensors that stay; glibc
+keeps those pages resident unless told otherwise. Every run trims after those phases
+(`release_free_memory`); quantized runs also map large blocks (`return_large_blocks`).
 """
 
 from __future__ import annotations
