@@ -1,12 +1,22 @@
 """Label scoring: exact log-likelihoods of each label after each prompt, and the answer greedy decoding gives."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from tiny_models import llama
 
 from loratune.core.adapters import add_adapter
 from loratune.core.lora_config import LoraConfig
-from loratune.train.label_scoring import label_log_likelihoods, scored_labels
+from loratune.tasks import IGNORE_INDEX
+from loratune.train.batches import BatchMaker
+from loratune.train.evaluate import loss_totals
+from loratune.train.label_scoring import (
+    label_log_likelihoods,
+    loss_and_scored_labels,
+    scored_labels,
+    scores_ride_on_loss,
+)
 from loratune.train.loop import fit
 from loratune.train.run_config import validate_config
 
@@ -96,3 +106,44 @@ def test_single_token_labels_score_exactly_without_growing_the_cache(model, shar
     prefix = 12 if share_prefix else 0  # prompts() share their first 12 tokens
     layers = len(model.model.layers)
     assert kept[-layers:] == [prefix] * layers  # the last forward: the rows' own tokens
+
+
+def answered(batch, answers, end=2):
+    """Examples as the formatter builds them: prompt + answer + end token, loss on the answer only."""
+    return [{"input_ids": p + a + [end], "labels": [IGNORE_INDEX] * len(p) + a + [end]} for p, a in zip(batch, answers)]
+
+
+@pytest.mark.parametrize("batching", ["shared_prefix", "padded"])
+def test_one_pass_gives_the_loss_and_the_labels_of_two_passes(model, batching):
+    batch = prompts(11, seed=2)
+    labels, names = [[7], [9], [13]], ["seven", "nine", "thirteen"]
+    examples = answered(batch, [labels[i % 3] for i in range(len(batch))])
+    assert scores_ride_on_loss(examples, batch, labels)
+    maker = BatchMaker(batching, "causal-lm", 0)
+    totals, chosen = loss_and_scored_labels(model, examples, batch, labels, names, 4, maker, CPU)
+    expected = loss_totals(model, examples, "causal-lm", 4, 0, CPU, nullcontext, batches=maker)
+    assert totals.weight == expected.weight == 2 * len(batch)
+    assert totals.loss == pytest.approx(expected.loss, rel=1e-5)
+    scores = label_log_likelihoods(model, batch, labels, batch_size=4, pad_id=0, device=CPU)
+    assert len(set(scores.argmax(1).tolist())) >= 2  # the check below compares more than one answer
+    assert chosen == scored_labels(model, batch, labels, names, batch_size=4, pad_id=0, device=CPU)
+
+
+def test_only_one_token_labels_after_the_very_prompt_ride_on_the_loss():
+    batch = prompts(3)
+    examples = answered(batch, [[7]] * 3)
+    assert not scores_ride_on_loss(examples, batch, [[7], [9, 11]])  # a continuation needs its own forward
+    assert not scores_ride_on_loss(examples, [p[1:] for p in batch], [[7], [9]])  # prompt cut differently
+    assert not scores_ride_on_loss([{"input_ids": p, "labels": p} for p in batch], batch, [[7], [9]])  # no answer
+    assert not scores_ride_on_loss(examples[:2], batch, [[7], [9]])
+
+
+def test_a_run_with_one_token_labels_scores_them_in_the_loss_pass(run_config, monkeypatch):
+    from loratune.train import session
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("the labels were scored by a second pass")
+
+    monkeypatch.setattr(session, "scored_labels", second_pass)
+    result = fit(validate_config(run_config(train={"max_steps": 1}), "test"), quiet=True)
+    assert {"accuracy", "macro_f1", "loss"} <= set(result["after"])

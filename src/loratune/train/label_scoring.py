@@ -7,21 +7,24 @@ token's distribution scores every label's first token, and a label of several to
 forward of its remaining tokens against the prompts' cache. A label's score is the sum of its tokens'
 log-probabilities (no end-of-sequence token), so when greedy generation writes exactly one of the labels
 (single-token labels, or labels whose tokens greedy decoding would pick) the scored answer is the same.
+
+When every label is one token and the evaluation loss runs anyway, `loss_and_scored_labels` reads the scores
+from the loss's own forward, so an evaluation with label scoring costs one pass over the held-out examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from loratune.train.shared_prefix import MIN_PREFIX, common_prefix_length, prefix_cache
-from loratune.train.step import split_lm
+from loratune.train.batches import BatchMaker
+from loratune.train.evaluate import LossTotals
+from loratune.train.shared_prefix import MIN_PREFIX, common_prefix_length, prefix_cache, prefix_only
+from loratune.train.step import head_loss, lm_hidden, split_lm
 
 
 @torch.no_grad()
@@ -54,7 +57,7 @@ def _score_batch(body: nn.Module, head: nn.Module, prompts: list[list[int]], lab
     else:
         prefix, cache = 0, DynamicCache(config=body.config)
     if all(len(label) == 1 for label in labels):  # no continuation runs against the prompts' cache
-        with _prefix_only(cache):
+        with prefix_only(cache):
             return _first_token_scores(body, head, prompts, labels, pad_id, device, prefix, cache)[0].cpu()
     scores, mask = _first_token_scores(body, head, prompts, labels, pad_id, device, prefix, cache)
     for k, label in enumerate(labels):
@@ -83,30 +86,6 @@ def _first_token_scores(body: nn.Module, head: nn.Module, prompts: list[list[int
     return torch.stack([first[:, label[0]] for label in labels], dim=1), mask
 
 
-@contextmanager
-def _prefix_only(cache: DynamicCache) -> Iterator[None]:
-    """Within this block `cache` gives each layer the prefix's keys and values joined with the new tokens' but
-    keeps only the prefix's: each layer's joined keys and values are freed once that layer is done, instead of
-    all layers' living until the forward ends (the demo: 30 layers x 32 rows x ~130 tokens, 0.2 GB). Layers of
-    other kinds (sliding windows) keep storing."""
-    plain = [layer for layer in cache.layers if type(layer) is DynamicLayer]
-
-    def joined(layer: DynamicLayer) -> Callable:
-        def update(keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
-            if not layer.is_initialized:
-                return keys, values
-            return torch.cat([layer.keys, keys], dim=-2), torch.cat([layer.values, values], dim=-2)
-        return update
-
-    for layer in plain:
-        layer.update = joined(layer)
-    try:
-        yield
-    finally:
-        for layer in plain:
-            del layer.update
-
-
 def _continuation(body: nn.Module, head: nn.Module, cache: DynamicCache, mask: torch.Tensor,
                   lengths: torch.Tensor, label: list[int], device: torch.device) -> torch.Tensor:
     """Log-probability of `label[1:]` given each prompt and `label[0]`: the label's tokens run after the
@@ -128,3 +107,44 @@ def scored_labels(model: nn.Module, prompts: Sequence[list[int]], answers: Seque
     """The name of the best-scoring label for each prompt (`answers[k]` are label k's tokens)."""
     scores = label_log_likelihoods(model, prompts, answers, batch_size, pad_id, device, autocast, progress)
     return [label_names[k] for k in scores.argmax(dim=1).tolist()]
+
+
+def scores_ride_on_loss(examples: Sequence[dict], prompts: Sequence[list[int]], answers: Sequence[list[int]]) -> bool:
+    """Whether the evaluation loss's forward can score the labels too: every label is one token and every
+    example is its prompt followed by at least one answer token."""
+    return all(len(answer) == 1 for answer in answers) and len(examples) == len(prompts) and all(
+        len(ex["input_ids"]) > len(p) and list(ex["input_ids"][:len(p)]) == list(p) for ex, p in zip(examples, prompts))
+
+
+@torch.no_grad()
+def loss_and_scored_labels(model: nn.Module, examples: Sequence[dict], prompts: Sequence[list[int]],
+                           answers: Sequence[list[int]], label_names: Sequence[str], batch_size: int,
+                           batches: BatchMaker, device: torch.device, autocast: Callable = nullcontext,
+                           progress: Callable = lambda it, **_: it,
+                           loss_chunk: int = 0) -> tuple[LossTotals, list[str]]:
+    """The evaluation loss totals and each example's scored label, from one forward per batch.
+
+    When `scores_ride_on_loss`, the loss already runs the body over each prompt: the hidden state of the prompt's
+    last token is the one label scoring reads (a causal model's state at a position does not depend on later
+    tokens), so the head on those rows scores every one-token label, and the evaluation costs one pass instead
+    of two. The result equals `loss_totals` plus `scored_labels` within rounding.
+    """
+    parts = split_lm(model)
+    if parts is None:
+        raise ValueError(f"{type(model).__name__}: label scoring needs a causal LM with a plain output head")
+    body, head = parts
+    tokens = torch.tensor([answer[0] for answer in answers], device=device)
+    model.eval()
+    totals, chosen = LossTotals(), []
+    starts = list(range(0, len(examples), batch_size))
+    for start in progress(starts, desc="evaluating"):
+        batch, prefix = batches.make(list(examples[start:start + batch_size]), device, training=False)
+        last = torch.tensor([len(p) - 1 for p in prompts[start:start + batch_size]], device=device)
+        with autocast():
+            hidden = lm_hidden(body, batch, prefix)
+            loss, _, weight = head_loss(head, hidden, batch["labels"], loss_chunk)
+            logits = head(hidden[torch.arange(last.shape[0], device=device), last]).float()
+        totals.loss += loss.item() * weight
+        totals.weight += weight
+        chosen += [label_names[k] for k in logits[:, tokens].argmax(dim=1).tolist()]
+    return totals, chosen

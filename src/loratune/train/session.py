@@ -24,7 +24,7 @@ from loratune.quant.linear import set_base_compute
 from loratune.train.batches import BatchMaker
 from loratune.train.distributed import Processes
 from loratune.train.evaluate import generate_texts, generation_metrics, loss_metrics, loss_totals
-from loratune.train.label_scoring import scored_labels
+from loratune.train.label_scoring import loss_and_scored_labels, scored_labels, scores_ride_on_loss
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.run_config import RunConfig
 
@@ -50,6 +50,12 @@ class Session:
         return BatchMaker(self.config.train.batching, self.config.model.task, self.tokenizer.pad_token_id,
                           self.config.gradient_checkpointing)
 
+    @functools.cached_property
+    def unpacked_batches(self) -> BatchMaker:  # a batch whose rows are its examples, for reading positions
+        if self.batches.batching != "packed":
+            return self.batches
+        return dataclasses.replace(self.batches, batching="padded")
+
     def autocast(self):
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -62,21 +68,29 @@ class Session:
         tc, task, data, processes = self.config.train, self.config.model.task, self.data, self.processes
         if not data.eval_examples:  # nothing held out: report no numbers rather than invented ones
             return {}, []
-        totals = loss_totals(self.model, processes.shard(data.eval_examples), task, tc.eval_batch_size,
-                             self.tokenizer.pad_token_id, self.device, self.autocast, self.progress, self.loss_chunk,
-                             self.batches)
-        metrics = loss_metrics(processes.total(totals), task)
-        samples, outputs = [], None
+        examples, prompts = processes.shard(data.eval_examples), processes.shard(data.eval_prompts)
         scored = data.label_answers if tc.label_scoring and task == "causal-lm" else None
-        if full and data.eval_prompts and scored:
-            outputs = processes.unshard(scored_labels(
-                self.model, processes.shard(data.eval_prompts), scored, data.label_names, tc.eval_batch_size,
-                self.tokenizer.pad_token_id, self.device, self.autocast, self.progress))
+        outputs = None
+        if full and scored and scores_ride_on_loss(examples, prompts, scored):  # one pass: loss and labels
+            totals, chosen = loss_and_scored_labels(
+                self.model, examples, prompts, scored, data.label_names, tc.eval_batch_size, self.unpacked_batches,
+                self.device, self.autocast, self.progress, self.loss_chunk)
+            outputs = processes.unshard(chosen)
+        else:
+            totals = loss_totals(self.model, examples, task, tc.eval_batch_size, self.tokenizer.pad_token_id,
+                                 self.device, self.autocast, self.progress, self.loss_chunk, self.batches)
+            if full and data.eval_prompts and scored:
+                outputs = processes.unshard(scored_labels(
+                    self.model, prompts, scored, data.label_names, tc.eval_batch_size, self.tokenizer.pad_token_id,
+                    self.device, self.autocast, self.progress))
+        metrics = loss_metrics(processes.total(totals), task)
+        samples = []
+        if outputs is not None:
             metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
         generate = tc.generation_eval if tc.generation_eval is not None else not scored
         if full and data.eval_prompts and task != "classification" and generate:
             outputs = processes.unshard(generate_texts(
-                self.model, self.tokenizer, processes.shard(data.eval_prompts), tc.max_new_tokens,
+                self.model, self.tokenizer, prompts, tc.max_new_tokens,
                 tc.eval_batch_size, self.device, self.autocast, self.progress))
             found = generation_metrics(outputs, data.eval_references, data.label_names)
             metrics.update({f"generation_{k}": v for k, v in found.items()} if scored else found)

@@ -52,29 +52,41 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
                    loss_chunk: int = 0, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Next-token loss computed only where there are labels.
-
-    The output head runs on the gathered labelled positions alone: with answer-only loss that is a few
-    tokens per row instead of the whole sequence times the vocabulary, in time and in memory.
-    """
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    weight = int(mask.sum())
+    """Next-token loss computed only where there are labels (see `head_loss`)."""
     parts = split_lm(model)
     if parts is None:
+        targets = batch["labels"][:, 1:]
+        mask = targets != IGNORE_INDEX
+        weight = int(mask.sum())
         logits = model(**model_inputs(batch)).logits[:, :-1][mask]
-    else:
-        body, head = parts
-        if prefix:
-            hidden = shared_prefix_hidden(body, batch["input_ids"], batch["attention_mask"], prefix)
-        else:
-            hidden = body(**model_inputs(batch)).last_hidden_state
-        if loss_chunk:
-            loss = chunked_head_loss(head, hidden[:, :-1][mask], targets[mask], loss_chunk)
-            return loss / max(weight, 1), None, weight
-        logits = head(hidden[:, :-1][mask])
-    loss = F.cross_entropy(logits.float(), targets[mask], reduction="sum") / max(weight, 1)
-    return loss, logits, weight
+        return F.cross_entropy(logits.float(), targets[mask], reduction="sum") / max(weight, 1), logits, weight
+    body, head = parts
+    return head_loss(head, lm_hidden(body, batch, prefix), batch["labels"], loss_chunk)
+
+
+def lm_hidden(body: nn.Module, batch: dict[str, torch.Tensor], prefix: int = 0) -> torch.Tensor:
+    """The body's last hidden states (B, L, H) of a batch; with `prefix`, its rows' common first tokens once."""
+    if prefix:
+        return shared_prefix_hidden(body, batch["input_ids"], batch["attention_mask"], prefix)
+    return body(**model_inputs(batch)).last_hidden_state
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+              loss_chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(mean next-token loss, logits or None, weight) from the body's hidden states.
+
+    The output head runs on the gathered labelled positions alone: with answer-only loss that is a few
+    tokens per row instead of the whole sequence times the vocabulary, in time and in memory. With
+    `loss_chunk` it runs that many positions at a time and the logits are None.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    weight = int(mask.sum())
+    if loss_chunk:
+        loss = chunked_head_loss(head, hidden[:, :-1][mask], targets[mask], loss_chunk)
+        return loss / max(weight, 1), None, weight
+    logits = head(hidden[:, :-1][mask])
+    return F.cross_entropy(logits.float(), targets[mask], reduction="sum") / max(weight, 1), logits, weight
 
 
 def chunked_head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
