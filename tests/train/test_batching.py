@@ -65,14 +65,56 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(builder, answ
     assert_same(loss_and_grads(model, packed), loss_and_grads(model, collate(batch, PAD, "causal-lm")))
 
 
+def with_attention(builder, implementation, **overrides):
+    def build():
+        model = builder(**overrides)
+        model.set_attn_implementation(implementation)
+        return model
+    return build
+
+
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("answer_only", [True, False], ids=["answer", "every-token"])
-def test_a_shared_prefix_batch_gives_the_plain_batchs_loss_and_gradients(builder, answer_only):
-    model = adapted(builder)
+def test_a_shared_prefix_batch_gives_the_plain_batchs_loss_and_gradients(builder, attention, answer_only):
+    model = adapted(with_attention(builder, attention))
     batch = collate(examples([24, 15, 20, 12], prefix=range(5, 15), answer_only=answer_only), PAD, "causal-lm")
     prefix = batch_prefix_length(batch)
     assert prefix >= 10  # the 10 shared tokens (a random next token may match too)
     assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
+
+
+def test_the_rows_remainders_after_the_prefix_run_packed_without_padding():
+    model = adapted(with_attention(llama, "eager"))
+    batch = collate(examples([24, 15, 20, 12], prefix=range(5, 15)), PAD, "causal-lm")
+    prefix = batch_prefix_length(batch)
+    shapes = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+    try:
+        causal_lm_loss(model, batch, prefix=prefix)
+    finally:
+        hook.remove()
+    remainders = sorted(n - prefix for n in (24, 15, 20, 12))
+    assert shapes[0] == (1, prefix)  # the prefix, once
+    rows, width = shapes[1]
+    assert width == remainders[-1] and rows < 4  # packed into fewer rows than the batch has
+    assert rows * width - sum(remainders) < width  # less padding than one row
+
+
+def test_a_sliding_window_shorter_than_the_batch_keeps_the_padded_remainders():
+    model = adapted(with_attention(llama, "eager"))
+    model.config.sliding_window = 16  # the batch's rows reach 24 tokens: a packed mask would ignore the window
+    batch = collate(examples([24, 15, 20, 12], prefix=range(5, 15)), PAD, "causal-lm")
+    prefix = batch_prefix_length(batch)
+    shapes = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+    try:
+        causal_lm_loss(model, batch, prefix=prefix)
+    finally:
+        hook.remove()
+    assert shapes[1] == (4, 24 - prefix)
 
 
 def test_with_dropout_the_prefix_draws_one_mask_and_still_trains():

@@ -28,16 +28,7 @@ def pack_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[st
         raise ValueError("pack_batch needs at least one example")
     lengths = [len(e["input_ids"]) for e in examples]
     width = max(lengths)
-    rows: list[list[int]] = []  # example indices per row
-    room: list[int] = []
-    for index in sorted(range(len(examples)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
-        if row is None:
-            rows.append([])
-            room.append(width)
-            row = len(rows) - 1
-        rows[row].append(index)
-        room[row] -= lengths[index]
+    rows = first_fit_rows(lengths, width)
     shape = (len(rows), width)
     ids = torch.full(shape, pad_token_id, dtype=torch.long)
     positions = torch.zeros(shape, dtype=torch.long)
@@ -54,6 +45,22 @@ def pack_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[st
             start += n
         positions[r, start:] = torch.arange(width - start)
     return {"input_ids": ids, "position_ids": positions, "labels": labels, "attention_mask": real}
+
+
+def first_fit_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """Indices of sequences of `lengths` laid into rows of `width` (first fit, longest first): few rows, little
+    left over, and no row wider than the longest sequence when `width` is that length."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
 
 
 def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, group: int = 50) -> list[int]:

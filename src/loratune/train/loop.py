@@ -22,7 +22,6 @@ from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.core.peft_format import save_adapter
 from loratune.errors import ReportedByAnotherRank
-from loratune.quant.allocator import release_free_memory
 from loratune.train.batches import BatchOrder
 from loratune.train.checkpoint import (
     latest_checkpoint,
@@ -208,7 +207,6 @@ def train_step(run: Run, order: BatchOrder, progress: Any) -> None:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    release_free_memory()  # the step's activations: batches of other lengths would otherwise fragment the heap
     state.step += 1
     elapsed = time.perf_counter() - started
     state.tokens += tokens

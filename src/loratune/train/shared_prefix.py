@@ -8,6 +8,12 @@ dropout off the loss and the adapter gradients equal the plain batch's (within f
 dropout on, the prefix draws one dropout mask and every row it serves shares it, where a plain batch
 draws a mask per row: the same expectation, slightly more correlated noise.
 
+The rows' remainders after the prefix are packed one after another into as few rows as the longest
+remainder allows (first fit, longest first), each token attending to the prefix and to its own row's
+earlier tokens through a 4D mask, so no compute goes to the padding of rows of unequal length (the demo:
+a quarter of its remainder tokens). Where a custom mask cannot reach the attention unchanged (FlashAttention,
+a sliding window shorter than the rows) the remainders run padded, as rows of the batch.
+
 The attention's concatenation of prefix and remainder keys materializes the broadcast keys per row (a
 few hundred values per token and layer); the prefix's matrix products, which dominate, run once.
 """
@@ -16,12 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from loratune.data.packing import first_fit_rows
 
 MIN_PREFIX = 8  # below this, the second forward call costs more than the prefix saves
 
@@ -68,13 +77,77 @@ def prefix_cache(body: nn.Module, prefix: torch.Tensor, rows: int) -> tuple[torc
 def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          prefix: int) -> torch.Tensor:
     """The body's last hidden states (B, L, H) for a right-padded batch whose rows share their first
-    `prefix` tokens, with the prefix computed once."""
+    `prefix` tokens, with the prefix computed once and, where the attention takes a custom mask, the rows'
+    remainders packed without padding."""
     rows = input_ids.shape[0]
-    head_hidden, cache = prefix_cache(body, input_ids[:1, :prefix], rows)
+    remainders = (attention_mask.sum(1) - prefix).tolist()
+    if not _takes_packed_mask(body.config, prefix + max(remainders)):
+        head_hidden, cache = prefix_cache(body, input_ids[:1, :prefix], rows)
+        with prefix_only(cache):
+            rest = body(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, past_key_values=cache,
+                        use_cache=True).last_hidden_state
+        return torch.cat([head_hidden.expand(rows, -1, -1), rest], dim=1)
+    packed = pack_remainders(input_ids[:, prefix:], remainders, prefix)
+    head_hidden, cache = prefix_cache(body, input_ids[:1, :prefix], packed.ids.shape[0])
+    mask = packed.mask(prefix, body.config._attn_implementation == "sdpa", body.get_input_embeddings().weight.dtype)
     with prefix_only(cache):
-        rest = body(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, past_key_values=cache,
+        rest = body(input_ids=packed.ids, attention_mask=mask, position_ids=packed.positions, past_key_values=cache,
                     use_cache=True).last_hidden_state
+    rest = rest.reshape(-1, rest.shape[-1])[packed.slots.flatten()].view(rows, -1, rest.shape[-1])
     return torch.cat([head_hidden.expand(rows, -1, -1), rest], dim=1)
+
+
+def _takes_packed_mask(config: Any, length: int) -> bool:
+    """Whether a 4D mask of our own reaches the attention unchanged and means the same: eager or SDPA attention
+    (FlashAttention takes none), and no sliding window shorter than the sequences."""
+    window = getattr(config, "sliding_window", None)
+    windowed = window is not None and getattr(config, "use_sliding_window", True) and length > window
+    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa") and not windowed
+
+
+@dataclass
+class PackedRemainders:
+    """The rows' tokens after the shared prefix, laid one after another in as few rows as the longest allows.
+
+    `segments` says which batch row each slot holds (-1: padding), `positions` its position in that row, and
+    `slots` (B, L - prefix) where each remainder token sits in the packed rows, flattened (0 for padding)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    segments: torch.Tensor
+    slots: torch.Tensor
+
+    def mask(self, prefix: int, boolean: bool, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, 1, width, prefix + width): every token sees the prefix and its own row's earlier tokens;
+        True where attended (SDPA), or 0 there and the dtype's minimum elsewhere (eager adds it)."""
+        seg, pos = self.segments, self.positions
+        own = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0) & (pos[:, :, None] >= pos[:, None, :])
+        seen = torch.cat([own.new_ones(*own.shape[:2], prefix), own], dim=2)[:, None]
+        if boolean:
+            return seen
+        return torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(~seen, torch.finfo(dtype).min)
+
+
+def pack_remainders(rest_ids: torch.Tensor, lengths: Sequence[int], prefix: int) -> PackedRemainders:
+    """Pack each row's first `lengths[b]` tokens of `rest_ids` (B, L - prefix) into rows of the longest."""
+    width = max(lengths)  # no packed row attends over more keys than the padded batch's rows
+    bins = first_fit_rows(lengths, width)
+    shape, device = (len(bins), width), rest_ids.device
+    ids = torch.zeros(shape, dtype=torch.long, device=device)  # padding's id is never read: no label, no reader
+    positions = torch.full(shape, prefix, dtype=torch.long, device=device)
+    segments = torch.full(shape, -1, dtype=torch.long, device=device)
+    slots = torch.zeros(rest_ids.shape, dtype=torch.long, device=device)
+    for r, members in enumerate(bins):
+        start = 0
+        for b in members:
+            n = lengths[b]
+            span = torch.arange(n, device=device)
+            ids[r, start:start + n] = rest_ids[b, :n]
+            positions[r, start:start + n] = prefix + span
+            segments[r, start:start + n] = b
+            slots[b, :n] = r * width + start + span
+            start += n
+    return PackedRemainders(ids, positions, segments, slots)
 
 
 @contextmanager
