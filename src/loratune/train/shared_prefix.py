@@ -10,8 +10,8 @@ draws a mask per row: the same expectation, slightly more correlated noise.
 
 The rows' remainders after the prefix are packed one after another into as few rows as the longest
 remainder allows (first fit, longest first), each token attending to the prefix and to its own row's
-earlier tokens through a 4D mask, so no compute goes to the padding of rows of unequal length (the demo:
-a quarter of its remainder tokens). Where a custom mask cannot reach the attention unchanged (FlashAttention,
+earlier tokens through a 4D mask, so less compute goes to the padding of rows of unequal length (the demo's
+first 12 batches: 28% of the padded remainder slots are padding, 18% of the packed ones). Where a custom mask cannot reach the attention unchanged (FlashAttention,
 a sliding window shorter than the rows) the remainders run padded, as rows of the batch.
 
 The attention's concatenation of prefix and remainder keys materializes the broadcast keys per row (a
