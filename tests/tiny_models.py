@@ -12,10 +12,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
+    BloomConfig,
+    BloomForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     T5Config,
@@ -62,6 +66,20 @@ def opt(seed: int = SEED, **overrides) -> OPTForCausalLM:
     config = OPTConfig(vocab_size=VOCAB, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
                        max_position_embeddings=32, word_embed_proj_dim=16, **overrides)
     return _build(OPTForCausalLM, config, seed)
+
+
+def mistral(seed: int = SEED, **overrides) -> MistralForCausalLM:
+    """Llama's shape with a sliding attention window (`sliding_window`, default 16 here)."""
+    sizes = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64, sliding_window=16)
+    return _build(MistralForCausalLM, MistralConfig(**{**sizes, **overrides}), seed)
+
+
+def bloom(seed: int = SEED, **overrides) -> BloomForCausalLM:
+    """A model with ALiBi position biases, built from the attention mask."""
+    config = BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0.0,
+                         attention_dropout=0.0, **overrides)
+    return _build(BloomForCausalLM, config, seed)
 
 
 def input_ids(batch: int = 2, length: int = 8, seed: int = 1) -> torch.Tensor:

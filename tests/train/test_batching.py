@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import gpt2, llama
+from tiny_models import bloom, gpt2, llama, mistral
 
 from loratune.core.adapters import add_adapter
 from loratune.core.lora_config import LoraConfig
@@ -73,7 +73,8 @@ def with_attention(builder, implementation, **overrides):
     return build
 
 
-@pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("builder", [llama, gpt2_without_dropout, mistral, bloom],
+                         ids=["llama", "gpt2", "mistral-window-16", "bloom-alibi"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("answer_only", [True, False], ids=["answer", "every-token"])
 def test_a_shared_prefix_batch_gives_the_plain_batchs_loss_and_gradients(builder, attention, answer_only):
@@ -84,17 +85,24 @@ def test_a_shared_prefix_batch_gives_the_plain_batchs_loss_and_gradients(builder
     assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
 
 
-def test_the_rows_remainders_after_the_prefix_run_packed_without_padding():
-    model = adapted(with_attention(llama, "eager"))
-    batch = collate(examples([24, 15, 20, 12], prefix=range(5, 15)), PAD, "causal-lm")
-    prefix = batch_prefix_length(batch)
+def body_input_shapes(model, batch, prefix):
+    """The input_ids shape of each body forward one shared-prefix loss makes."""
     shapes = []
-    hook = model.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
-                                                 with_kwargs=True)
+    body = getattr(model, model.base_model_prefix)  # the body the loss runs (`split_lm`)
+    hook = body.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                          with_kwargs=True)
     try:
         causal_lm_loss(model, batch, prefix=prefix)
     finally:
         hook.remove()
+    return shapes
+
+
+def test_the_rows_remainders_after_the_prefix_run_packed_into_fewer_rows():
+    model = adapted(with_attention(llama, "eager"))
+    batch = collate(examples([24, 15, 20, 12], prefix=range(5, 15)), PAD, "causal-lm")
+    prefix = batch_prefix_length(batch)
+    shapes = body_input_shapes(model, batch, prefix)
     remainders = sorted(n - prefix for n in (24, 15, 20, 12))
     assert shapes[0] == (1, prefix)  # the prefix, once
     rows, width = shapes[1]
@@ -102,19 +110,14 @@ def test_the_rows_remainders_after_the_prefix_run_packed_without_padding():
     assert rows * width - sum(remainders) < width  # less padding than one row
 
 
-def test_a_sliding_window_shorter_than_the_batch_keeps_the_padded_remainders():
-    model = adapted(with_attention(llama, "eager"))
-    model.config.sliding_window = 16  # the batch's rows reach 24 tokens: a packed mask would ignore the window
-    batch = collate(examples([24, 15, 20, 12], prefix=range(5, 15)), PAD, "causal-lm")
+@pytest.mark.parametrize("builder, packs", [(mistral, False), (bloom, False), (llama, True)],
+                         ids=["window-shorter-than-rows", "alibi", "rope"])
+def test_remainders_run_padded_where_a_packed_mask_would_mean_something_else(builder, packs):
+    model = adapted(with_attention(builder, "eager"))
+    batch = collate(examples([24, 15, 20, 12], prefix=range(5, 15)), PAD, "causal-lm")  # rows reach 24 > 16
     prefix = batch_prefix_length(batch)
-    shapes = []
-    hook = model.model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
-                                                 with_kwargs=True)
-    try:
-        causal_lm_loss(model, batch, prefix=prefix)
-    finally:
-        hook.remove()
-    assert shapes[1] == (4, 24 - prefix)
+    rows = body_input_shapes(model, batch, prefix)[1][0]
+    assert (rows < 4) == packs
 
 
 def test_with_dropout_the_prefix_draws_one_mask_and_still_trains():

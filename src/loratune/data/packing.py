@@ -48,8 +48,10 @@ def pack_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[st
 
 
 def first_fit_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
-    """Indices of sequences of `lengths` laid into rows of `width` (first fit, longest first): few rows, little
-    left over, and no row wider than the longest sequence when `width` is that length."""
+    """Indices of sequences of `lengths` laid into rows of `width` (first fit, longest first): few rows and
+    little left over. Every length must be at most `width`."""
+    if lengths and max(lengths) > width:
+        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit rows of {width}")
     rows: list[list[int]] = []
     room: list[int] = []
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):

@@ -29,7 +29,8 @@ def macro_f1(predicted: Sequence, expected: Sequence) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+def eval_batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    """Consecutive chunks of `size` items: evaluation keeps the examples' order."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
@@ -66,7 +67,7 @@ def loss_totals(model: nn.Module, examples: Sequence[dict], task: str, batch_siz
     model.eval()
     batches = batches or BatchMaker("padded", task, pad_id)
     totals = LossTotals()
-    for chunk in progress(list(_batches(examples, batch_size)), desc="evaluating"):
+    for chunk in progress(list(eval_batches(examples, batch_size)), desc="evaluating"):
         batch, prefix = batches.make(list(chunk), device, training=False)
         with autocast():
             loss, logits, weight = batch_loss(model, batch, task, loss_chunk, prefix)
@@ -106,7 +107,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
     encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
     body = _decoder_body(model) if share_prefix and not encoder_decoder else None
     texts: list[str] = []
-    for chunk in progress(list(_batches(prompts, batch_size)), desc="generating"):
+    for chunk in progress(list(eval_batches(prompts, batch_size)), desc="generating"):
         prefix = common_prefix_length(chunk) if body is not None else 0
         prefix = prefix if prefix >= MIN_PREFIX else 0
         ids, mask = (t.to(device) for t in _padded(chunk, pad_id, prefix, right=encoder_decoder))

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from loratune.train.batches import BatchMaker
-from loratune.train.evaluate import LossTotals
+from loratune.train.evaluate import LossTotals, eval_batches
 from loratune.train.shared_prefix import MIN_PREFIX, common_prefix_length, prefix_cache, prefix_only
 from loratune.train.step import head_loss, lm_hidden, split_lm
 
@@ -35,16 +35,20 @@ def label_log_likelihoods(model: nn.Module, prompts: Sequence[list[int]], labels
     """(prompts x labels) float32 log-likelihoods of each label's tokens right after each prompt."""
     if not labels or any(not label for label in labels):
         raise ValueError("every label needs at least one token")
-    parts = split_lm(model)
-    if parts is None:
-        raise ValueError(f"{type(model).__name__}: label scoring needs a causal LM with a plain output head")
+    parts = _lm_parts(model)
     model.eval()
     scores = []
-    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    for chunk in progress(chunks, desc="scoring labels"):
+    for chunk in progress(list(eval_batches(prompts, batch_size)), desc="scoring labels"):
         with autocast():
             scores.append(_score_batch(*parts, list(chunk), labels, pad_id, device, share_prefix))
     return torch.cat(scores) if scores else torch.zeros(0, len(labels))
+
+
+def _lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    parts = split_lm(model)
+    if parts is None:
+        raise ValueError(f"{type(model).__name__}: label scoring needs a causal LM with a plain output head")
+    return parts
 
 
 def _score_batch(body: nn.Module, head: nn.Module, prompts: list[list[int]], labels: Sequence[list[int]],
@@ -129,17 +133,14 @@ def loss_and_scored_labels(model: nn.Module, examples: Sequence[dict], prompts: 
     tokens), so the head on those rows scores every one-token label, and the evaluation costs one pass instead
     of two. The result equals `loss_totals` plus `scored_labels` within rounding.
     """
-    parts = split_lm(model)
-    if parts is None:
-        raise ValueError(f"{type(model).__name__}: label scoring needs a causal LM with a plain output head")
-    body, head = parts
+    body, head = _lm_parts(model)
     tokens = torch.tensor([answer[0] for answer in answers], device=device)
     model.eval()
     totals, chosen = LossTotals(), []
-    starts = list(range(0, len(examples), batch_size))
-    for start in progress(starts, desc="evaluating"):
-        batch, prefix = batches.make(list(examples[start:start + batch_size]), device, training=False)
-        last = torch.tensor([len(p) - 1 for p in prompts[start:start + batch_size]], device=device)
+    chunks = list(zip(eval_batches(examples, batch_size), eval_batches(prompts, batch_size)))
+    for chunk, chunk_prompts in progress(chunks, desc="evaluating"):
+        batch, prefix = batches.make(list(chunk), device, training=False)
+        last = torch.tensor([len(p) - 1 for p in chunk_prompts], device=device)
         with autocast():
             hidden = lm_hidden(body, batch, prefix)
             loss, _, weight = head_loss(head, hidden, batch["labels"], loss_chunk)

@@ -71,7 +71,8 @@ class Session:
         examples, prompts = processes.shard(data.eval_examples), processes.shard(data.eval_prompts)
         scored = data.label_answers if tc.label_scoring and task == "causal-lm" else None
         outputs = None
-        if full and scored and scores_ride_on_loss(examples, prompts, scored):  # one pass: loss and labels
+        # one pass for loss and labels, decided on the whole split so that every rank takes the same path
+        if full and scored and scores_ride_on_loss(data.eval_examples, data.eval_prompts, scored):
             totals, chosen = loss_and_scored_labels(
                 self.model, examples, prompts, scored, data.label_names, tc.eval_batch_size, self.unpacked_batches,
                 self.device, self.autocast, self.progress, self.loss_chunk)

@@ -10,9 +10,11 @@ draws a mask per row: the same expectation, slightly more correlated noise.
 
 The rows' remainders after the prefix are packed one after another into as few rows as the longest
 remainder allows (first fit, longest first), each token attending to the prefix and to its own row's
-earlier tokens through a 4D mask, so less compute goes to the padding of rows of unequal length (the demo's
-first 12 batches: 28% of the padded remainder slots are padding, 18% of the packed ones). Where a custom mask cannot reach the attention unchanged (FlashAttention,
-a sliding window shorter than the rows) the remainders run padded, as rows of the batch.
+earlier tokens through a 4D mask, so less compute goes to the padding of rows of unequal length (the
+demo's first 12 batches: 28% of the padded remainder slots are padding, 18% of the packed ones). Where a
+custom mask cannot reach the attention unchanged or would mean something else (FlashAttention, a sliding
+window shorter than the rows, ALiBi biases built from the mask) the remainders run padded, as rows of the
+batch.
 
 The attention's concatenation of prefix and remainder keys materializes the broadcast keys per row (a
 few hundred values per token and layer); the prefix's matrix products, which dominate, run once.
@@ -33,6 +35,7 @@ from transformers.cache_utils import DynamicLayer
 from loratune.data.packing import first_fit_rows
 
 MIN_PREFIX = 8  # below this, the second forward call costs more than the prefix saves
+ALIBI_MODEL_TYPES = ("bloom", "mpt")  # always ALiBi; Falcon says so in `config.alibi`
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]], lengths: Sequence[int] | None = None) -> int:
@@ -78,7 +81,7 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
                          prefix: int) -> torch.Tensor:
     """The body's last hidden states (B, L, H) for a right-padded batch whose rows share their first
     `prefix` tokens, with the prefix computed once and, where the attention takes a custom mask, the rows'
-    remainders packed without padding."""
+    remainders packed into fewer rows."""
     rows = input_ids.shape[0]
     remainders = (attention_mask.sum(1) - prefix).tolist()
     if not _takes_packed_mask(body.config, prefix + max(remainders)):
@@ -99,10 +102,12 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
 
 def _takes_packed_mask(config: Any, length: int) -> bool:
     """Whether a 4D mask of our own reaches the attention unchanged and means the same: eager or SDPA attention
-    (FlashAttention takes none), and no sliding window shorter than the sequences."""
+    (FlashAttention takes none), no sliding window shorter than the sequences, and positions from position
+    ids (ALiBi models build their biases from a 2D mask)."""
     window = getattr(config, "sliding_window", None)
     windowed = window is not None and getattr(config, "use_sliding_window", True) and length > window
-    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa") and not windowed
+    alibi = getattr(config, "alibi", False) or getattr(config, "model_type", None) in ALIBI_MODEL_TYPES
+    return getattr(config, "_attn_implementation", None) in ("eager", "sdpa") and not windowed and not alibi
 
 
 @dataclass
@@ -129,25 +134,29 @@ class PackedRemainders:
 
 
 def pack_remainders(rest_ids: torch.Tensor, lengths: Sequence[int], prefix: int) -> PackedRemainders:
-    """Pack each row's first `lengths[b]` tokens of `rest_ids` (B, L - prefix) into rows of the longest."""
+    """Pack each row's first `lengths[b]` tokens of `rest_ids` (B, L - prefix) into rows of the longest.
+
+    The index tensors are built on the CPU and moved once; the token ids are gathered on `rest_ids`' device."""
     width = max(lengths)  # no packed row attends over more keys than the padded batch's rows
     bins = first_fit_rows(lengths, width)
-    shape, device = (len(bins), width), rest_ids.device
-    ids = torch.zeros(shape, dtype=torch.long, device=device)  # padding's id is never read: no label, no reader
-    positions = torch.full(shape, prefix, dtype=torch.long, device=device)
-    segments = torch.full(shape, -1, dtype=torch.long, device=device)
-    slots = torch.zeros(rest_ids.shape, dtype=torch.long, device=device)
+    shape, row_width = (len(bins), width), rest_ids.shape[1]
+    source = torch.zeros(shape, dtype=torch.long)  # flat index into rest_ids; padding reads token 0, unread
+    positions = torch.full(shape, prefix, dtype=torch.long)
+    segments = torch.full(shape, -1, dtype=torch.long)
+    slots = torch.zeros(rest_ids.shape, dtype=torch.long)
     for r, members in enumerate(bins):
         start = 0
         for b in members:
             n = lengths[b]
-            span = torch.arange(n, device=device)
-            ids[r, start:start + n] = rest_ids[b, :n]
+            span = torch.arange(n)
+            source[r, start:start + n] = b * row_width + span
             positions[r, start:start + n] = prefix + span
             segments[r, start:start + n] = b
             slots[b, :n] = r * width + start + span
             start += n
-    return PackedRemainders(ids, positions, segments, slots)
+    device = rest_ids.device
+    ids = rest_ids.reshape(-1)[source.to(device)]
+    return PackedRemainders(ids, positions.to(device), segments.to(device), slots.to(device))
 
 
 @contextmanager

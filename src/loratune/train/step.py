@@ -54,12 +54,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
                    loss_chunk: int = 0, prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Next-token loss computed only where there are labels (see `head_loss`)."""
     parts = split_lm(model)
-    if parts is None:
-        targets = batch["labels"][:, 1:]
-        mask = targets != IGNORE_INDEX
-        weight = int(mask.sum())
-        logits = model(**model_inputs(batch)).logits[:, :-1][mask]
-        return F.cross_entropy(logits.float(), targets[mask], reduction="sum") / max(weight, 1), logits, weight
+    if parts is None:  # the model's own logits, read at the labelled positions
+        return head_loss(nn.Identity(), model(**model_inputs(batch)).logits, batch["labels"])
     body, head = parts
     return head_loss(head, lm_hidden(body, batch, prefix), batch["labels"], loss_chunk)
 
