@@ -5,11 +5,13 @@ import torch
 from tiny_models import bloom, gpt2, llama, mistral
 
 from loratune.core.adapters import add_adapter
+from loratune.core.errors import ConfigError
 from loratune.core.lora_config import LoraConfig
 from loratune.data.collate import collate
 from loratune.data.packing import length_grouped, pack_batch
 from loratune.tasks import IGNORE_INDEX
-from loratune.train.batches import BatchMaker
+from loratune.train.batches import BatchMaker, BatchOrder, order_keys
+from loratune.train.run_config import validate_config
 from loratune.train.shared_prefix import batch_prefix_length, common_prefix_length
 from loratune.train.step import causal_lm_loss
 
@@ -148,3 +150,22 @@ def test_length_grouped_order_keeps_every_example_once_and_groups_similar_length
     assert sorted(order) == list(range(8))
     batches = [sorted(lengths[i] for i in order[k:k + 2]) for k in range(0, 8, 2)]
     assert batches == [[48, 50], [5, 7], [47, 49], [6, 8]]
+
+
+def test_prefix_grouped_batches_hold_one_template_and_compute_its_prefix_once():
+    templates = [list(range(5, 25)), list(range(30, 50))]  # two 20-token prompt templates, alternating
+    data = [examples([20 + 3 + i % 5], prefix=templates[i % 2], seed=i)[0] for i in range(32)]
+    plain = BatchOrder(32, 4, seed=0)
+    grouped = BatchOrder(32, 4, seed=0, keys=order_keys(data, length_grouped=False, prefix_grouped=True))
+    assert sorted(i for k in range(8) for i in grouped.batch(k)) == list(range(32))
+    mixed = sum(len({i % 2 for i in plain.batch(k)}) > 1 for k in range(8))
+    assert mixed >= 4  # a shuffled order mixes the templates in most batches
+    for k in range(8):
+        rows = grouped.batch(k)
+        assert len({i % 2 for i in rows}) == 1
+        assert batch_prefix_length(collate([data[i] for i in rows], PAD, "causal-lm")) >= 20
+
+
+def test_batches_are_grouped_one_way(run_config):
+    with pytest.raises(ConfigError, match="length_grouped and train.prefix_grouped"):
+        validate_config(run_config(train={"length_grouped": True, "prefix_grouped": True}), "run.yaml")

@@ -8,7 +8,9 @@ it either; the loss and the adapter gradients then equal the padded batch's. A r
 padding laid out as one more short sequence without labels, so it never attends to real tokens.
 
 Length-grouped order is the cheaper alternative: batches drawn from runs of similar lengths, so the
-right-padded batch wastes little.
+right-padded batch wastes little. Prefix-grouped order (the token lists sorted within the same windows)
+puts examples that start alike, such as those of one prompt template among several, in the same batches,
+so a shared-prefix batch has a long common prefix to compute once.
 """
 
 from __future__ import annotations
@@ -66,10 +68,15 @@ def first_fit_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
 
 
 def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, group: int = 50) -> list[int]:
-    """`order` rearranged so each batch holds examples of similar length: windows of `group` batches
-    are sorted by length, longest first; which examples fall in which window stays random."""
+    """`order` rearranged so each batch holds examples of similar length, longest first (`grouped_order`)."""
+    return grouped_order(order, [-n for n in lengths], batch_size, group)
+
+
+def grouped_order(order: Sequence[int], keys: Sequence[Any], batch_size: int, group: int = 50) -> list[int]:
+    """`order` rearranged so each batch holds examples with neighbouring `keys` (indexed by example): windows
+    of `group` batches are sorted by key; which examples fall in which window stays random."""
     window = batch_size * group
     out: list[int] = []
     for start in range(0, len(order), window):
-        out += sorted(order[start:start + window], key=lambda i: -lengths[i])
+        out += sorted(order[start:start + window], key=lambda i: keys[i])
     return out

@@ -22,7 +22,7 @@ from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.core.peft_format import save_adapter
 from loratune.errors import ReportedByAnotherRank
-from loratune.train.batches import BatchOrder
+from loratune.train.batches import BatchOrder, order_keys
 from loratune.train.checkpoint import (
     latest_checkpoint,
     load_newest_readable,
@@ -120,8 +120,8 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
             raise _stopped(processes, RunStopped(stops.signal_name, 0, None))
         run = resume_run(session, out) if resume else start_run(session, out)
         session.model.train()
-        lengths = [len(e["input_ids"]) for e in session.data.train_examples] if tc.length_grouped else None
-        order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed, lengths)
+        keys = order_keys(session.data.train_examples, tc.length_grouped, tc.prefix_grouped)
+        order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed, keys)
         progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
         try:
             while run.state.step < tc.max_steps and not run.state.stopped_early and not _stop_agreed(processes, stops):

@@ -84,6 +84,9 @@ class TrainSpec(_Strict):
                               "sequence); or shared_prefix (a batch's common first tokens computed once)")
     length_grouped: bool = Field(False, description="batches of similar lengths (less padding), order kept "
                                                     "random across groups of 50 batches")
+    prefix_grouped: bool = Field(False, description="batches of examples that start alike (data with several "
+                                                    "prompt templates, for shared_prefix), order kept random "
+                                                    "across groups of 50 batches")
     base_compute: Literal["default", "int8"] = Field(
         "default", description="int8: the frozen linear layers' forward and input-gradient products in int8 "
                                "(weights per output channel, activations per token, int32 accumulation)")
@@ -136,6 +139,8 @@ class RunConfig(_Strict):
     def _batching_needs_a_causal_lm(self) -> RunConfig:
         if self.train.batching != "padded" and self.model.task != "causal-lm":
             raise ValueError(f"train.batching: {self.train.batching} needs model.task: causal-lm")
+        if self.train.length_grouped and self.train.prefix_grouped:
+            raise ValueError("train.length_grouped and train.prefix_grouped: batches are grouped one way; choose one")
         if self.train.base_compute == "int8" and self.model.quantize == "nf4":
             raise ValueError("train.base_compute: int8 needs a dense or int8-stored base, not model.quantize: nf4")
         return self
