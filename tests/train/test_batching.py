@@ -8,7 +8,7 @@ from loratune.core.adapters import add_adapter
 from loratune.core.errors import ConfigError
 from loratune.core.lora_config import LoraConfig
 from loratune.data.collate import collate
-from loratune.data.packing import length_grouped, pack_batch
+from loratune.data.packing import grouped_order, pack_batch
 from loratune.tasks import IGNORE_INDEX
 from loratune.train.batches import BatchMaker, BatchOrder, order_keys
 from loratune.train.run_config import validate_config
@@ -146,7 +146,8 @@ def test_prefix_lengths_leave_every_row_a_token_of_its_own_and_skip_short_or_pac
 
 def test_length_grouped_order_keeps_every_example_once_and_groups_similar_lengths():
     lengths = [5, 50, 7, 48, 6, 49, 8, 47]
-    order = length_grouped(list(range(8)), lengths, batch_size=2, group=2)
+    keys = order_keys([{"input_ids": [7] * n} for n in lengths], length_grouped=True, prefix_grouped=False)
+    order = grouped_order(list(range(8)), keys, batch_size=2, group=2)
     assert sorted(order) == list(range(8))
     batches = [sorted(lengths[i] for i in order[k:k + 2]) for k in range(0, 8, 2)]
     assert batches == [[48, 50], [5, 7], [47, 49], [6, 8]]

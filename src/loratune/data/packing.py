@@ -67,11 +67,6 @@ def first_fit_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
     return rows
 
 
-def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, group: int = 50) -> list[int]:
-    """`order` rearranged so each batch holds examples of similar length, longest first (`grouped_order`)."""
-    return grouped_order(order, [-n for n in lengths], batch_size, group)
-
-
 def grouped_order(order: Sequence[int], keys: Sequence[Any], batch_size: int, group: int = 50) -> list[int]:
     """`order` rearranged so each batch holds examples with neighbouring `keys` (indexed by example): windows
     of `group` batches are sorted by key; which examples fall in which window stays random."""

@@ -84,19 +84,19 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     remainders packed into fewer rows."""
     rows = input_ids.shape[0]
     remainders = (attention_mask.sum(1) - prefix).tolist()
-    if not _takes_packed_mask(body.config, prefix + max(remainders)):
-        head_hidden, cache = prefix_cache(body, input_ids[:1, :prefix], rows)
-        with prefix_only(cache):
-            rest = body(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, past_key_values=cache,
-                        use_cache=True).last_hidden_state
-        return torch.cat([head_hidden.expand(rows, -1, -1), rest], dim=1)
-    packed = pack_remainders(input_ids[:, prefix:], remainders, prefix)
-    head_hidden, cache = prefix_cache(body, input_ids[:1, :prefix], packed.ids.shape[0])
-    mask = packed.mask(prefix, body.config._attn_implementation == "sdpa", body.get_input_embeddings().weight.dtype)
+    packed = None
+    if _takes_packed_mask(body.config, prefix + max(remainders)):
+        packed = pack_remainders(input_ids[:, prefix:], remainders, prefix)
+        ids, positions = packed.ids, packed.positions
+        mask = packed.mask(prefix, body.config._attn_implementation == "sdpa", body.get_input_embeddings().weight.dtype)
+    else:  # the rows' remainders as they are, right-padded, positions from the mask
+        ids, mask, positions = input_ids[:, prefix:], attention_mask, None
+    head_hidden, cache = prefix_cache(body, input_ids[:1, :prefix], ids.shape[0])
     with prefix_only(cache):
-        rest = body(input_ids=packed.ids, attention_mask=mask, position_ids=packed.positions, past_key_values=cache,
+        rest = body(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                     use_cache=True).last_hidden_state
-    rest = rest.reshape(-1, rest.shape[-1])[packed.slots.flatten()].view(rows, -1, rest.shape[-1])
+    if packed is not None:  # back to one row per example
+        rest = rest.reshape(-1, rest.shape[-1])[packed.slots.flatten()].view(rows, -1, rest.shape[-1])
     return torch.cat([head_hidden.expand(rows, -1, -1), rest], dim=1)
 
 
