@@ -63,8 +63,7 @@ def _common_accuracy(model, tokenizer, data, device) -> tuple[float, float]:
 
 def run_loratune(steps: int, out: Path, eval_records: int) -> dict:
     from loratune.train import demo_config
-    from loratune.train.batches import BatchOrder
-    from loratune.train.loop import finish, start_run, train_step
+    from loratune.train.loop import batch_order, finish, start_run, train_step
     from loratune.train.session import prepare
 
     config = demo_config(out, [f"train.max_steps={steps}", f"data.max_eval_records={eval_records}"])
@@ -74,7 +73,7 @@ def run_loratune(steps: int, out: Path, eval_records: int) -> dict:
     run = start_run(session, out)  # the demo's evaluation before training
     before, cpu_before = time.perf_counter(), time.process_time()
     session.model.train()
-    order = BatchOrder(len(session.data.train_examples), config.train.batch_size, config.train.seed)
+    order = batch_order(session)  # as `loratune demo` orders its batches
     progress = session.progress(total=steps, desc="training")
     while run.state.step < steps:
         train_step(run, order, progress)

@@ -120,8 +120,7 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
             raise _stopped(processes, RunStopped(stops.signal_name, 0, None))
         run = resume_run(session, out) if resume else start_run(session, out)
         session.model.train()
-        keys = order_keys(session.data.train_examples, tc.length_grouped, tc.prefix_grouped)
-        order = BatchOrder(len(session.data.train_examples), tc.batch_size, tc.seed, keys)
+        order = batch_order(session)
         progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
         try:
             while run.state.step < tc.max_steps and not run.state.stopped_early and not _stop_agreed(processes, stops):
@@ -194,6 +193,13 @@ def resume_run(session: Session, out: Path) -> Run:
         set_rng_state(rng)
     state = RunState(**saved["state"])
     return _open_run(Run(session, out, optimizer, scheduler, state, saved["before"], saved["samples_before"]))
+
+
+def batch_order(session: Session) -> BatchOrder:
+    """The run's order of micro-batches, grouped as `train.length_grouped` / `train.prefix_grouped` say."""
+    tc, examples = session.config.train, session.data.train_examples
+    return BatchOrder(len(examples), tc.batch_size, tc.seed, order_keys(examples, tc.length_grouped,
+                                                                        tc.prefix_grouped))
 
 
 def train_step(run: Run, order: BatchOrder, progress: Any) -> None:
