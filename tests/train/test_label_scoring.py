@@ -6,15 +6,12 @@ import torch
 from tiny_models import llama
 
 from loratune.core.adapters import add_adapter
+from loratune.core.errors import ConfigError
 from loratune.core.lora_config import LoraConfig
 from loratune.tasks import IGNORE_INDEX
 from loratune.train.batches import BatchMaker
-from loratune.train.label_scoring import (
-    label_log_likelihoods,
-    loss_and_scored_labels,
-    scored_labels,
-    scores_ride_on_loss,
-)
+from loratune.train.evaluate import Forwards, loss_totals
+from loratune.train.label_scoring import label_log_likelihoods, scored_labels, scores_ride_on_loss
 from loratune.train.loop import fit
 from loratune.train.run_config import validate_config
 
@@ -61,9 +58,8 @@ def test_the_scored_label_is_the_one_greedy_generation_writes(model):
         greedy.append(out[0, -1].item())
     names = sorted(set(greedy))  # every prompt's greedy answer is exactly one of these single-token labels
     assert len(names) >= 2
-    chosen = scored_labels(model, batch, [[t] for t in names], [str(t) for t in names], batch_size=5, pad_id=0,
-                           device=CPU)
-    assert chosen == [str(t) for t in greedy]
+    chosen = scored_labels(Forwards(model, CPU, batch_size=5), batch, [[t] for t in names], pad_id=0)
+    assert [names[k] for k in chosen] == greedy
 
 
 def test_a_run_reports_scored_accuracy_and_generation_accuracy_only_when_asked(run_config):
@@ -74,9 +70,15 @@ def test_a_run_reports_scored_accuracy_and_generation_accuracy_only_when_asked(r
                                           output_dir=str(plain["adapter_dir"]) + "-both"), "test"), quiet=True)
     assert {"accuracy", "generation_accuracy", "generation_macro_f1"} <= set(both["after"])
     assert both["after"]["accuracy"] == plain["after"]["accuracy"]
-    generated = fit(validate_config(run_config(train={"max_steps": 1, "label_scoring": False},
-                                               output_dir=str(plain["adapter_dir"]) + "-gen"), "test"), quiet=True)
-    assert generated["after"]["accuracy"] == both["after"]["generation_accuracy"]
+    assert both["after"]["loss"] == plain["after"]["loss"]
+
+
+def test_the_label_scoring_key_is_gone_and_classification_does_not_generate(run_config, tiny_bert):
+    with pytest.raises(ConfigError, match="train.label_scoring"):
+        validate_config(run_config(train={"label_scoring": False}), "test")
+    with pytest.raises(ConfigError, match="train.generation_eval: a classification model does not generate"):
+        validate_config(run_config(model={"name": tiny_bert, "task": "classification"},
+                                   train={"generation_eval": True}), "test")
 
 
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "plain"])
@@ -126,16 +128,19 @@ def summed_answer_loss(model, examples):
 @pytest.mark.parametrize("batching", ["shared_prefix", "padded"])
 def test_one_pass_gives_the_loss_and_the_labels_of_two_passes(model, batching):
     batch = prompts(11, seed=2)
-    labels, names = [[7], [9], [13]], ["seven", "nine", "thirteen"]
+    labels = [[7], [9], [13]]
     examples = answered(batch, [labels[i % 3] for i in range(len(batch))])
     assert scores_ride_on_loss(examples, batch, labels)
-    maker = BatchMaker(batching, "causal-lm", 0)
-    totals, chosen = loss_and_scored_labels(model, examples, batch, labels, names, 4, maker, CPU)
+    forwards = Forwards(model, CPU, batch_size=4)
+    totals = loss_totals(forwards, examples, BatchMaker(batching, "causal-lm", 0), task="causal-lm", prompts=batch,
+                         label_tokens=[7, 9, 13])
     assert totals.weight == 2 * len(batch)  # the answer token and the end token of each example
     assert totals.loss == pytest.approx(summed_answer_loss(model, examples), rel=1e-5)
     scores = label_log_likelihoods(model, batch, labels, batch_size=4, pad_id=0, device=CPU)
     assert len(set(scores.argmax(1).tolist())) >= 2  # the check below compares more than one answer
-    assert chosen == scored_labels(model, batch, labels, names, batch_size=4, pad_id=0, device=CPU)
+    assert totals.chosen == scored_labels(forwards, batch, labels, pad_id=0)
+    plain = loss_totals(forwards, examples, BatchMaker(batching, "causal-lm", 0), task="causal-lm")
+    assert plain.loss == pytest.approx(totals.loss, rel=1e-6) and plain.chosen == []
 
 
 def test_only_one_token_labels_after_the_very_prompt_ride_on_the_loss():

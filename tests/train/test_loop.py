@@ -126,9 +126,9 @@ def test_seq2seq_translation_reports_bleu(tiny_t5, tmp_path, run_config):
     data = run_config(model={"name": tiny_t5, "task": "seq2seq"}, lora={"target_modules": ["q", "v"]},
                       data={"train": str(path), "format": "translation", "prompt_template": None,
                             "completion_template": None},
-                      train={"max_steps": 4})
+                      train={"max_steps": 4, "generation_eval": True})
     summary = run(data)
-    assert {"bleu", "chrf", "loss"} <= set(summary["after"])
+    assert {"bleu", "chrf", "loss"} <= set(summary["after"]) and summary["samples_after"]
     assert summary["after"]["loss"] < summary["before"]["loss"]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from loratune.train.batches import BatchMaker
 from loratune.train.shared_prefix import MIN_PREFIX, common_prefix_length, prefix_cache
-from loratune.train.step import batch_loss, split_lm
+from loratune.train.step import batch_loss, head_loss, lm_hidden, split_lm
 
 
 def macro_f1(predicted: Sequence, expected: Sequence) -> float:
@@ -29,6 +30,10 @@ def macro_f1(predicted: Sequence, expected: Sequence) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
+def _no_progress(items: Iterable, **_: object) -> Iterable:
+    return items
+
+
 def eval_batches(items: Sequence, size: int) -> Iterable[Sequence]:
     """Consecutive chunks of `size` items: evaluation keeps the examples' order."""
     for start in range(0, len(items), size):
@@ -36,47 +41,82 @@ def eval_batches(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 @dataclass
+class Evaluation:
+    """What one evaluation found: metrics by name (empty without evaluation data) and sample answers."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Forwards:
+    """How evaluation runs the model, the same for each of its passes."""
+
+    model: nn.Module
+    device: torch.device
+    batch_size: int
+    autocast: Callable = nullcontext
+    progress: Callable = _no_progress
+    loss_chunk: int = 0
+
+
+@dataclass
 class LossTotals:
-    """Sums over evaluated examples that add up across shards (ranks) before they become metrics."""
+    """Sums over evaluated examples that add up across shards (ranks) before they become metrics; the lists
+    join in shard order."""
 
     loss: float = 0.0  # loss x weight, summed
     weight: int = 0  # predicted tokens (or rows)
     predicted: list = field(default_factory=list)  # classification only
     expected: list = field(default_factory=list)
+    chosen: list = field(default_factory=list)  # each example's highest-scoring label, when read from the loss
 
     def __add__(self, other: LossTotals) -> LossTotals:
         return LossTotals(self.loss + other.loss, self.weight + other.weight, self.predicted + other.predicted,
-                          self.expected + other.expected)
+                          self.expected + other.expected, self.chosen + other.chosen)
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
-                  device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it,
-                  loss_chunk: int = 0, batches: BatchMaker | None = None) -> dict:
-    """Mean loss over the examples (token-weighted for language modelling), plus task metrics; `batches`
-    builds the batches as training does (default: padded)."""
-    return loss_metrics(loss_totals(model, examples, task, batch_size, pad_id, device, autocast, progress,
-                                    loss_chunk, batches), task)
+def loss_totals(forwards: Forwards, examples: Sequence[dict], batches: BatchMaker, *, task: str,
+                prompts: Sequence[list[int]] | None = None, label_tokens: Sequence[int] | None = None) -> LossTotals:
+    """The summed loss and weight (and classification predictions) of `examples`, in batches as `batches`
+    makes them.
 
-
-@torch.no_grad()
-def loss_totals(model: nn.Module, examples: Sequence[dict], task: str, batch_size: int, pad_id: int,
-                device: torch.device, autocast: Callable, progress: Callable = lambda it, **_: it,
-                loss_chunk: int = 0, batches: BatchMaker | None = None) -> LossTotals:
-    """The summed loss and weight (and classification predictions) of `examples`."""
+    With `label_tokens` (each label's one token) and each example's `prompts`, also the label each prompt
+    scores highest, read from the same forward: the hidden state of the prompt's last token is the one label
+    scoring reads (a causal model's state at a position does not depend on later tokens), so the head on those
+    rows scores every one-token label and an evaluation costs one pass instead of two.
+    """
+    model = forwards.model
     model.eval()
-    batches = batches or BatchMaker("padded", task, pad_id)
+    parts = split_lm(model) if label_tokens is not None else None
+    if label_tokens is not None and parts is None:
+        raise ValueError(f"{type(model).__name__}: label scoring needs a causal LM with a plain output head")
     totals = LossTotals()
-    for chunk in progress(list(eval_batches(examples, batch_size)), desc="evaluating"):
-        batch, prefix = batches.make(list(chunk), device, training=False)
-        with autocast():
-            loss, logits, weight = batch_loss(model, batch, task, loss_chunk, prefix)
+    for start in forwards.progress(range(0, len(examples), forwards.batch_size), desc="evaluating"):
+        chunk = list(examples[start:start + forwards.batch_size])
+        batch, prefix = batches.make(chunk, forwards.device, training=False)
+        with forwards.autocast():
+            if parts is None:
+                loss, logits, weight = batch_loss(model, batch, task, forwards.loss_chunk, prefix)
+            else:
+                hidden = lm_hidden(parts[0], batch, prefix)
+                loss, logits, weight = head_loss(parts[1], hidden, batch["labels"], forwards.loss_chunk)
+                ends = [len(p) - 1 for p in prompts[start:start + len(chunk)]]
+                totals.chosen += _best_label(parts[1], hidden, ends, label_tokens)
         totals.loss += loss.item() * weight
         totals.weight += weight
         if task == "classification":
             totals.predicted += logits.argmax(-1).tolist()
             totals.expected += batch["labels"].tolist()
     return totals
+
+
+def _best_label(head: nn.Module, hidden: torch.Tensor, ends: list[int], label_tokens: Sequence[int]) -> list[int]:
+    """Per row, the index of the label whose token the head scores highest after position `ends[row]`."""
+    rows = torch.arange(len(ends), device=hidden.device)
+    logits = head(hidden[rows, torch.tensor(ends, device=hidden.device)]).float()
+    return logits[:, torch.tensor(label_tokens, device=hidden.device)].argmax(dim=1).tolist()
 
 
 def loss_metrics(totals: LossTotals, task: str) -> dict:

@@ -8,8 +8,9 @@ forward of its remaining tokens against the prompts' cache. A label's score is t
 log-probabilities (no end-of-sequence token), so when greedy generation writes exactly one of the labels
 (single-token labels, or labels whose tokens greedy decoding would pick) the scored answer is the same.
 
-When every label is one token and the evaluation loss runs anyway, `loss_and_scored_labels` reads the scores
-from the loss's own forward, so an evaluation with label scoring costs one pass over the held-out examples.
+When every label is one token and each example is its prompt and answer (`scores_ride_on_loss`), the
+evaluation reads the scores from the loss's own forward instead (`evaluate.loss_totals`), so it costs one
+pass over the held-out examples.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from loratune.train.batches import BatchMaker
-from loratune.train.evaluate import LossTotals, eval_batches
+from loratune.train.evaluate import Forwards, eval_batches
 from loratune.train.shared_prefix import MIN_PREFIX, common_prefix_length, prefix_cache, prefix_only
-from loratune.train.step import head_loss, lm_hidden, split_lm
+from loratune.train.step import split_lm
 
 
 @torch.no_grad()
@@ -105,12 +105,12 @@ def _continuation(body: nn.Module, head: nn.Module, cache: DynamicCache, mask: t
     return logp.gather(2, tokens[:, 1:, None]).squeeze(2).sum(1)
 
 
-def scored_labels(model: nn.Module, prompts: Sequence[list[int]], answers: Sequence[list[int]],
-                  label_names: Sequence[str], batch_size: int, pad_id: int, device: torch.device,
-                  autocast: Callable = nullcontext, progress: Callable = lambda it, **_: it) -> list[str]:
-    """The name of the best-scoring label for each prompt (`answers[k]` are label k's tokens)."""
-    scores = label_log_likelihoods(model, prompts, answers, batch_size, pad_id, device, autocast, progress)
-    return [label_names[k] for k in scores.argmax(dim=1).tolist()]
+def scored_labels(forwards: Forwards, prompts: Sequence[list[int]], answers: Sequence[list[int]], *,
+                  pad_id: int) -> list[int]:
+    """For each prompt, the index of the best-scoring label (`answers[k]` are label k's tokens)."""
+    scores = label_log_likelihoods(forwards.model, prompts, answers, forwards.batch_size, pad_id, forwards.device,
+                                   forwards.autocast, forwards.progress)
+    return scores.argmax(dim=1).tolist()
 
 
 def scores_ride_on_loss(examples: Sequence[dict], prompts: Sequence[list[int]], answers: Sequence[list[int]]) -> bool:
@@ -118,34 +118,3 @@ def scores_ride_on_loss(examples: Sequence[dict], prompts: Sequence[list[int]], 
     example is its prompt followed by at least one answer token."""
     return all(len(answer) == 1 for answer in answers) and len(examples) == len(prompts) and all(
         len(ex["input_ids"]) > len(p) and list(ex["input_ids"][:len(p)]) == list(p) for ex, p in zip(examples, prompts))
-
-
-@torch.no_grad()
-def loss_and_scored_labels(model: nn.Module, examples: Sequence[dict], prompts: Sequence[list[int]],
-                           answers: Sequence[list[int]], label_names: Sequence[str], batch_size: int,
-                           batches: BatchMaker, device: torch.device, autocast: Callable = nullcontext,
-                           progress: Callable = lambda it, **_: it,
-                           loss_chunk: int = 0) -> tuple[LossTotals, list[str]]:
-    """The evaluation loss totals and each example's scored label, from one forward per batch.
-
-    When `scores_ride_on_loss`, the loss already runs the body over each prompt: the hidden state of the prompt's
-    last token is the one label scoring reads (a causal model's state at a position does not depend on later
-    tokens), so the head on those rows scores every one-token label, and the evaluation costs one pass instead
-    of two. The result equals `loss_totals` plus `scored_labels` within rounding.
-    """
-    body, head = _lm_parts(model)
-    tokens = torch.tensor([answer[0] for answer in answers], device=device)
-    model.eval()
-    totals, chosen = LossTotals(), []
-    chunks = list(zip(eval_batches(examples, batch_size), eval_batches(prompts, batch_size)))
-    for chunk, chunk_prompts in progress(chunks, desc="evaluating"):
-        batch, prefix = batches.make(list(chunk), device, training=False)
-        last = torch.tensor([len(p) - 1 for p in chunk_prompts], device=device)
-        with autocast():
-            hidden = lm_hidden(body, batch, prefix)
-            loss, _, weight = head_loss(head, hidden, batch["labels"], loss_chunk)
-            logits = head(hidden[torch.arange(last.shape[0], device=device), last]).float()
-        totals.loss += loss.item() * weight
-        totals.weight += weight
-        chosen += [label_names[k] for k in logits[:, tokens].argmax(dim=1).tolist()]
-    return totals, chosen

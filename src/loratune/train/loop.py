@@ -31,6 +31,7 @@ from loratune.train.checkpoint import (
     set_rng_state,
 )
 from loratune.train.distributed import Processes, check_global_batch, global_batch, join_processes
+from loratune.train.evaluate import Evaluation
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
@@ -170,10 +171,10 @@ def _stopped(processes: Processes, stop: RunStopped) -> Exception:
 def start_run(session: Session, out: Path) -> Run:
     """A fresh run: new optimizer, and the "before" evaluation as the history's first entry."""
     optimizer, scheduler = _optimizer(session)
-    before, samples_before = session.evaluate(full=True)
+    before = session.evaluate()
     session.processes.seed_rank(session.config.train.seed)
-    state = RunState(history=[{"kind": "eval", "step": 0, **before}] if before else [])
-    return _open_run(Run(session, out, optimizer, scheduler, state, before, samples_before))
+    state = RunState(history=[{"kind": "eval", "step": 0, **before.metrics}] if before.metrics else [])
+    return _open_run(Run(session, out, optimizer, scheduler, state, before.metrics, before.samples))
 
 
 def resume_run(session: Session, out: Path) -> Run:
@@ -259,7 +260,7 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
 def evaluate_during_training(run: Run) -> None:
     """Loss on the evaluation split; counts evaluations without improvement, for early stopping."""
     state, patience = run.state, run.session.config.train.early_stopping_patience
-    metrics, _ = run.session.evaluate(full=False)
+    metrics = run.session.evaluate(loss_only=True).metrics
     run.record({"kind": "eval", "step": state.step, **metrics})
     if state.best is None or metrics["loss"] < state.best:
         state.best, state.bad_evals = metrics["loss"], 0
@@ -314,16 +315,16 @@ def _kept_in_checkpoint(run: Run) -> str:
 def finish(run: Run) -> dict[str, Any]:
     """Evaluate the trained adapter, save it, and write metrics, plot and report; returns the summary."""
     session, out, config, processes = run.session, run.out, run.session.config, run.session.processes
-    after, samples_after = session.evaluate(full=True)
-    if after:
-        run.record({"kind": "eval", "step": run.state.step, **after})
+    after = session.evaluate()
+    if after.metrics:
+        run.record({"kind": "eval", "step": run.state.step, **after.metrics})
     with processes.full_parameters(session.model):
         if processes.is_main:
             try:
                 save_adapter(session.model, out / "adapter", ADAPTER)
             except WriteError as exc:  # the trained steps must survive a full disk: in a checkpoint, if one fits
                 raise WriteError(f"{exc}; {_kept_in_checkpoint(run)}") from exc
-    summary = run_summary(run, after, samples_after)
+    summary = run_summary(run, after)
     if processes.is_main:
         write_metrics(out / "metrics.json", summary)
         plot_history(out / "plot.png", run.state.history, f"{config.model.name} on {config.data.train}")
@@ -333,7 +334,7 @@ def finish(run: Run) -> dict[str, Any]:
     return summary
 
 
-def run_summary(run: Run, after: dict[str, Any], samples_after: list[dict[str, str]]) -> dict[str, Any]:
+def run_summary(run: Run, after: Evaluation) -> dict[str, Any]:
     session, state, config = run.session, run.state, run.session.config
     count = trainable_parameters(session.model)
     return {
@@ -348,7 +349,8 @@ def run_summary(run: Run, after: dict[str, Any], samples_after: list[dict[str, s
         "peak_rss_mb": peak_rss_mb(),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "data": {"train": config.data.train, **session.data.info},
-        "before": run.before, "after": after, "samples_before": run.samples_before, "samples_after": samples_after,
+        "before": run.before, "after": after.metrics, "samples_before": run.samples_before,
+        "samples_after": after.samples,
         "adapter_dir": str(run.out / "adapter"),
     }
 
@@ -356,8 +358,7 @@ def run_summary(run: Run, after: dict[str, Any], samples_after: list[dict[str, s
 def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:
     """Evaluate the base model with a saved adapter (default: the run's own) on the config's evaluation data."""
     session = prepare(config, _quiet(quiet), Path(adapter) if adapter else Path(config.output_dir) / "adapter")
-    metrics, _ = session.evaluate(full=True)
-    return metrics
+    return session.evaluate().metrics
 
 
 # --- helpers of the steps ------------------------------------------------------------------------------------

@@ -73,12 +73,11 @@ class TrainSpec(_Strict):
     seed: int = 0
     max_new_tokens: int = Field(32, gt=0, description="tokens generated per answer in evaluation")
     num_samples: int = Field(3, ge=0, description="sample generations shown before and after")
-    generation_eval: bool | None = Field(
-        None, description="causal LMs: generate answers and score them (accuracy / BLEU); default: on, unless "
-                          "the answers are a known label set that label scoring covers")
-    label_scoring: bool = Field(
-        True, description="causal LMs whose answers are a known label set: accuracy from each label's "
-                          "log-likelihood after the prompt, one forward pass instead of generation")
+    generation_eval: bool = Field(
+        False, description="generate answers after each prompt and score them (accuracy, or BLEU and chrF) "
+                           "before and after training; beside label scores, as generation_accuracy and "
+                           "generation_macro_f1 (a causal LM whose answers are a known label set is scored by each "
+                           "label's log-likelihood after the prompt, without generating)")
     batching: Literal["padded", "packed", "shared_prefix"] = Field(
         "padded", description="causal LMs: padded rows; packed (padding-free rows, attention kept within each "
                               "sequence); or shared_prefix (a batch's common first tokens computed once)")
@@ -143,6 +142,13 @@ class RunConfig(_Strict):
             raise ValueError("train.length_grouped and train.prefix_grouped: batches are grouped one way; choose one")
         if self.train.base_compute == "int8" and self.model.quantize == "nf4":
             raise ValueError("train.base_compute: int8 needs a dense or int8-stored base, not model.quantize: nf4")
+        return self
+
+    @model_validator(mode="after")
+    def _generation_needs_a_generator(self) -> RunConfig:
+        if self.train.generation_eval and self.model.task == "classification":
+            raise ValueError("train.generation_eval: a classification model does not generate; its accuracy "
+                             "comes from its head")
         return self
 
     @model_validator(mode="after")

@@ -23,8 +23,16 @@ from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
 from loratune.train.batches import BatchMaker
 from loratune.train.distributed import Processes
-from loratune.train.evaluate import generate_texts, generation_metrics, loss_metrics, loss_totals
-from loratune.train.label_scoring import loss_and_scored_labels, scored_labels, scores_ride_on_loss
+from loratune.train.evaluate import (
+    Evaluation,
+    Forwards,
+    LossTotals,
+    generate_texts,
+    generation_metrics,
+    loss_metrics,
+    loss_totals,
+)
+from loratune.train.label_scoring import scored_labels, scores_ride_on_loss
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.run_config import RunConfig
 
@@ -61,46 +69,56 @@ class Session:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
-    def evaluate(self, full: bool) -> tuple[dict[str, Any], list[dict[str, str]]]:
-        """Loss metrics on the evaluation split; with `full`, also metrics on generated answers and samples.
+    def evaluate(self, *, loss_only: bool = False) -> Evaluation:
+        """The evaluation split's loss metrics and, unless `loss_only`, what the data allows on its answers: a
+        causal LM whose answers are a known label set gets each prompt's highest-scoring label (accuracy,
+        macro-F1); `train.generation_eval` adds generated answers (accuracy, or BLEU and chrF; prefixed
+        `generation_` beside label scores). Samples show the last answers found.
 
-        Under torchrun each rank evaluates its share and every rank gets the same merged metrics."""
-        tc, task, data, processes = self.config.train, self.config.model.task, self.data, self.processes
+        Under torchrun each rank evaluates its share and every rank gets the same result."""
+        data, processes, task = self.data, self.processes, self.config.model.task
         if not data.eval_examples:  # nothing held out: report no numbers rather than invented ones
-            return {}, []
-        examples, prompts = processes.shard(data.eval_examples), processes.shard(data.eval_prompts)
-        scored = data.label_answers if tc.label_scoring and task == "causal-lm" else None
-        outputs = None
-        # one pass for loss and labels, decided on the whole split so that every rank takes the same path
-        if full and scored and scores_ride_on_loss(data.eval_examples, data.eval_prompts, scored):
-            totals, chosen = loss_and_scored_labels(
-                self.model, examples, prompts, scored, data.label_names, tc.eval_batch_size, self.unpacked_batches,
-                self.device, self.autocast, self.progress, self.loss_chunk)
-            outputs = processes.unshard(chosen)
-        else:
-            totals = loss_totals(self.model, examples, task, tc.eval_batch_size, self.tokenizer.pad_token_id,
-                                 self.device, self.autocast, self.progress, self.loss_chunk, self.batches)
-            if full and data.eval_prompts and scored:
-                outputs = processes.unshard(scored_labels(
-                    self.model, prompts, scored, data.label_names, tc.eval_batch_size, self.tokenizer.pad_token_id,
-                    self.device, self.autocast, self.progress))
-        metrics = loss_metrics(processes.total(totals), task)
-        samples = []
-        if outputs is not None:
-            metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
-        generate = tc.generation_eval if tc.generation_eval is not None else not scored
-        if full and data.eval_prompts and task != "classification" and generate:
-            outputs = processes.unshard(generate_texts(
-                self.model, self.tokenizer, prompts, tc.max_new_tokens,
-                tc.eval_batch_size, self.device, self.autocast, self.progress))
-            found = generation_metrics(outputs, data.eval_references, data.label_names)
-            metrics.update({f"generation_{k}": v for k, v in found.items()} if scored else found)
-        if outputs is not None:
-            samples = [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
-                       for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
+            return Evaluation()
+        labels = data.label_answers if task == "causal-lm" and data.eval_prompts and not loss_only else None
+        totals, chosen = self._loss(labels)
+        metrics, answers = loss_metrics(totals, task), None
+        if labels is not None:
+            if chosen is None:  # labels of several tokens: a pass of their own
+                chosen = processes.unshard(scored_labels(self._forwards(), processes.shard(data.eval_prompts),
+                                                       labels, pad_id=self.tokenizer.pad_token_id))
+            answers = [data.label_names[k] for k in chosen]
+            metrics.update(generation_metrics(answers, data.eval_references, data.label_names))
+        if self.config.train.generation_eval and data.eval_prompts and not loss_only:
+            answers = processes.unshard(generate_texts(
+                self.model, self.tokenizer, processes.shard(data.eval_prompts), self.config.train.max_new_tokens,
+                self.config.train.eval_batch_size, self.device, self.autocast, self.progress))
+            found = generation_metrics(answers, data.eval_references, data.label_names)
+            metrics.update({f"generation_{k}": v for k, v in found.items()} if labels else found)
         self.model.train()
         release_free_memory()  # the evaluation batches' blocks, so training does not stack on them
-        return metrics, samples
+        return Evaluation(metrics, self._samples(answers or []))
+
+    def _loss(self, labels: list[list[int]] | None) -> tuple[LossTotals, list[int] | None]:
+        """This split's loss totals over every rank and, when the labels can be read from the same forward (one
+        token each, every example its prompt and answer: decided on the whole split, so every rank agrees),
+        each example's highest-scoring label."""
+        data, processes = self.data, self.processes
+        one_pass = labels is not None and scores_ride_on_loss(data.eval_examples, data.eval_prompts, labels)
+        part = loss_totals(self._forwards(), processes.shard(data.eval_examples),
+                           self.unpacked_batches if one_pass else self.batches, task=self.config.model.task,
+                           prompts=processes.shard(data.eval_prompts) if one_pass else None,
+                           label_tokens=[label[0] for label in labels] if one_pass else None)
+        totals = processes.total(part)
+        return totals, totals.chosen if one_pass else None
+
+    def _forwards(self) -> Forwards:
+        return Forwards(self.model, self.device, self.config.train.eval_batch_size, self.autocast, self.progress,
+                        self.loss_chunk)
+
+    def _samples(self, answers: list[str]) -> list[dict[str, str]]:
+        data = self.data
+        return [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
+                for p, o, r in zip(data.eval_prompts, answers, data.eval_references)][: self.config.train.num_samples]
 
 
 def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
