@@ -1,10 +1,10 @@
-"""Training on several processes and machines under torchrun: the process group and what the loop asks of it.
+"""Training on several processes and machines under torchrun: `Torchrun`, the recipe's `Processes` for them.
 
 torchrun (PyTorch's own launcher) starts the processes and sets RANK, WORLD_SIZE, LOCAL_RANK and the
-rendezvous; this module joins them (`gloo` on CPU, `nccl` on CUDA) and gives the training loop one object,
-`Processes`, that answers the same questions in one process as in many: which share of the data is mine,
-sum these numbers over all ranks, am I the one who writes. A run outside torchrun gets a single process
-and no communication at all.
+rendezvous; `join_processes` joins them (`gloo` on CPU, `nccl` on CUDA) and returns a `Torchrun`, which
+answers the recipe's few questions (see `processes.py`) for many processes: which micro-batches and which
+share of the evaluation are mine, sum these numbers over all ranks, am I the one who writes. A run outside
+torchrun gets the one-process `Processes` and no communication at all.
 
 Only the adapter is communicated. DistributedDataParallel is told to ignore every frozen parameter and
 every buffer, so the base model (quantized or not) is loaded by each rank and never broadcast or reduced;
@@ -31,6 +31,7 @@ from torch import nn
 
 from loratune.core.errors import ConfigError, LoratuneError
 from loratune.errors import ReportedByAnotherRank
+from loratune.train.processes import LossFunction, Processes
 
 DEFAULT_TIMEOUT_S = 300
 T = TypeVar("T")
@@ -45,19 +46,13 @@ def under_torchrun() -> bool:
 
 
 @dataclasses.dataclass
-class Processes:
-    """The processes of one training job, as the loop sees them (one process when not under torchrun)."""
+class Torchrun(Processes):
+    """torchrun's processes as the recipe sees them (`processes.Processes` is the one-process answer)."""
 
-    rank: int = 0
-    world: int = 1
     local_rank: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
     owns_group: bool = False  # this object initialised the process group, so it destroys it
-    sharded: bool = False  # FSDP sharded the model: every rank must run the same forwards
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    shard_model: bool = False  # train.distributed: fsdp; every rank then runs the same forwards
 
     @property
     def joined(self) -> bool:
@@ -72,65 +67,7 @@ class Processes:
             dist.destroy_process_group()
         self.owns_group = False
 
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # --- data and results across ranks ----------------------------------------------------------------------
-    def shard(self, items: Sequence[T]) -> Sequence[T]:
-        """This rank's contiguous block of `items` (all of them when the model is sharded: FSDP needs every
-        rank to run the same forwards)."""
-        if self.world == 1 or self.sharded:
-            return items
-        n = len(items)
-        return items[self.rank * n // self.world:(self.rank + 1) * n // self.world]
-
-    def unshard(self, part: list[T]) -> list[T]:
-        """The blocks of `shard` put back together, in the original order, on every rank."""
-        if self.world == 1 or self.sharded:
-            return part
-        return [item for block in self.gather(part) for item in block]
-
-    def total(self, part: T) -> T:
-        """The sum (`+`) of every rank's share of a result computed over `shard`."""
-        if self.world == 1 or self.sharded:
-            return part
-        return functools.reduce(operator.add, self.gather(part))
-
-    def gather(self, value: T) -> list[T]:
-        """`value` from every rank, in rank order (any picklable object)."""
-        if not self.joined:
-            return [value]
-        values: list[Any] = [None] * self.world
-        with self.reporting():
-            dist.all_gather_object(values, value)
-        return values
-
-    def sum(self, values: Sequence[float]) -> list[float]:
-        """Element-wise sum over the ranks, in float64 (token counts and loss sums)."""
-        if not self.joined:
-            return list(values)
-        total = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
-        with self.reporting():
-            dist.all_reduce(total)
-        return total.tolist()
-
-    def from_main(self, value: T) -> T:
-        """Rank 0's `value` on every rank."""
-        if not self.joined:
-            return value
-        box = [value if self.is_main else None]
-        with self.reporting():
-            dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.joined:
-            with self.reporting():
-                dist.barrier()
-
+    # --- set-up ----------------------------------------------------------------------------------------------
     def agree(self, step: Callable[[], T]) -> T:
         """Run `step` on every rank; if it raised a user error anywhere, rank 0 reports the first one
         (naming the rank when it is not rank 0's own) and every rank stops, so it is said once."""
@@ -153,6 +90,123 @@ class Processes:
             raise LoratuneError(f"rank {rank}: {message}")
         raise ReportedByAnotherRank(message)
 
+    def on_main(self, step: Callable[[], T]) -> T:
+        return self.from_main(self.agree(lambda: step() if self.is_main else None))
+
+    def any(self, flag: bool) -> bool:
+        return self.sum([float(flag)])[0] > 0  # one all-reduce of a number, not a pickled gather
+
+    # --- the training step ---------------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, loss: LossFunction) -> nn.Module:
+        """DDP over the adapter alone, or FSDP2 over the transformer blocks: gradients come out of backward
+        already averaged over the ranks. Rank 0's adapter (fresh or resumed) is sent to every rank first."""
+        if not self.joined:
+            return super().wrap(model, loss)
+        forward = LossForward(model, loss)
+        self.broadcast_trainable(model)
+        if self.shard_model:
+            shard_blocks(model, self.device)
+            return forward
+        frozen = [name for name, p in forward.named_parameters() if not p.requires_grad]
+        buffers = [name for name, _ in forward.named_buffers()]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(forward, frozen + buffers)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        with self.reporting():
+            return nn.parallel.DistributedDataParallel(forward, device_ids=device_ids, init_sync=False)
+
+    def micro_batches(self, start: int, per_rank: int) -> range:
+        """Dealt out by rank: this rank's are every `world`-th from `start + rank`."""
+        return range(start + self.rank, start + per_rank * self.world, self.world)
+
+    @contextlib.contextmanager
+    def accumulating(self, trainer: Callable[..., tuple], sync: bool) -> Iterator[None]:
+        """Skip the gradient reduction on all but the last micro-batch of a step; a peer that died during the
+        forward or backward becomes a one-line error."""
+        with self.reporting(), self._gradient_sync(trainer, sync):
+            yield
+
+    @contextlib.contextmanager
+    def _gradient_sync(self, module: Callable[..., tuple], sync: bool) -> Iterator[None]:
+        if sync or not self.joined:
+            yield
+        elif isinstance(module, nn.parallel.DistributedDataParallel):
+            with module.no_sync():
+                yield
+        else:  # FSDP2: the sharded blocks accumulate unreduced gradients until the last micro-batch
+            blocks = fsdp_blocks(module)
+            for block in blocks:
+                block.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                for block in blocks:
+                    block.set_requires_gradient_sync(True)
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over the ranks, in float64."""
+        if not self.joined:
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64, device=self._collective_device)
+        with self.reporting():
+            dist.all_reduce(total)
+        return total.tolist()
+
+    @contextlib.contextmanager
+    def full_parameters(self, model: nn.Module) -> Iterator[None]:
+        """The sharded blocks' parameters whole on every rank (for saving the adapter); a no-op unsharded."""
+        blocks = fsdp_blocks(model)
+        with self.reporting():
+            for block in blocks:
+                block.unshard()
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block.reshard()
+
+    # --- evaluation ----------------------------------------------------------------------------------------
+    def shard(self, items: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous block of `items` (all of them when the model is sharded: FSDP needs every
+        rank to run the same forwards)."""
+        if self.world == 1 or self.shard_model:
+            return items
+        n = len(items)
+        return items[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+
+    def unshard(self, part: list[T]) -> list[T]:
+        if self.world == 1 or self.shard_model:
+            return part
+        return [item for block in self.gather(part) for item in block]
+
+    def total(self, part: T) -> T:
+        if self.world == 1 or self.shard_model:
+            return part
+        return functools.reduce(operator.add, self.gather(part))
+
+    # --- communication -------------------------------------------------------------------------------------
+    def gather(self, value: T) -> list[T]:
+        """`value` from every rank, in rank order (any picklable object)."""
+        if not self.joined:
+            return [value]
+        values: list[Any] = [None] * self.world
+        with self.reporting():
+            dist.all_gather_object(values, value)
+        return values
+
+    def from_main(self, value: T) -> T:
+        """Rank 0's `value` on every rank."""
+        if not self.joined:
+            return value
+        box = [value if self.is_main else None]
+        with self.reporting():
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.joined:
+            with self.reporting():
+                dist.barrier()
+
     @contextlib.contextmanager
     def reporting(self) -> Iterator[None]:
         """Turn a collective that failed (a peer died, or the timeout passed) into a one-line error."""
@@ -170,80 +224,12 @@ class Processes:
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
-    # --- randomness ---------------------------------------------------------------------------------------------
-    def seed_rank(self, seed: int) -> None:
-        """Give every rank but 0 its own random stream (dropout masks), after the shared-seed model set-up.
-
-        Rank 0 keeps the stream a single process would have.
-        """
-        if self.rank:
-            torch.manual_seed(seed * 1_000_003 + self.rank)
-
-    def rank_rng(self, saved: dict[str, Any], seed: int) -> dict[str, Any] | None:
-        """The RNG state this rank resumes with: its own when the process count is unchanged, rank 0's on rank
-        0, else None (a fresh per-rank stream: exact equality with dropout then cannot hold)."""
-        streams = saved.get("rank_rng") or [saved["rng"]]
-        if len(streams) == self.world or self.rank == 0:
-            return streams[self.rank]
-        self.seed_rank(seed + saved["state"]["step"])
-        return None
-
-    # --- the model --------------------------------------------------------------------------------------------
-    def training_module(self, model: nn.Module, loss: Callable[..., tuple], mode: str) -> nn.Module:
-        """The module the training step calls: `module(batch)` -> (loss, logits, weight) with gradients that
-        are already averaged over the ranks after backward."""
-        forward = LossForward(model, loss)
-        if not self.joined:
-            return forward
-        self.broadcast_trainable(model)
-        if mode == "fsdp":
-            shard_blocks(model, self.device)
-            self.sharded = True
-            return forward
-        frozen = [name for name, p in forward.named_parameters() if not p.requires_grad]
-        buffers = [name for name, _ in forward.named_buffers()]
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(forward, frozen + buffers)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        with self.reporting():
-            return nn.parallel.DistributedDataParallel(forward, device_ids=device_ids, init_sync=False)
-
     def broadcast_trainable(self, model: nn.Module) -> None:
         """Rank 0's adapter (fresh or resumed) on every rank; the frozen base is not sent."""
         with self.reporting(), torch.no_grad():
             for param in model.parameters():
                 if param.requires_grad:
                     dist.broadcast(param.data, src=0)
-
-    @contextlib.contextmanager
-    def gradient_sync(self, module: nn.Module, sync: bool) -> Iterator[None]:
-        """Skip the gradient reduction on all but the last micro-batch of a step."""
-        if sync or not self.joined:
-            yield
-        elif isinstance(module, nn.parallel.DistributedDataParallel):
-            with module.no_sync():
-                yield
-        else:  # FSDP2: the sharded blocks accumulate unreduced gradients until the last micro-batch
-            blocks = fsdp_blocks(module)
-            for block in blocks:
-                block.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                for block in blocks:
-                    block.set_requires_gradient_sync(True)
-
-    @contextlib.contextmanager
-    def full_parameters(self, model: nn.Module) -> Iterator[None]:
-        """The sharded blocks' parameters whole on every rank (for saving the adapter); a no-op unsharded."""
-        blocks = fsdp_blocks(model) if self.sharded else []
-        with self.reporting():
-            for block in blocks:
-                block.unshard()
-        try:
-            yield
-        finally:
-            for block in blocks:
-                block.reshard()
 
 
 class LossForward(nn.Module):
@@ -255,11 +241,12 @@ class LossForward(nn.Module):
         self.model, self.loss = model, loss
 
     def forward(self, batch: dict[str, torch.Tensor], prefix: int = 0) -> tuple:
-        return self.loss(self.model, batch, prefix)
+        return self.loss(self.model, batch, prefix=prefix)
 
 
-def join_processes(timeout_s: float = DEFAULT_TIMEOUT_S) -> Processes:
-    """Join torchrun's process group (reusing one already joined); one plain process when not launched by it."""
+def join_processes(timeout_s: float = DEFAULT_TIMEOUT_S, distributed: str = "ddp") -> Processes:
+    """Join torchrun's process group (reusing one already joined) to train as `distributed` (the config's
+    `train.distributed`) says; one plain process when not launched by torchrun."""
     if not under_torchrun():
         return Processes()
     owns = not dist.is_initialized()
@@ -269,7 +256,7 @@ def join_processes(timeout_s: float = DEFAULT_TIMEOUT_S) -> Processes:
         if cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    return Processes(dist.get_rank(), dist.get_world_size(), local_rank, timeout_s, owns)
+    return Torchrun(dist.get_rank(), dist.get_world_size(), local_rank, timeout_s, owns, distributed == "fsdp")
 
 
 def join_checked(load_config: Callable[[], Any], check_data: Callable[[Any], None]) -> tuple[Any, Processes]:
@@ -279,12 +266,14 @@ def join_checked(load_config: Callable[[], Any], check_data: Callable[[Any], Non
         config, error = load_config(), None
     except LoratuneError as exc:
         config, error = None, exc
-    processes = join_processes(config.train.distributed_timeout if config else DEFAULT_TIMEOUT_S)
+    train = config.train if config else None
+    processes = join_processes(train.distributed_timeout if train else DEFAULT_TIMEOUT_S,
+                               train.distributed if train else "ddp")
 
     def check() -> None:
         if error is not None:
             raise error
-        if processes.joined:  # one process reads its data in `prepare` anyway
+        if processes.world > 1:  # one process reads its data in `prepare` anyway
             check_data(config)
 
     try:

@@ -7,6 +7,7 @@ evaluation and a checkpoint when due, then evaluate, save the adapter and write 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import resource
 import sys
@@ -30,9 +31,10 @@ from loratune.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from loratune.train.distributed import Processes, check_global_batch, global_batch, join_processes
+from loratune.train.distributed import check_global_batch, global_batch, join_processes
 from loratune.train.evaluate import Evaluation
 from loratune.train.optim import build_optimizer, build_scheduler
+from loratune.train.processes import Processes
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
 from loratune.train.run_folder import claim_output_dir
@@ -74,7 +76,7 @@ class Run:
     before: dict[str, Any]
     samples_before: list[dict[str, str]]
     board: Any = None
-    trainer: Any = None  # the module a training step calls: (loss, logits, weight) of a batch, DDP-wrapped or not
+    trainer: Any = None  # what a training step calls: (loss, logits, weight) of a batch (`Processes.wrap`)
 
     @property
     def checkpoints(self) -> Path:
@@ -98,13 +100,17 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None,
         processes: Processes | None = None) -> dict[str, Any]:
     """Train one LoRA adapter as `config` says and write everything into `config.output_dir`.
 
-    Under torchrun every process calls this; `processes` (default: join torchrun's group, if any) says which
-    share of the work is this one's, and only rank 0 writes.
+    Under torchrun every process calls this; `processes` (default: join torchrun's group, if any, as
+    `train.distributed` says) answers where one process and many differ, and only rank 0 writes.
     """
     own_processes = processes is None
-    processes = processes or join_processes(config.train.distributed_timeout)
+    processes = processes or join_processes(config.train.distributed_timeout, config.train.distributed)
     try:
         return _fit(config, resume, _quiet(quiet) or not processes.is_main, processes)
+    except RunStopped as stop:  # rank 0 says how to go on; the other ranks end without a second message
+        if processes.is_main:
+            raise
+        raise ReportedByAnotherRank(str(stop)) from None
     finally:
         if own_processes:
             processes.close()
@@ -113,18 +119,17 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None,
 def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> dict[str, Any]:
     out, tc = Path(config.output_dir), config.train
     with ExitStack() as folder, stop_requests() as stops:
-        # rank 0 owns the folder (lock, emptiness, leftovers); a refusal is said once, by rank 0
-        processes.agree(lambda: folder.enter_context(claim_output_dir(out, resume)) if processes.is_main else None)
-        resume = resume and _has_checkpoint(out, config, processes)
+        processes.on_main(lambda: _claim(folder, out, resume))  # a refusal is said once
+        resume = resume and processes.on_main(lambda: _has_checkpoint(out, config))
         session = processes.agree(lambda: prepare(config, quiet, processes=processes))
-        if _stop_agreed(processes, stops):
-            raise _stopped(processes, RunStopped(stops.signal_name, 0, None))
+        if processes.any(stops.requested):
+            raise RunStopped(stops.signal_name, 0, None)
         run = resume_run(session, out) if resume else start_run(session, out)
         session.model.train()
         order = batch_order(session)
         progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
         try:
-            while run.state.step < tc.max_steps and not run.state.stopped_early and not _stop_agreed(processes, stops):
+            while run.state.step < tc.max_steps and not run.state.stopped_early and not processes.any(stops.requested):
                 train_step(run, order, progress)
                 if _due(tc.eval_every, run.state.step) and session.data.eval_examples and run.state.step < tc.max_steps:
                     evaluate_during_training(run)
@@ -132,49 +137,42 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
                     save_run_checkpoint(run)
         finally:
             progress.close()
-        if _stop_agreed(processes, stops):  # between steps: keep the progress, then say how to go on
-            raise _stopped(processes, RunStopped(stops.signal_name, run.state.step, checkpoint_now(run)))
+        if processes.any(stops.requested):  # between steps, on every rank: keep the progress, say how to go on
+            raise RunStopped(stops.signal_name, run.state.step, checkpoint_now(run))
         return finish(run)
 
 
-def _has_checkpoint(out: Path, config: RunConfig, processes: Processes) -> bool:
+def _claim(folder: ExitStack, out: Path, resume: bool) -> None:
+    """The output folder is this run's (lock, emptiness, leftovers) until the run ends."""
+    folder.enter_context(claim_output_dir(out, resume))
+
+
+def _has_checkpoint(out: Path, config: RunConfig) -> bool:
     """Whether `--resume` has a checkpoint to continue from. A run stopped before its first checkpoint (its
     own config.yaml is there, no checkpoint yet) starts again from step 0 with a warning, which equals an
     uninterrupted run; a folder that holds neither is an error, as is another run's config."""
-    def check() -> bool:
-        checkpoints, saved = out / "checkpoints", out / "config.yaml"
-        if latest_checkpoint(checkpoints) is not None:
-            return True
-        if not saved.is_file():
-            raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
-        if saved.read_text(encoding="utf-8") != config_to_yaml(config):
-            raise LoratuneError(f"output_dir {out} holds another run's config.yaml and no checkpoint; choose "
-                                "another output_dir")
-        print(f"loratune: warning: {checkpoints}: no complete checkpoint yet; starting again from step 0",
-              file=sys.stderr)
-        return False
-
-    return processes.from_main(processes.agree(lambda: check() if processes.is_main else None))
-
-
-def _stop_agreed(processes: Processes, stops: Any) -> bool:
-    """Whether a stop signal reached this process or, under torchrun, any other: every rank stops after the
-    same step, so the checkpoint holds all ranks' streams."""
-    return processes.sum([float(stops.requested)])[0] > 0  # one all-reduce of a number, not a pickled gather
-
-
-def _stopped(processes: Processes, stop: RunStopped) -> Exception:
-    """The stop as rank 0 says it; the other ranks end without a second message."""
-    return stop if processes.is_main else ReportedByAnotherRank(str(stop))
+    checkpoints, saved = out / "checkpoints", out / "config.yaml"
+    if latest_checkpoint(checkpoints) is not None:
+        return True
+    if not saved.is_file():
+        raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
+    if saved.read_text(encoding="utf-8") != config_to_yaml(config):
+        raise LoratuneError(f"output_dir {out} holds another run's config.yaml and no checkpoint; choose "
+                            "another output_dir")
+    print(f"loratune: warning: {checkpoints}: no complete checkpoint yet; starting again from step 0",
+          file=sys.stderr)
+    return False
 
 
 def start_run(session: Session, out: Path) -> Run:
-    """A fresh run: new optimizer, and the "before" evaluation as the history's first entry."""
+    """A fresh run: the module a step trains through, the optimizer over its parameters, and the "before"
+    evaluation as the history's first entry."""
+    trainer = _trainer(session)
     optimizer, scheduler = _optimizer(session)
     before = session.evaluate()
     session.processes.seed_rank(session.config.train.seed)
     state = RunState(history=[{"kind": "eval", "step": 0, **before.metrics}] if before.metrics else [])
-    return _open_run(Run(session, out, optimizer, scheduler, state, before.metrics, before.samples))
+    return _open_run(Run(session, out, optimizer, scheduler, state, before.metrics, before.samples, trainer=trainer))
 
 
 def resume_run(session: Session, out: Path) -> Run:
@@ -183,17 +181,17 @@ def resume_run(session: Session, out: Path) -> Run:
 
     Rank 0 reads it and sends it to the others, so the output folder need not be shared between machines.
     """
-    processes = session.processes
+    saved = session.processes.on_main(lambda: read_latest_checkpoint(session, out))
+    trainer = _trainer(session)  # under torchrun this sends rank 0's resumed adapter to every rank
     optimizer, scheduler = _optimizer(session)
-    saved = processes.agree(lambda: read_latest_checkpoint(session, out) if processes.is_main else None)
-    saved = processes.from_main(saved)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    rng = processes.rank_rng(saved, session.config.train.seed)
+    rng = session.processes.rank_rng(saved, session.config.train.seed)
     if rng is not None:
         set_rng_state(rng)
     state = RunState(**saved["state"])
-    return _open_run(Run(session, out, optimizer, scheduler, state, saved["before"], saved["samples_before"]))
+    return _open_run(Run(session, out, optimizer, scheduler, state, saved["before"], saved["samples_before"],
+                         trainer=trainer))
 
 
 def batch_order(session: Session) -> BatchOrder:
@@ -233,25 +231,23 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
     process with batch B and accumulation 2 takes the same step as two processes with batch B.
     """
     session, state, processes = run.session, run.state, run.session.processes
-    tc = session.config.train
     loss_sum, weight_sum, tokens = 0.0, 0, 0
-    with processes.reporting():
-        for micro in range(tc.grad_accum):
-            index = state.micro + micro * processes.world + processes.rank
-            examples = [session.data.train_examples[i] for i in order.batch(index)]
-            batch, prefix = session.batches.make(examples, session.device)
-            with processes.gradient_sync(run.trainer, micro == tc.grad_accum - 1):
-                with session.autocast():
-                    loss, _, weight = run.trainer(batch, prefix)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"loss became {loss.item()} at step {state.step + 1}; "
-                                           f"{_last_good(run.checkpoints)} (try a lower learning rate)")
-                (loss * weight).backward()
-            loss_sum += loss.item() * weight
-            weight_sum += weight
-            tokens += int(batch["attention_mask"].sum())
-        loss_sum, weight_sum, tokens = processes.sum([loss_sum, weight_sum, tokens])
-    state.micro += tc.grad_accum * processes.world
+    mine = processes.micro_batches(state.micro, session.config.train.grad_accum)
+    for index in mine:
+        examples = [session.data.train_examples[i] for i in order.batch(index)]
+        batch, prefix = session.batches.make(examples, session.device)
+        with processes.accumulating(run.trainer, sync=index == mine[-1]):
+            with session.autocast():
+                loss, _, weight = run.trainer(batch, prefix=prefix)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss became {loss.item()} at step {state.step + 1}; "
+                                       f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+            (loss * weight).backward()
+        loss_sum += loss.item() * weight
+        weight_sum += weight
+        tokens += int(batch["attention_mask"].sum())
+    loss_sum, weight_sum, tokens = processes.sum([loss_sum, weight_sum, tokens])
+    state.micro = mine.stop  # every rank's share of this step is done
     # DDP and FSDP average gradients over the ranks; the step's loss is a mean over all its tokens.
     _scale_gradients(session.model, processes.world / max(weight_sum, 1))
     return loss_sum / max(weight_sum, 1), int(tokens)
@@ -291,9 +287,8 @@ def save_run_checkpoint(run: Run) -> None:
 def checkpoint_now(run: Run) -> Path:
     """The checkpoint of the run's current step, written now unless it already exists (rank 0 decides: only
     its folder is sure to hold the checkpoints)."""
-    processes, path = run.session.processes, run.checkpoints / f"step-{run.state.step}"
-    latest = latest_checkpoint(run.checkpoints) if processes.is_main else None
-    if processes.from_main(latest is not None and latest.name == path.name):
+    path = run.checkpoints / f"step-{run.state.step}"
+    if run.session.processes.on_main(lambda: getattr(latest_checkpoint(run.checkpoints), "name", None)) == path.name:
         return path
     save_run_checkpoint(run)
     return path
@@ -302,7 +297,7 @@ def checkpoint_now(run: Run) -> Path:
 def _kept_in_checkpoint(run: Run) -> str:
     """Say where the run's progress is after the final adapter could not be written (rank 0 alone gets here,
     so under torchrun no new checkpoint, which needs every rank, is tried)."""
-    if run.session.processes.joined:
+    if run.session.processes.world > 1:
         return _last_good(run.checkpoints)
     try:
         path = checkpoint_now(run)
@@ -363,20 +358,18 @@ def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bo
 
 # --- helpers of the steps ------------------------------------------------------------------------------------
 def _open_run(run: Run) -> Run:
-    """Write the history so far and the config, and open TensorBoard: the files a run appends to (rank 0);
-    then make the module the steps train through (DDP or FSDP under torchrun)."""
-    session = run.session
-    if session.processes.is_main:
+    """Write the history so far and the config, and open TensorBoard: the files a run appends to (rank 0)."""
+    if run.session.processes.is_main:
         write_text_atomic(run.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in run.state.history))
-        write_text_atomic(run.out / "config.yaml", config_to_yaml(session.config))
+        write_text_atomic(run.out / "config.yaml", config_to_yaml(run.session.config))
         run.board = _tensorboard(run.out)
-    task, chunk = session.config.model.task, session.loss_chunk
-    run.trainer = session.processes.training_module(
-        session.model, lambda model, batch, prefix=0: batch_loss(model, batch, task, chunk, prefix),
-        session.config.train.distributed)
-    if session.processes.sharded:  # sharding replaced the parameters the optimizer was built over
-        run.optimizer, run.scheduler = _optimizer(session)
     return run
+
+
+def _trainer(session: Session) -> Any:
+    """What a training step calls: the batch loss, through DDP or FSDP under torchrun."""
+    loss = functools.partial(batch_loss, task=session.config.model.task, loss_chunk=session.loss_chunk)
+    return session.processes.wrap(session.model, loss)
 
 
 def _scale_gradients(model: torch.nn.Module, factor: float) -> None:

@@ -22,7 +22,6 @@ from loratune.pretrained import load_adapted_model, max_positions
 from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
 from loratune.train.batches import BatchMaker
-from loratune.train.distributed import Processes
 from loratune.train.evaluate import (
     Evaluation,
     Forwards,
@@ -34,6 +33,7 @@ from loratune.train.evaluate import (
 )
 from loratune.train.label_scoring import scored_labels, scores_ride_on_loss
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
+from loratune.train.processes import Processes
 from loratune.train.run_config import RunConfig
 
 ADAPTER = "default"
