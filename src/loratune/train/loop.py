@@ -119,17 +119,20 @@ def fit(config: RunConfig, resume: bool = False, quiet: bool | None = None,
 def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> dict[str, Any]:
     out, tc = Path(config.output_dir), config.train
     with ExitStack() as folder, stop_requests() as stops:
+        def stopping() -> bool:  # a stop signal on any rank stops every rank after the same step
+            return processes.any(stops.requested)
+
         processes.on_main(lambda: _claim(folder, out, resume))  # a refusal is said once
         resume = resume and processes.on_main(lambda: _has_checkpoint(out, config))
         session = processes.agree(lambda: prepare(config, quiet, processes=processes))
-        if processes.any(stops.requested):
+        if stopping():
             raise RunStopped(stops.signal_name, 0, None)
         run = resume_run(session, out) if resume else start_run(session, out)
         session.model.train()
         order = batch_order(session)
         progress = session.progress(total=tc.max_steps, initial=run.state.step, desc="training")
         try:
-            while run.state.step < tc.max_steps and not run.state.stopped_early and not processes.any(stops.requested):
+            while run.state.step < tc.max_steps and not run.state.stopped_early and not stopping():
                 train_step(run, order, progress)
                 if _due(tc.eval_every, run.state.step) and session.data.eval_examples and run.state.step < tc.max_steps:
                     evaluate_during_training(run)
@@ -137,7 +140,7 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
                     save_run_checkpoint(run)
         finally:
             progress.close()
-        if processes.any(stops.requested):  # between steps, on every rank: keep the progress, say how to go on
+        if stopping():  # between steps: keep the progress, then say how to go on
             raise RunStopped(stops.signal_name, run.state.step, checkpoint_now(run))
         return finish(run)
 
@@ -269,16 +272,16 @@ def evaluate_during_training(run: Run) -> None:
 def save_run_checkpoint(run: Run) -> None:
     """Write checkpoint `step-N` (rank 0, with every rank's RNG stream); refuses weights that are no longer
     finite (nothing worth resuming)."""
-    model, state, config, processes = run.session.model, run.state, run.session.config, run.session.processes
-    streams = processes.gather(rng_state())
-    if not processes.is_main:
+    model, state, config = run.session.model, run.state, run.session.config
+    streams = run.session.processes.gather(rng_state())
+    if not run.session.processes.is_main:
         return
     if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
         raise TrainingDiverged(f"adapter weights became non-finite at step {state.step}; "
                                f"{_last_good(run.checkpoints)} (try a lower learning rate)")
     save_checkpoint(run.checkpoints, state.step, model, ADAPTER, {
         "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-        "state": dataclasses.asdict(state), "rng": streams[0], "rank_rng": streams, "processes": processes.world,
+        "state": dataclasses.asdict(state), "rng": streams[0], "rank_rng": streams, "processes": len(streams),
         "before": run.before,
         "samples_before": run.samples_before, "config": config.model_dump(mode="json")},
         config.train.keep_checkpoints)
@@ -330,13 +333,13 @@ def finish(run: Run) -> dict[str, Any]:
 
 
 def run_summary(run: Run, after: Evaluation) -> dict[str, Any]:
-    session, state, config = run.session, run.state, run.session.config
+    session, state, config, world = run.session, run.state, run.session.config, run.session.processes.world
     count = trainable_parameters(session.model)
     return {
         "model": config.model.name, "task": config.model.task, "precision": session.precision,
         "steps": state.step, "stopped_early": state.stopped_early,
-        "global_batch": {"examples": global_batch(config.train, session.processes.world),
-                         "per_process": config.train.batch_size, "processes": session.processes.world,
+        "global_batch": {"examples": global_batch(config.train, world), "per_process": config.train.batch_size,
+                         "processes": world,
                          "grad_accum": config.train.grad_accum},
         "trainable_parameters": count.trainable, "total_parameters": count.total,
         "trainable_fraction": count.fraction,
