@@ -85,7 +85,7 @@ def peak_rss_mb() -> float:
 def machine() -> dict[str, Any]:
     """Date, command, versions, CPU model, count and flags, load average: recorded with every result."""
     info: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                            "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+                            "command": " ".join(["python -m", _module(), *sys.argv[1:]]),
                             "python": platform.python_version(), "cpu_count": os.cpu_count(),
                             "load_average": [round(x, 2) for x in os.getloadavg()]}
     for package in ("torch", "transformers", "peft", "trl"):
@@ -101,6 +101,12 @@ def machine() -> dict[str, Any]:
     info["cpu"] = fields.get("Model name", platform.processor() or "unknown")
     info["cpu_flags"] = fields.get("Flags", "unknown")
     return info
+
+
+def _module() -> str:
+    """`benchmarks` or `benchmarks.NAME`: the module this process was started as."""
+    name = Path(sys.argv[0]).stem
+    return "benchmarks" if name in ("__main__", "") else f"benchmarks.{name}"
 
 
 def write_result(stem: str, result: dict[str, Any], table: str, docs_block: str | None = None) -> list[Path]:
