@@ -10,7 +10,6 @@ import pytest
 from loratune import config_docs
 from loratune.train.run_config import RunConfig
 
-
 PAGE = Path(__file__).resolve().parents[1] / config_docs.DOC_PATH
 
 
