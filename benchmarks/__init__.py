@@ -1,6 +1,6 @@
-"""Speed and memory benchmarks of loratune against PEFT, and a quality-parity check.
+"""Benchmarks that decide something: loratune against PEFT (`speed`), the demo's job against TRL (`race`), the
+server under load (`serve`) and abuse (`serve_abuse`), crash safety (`soak`), exports in llama.cpp (`runtimes`).
 
-Run `python -m benchmarks --help`. Each (library, precision) configuration runs in a fresh subprocess
-(`benchmarks.worker`), so its peak RSS is its own; `benchmarks.runner` alternates them and takes medians,
-`benchmarks.report` writes JSON, markdown, a plot and the results section of docs/benchmarks.md.
+`common` holds what they share: child processes with their own peak memory, the machine's description, the
+results writer and the server starter. Run `python -m benchmarks --help`.
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check run on a lent CUDA machine (no network there): the test suite with CUDA visible (the
 # trainer then runs on the GPU), then the speed benchmarks against PEFT on the same GPU.
-# Wheels missing on that machine travel in .whl/ (see docs/benchmarks.md, "GPU runs").
+# Wheels missing on that machine travel in .whl/ (see docs/benchmarks.md, "On a GPU").
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"

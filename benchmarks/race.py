@@ -1,181 +1,100 @@
-"""The race: the demo's whole job (load, train, evaluate) as loratune runs it and as TRL's `SFTTrainer` + PEFT
-runs it, each in a fresh process, alternated, on the same split.
+"""The race: the demo's whole job as `loratune demo` runs it, against TRL's `SFTTrainer` + PEFT on the same split,
+each in a fresh process, alternated; then `loratune eval` scores both adapters with the same code.
 
-    python -m benchmarks race [--rounds 1] [--steps 100]
+    python -m benchmarks race [--rounds 1] [--steps 100] [--eval-records 300]
 
 Both sides train SmolLM2-135M-Instruct on the demo's movie-sentiment split (the examples loratune's data
-pipeline makes: chat-templated prompt, label answer, 128 tokens at most), r=8 all-linear, batch 8, lr 3e-4,
-10 warm-up steps, cosine, in the precision loratune resolves on the machine for both (bf16 autocast where the
-CPU or GPU computes bf16 natively, fp32 where bf16 would be emulated, as on AVX2-only CPUs). Each process
-reports its load, training and evaluation seconds, the CPU seconds of its threads (a check on the wall
-times when other work shares the machine) and its peak RSS; then the same scoring code (greedy generation
-of 6 tokens, `generation_metrics`) measures accuracy on the same 300 held-out reviews for both. loratune's
-own evaluation (label scoring, loss) is timed as the demo runs it. TRL and accelerate are the `bench` extra
-(`pip install -e '.[bench]'`).
+pipeline makes: chat-templated prompt, label answer), r=8 all-linear, batch 8, lr 3e-4, 10 warm-up steps,
+cosine, in the precision loratune's `auto` resolves on the machine (bf16 only where it is native). Per process:
+wall and CPU seconds, peak RSS (the kernel's count for that process alone), training seconds; loratune's
+includes its own evaluation before and after training, as the demo runs it. TRL and accelerate are the
+`bench` extra (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
+import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.runner import cpu_flags, cpu_model
+from benchmarks.common import machine, run_child, write_result
 
-RESULTS = Path(__file__).parent / "results"
 LIBRARIES = ("loratune", "trl")
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def overrides(steps: int, eval_records: int) -> list[str]:
+    return [f"train.max_steps={steps}", f"data.max_eval_records={eval_records}"]
 
 
-def _uses_bf16(device) -> bool:
-    """Both libraries compute in the precision loratune's `auto` picks here, so neither is handed an emulated dtype."""
-    from loratune.precision import resolve_precision
-
-    return resolve_precision("auto", device) == "bf16"
-
-
-def _common_accuracy(model, tokenizer, data, device) -> tuple[float, float]:
-    """(accuracy, seconds): greedy answers to the held-out prompts, scored as the demo scores generations."""
-    import contextlib
-
+def trl_worker(steps: int, eval_records: int, out: Path) -> int:
+    """TRL's side, in its own process: the demo's split and model, `SFTTrainer` with a PEFT LoRA; writes the
+    adapter (PEFT layout), the demo config it used and its own timings into `out`."""
     import torch
-
-    from loratune.train.evaluate import generate_texts, generation_metrics
-
-    started = time.perf_counter()
-    bf16 = _uses_bf16(device)
-    outputs = generate_texts(model, tokenizer, data.eval_prompts, 6, 32, device,
-                             lambda: torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                             else contextlib.nullcontext())
-    metrics = generation_metrics(outputs, data.eval_references, data.label_names)
-    return metrics["accuracy"], time.perf_counter() - started
-
-
-def run_loratune(steps: int, out: Path, eval_records: int) -> dict:
-    from loratune.train import demo_config
-    from loratune.train.loop import batch_order, finish, start_run, train_step
-    from loratune.train.session import prepare
-
-    config = demo_config(out, [f"train.max_steps={steps}", f"data.max_eval_records={eval_records}"])
-    started, cpu_started = time.perf_counter(), time.process_time()
-    session = prepare(config, quiet=True)
-    loaded = time.perf_counter()
-    run = start_run(session, out)  # the demo's evaluation before training
-    before, cpu_before = time.perf_counter(), time.process_time()
-    session.model.train()
-    order = batch_order(session)  # as `loratune demo` orders its batches
-    progress = session.progress(total=steps, desc="training")
-    while run.state.step < steps:
-        train_step(run, order, progress)
-    trained, cpu_trained = time.perf_counter(), time.process_time()
-    summary = finish(run)  # evaluation after training, adapter and report
-    done, cpu_done = time.perf_counter(), time.process_time()
-    accuracy, common_s = _common_accuracy(session.model, session.tokenizer, session.data, session.device)
-    return {"load_s": loaded - started, "eval_before_s": before - loaded, "train_s": trained - before,
-            "eval_after_s": done - trained, "job_s": done - started, "train_cpu_s": cpu_trained - cpu_before,
-            "job_cpu_s": cpu_done - cpu_started, "own_accuracy": summary["after"].get("accuracy"),
-            "common_accuracy": accuracy, "common_eval_s": common_s, "peak_rss_mb": _peak_rss_mb()}
-
-
-def run_trl(steps: int, out: Path, eval_records: int) -> dict:
-    import torch
+    import yaml
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from loratune.data import load_datasets
+    from loratune.precision import resolve_precision
     from loratune.pretrained import load_model
     from loratune.train import demo_config
 
-    config = demo_config(out, [f"data.max_eval_records={eval_records}"])
-    started, cpu_started = time.perf_counter(), time.process_time()
+    config = demo_config(out, overrides(steps, eval_records))
+    started = time.perf_counter()
     model, tokenizer = load_model(config.model.name, "causal-lm")
     model.set_attn_implementation("eager")  # as the demo does: faster for short sequences on a CPU
     data = load_datasets(config.data, tokenizer, "causal-lm")  # the same split and the same prompt tokens
-    rows = [{"prompt": tokenizer.decode(p), "completion": r}
-            for p, r in zip(data.train.prompts, data.train.references)]
-    loaded = time.perf_counter()
-    bf16 = _uses_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-4,
+    rows = [{"prompt": tokenizer.decode(p), "completion": r} for p, r in zip(data.train.prompts, data.train.references)]
+    cuda = torch.cuda.is_available()
+    bf16 = resolve_precision("auto", torch.device("cuda" if cuda else "cpu")) == "bf16"
+    args = SFTConfig(output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-4,
                      warmup_steps=10, lr_scheduler_type="cosine", bf16=bf16, max_length=256,
                      completion_only_loss=True, save_strategy="no", report_to=[], logging_steps=10, seed=0,
-                     use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True)
+                     use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=True)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          peft_config=lora)
-    prepared, cpu_prepared = time.perf_counter(), time.process_time()
+    prepared = time.perf_counter()
     trainer.train()
-    trained, cpu_trained = time.perf_counter(), time.process_time()
-    device = next(trainer.model.parameters()).device
-    accuracy, common_s = _common_accuracy(trainer.model, tokenizer, data, device)
-    cpu_done = time.process_time()
-    return {"load_s": loaded - started, "prepare_s": prepared - loaded, "train_s": trained - prepared,
-            "eval_after_s": common_s, "job_s": trained - started + common_s, "train_cpu_s": cpu_trained - cpu_prepared,
-            "job_cpu_s": cpu_done - cpu_started, "common_accuracy": accuracy,
-            "common_eval_s": common_s, "peak_rss_mb": _peak_rss_mb()}
-
-
-def worker(library: str, steps: int, eval_records: int, result: Path) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    with tempfile.TemporaryDirectory() as tmp:
-        row = (run_loratune if library == "loratune" else run_trl)(steps, Path(tmp) / "run", eval_records)
-    row["library"] = library
-    result.write_text(json.dumps(row))
+    trained = time.perf_counter()
+    trainer.model.save_pretrained(str(out / "adapter"))
+    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    (out / "metrics.json").write_text(json.dumps({"train_seconds": trained - prepared, "load_s": prepared - started}))
     return 0
 
 
-def _load_average() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+def one_side(library: str, steps: int, eval_records: int, out: Path) -> dict:
+    """Train in a fresh process, then score the adapter with `loratune eval` in another."""
+    if library == "loratune":
+        argv = ["-m", "loratune", "demo", "--output", str(out), "--quiet",
+                *(f"--set={o}" for o in overrides(steps, eval_records))]
+    else:
+        argv = ["-m", "benchmarks.race", "trl-worker", "--steps", str(steps), "--eval-records", str(eval_records),
+                "--out", str(out)]
+    train = run_child([sys.executable, *argv])
+    if train.code != 0:
+        raise SystemExit(f"race: the {library} process failed (exit {train.code}):\n{train.output[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    score = run_child([sys.executable, "-m", "loratune", "eval", str(out / "config.yaml"),
+                       "--adapter", str(out / "adapter"), "--quiet"])
+    found = re.search(r"^accuracy: ([0-9.]+)$", score.output, re.M)
+    if score.code != 0 or not found:
+        raise SystemExit(f"race: scoring the {library} adapter failed:\n{score.output[-3000:]}")
+    return {"library": library, "job_s": train.wall_s, "job_cpu_s": train.cpu_s, "peak_rss_mb": train.peak_rss_mb,
+            "train_s": metrics["train_seconds"], "own_accuracy": metrics.get("after", {}).get("accuracy"),
+            "common_accuracy": float(found.group(1)), "common_eval_s": score.wall_s}
 
 
-def race(rounds: int, steps: int, eval_records: int) -> int:
-    rows = []
-    for round_index in range(rounds):
-        order = LIBRARIES if round_index % 2 == 0 else LIBRARIES[::-1]
-        for library in order:
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-                result = Path(handle.name)
-            load_before = _load_average()
-            started = time.perf_counter()
-            code = subprocess.call([sys.executable, "-m", "benchmarks.race", "worker", library,
-                                    "--steps", str(steps), "--eval-records", str(eval_records),
-                                    "--result", str(result)])
-            if code != 0:
-                print(f"race: the {library} process failed (exit {code})", file=sys.stderr)
-                return 1
-            row = json.loads(result.read_text())
-            result.unlink()
-            row.update(round=round_index, process_s=time.perf_counter() - started,
-                       load_average_before=load_before, load_average_after=_load_average())
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
-    command = f"python -m benchmarks race --rounds {rounds} --steps {steps} --eval-records {eval_records}"
-    report = {"date": time.strftime("%Y-%m-%d"), "command": command, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
-              "rows": rows}
-    name = "race" if (steps, eval_records) == (100, 300) else "race-short"  # a short run never hides the real one
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
-    table = markdown(rows)
-    (RESULTS / f"{name}.md").write_text(f"`{command}`, {report['date']}, {report['cpu']}\n\n{table}")
-    print(table)
-    return 0
-
-
-KEYS = [("load_s", "load, s"), ("train_s", "training, s"), ("eval_after_s", "evaluation after training, s"),
-        ("job_s", "whole job, s"), ("train_cpu_s", "training, CPU s (all threads)"),
+KEYS = [("job_s", "whole job (one process), s"), ("train_s", "training, s"),
         ("job_cpu_s", "whole job, CPU s (all threads)"), ("peak_rss_mb", "peak RSS, MB"),
-        ("common_accuracy", "accuracy (generation, same code), held-out reviews"),
-        ("own_accuracy", "accuracy (loratune's label scoring)")]
+        ("common_accuracy", "accuracy, held-out reviews (`loratune eval` of each adapter)"),
+        ("own_accuracy", "accuracy after training (the demo's own evaluation)")]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -191,17 +110,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def race(rounds: int, steps: int, eval_records: int) -> int:
+    rows = []
+    for round_index in range(rounds):
+        for library in LIBRARIES if round_index % 2 == 0 else LIBRARIES[::-1]:
+            with tempfile.TemporaryDirectory(prefix=f"race-{library}-") as tmp:
+                rows.append({"round": round_index, **one_side(library, steps, eval_records, Path(tmp) / "run")})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    stem = "race" if (steps, eval_records) == (100, 300) else "race-short"  # a short run never hides the real one
+    table = markdown(rows)
+    paths = write_result(stem, {"machine": machine(), "rows": rows}, table)
+    print(table + "\nwrote " + ", ".join(map(str, paths)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks race", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="race", choices=["race", "worker"])
-    parser.add_argument("library", nargs="?", choices=LIBRARIES)
+    parser.add_argument("command", nargs="?", default="race", choices=["race", "trl-worker"])
     parser.add_argument("--rounds", type=int, default=1, help="alternated rounds (default 1)")
     parser.add_argument("--steps", type=int, default=100, help="training steps (default 100, the demo's)")
     parser.add_argument("--eval-records", type=int, default=300, help="held-out reviews (default 300, the demo's)")
-    parser.add_argument("--result", type=Path)
+    parser.add_argument("--out", type=Path, help="trl-worker: the folder to write into")
     args = parser.parse_args(argv)
-    if args.command == "worker":
-        return worker(args.library, args.steps, args.eval_records, args.result)
+    if args.command == "trl-worker":
+        return trl_worker(args.steps, args.eval_records, args.out)
     return race(args.rounds, args.steps, args.eval_records)
 
 

@@ -13,9 +13,7 @@ Results: benchmarks/results/runtimes.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +25,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import loratune as lt  # noqa: E402
+from benchmarks.common import machine, write_result  # noqa: E402
 from loratune.export import export, gguf_source  # noqa: E402
 from loratune.export.gguf_model import write_model_gguf  # noqa: E402
 from loratune.export.layout import layout_for  # noqa: E402
@@ -36,7 +35,6 @@ PROMPTS, NEW_TOKENS = 20, 32
 #: largest |logit difference| allowed at the last prompt position for f32 exports (measured: see docs)
 F32_LOGIT_TOLERANCE = 1e-3
 MIN_LOW_PRECISION_AGREEMENT = 0.95
-RESULTS = Path(__file__).parent / "results" / "runtimes.json"
 
 REVIEWS = ["A warm, funny film with a brilliant cast.", "Two hours of my life I will never get back.",
            "The plot made no sense and the acting was wooden.", "I laughed, I cried, I loved every minute.",
@@ -241,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
     without_extra_buffer_types()
     torch.manual_seed(0)
-    results: dict = {"llama_cpp_python": llama_cpp.__version__, "torch_threads": torch.get_num_threads(),
-                     "cpu": platform.processor() or platform.machine(), "prompts": PROMPTS, "new_tokens": NEW_TOKENS,
+    results: dict = {"machine": machine(), "llama_cpp_python": llama_cpp.__version__,
+                     "torch_threads": torch.get_num_threads(), "prompts": PROMPTS, "new_tokens": NEW_TOKENS,
                      "f32_logit_tolerance": F32_LOGIT_TOLERANCE}
     with tempfile.TemporaryDirectory(prefix="loratune-runtimes-") as folder:
         work = Path(folder)
@@ -262,13 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                                              smollm2_prompts(smol_tokenizer), work)
             results["smollm2"]["adapter"] = about
     results["vllm"] = vllm_check()
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     problems = failures(results)
+    paths = write_result("runtimes-tiny" if args.tiny_only else "runtimes", results, "\n".join(problems) + "\n")
     for problem in problems:
         print(f"FAILED: {problem}", file=sys.stderr)
     print(f"{'all runtime checks passed' if not problems else f'{len(problems)} runtime checks failed'}; "
-          f"results in {RESULTS}")
+          f"results in {paths[0]}")
     return 1 if problems else 0
 
 

@@ -11,20 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import httpx
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import machine, start_server, stop_server, write_result
+
 PROMPTS = [
     "Explain what a LoRA adapter is to a new programmer.", "Write a short poem about the sea.",
     "Give three tips for learning a new language.", "Why is the sky blue?", "Describe a good breakfast.",
@@ -33,16 +29,6 @@ PROMPTS = [
     "List some uses of a paperclip.", "Why do we sleep?", "Explain gravity simply.",
     "What makes a good friend?", "How does a bicycle stay upright?", "Write a haiku about autumn.",
 ]
-
-
-def lscpu() -> dict:
-    """CPU model, core count and flags, as `lscpu` reports them (recorded with every result)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {k.strip(): v.strip() for k, v in fields.items() if k.strip() in ("Model name", "CPU(s)", "Flags")}
 
 
 def make_adapters(model_name: str, root: Path, count: int) -> list[tuple[str, str]]:
@@ -67,46 +53,6 @@ def make_adapters(model_name: str, root: Path, count: int) -> list[tuple[str, st
         lt.save_adapter(model, root / name, name=name)
         adapters.append((name, str(root / name)))
     return adapters
-
-
-def start_server(model: str, adapters: list[tuple[str, str]], max_batch: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = [sys.executable, "-m", "loratune.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-            "--max-batch", str(max_batch), "--max-queued", "1024"]
-    for name, folder in adapters:
-        argv += ["--adapter", f"{name}={folder}"]
-    process = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    url = f"http://127.0.0.1:{port}"
-    wait_for_health(process, url, 300)
-    return process, url
-
-
-def wait_for_health(process: subprocess.Popen, url: str, timeout: float, headers: dict | None = None,
-                    exit_detail: Callable[[], str] = lambda: "") -> None:
-    """Poll `url`/health until the server answers 200; stop it and exit if it dies or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with code {process.returncode}{exit_detail()}")
-        try:
-            if httpx.get(url + "/health", headers=headers, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(process)
-    raise SystemExit(f"the server did not answer /health within {timeout:.0f} s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if the server has not exited within 30 s."""
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int) -> dict:
@@ -175,8 +121,7 @@ def summarise(results: list[dict], asked: int, wall: float) -> dict:
 def markdown(result: dict) -> str:
     args = result["args"]
     lines = [f"{args['requests']} chat requests of {args['new_tokens']} new tokens on {args['model']}, greedy; "
-             f"server `--max-batch {args['max_batch']}`; CPU: {result['cpu'].get('Model name', '?')}, "
-             f"{result['cpu'].get('CPU(s)', '?')} CPUs.", "",
+             f"server `--max-batch {args['max_batch']}`; {result['machine']['cpu_count']} CPUs.", "",
              "| run | clients | requests done / failed / not sent | tokens/s | TTFT p50 / p99 (s) | "
              "latency p50 / p99 (s) | wall (s) |", "|---|---|---|---|---|---|---|"]
     for name, run in result["runs"].items():
@@ -187,33 +132,6 @@ def markdown(result: dict) -> str:
     lines += ["", f"Mixed adapters vs one at a time: **{ratios['mixed_vs_one_at_a_time']:.2f}x** tokens/s; "
                   f"mixed vs a single adapter: **{ratios['mixed_vs_single_adapter']:.2f}x**."]
     return "\n".join(lines)
-
-
-def screenshot(url: str, adapters: list[str], path: Path) -> None:
-    """The playground, side by side: the base model and two adapters answering one prompt."""
-    import shutil
-
-    from playwright.sync_api import sync_playwright
-
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    if executable is None:
-        print("no chromium: screenshot skipped", file=sys.stderr)
-        return
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 720})
-        page.goto(url + "/")
-        page.wait_for_selector(f"#models input[value={adapters[1]}]", timeout=30000)
-        for i, box in enumerate(page.query_selector_all("#models input")):
-            box.set_checked(i == 0 or box.get_attribute("value") in adapters[:2])  # the base comes first
-        page.fill("#max-tokens", "32")
-        page.fill("#prompt", "Give three tips for learning a new language.")
-        page.click("#send")
-        page.wait_for_function("[...document.querySelectorAll('.status')].every(s => s.textContent.startsWith('done'))",
-                               timeout=900000)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(path), full_page=True)
-        browser.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,16 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="how many of the requests to send one at a time (default 32, to bound the time)")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds per run before no new request starts")
-    parser.add_argument("--screenshot", type=Path, help="also save a PNG of the playground here")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         adapters = make_adapters(args.model, Path(tmp), args.adapters)
         names = [name for name, _ in adapters]
         mixed = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
         single = [(names[0], prompt) for _, prompt in mixed]
-        process, url = start_server(args.model, adapters, args.max_batch)
+        argv = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queued", "1024"]
+        process, url = start_server(argv + [f"--adapter={name}={folder}" for name, folder in adapters])
         try:
             warm = [(name, PROMPTS[0]) for name in names]
             asyncio.run(run_load(url, warm, len(warm), args.new_tokens, args.time_limit))
@@ -249,21 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                                                                           args.time_limit))}
                 print(f"  {runs[label]['tokens_per_s']:.1f} tokens/s, {runs[label]['failed']} failed",
                       file=sys.stderr, flush=True)
-            if args.screenshot:
-                screenshot(url, names, args.screenshot)
         finally:
             stop_server(process)
-    result = {"date": date.today().isoformat(), "args": vars(args) | {"screenshot": str(args.screenshot)},
-              "cpu": lscpu(), "runs": runs,
+    result = {"machine": machine(), "args": vars(args), "runs": runs,
               "ratios": {"mixed_vs_one_at_a_time": runs["mixed adapters"]["tokens_per_s"] /
                          runs["one at a time"]["tokens_per_s"],
                          "mixed_vs_single_adapter": runs["mixed adapters"]["tokens_per_s"] /
                          runs["single adapter"]["tokens_per_s"]}}
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"serve-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    paths = write_result(f"serve-{result['machine']['date'][:10]}", result, markdown(result))
     print(markdown(result))
-    print(f"\nwrote {out}", file=sys.stderr)
+    print("wrote " + ", ".join(map(str, paths)), file=sys.stderr)
     failed = sum(run["failed"] + run["not_sent"] for run in runs.values())
     return 0 if failed == 0 else 1
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,10 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.serve import stop_server, wait_for_health
+from benchmarks.common import machine, start_server, stop_server, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 KEY = "abuse-key-0123456789"
 LIMITS = {"--max-body-bytes": 4096, "--max-queued": 4, "--max-batch": 2, "--max-tokens": 32,
           "--max-prompt-tokens": 40, "--max-adapters": 3, "--body-timeout": 2}
@@ -60,19 +57,10 @@ def make_model_and_adapters(work: Path) -> tuple[str, Path, Path]:
     return model, root, outside
 
 
-def start_server(model: str, root: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    argv = [sys.executable, "-m", "loratune.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port",
-            str(port), "--adapter", f"alpha={root / 'alpha'}", "--adapter", f"beta={root / 'beta'}",
-            "--adapter-root", str(root)]
-    argv += [str(part) for option, value in LIMITS.items() for part in (option, value)]
-    env = {**os.environ, "LORATUNE_API_KEY": KEY, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_for_health(process, url, 120, headers=auth(), exit_detail=lambda: f" at start-up: {log.read_text()[-2000:]}")
-    return process, url
+def serve(model: str, root: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    argv = ["--model", model, f"--adapter=alpha={root / 'alpha'}", f"--adapter=beta={root / 'beta'}",
+            "--adapter-root", str(root), *(str(part) for item in LIMITS.items() for part in item)]
+    return start_server(argv, 120, headers=auth(), log=log, LORATUNE_API_KEY=KEY)
 
 
 def auth(key: str = KEY) -> dict:
@@ -465,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="loratune-abuse-") as tmp:
         work = Path(tmp)
         model, root, outside = make_model_and_adapters(work)
-        process, url = start_server(model, root, work / "server.log")
+        process, url = serve(model, root, work / "server.log")
         try:
             outcome = asyncio.run(abuse(url, process.pid, root, outside, args))
             alive = process.poll() is None
@@ -476,15 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     ok = ok and alive
     print(text if alive else text + "\nthe server died during the abuse")
     tally, trickle = outcome["tally"], outcome["trickle"]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"limits": LIMITS, "kinds": {k: {"sent": tally.sent[k], "expected": tally.expected[k],
-                                              "seen": {str(s): n for s, n in tally.seen[k].items()},
-                                              "wrong": tally.bad[k][:20]} for k in tally.sent},
+    kinds = {k: {"sent": tally.sent[k], "expected": tally.expected[k], "wrong": tally.bad[k][:20],
+                 "seen": {str(s): n for s, n in tally.seen[k].items()}} for k in tally.sent}
+    result = {"machine": machine(), "limits": LIMITS, "kinds": kinds,
               "trickle": {"sent": trickle.sent, "failed": trickle.failed, "retried_429": trickle.retried,
                           "failures": trickle.failures[:20]},
               **{k: outcome[k] for k in ("rss_warm_kib", "rss_after_kib", "rss_after_rerun_kib", "phases", "idle")},
               "server_log_tail": log[-2000:], "seconds": round(time.monotonic() - started, 1), "pass": ok}
-    (RESULTS / "serve-abuse-latest.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_result("serve-abuse-latest", result, text + "\n")
     print(f"{result['seconds']} s in all; results in benchmarks/results/serve-abuse-latest.json")
     return 0 if ok else 1
 

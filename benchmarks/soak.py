@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import signal
@@ -28,8 +27,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from benchmarks.common import child_env, machine, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 STEPS = 90
 
 
@@ -249,26 +249,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "soak-latest.json")
     args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    env = child_env()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="loratune-soak-") as tmp:
         work = Path(tmp)
         model = _tiny_model(work / "model")
         soak = kill_soak(work, model, args.kills, args.seed, env)
         disk = full_disk(work, model, env)
-    report = {"kill_soak": soak, "full_disk": disk, "total_seconds": round(time.monotonic() - started, 1),
-              "cpu": subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[:20]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report = {"machine": machine(), "kill_soak": soak, "full_disk": disk,
+              "total_seconds": round(time.monotonic() - started, 1)}
     ok = (soak["adapter_bytes_identical"] and not soak["resume_errors"]
           and all(c["one_line"] and c["previous_files_intact"] for c in disk["cases"]))
     print(f"kills: {soak['kills']} ({soak['killed_while_running']} while running, {soak['inside_writes']} inside "
           f"a write); resume errors: {len(soak['resume_errors'])}; final adapter identical: "
           f"{soak['adapter_bytes_identical']}; full disk ({'tmpfs' if disk['tmpfs'] else 'file-size limit'}): "
           + ", ".join(f"{c['case']}: one line {c['one_line']}, intact {c['previous_files_intact']}"
-                      for c in disk["cases"]) + f"; {report['total_seconds']} s; report: {args.out}")
+                      for c in disk["cases"]) + f"; {report['total_seconds']} s")
+    print("wrote " + ", ".join(map(str, write_result("soak-latest", report, json.dumps(soak["resume_errors"])))))
     sys.exit(0 if ok else 1)
 
 
