@@ -4,12 +4,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from export_tools import TARGETS, bpe_tokenizer, save_adapter, tiny_adapter, tiny_llama_dir  # noqa: F401 (fixtures)
+from export_tools import CHATML, TARGETS, bpe_tokenizer, save_adapter, tiny_adapter, tiny_llama_dir  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loratune.export import export, gguf_source
-from loratune.export.gguf_model import copy_tokenizer_keys
+from loratune.export.gguf_model import add_tokenizer, copy_tokenizer_keys
 from loratune.export.layout import layout_for
 from loratune.export.modelfile import modelfile_text
 
@@ -201,3 +201,41 @@ def test_safetensors_export_is_the_merged_model(tiny_llama_dir, tiny_adapter, tm
     ids = torch.tensor([[5, 9, 40, 77, 120]])
     with torch.no_grad():
         assert (merged(ids).logits - adapted(ids).logits).abs().max() <= 1e-5
+
+
+def test_merged_gguf_carries_chat_template_special_ids_and_stops(tiny_llama_dir, tiny_adapter, tmp_path):
+    """llama.cpp's chat completion renders `tokenizer.chat_template` and stops at the end-of-turn id."""
+    written = export(tiny_adapter, str(tiny_llama_dir), "gguf", tmp_path / "chat.gguf", "f32")
+    fields, _ = read(written[0])
+    tokenizer = bpe_tokenizer()
+    assert fields["tokenizer.chat_template"] == CHATML == tokenizer.chat_template
+    ids = {key: fields[f"tokenizer.ggml.{key}_token_id"] for key in ("bos", "eos", "eot", "padding")}
+    assert ids == {"bos": 1, "eos": 2, "eot": 2, "padding": 0}
+    assert fields["tokenizer.ggml.tokens"][ids["eot"]] == "<|im_end|>"
+    assert 'PARAMETER stop "<|im_end|>"' in written[1].read_text().splitlines()
+
+
+def tokenizer_fields(tmp_path, tokenizer, vocab_size, source=None):
+    writer = gguf.GGUFWriter(path=None, arch="llama")
+    add_tokenizer(writer, tokenizer, vocab_size, source)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file(path=tmp_path / "t.gguf")
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return read(tmp_path / "t.gguf")[0]
+
+
+@pytest.mark.parametrize("from_gguf", [True, False], ids=["copied-from-gguf", "from-tokenizer-files"])
+def test_smollm2_tokenizer_metadata_names_its_end_of_turn(tmp_path, smollm2_tokenizer, from_gguf):
+    """SmolLM2's real tokenizer: the template and special ids llama.cpp reads, whichever way they are written."""
+    tokenizer = smollm2_tokenizer
+    source = gguf_source("smollm2-135m-instruct") if from_gguf else None
+    fields = tokenizer_fields(tmp_path, tokenizer, len(tokenizer), source)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fields["tokenizer.ggml.eot_token_id"] == im_end
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert fields["tokenizer.ggml.tokens"][im_end] == "<|im_end|>"
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile_text("./m.gguf", tokenizer).splitlines()
