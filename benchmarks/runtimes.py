@@ -7,7 +7,9 @@ position, loratune (fp32, adapter unmerged) against llama.cpp on
 - a base GGUF (f32) with the GGUF LoRA (f32, f16, q8_0) loaded beside it.
 Token ids go in directly, so both sides see the same tokens. Exits non-zero when the f32 exports differ in any
 greedy token or beyond the logit tolerance, or when an f16/q8_0 export agrees on fewer than 95% of tokens.
-Results: benchmarks/results/runtimes.json.
+The same f32/f16/q8_0 rows for a tiny random model of every family GGUF export supports (Mistral, Qwen2, Qwen3,
+Gemma 2, Gemma 3, Phi-3 besides Llama), and 20 chat conversations through llama.cpp's chat completion on the
+merged SmolLM2 export (benchmarks/runtime_chat.py). Results: benchmarks/results/runtimes.json.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import loratune as lt  # noqa: E402
 from benchmarks.common import machine, write_result  # noqa: E402
+from benchmarks.runtime_chat import chat_failures, check_chat  # noqa: E402
 from loratune.export import export, gguf_source  # noqa: E402
 from loratune.export.gguf_model import write_model_gguf  # noqa: E402
 from loratune.export.layout import layout_for  # noqa: E402
@@ -140,7 +143,7 @@ def run_llama_cpp(path: Path, prompts, reference, lora: Path | None = None, kv_c
         llm.close()
 
 
-def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path) -> dict:
+def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path, chat: bool = False) -> dict:
     base, tokenizer = load_model(model_name, "causal-lm")
     base_gguf = work / f"{label}-base-f32.gguf"
     write_model_gguf(base, tokenizer, layout_for(base.config), base_gguf, "f32", tokenizer_gguf=gguf_source(model_name))
@@ -169,29 +172,56 @@ def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path)
                                                                                 kv_cache="f16"))
             print(f"{label:8s} merged f32 with llama.cpp's default f16 KV cache: tokens {row['token_agreement']:7.2%}, "
                   f"logits max |diff| {row['max_abs_logit_diff']:.2e}", flush=True)
+    if chat:
+        results["chat"] = check_chat(base, tokenizer, work / f"{label}-merged-f32.gguf")
     return results
 
 
-def tiny_llama(work: Path, tokenizer) -> tuple[str, Path]:
-    """A 2-layer Llama with SmolLM2's tokenizer, random weights (seed 0) and a random rank-8 adapter (seed 1)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def family_configs() -> dict:
+    """A 2-layer config of every family GGUF export supports (sizes shared, sliding windows past the prompts)."""
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        LlamaConfig,
+        MistralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+    gemma = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=128)
+    return {"tiny-llama": LlamaConfig(**sizes, tie_word_embeddings=False),
+            "tiny-mistral": MistralConfig(**sizes, sliding_window=128, tie_word_embeddings=False),
+            "tiny-qwen2": Qwen2Config(**sizes, tie_word_embeddings=False),
+            "tiny-qwen3": Qwen3Config(**sizes, head_dim=16, tie_word_embeddings=False),
+            "tiny-gemma2": Gemma2Config(**sizes, **gemma),
+            "tiny-gemma3": Gemma3TextConfig(**sizes, **gemma),
+            "tiny-phi3": Phi3Config(**sizes, original_max_position_embeddings=256, tie_word_embeddings=False)}
+
+
+def tiny_model(work: Path, tokenizer, label: str, config) -> tuple[str, Path]:
+    """A 2-layer model of one family with SmolLM2's tokenizer, random weights (seed 0) and a random rank-8
+    adapter (seed 1)."""
+    from transformers import AutoModelForCausalLM
+
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(work / "tiny-llama")
-    tokenizer.save_pretrained(work / "tiny-llama")
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(work / label)
+    tokenizer.save_pretrained(work / label)
     lt.add_adapter(model, lt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.1)
-    lt.save_adapter(model, work / "tiny-adapter")
-    return str(work / "tiny-llama"), work / "tiny-adapter"
+    lt.save_adapter(model, work / f"{label}-adapter")
+    return str(work / label), work / f"{label}-adapter"
 
 
 def trained_adapter(work: Path, steps: int) -> tuple[Path, dict]:
@@ -214,10 +244,12 @@ def vllm_check() -> dict:
 def failures(results: dict) -> list[str]:
     """f32 exports must match exactly (tokens) and closely (logits) on both models. The 95% floor for f16 and
     q8_0 applies to SmolLM2 with its trained adapter: a random tiny model's logits have near-ties everywhere,
-    so its low-precision figures are reported, not judged."""
-    problems = []
-    for model in ("tiny-llama", "smollm2"):
+    so its low-precision figures are reported, not judged. The chat check must agree in every conversation."""
+    problems = chat_failures(results["smollm2"]["chat"]) if "chat" in results.get("smollm2", {}) else []
+    for model in [key for key in results if key.startswith("tiny-")] + ["smollm2"]:
         for name, row in results.get(model, {}).items():
+            if name == "chat":
+                continue
             if name in ("merged f32", "base+lora f32"):
                 if row["token_agreement"] < 1 or row["max_abs_logit_diff"] > F32_LOGIT_TOLERANCE:
                     problems.append(f"{model} {name}: {row['token_agreement']:.2%} tokens, max |logit diff| "
@@ -245,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="loratune-runtimes-") as folder:
         work = Path(folder)
         _, smol_tokenizer = load_model("smollm2-135m-instruct", "causal-lm")
-        model_dir, adapter = tiny_llama(work, smol_tokenizer)
-        results["tiny-llama"] = check_model("tiny", model_dir, adapter, random_prompts(len(smol_tokenizer)), work)
+        for label, config in family_configs().items():
+            model_dir, adapter = tiny_model(work, smol_tokenizer, label, config)
+            results[label] = check_model(label, model_dir, adapter, random_prompts(len(smol_tokenizer)), work)
         if not args.tiny_only:
             started = time.perf_counter()
             if args.adapter:
@@ -257,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                          "accuracy_before": summary["before"].get("accuracy"),
                          "accuracy_after": summary["after"].get("accuracy")}
             results["smollm2"] = check_model("smollm2", "smollm2-135m-instruct", adapter,
-                                             smollm2_prompts(smol_tokenizer), work)
+                                             smollm2_prompts(smol_tokenizer), work, chat=True)
             results["smollm2"]["adapter"] = about
     results["vllm"] = vllm_check()
     problems = failures(results)

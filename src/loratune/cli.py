@@ -80,7 +80,7 @@ def _generate(args: argparse.Namespace) -> None:
     from loratune.generate import generate_stream
 
     generate_stream(args.model, args.prompt, adapter=args.adapter, chat=args.chat,
-                    max_new_tokens=args.max_new_tokens, out=sys.stdout, task=args.task)
+                    max_new_tokens=args.max_new_tokens, out=sys.stdout, task=args.task, quantize=args.quantize)
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--task", choices=["causal-lm", "seq2seq"],
                           help="model kind (default: the adapter's task type, else causal-lm)")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    generate.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
+                          help="store the base model's linear layers quantized, as `loratune serve --quantize` does")
     generate.set_defaults(run=_generate)
 
     merge = commands.add_parser("merge", help="write a plain model folder with the adapter merged in")

@@ -5,7 +5,7 @@ and adapters with non-zero B. Test modules import the fixtures by name (a confte
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import loratune as lt
 
@@ -28,10 +28,10 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def save_adapter(folder, model_dir, seed: int = 1, **lora) -> str:
+def save_adapter(folder, model_dir, seed: int = 1, targets=TARGETS, **lora) -> str:
     """An adapter with non-zero lora_B (a freshly initialised one would change nothing)."""
-    model = LlamaForCausalLM.from_pretrained(model_dir)
-    settings = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **lora}
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": list(targets), **lora}
     lt.add_adapter(model, lt.LoraConfig(**settings))
     torch.manual_seed(seed)
     with torch.no_grad():

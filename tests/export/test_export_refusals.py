@@ -51,7 +51,7 @@ def test_non_llama_architecture_is_refused_before_writing(tiny_gpt2, tmp_path, c
     out = tmp_path / "out"
     for fmt in ("gguf", "gguf-lora"):
         one_line_error(capsys, ["export", str(tmp_path / "adapter"), "--model", tiny_gpt2, "--format", fmt,
-                                "--out", str(out / "x.gguf")], "'GPT2LMHeadModel'", "Llama family")
+                                "--out", str(out / "x.gguf")], "'GPT2LMHeadModel'", "is not supported by GGUF export")
     assert nothing_written(out)
 
 

@@ -4,12 +4,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from export_tools import TARGETS, bpe_tokenizer, save_adapter, tiny_adapter, tiny_llama_dir  # noqa: F401 (fixtures)
+from export_tools import CHATML, TARGETS, bpe_tokenizer, save_adapter, tiny_adapter, tiny_llama_dir  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loratune.export import export, gguf_source
-from loratune.export.gguf_model import copy_tokenizer_keys
+from loratune.export.gguf_model import add_tokenizer
 from loratune.export.layout import layout_for
 from loratune.export.modelfile import modelfile_text
 
@@ -154,10 +154,11 @@ def test_rope_reordering_matches_the_shipped_smollm2_gguf(smollm2, shipped_smoll
         np.testing.assert_array_equal(ours, values(shipped[f"blk.3.{name}.weight"]), err_msg=name)
 
 
-def test_tokenizer_keys_copied_from_a_gguf_base(tmp_path, shipped_smollm2):
+def test_tokenizer_keys_copied_from_a_gguf_base(tmp_path, shipped_smollm2, smollm2_tokenizer):
+    """Copied key by key, plus the end-of-turn id the source does not name (`<|im_end|>`, llama.cpp's EOT)."""
     source = gguf_source("smollm2-135m-instruct")
     writer = gguf.GGUFWriter(path=None, arch="llama")
-    copy_tokenizer_keys(writer, source)
+    add_tokenizer(writer, smollm2_tokenizer, len(smollm2_tokenizer), source)
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     writer.write_header_to_file(path=tmp_path / "t.gguf")
     writer.write_kv_data_to_file()
@@ -167,7 +168,9 @@ def test_tokenizer_keys_copied_from_a_gguf_base(tmp_path, shipped_smollm2):
     original, _ = shipped_smollm2
     keys = [k for k in original if k.startswith("tokenizer.")]
     assert len(keys) >= 10 and {k: copied[k] for k in keys} == {k: original[k] for k in keys}
-    assert copied["tokenizer.ggml.pre"] == "smollm"
+    assert copied["tokenizer.ggml.pre"] == "smollm" and "tokenizer.ggml.eot_token_id" not in original
+    assert copied["tokenizer.ggml.eot_token_id"] == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert copied["tokenizer.chat_template"] == smollm2_tokenizer.chat_template
 
 
 def test_modelfile_for_smollm2_has_template_system_and_stops(smollm2_tokenizer):
@@ -201,3 +204,65 @@ def test_safetensors_export_is_the_merged_model(tiny_llama_dir, tiny_adapter, tm
     ids = torch.tensor([[5, 9, 40, 77, 120]])
     with torch.no_grad():
         assert (merged(ids).logits - adapted(ids).logits).abs().max() <= 1e-5
+
+
+def test_merged_gguf_carries_chat_template_special_ids_and_stops(tiny_llama_dir, tiny_adapter, tmp_path):
+    """llama.cpp's chat completion renders `tokenizer.chat_template` and stops at the end-of-turn id."""
+    written = export(tiny_adapter, str(tiny_llama_dir), "gguf", tmp_path / "chat.gguf", "f32")
+    fields, _ = read(written[0])
+    tokenizer = bpe_tokenizer()
+    assert fields["tokenizer.chat_template"] == CHATML == tokenizer.chat_template
+    ids = {key: fields[f"tokenizer.ggml.{key}_token_id"] for key in ("bos", "eos", "eot", "padding")}
+    assert ids == {"bos": 1, "eos": 2, "eot": 2, "padding": 0}
+    assert fields["tokenizer.ggml.tokens"][ids["eot"]] == "<|im_end|>"
+    assert 'PARAMETER stop "<|im_end|>"' in written[1].read_text().splitlines()
+
+
+def tokenizer_fields(tmp_path, tokenizer, vocab_size, source, keys):
+    """Write only a tokenizer (and one tensor) and read back `keys`."""
+    writer = gguf.GGUFWriter(path=None, arch="llama")
+    add_tokenizer(writer, tokenizer, vocab_size, source)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file(path=tmp_path / "t.gguf")
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fields = gguf.GGUFReader(tmp_path / "t.gguf").fields  # only the keys asked for are decoded (the vocabulary
+    return {key: fields[key].contents() for key in keys}  # and merges of SmolLM2 take seconds)
+
+
+def test_smollm2_tokenizer_described_from_its_files_names_its_end_of_turn(tmp_path, smollm2_tokenizer):
+    """SmolLM2's real tokenizer written through `gguf.vocab` (the path of a base that is not a GGUF file); the
+    copy from its GGUF file is test_tokenizer_keys_copied_from_a_gguf_base."""
+    tokenizer = smollm2_tokenizer
+    keys = [f"tokenizer.ggml.{name}_token_id" for name in ("eot", "eos", "bos")] + ["tokenizer.chat_template"]
+    fields = tokenizer_fields(tmp_path, tokenizer, len(tokenizer), None, keys)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert fields["tokenizer.ggml.eot_token_id"] == im_end
+    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile_text("./m.gguf", tokenizer).splitlines()
+
+
+GEMMA_TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                  "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+                  "{% endif %}")
+PHI3_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+@pytest.mark.parametrize(("template", "markers", "end_of_turn"), [
+    (GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
+    (PHI3_TEMPLATE, ["<|user|>", "<|assistant|>", "<|end|>"], "<|end|>"),
+], ids=["gemma", "phi3"])
+def test_modelfile_and_eot_for_gemma_and_phi3_chat_formats(template, markers, end_of_turn):
+    from loratune.export.modelfile import end_of_turn_id
+
+    tokenizer = bpe_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    tokenizer.chat_template = template
+    lines = modelfile_text("./m.gguf", tokenizer).splitlines()
+    assert f'PARAMETER stop "{end_of_turn}"' in lines
+    assert end_of_turn in "\n".join(lines).split('TEMPLATE """')[1].split('"""')[0]
+    assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids(end_of_turn) >= 300 - 3

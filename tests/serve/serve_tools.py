@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import loratune as lt
 from loratune.serve.command import build, listening_socket
+from loratune.serve.http import uvicorn_config
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"alpha": (1, 4, ALL_LINEAR), "beta": (2, 2, ["q_proj", "v_proj", "down_proj"])}
@@ -29,14 +30,15 @@ def make_adapters(model_dir: str, root: Path) -> Path:
 
 
 @contextmanager
-def thread_server(model_dir: str, adapters=(), **options):
-    """The real uvicorn server on a free loopback port, in a thread; yields (base URL, engine)."""
+def thread_server(model_dir: str, adapters=(), quantize: str = "none", header_timeout: float = 10.0, **options):
+    """The real uvicorn server (as `loratune serve` configures it) on a free loopback port, in a thread;
+    yields (base URL, engine)."""
     from loratune.pretrained import load_model
 
-    model, tokenizer = load_model(model_dir, "causal-lm")
+    model, tokenizer = load_model(model_dir, "causal-lm", quantize=quantize)
     app, engine = build(model, tokenizer, "tiny", list(adapters), **options)
     sock = listening_socket("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, header_timeout))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

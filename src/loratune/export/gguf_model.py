@@ -1,4 +1,5 @@
-"""A transformers Llama-family model as one GGUF file: hyperparameters, tokenizer, chat template, weights.
+"""A transformers causal LM (a family in `layout.ARCHITECTURES`) as one GGUF file: hyperparameters, tokenizer,
+chat template, weights.
 
 What llama.cpp's own converter writes for these architectures, through the `gguf` package's writer, tensor
 name maps and vocabulary readers. A tokenizer that came from a GGUF file is copied from it key by key, so the
@@ -19,6 +20,7 @@ import torch
 from loratune.core.errors import ConfigError
 from loratune.errors import ModelLoadError
 from loratune.export.layout import GGUFLayout, rope_parameters
+from loratune.export.modelfile import end_of_turn_id
 
 #: --dtype -> (element type of 2-D weights, GGUF file type)
 DTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -54,9 +56,10 @@ def encode_tensor(name: str, array: np.ndarray, dtype: str) -> tuple[np.ndarray,
         return gguf.quants.quantize(array, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
 
 
-def add_hyperparameters(writer: gguf.GGUFWriter, config: Any) -> None:
+def add_hyperparameters(writer: gguf.GGUFWriter, config: Any, arch: gguf.MODEL_ARCH) -> None:
     """The `{arch}.*` keys llama.cpp reads to build the graph."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary = int(head_dim * float(getattr(config, "partial_rotary_factor", None) or 1.0))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -66,10 +69,31 @@ def add_hyperparameters(writer: gguf.GGUFWriter, config: Any) -> None:
     writer.add_rope_freq_base(float(rope_parameters(config)["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:
+    writer.add_rope_dimension_count(rotary)
+    if head_dim != config.hidden_size // config.num_attention_heads or arch in _GEMMA:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    add_family_keys(writer, config, arch)
+
+
+_GEMMA = (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3)
+
+
+def add_family_keys(writer: gguf.GGUFWriter, config: Any, arch: gguf.MODEL_ARCH) -> None:
+    """Gemma's soft-capping and sliding window, Phi-3's original context and sliding window (0: none), as
+    llama.cpp's converter writes them. Gemma's embedding scaling by sqrt(hidden size) is in llama.cpp's graph."""
+    if arch == gguf.MODEL_ARCH.GEMMA2:
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
+    elif arch == gguf.MODEL_ARCH.GEMMA3:
+        if getattr(config, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
+    elif arch == gguf.MODEL_ARCH.PHI3:
+        original = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(original)
+        writer.add_sliding_window(getattr(config, "sliding_window", None) or 0)
 
 
 def model_tensors(model: torch.nn.Module, layout: GGUFLayout) -> dict[str, np.ndarray]:
@@ -82,7 +106,7 @@ def model_tensors(model: torch.nn.Module, layout: GGUFLayout) -> dict[str, np.nd
         name = layout.gguf_name(hf_name)
         if name is None:
             raise ConfigError(f"model tensor {hf_name!r} has no llama.cpp {layout.arch_name} tensor name")
-        tensors[name] = layout.reorder_rows(name, tensor.detach().float().cpu().numpy())
+        tensors[name] = layout.model_values(name, tensor.detach().float().cpu().numpy())
     return tensors
 
 
@@ -99,28 +123,41 @@ def write_model_gguf(model: torch.nn.Module, tokenizer: Any, layout: GGUFLayout,
     writer = gguf.GGUFWriter(path=None, arch=layout.arch_name)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name or getattr(config, "name_or_path", None) or "model")
-    add_hyperparameters(writer, config)
+    add_hyperparameters(writer, config, layout.arch)
     writer.add_file_type(DTYPES[dtype][1])
-    if tokenizer_gguf is not None:
-        copy_tokenizer_keys(writer, tokenizer_gguf)
-    else:
-        add_tokenizer_from_files(writer, tokenizer, config.vocab_size)
+    add_tokenizer(writer, tokenizer, config.vocab_size, tokenizer_gguf)
     write_tensors_and_close(writer, path, model_tensors(model, layout), dtype)
 
 
-def copy_tokenizer_keys(writer: gguf.GGUFWriter, source: Path) -> None:
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int, tokenizer_gguf: Path | None) -> None:
+    """The `tokenizer.*` keys, plus the end-of-turn id of the chat format (llama.cpp stops a chat reply there)
+    when the source does not name one."""
+    if tokenizer_gguf is not None:
+        copied = copy_tokenizer_keys(writer, tokenizer_gguf)
+    else:
+        copied = add_tokenizer_from_files(writer, tokenizer, vocab_size)
+    eot = end_of_turn_id(tokenizer)
+    if eot is not None and gguf.Keys.Tokenizer.EOT_ID not in copied:
+        writer.add_eot_token_id(eot)
+
+
+def copy_tokenizer_keys(writer: gguf.GGUFWriter, source: Path) -> set[str]:
     """Copy every `tokenizer.*` key of another GGUF file (vocabulary, merges, special ids, chat template)."""
     reader = gguf.GGUFReader(source)
+    copied = set()
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
         main_type = field.types[0]
         sub_type = field.types[-1] if main_type == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), main_type, sub_type=sub_type)
+        copied.add(key)
+    return copied
 
 
-def add_tokenizer_from_files(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
-    """Describe a transformers fast tokenizer with `gguf.vocab` (GPT-2 style BPE or Llama byte-fallback BPE).
+def add_tokenizer_from_files(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> set[str]:
+    """Describe a transformers fast tokenizer with `gguf.vocab` (GPT-2 style BPE or Llama byte-fallback BPE);
+    `gguf.SpecialVocab` writes the bos/eos/unk/pad ids and `tokenizer.chat_template`. Returns no keys copied.
 
     llama.cpp picks its pre-tokenizer from a name that its converter derives from a table of known tokenizers;
     loratune writes "default" for GPT-2 style BPE, which splits text as GPT-2 does.
@@ -154,3 +191,4 @@ def add_tokenizer_from_files(writer: gguf.GGUFWriter, tokenizer: Any, vocab_size
         writer.add_token_scores(scores)
         writer.add_token_types(types)
         gguf.SpecialVocab(files, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    return set()

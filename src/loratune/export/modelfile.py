@@ -1,7 +1,7 @@
 """An Ollama Modelfile for a GGUF export: FROM, ADAPTER, the chat template in Ollama's Go syntax, stop words.
 
 Ollama templates are Go templates, not the Jinja of `tokenizer.chat_template`, so the chat format is
-recognised by its marker tokens (ChatML, Llama 3, Mistral [INST]) and written in Ollama's form for it. A
+recognised by its marker tokens (ChatML, Llama 3, Mistral [INST], Gemma, Phi-3) and written in Ollama's form for it. A
 default system prompt that the Jinja template inserts is found by rendering a probe conversation.
 """
 
@@ -16,6 +16,7 @@ class ChatFormat:
     marker: str
     template: str
     stops: tuple[str, ...]
+    end_of_turn: str  # the token that ends an assistant turn: llama.cpp's EOT, always one of `stops`
     system_prefix: str  # how the rendered system turn starts, to find a default system prompt
     system_suffix: str
 
@@ -25,22 +26,35 @@ CHAT_FORMATS = (
         marker="<|im_start|>",
         template=("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
                   "{{ end }}<|im_start|>assistant\n"),
-        stops=("<|im_start|>", "<|im_end|>"),
+        stops=("<|im_start|>", "<|im_end|>"), end_of_turn="<|im_end|>",
         system_prefix="<|im_start|>system\n", system_suffix="<|im_end|>",
     ),
     ChatFormat(
         marker="<|start_header_id|>",
         template=("<|begin_of_text|>{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
                   "{{ .Content }}<|eot_id|>{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"),
-        stops=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        stops=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), end_of_turn="<|eot_id|>",
         system_prefix="<|start_header_id|>system<|end_header_id|>\n\n", system_suffix="<|eot_id|>",
     ),
     ChatFormat(
         marker="[INST]",
         template=('{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
                   '{{- else if eq .Role "assistant" }}{{ .Content }}</s>{{- end }}{{- end }}'),
-        stops=("[INST]", "[/INST]"),
+        stops=("[INST]", "[/INST]", "</s>"), end_of_turn="</s>",
         system_prefix="", system_suffix="",
+    ),
+    ChatFormat(
+        marker="<start_of_turn>",
+        template=('{{- range .Messages }}<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}'
+                  '{{ end }}\n{{ .Content }}<end_of_turn>\n{{ end }}<start_of_turn>model\n'),
+        stops=("<start_of_turn>", "<end_of_turn>"), end_of_turn="<end_of_turn>",
+        system_prefix="", system_suffix="",
+    ),
+    ChatFormat(
+        marker="<|end|>",
+        template="{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n",
+        stops=("<|user|>", "<|assistant|>", "<|end|>"), end_of_turn="<|end|>",
+        system_prefix="<|system|>\n", system_suffix="<|end|>",
     ),
 )
 
@@ -50,6 +64,15 @@ def chat_format(tokenizer: Any) -> ChatFormat | None:
     if not isinstance(template, str):
         return None
     return next((fmt for fmt in CHAT_FORMATS if fmt.marker in template), None)
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The id of the token that ends an assistant turn in this tokenizer's chat format, if it has one."""
+    fmt = chat_format(tokenizer)
+    if fmt is None:
+        return None
+    token_id = tokenizer.convert_tokens_to_ids(fmt.end_of_turn)
+    return token_id if isinstance(token_id, int) and token_id != tokenizer.unk_token_id else None
 
 
 def default_system_prompt(tokenizer: Any, fmt: ChatFormat) -> str | None:

@@ -55,6 +55,8 @@ def add_serve_parser(commands) -> None:
     serve.add_argument("--max-body-bytes", type=_positive, default=1 << 20)
     serve.add_argument("--body-timeout", type=_seconds, default=30.0,
                        help="seconds a request body may take to arrive whole before 408 (default: 30)")
+    serve.add_argument("--header-timeout", type=_seconds, default=10.0,
+                       help="seconds a request's headers may take to arrive whole before 408 (default: 10)")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run)
 
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..pretrained import load_model
+    from .http import uvicorn_config
 
     api_key = args.api_key or os.environ.get("LORATUNE_API_KEY") or None
     sock = listening_socket(args.host, args.port)
@@ -139,6 +142,6 @@ def run(args: argparse.Namespace) -> None:
     if not _is_loopback(host) and api_key is None:
         print("loratune: warning: listening beyond loopback without an API key", file=sys.stderr, flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, args.header_timeout, args.log_level)).run(sockets=[sock])
     finally:
         engine.stop()
