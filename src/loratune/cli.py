@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from loratune.core.errors import LoratuneError
 from loratune.errors import ReportedByAnotherRank
@@ -126,14 +127,25 @@ def next_free_folder(base: Path) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """An argparse type: an integer of at least 1 (a bad one is argparse's one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line like every other user error, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"loratune: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loratune", description="LoRA fine-tuning of language models")
+    parser = _Parser(prog="loratune", description="LoRA fine-tuning of language models")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
