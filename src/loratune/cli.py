@@ -94,7 +94,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from .export import export
 
-    for path in export(args.adapter_dir, args.model, args.format, args.out, args.dtype):
+    for path in export(args.adapter_dir, args.model, args.format, args.out, args.dtype, force=args.force):
         print(f"wrote {path}")
 
 
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .gguf file (or, for safetensors, the folder) to write")
     export.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
                         help="tensor type (default: f32 for gguf-lora and safetensors, f16 for gguf)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing --out (or its Modelfile) that is not a GGUF file (or Modelfile)")
     export.set_defaults(run=_export)
 
     inspect = commands.add_parser("inspect", help="show modules, targets, trainable parameters, adapter files")

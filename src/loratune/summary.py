@@ -11,7 +11,13 @@ from torch import nn
 
 from loratune.core.adapters import add_adapter, find_targets, trainable_parameters
 from loratune.core.errors import ConfigError
-from loratune.core.peft_format import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config, read_adapter_weights
+from loratune.core.peft_format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    first_non_finite,
+    read_adapter_config,
+    read_adapter_weights,
+)
 
 
 def module_summary(model: nn.Module) -> list[str]:
@@ -37,7 +43,9 @@ def adapter_summary(directory: str | Path) -> list[str]:
             f"rslora={config.use_rslora}, task_type={config.task_type}",
             f"  target_modules: {json.dumps(config.target_modules)}",
             f"  tensors: {len(weights)}, parameters: {sum(t.numel() for t in weights.values()):,}, "
-            f"files: {size / 1024:.1f} KiB, base model: {config.base_model_name_or_path}"]
+            f"files: {size / 1024:.1f} KiB, base model: {config.base_model_name_or_path}",
+            *([f"  warning: {bad!r} holds non-finite values (NaN or inf); loading it is refused"]
+              if (bad := first_non_finite(weights)) else [])]
 
 
 def inspect_command(model_name: str | None, task: str, config_path: str | None, adapter: str | None,
