@@ -36,16 +36,14 @@ def _train(args: argparse.Namespace) -> int | None:
 
 
 def _launch_torchrun(args: argparse.Namespace, already: bool) -> int:
-    """`loratune train --nproc N`: the same command under torchrun, N processes on this machine."""
-    import subprocess
+    """`loratune train --nproc N`: the same command as N ranks on this machine (see loratune.launch)."""
+    from loratune.launch import launch
 
     if already:
         raise LoratuneError("--nproc: already running under torchrun; leave --nproc out")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "loratune", *(["--debug"] if args.debug else []), "train", args.config,
-               *[f"--set={assignment}" for assignment in args.set], *(["--resume"] if args.resume else []),
-               *(["--quiet"] if args.quiet else [])]
-    return subprocess.run(command, check=False).returncode
+    return launch([*(["--debug"] if args.debug else []), "train", args.config,
+                   *[f"--set={assignment}" for assignment in args.set], *(["--resume"] if args.resume else []),
+                   *(["--quiet"] if args.quiet else [])], args.nproc)
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -53,8 +51,12 @@ def _resume_command(args: argparse.Namespace) -> str:
     if args.command == "demo":  # the demo's resolved config, written when its training starts
         words = ["loratune", "train", str(Path(args.output) / "config.yaml")]
     else:
+        from loratune.launch import launched_nproc
+
         words = ["loratune", "train", args.config]
         words += [part for assignment in args.set for part in ("--set", assignment)]
+        nproc = launched_nproc()
+        words += ["--nproc", str(nproc)] if nproc else []
     return "`" + shlex.join([*words, "--resume"]) + "`"
 
 
