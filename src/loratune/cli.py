@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
-    merge.add_argument("--task", default="causal-lm", choices=TASKS)
+    merge.add_argument("--task", choices=TASKS, help="model kind (default: the adapter's task type, else causal-lm)")
     merge.set_defaults(run=_merge)
 
     export = commands.add_parser("export", help="write an adapter for llama.cpp / Ollama (GGUF) or a merged model")

@@ -236,8 +236,9 @@ def _load_weights(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_SEED)  # new heads start the same way every run
         try:
-            if quantize == "none":
-                return model_class.from_pretrained(source, dtype=dtype, **kwargs)
+            if quantize == "none":  # a head of another label count than the base's is a new head, not an error
+                return model_class.from_pretrained(source, dtype=dtype,
+                                                   ignore_mismatched_sizes=task == "classification", **kwargs)
             return _load_quantized(name, source, model_class, quantize, double_quant, dtype, kwargs)
         except SafetensorError as exc:
             raise _corrupt_weights_error(name, source, exc) from None
