@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="show modules, targets, trainable parameters, adapter files")
     inspect.add_argument("--model")
-    inspect.add_argument("--task", default="causal-lm", choices=TASKS)
+    inspect.add_argument("--task", choices=TASKS, help="model kind (default: the adapter's task type, else causal-lm)")
     inspect.add_argument("--config", help="YAML run config whose lora section to apply")
     inspect.add_argument("--adapter", help="adapter folder to summarise")
     inspect.add_argument("--memory", action="store_true",

@@ -34,18 +34,20 @@ def check_out(out: Path, modelfile: Path | None, adapter_dir: str | os.PathLike,
 
 def check_folder_out(out: Path, adapter_dir: str | os.PathLike, model: str) -> None:
     """A merged folder is never written over (nor into the place of) the adapter or model folder it reads."""
-    if out.exists() and _identity(out) in _input_identities(adapter_dir, model):
+    if out.exists() and _identity(out) in _input_identities(adapter_dir, model, files=False):
         raise LoratuneError(f"--out {out}: is the adapter or base model this export reads; write somewhere else")
 
 
-def _input_identities(adapter_dir: str | os.PathLike, model: str) -> set[tuple[int, int]]:
-    """(device, inode) of every input path: symlinks and hard links resolve to the same identity."""
+def _input_identities(adapter_dir: str | os.PathLike, model: str, files: bool = True) -> set[tuple[int, int]]:
+    """(device, inode) of the adapter and model paths (and, with `files`, of the files in their folders):
+    symlinks and hard links resolve to the same identity."""
     from loratune.pretrained import builtin_models, builtin_path
 
     roots = [Path(adapter_dir), builtin_path(model) if model in builtin_models() else Path(model).expanduser()]
     found = set()
     for root in roots:
-        paths = [root, *(root.iterdir() if root.is_dir() else [])]
+        inside = [p for p in root.iterdir() if p.is_file()] if files and root.is_dir() else []
+        paths = [root, *inside]
         found.update(identity for path in paths if (identity := _identity(path)) is not None)
     return found
 
