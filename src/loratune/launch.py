@@ -41,8 +41,9 @@ def launch(rank_argv: list[str], nproc: int) -> int:
 
 
 def _exit_code(failed) -> int:
-    """The first failed rank's code; a rank killed by a signal gets the one line no rank could print."""
-    rank, failure = min(failed.failures.items())
+    """The code of the rank that failed first, preferring one that exited on its own (the others may have been
+    stopped by the agent); a rank killed by a signal gets the one line no rank could print."""
+    rank, failure = min(failed.failures.items(), key=lambda item: (item[1].exitcode < 0, item[1].timestamp, item[0]))
     if failure.exitcode >= 0:
         return failure.exitcode or 1
     try:

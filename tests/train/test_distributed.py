@@ -303,3 +303,20 @@ def test_an_error_under_the_launcher_is_one_line_and_exit_2(job):
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("loratune: error: ") and "broken2.jsonl" in lines[0], stderr
     assert not (job / "broken2").exists()
+
+
+def test_the_launchers_exit_code_is_the_rank_that_failed_on_its_own(capsys):
+    """A rank's own exit code wins over a peer the agent stopped afterwards; a rank killed by a signal is one
+    line naming it, since no rank could say it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from loratune.launch import _exit_code
+
+    def failed(**codes: int) -> ChildFailedError:
+        failures = {int(rank[1:]): ProcessFailure(int(rank[1:]), 1000 + int(rank[1:]), code, "<none>")
+                    for rank, code in codes.items()}
+        return ChildFailedError("loratune", failures)
+
+    assert _exit_code(failed(r0=-15, r1=2)) == 2 and capsys.readouterr().err == ""
+    assert _exit_code(failed(r0=-9, r1=-15)) == 137
+    assert capsys.readouterr().err == "loratune: error: rank 0 (pid 1000) was killed by SIGKILL; the job has ended\n"
