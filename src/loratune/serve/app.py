@@ -15,17 +15,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import AdapterFileError, AdapterNameError, LoratuneError
+from .bodies import (
+    AdapterRequest,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Generation,
+    error_body,
+    message_text,
+    refuse_unsupported,
+)
 from .registry import AdapterLimitError, AdapterRegistry, check_name, resolve_under_root
 from .scheduler import Engine, Event, Job, QueueFull, Sampling
 
@@ -45,86 +52,6 @@ class Settings:
     api_key: str | None = None
     adapter_root: Path | None = None
     limits: Limits = Limits()
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# --- request bodies -------------------------------------------------------------------------------------------
-class _Body(BaseModel):
-    """A request body whose every string is valid Unicode: JSON's `\\ud800` escapes can carry a lone surrogate,
-    which no tokenizer or UTF-8 encoder takes."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        _check_unicode(data, "")
-        return data
-
-
-def _check_unicode(value: Any, where: str) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise PydanticCustomError("invalid_unicode", "{where}: not valid Unicode (a lone surrogate at "
-                                      "character {at})", {"where": where or "body", "at": exc.start}) from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_unicode(key, where or "body")
-            _check_unicode(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_unicode(item, f"{where}.{i}")
-
-
-class _Generation(_Body):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a torch generator takes
-    # OpenAI fields this server cannot honour: refused by name (400), never silently ignored
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    response_format: Any = None
-    n: int = 1
-    stream: bool = False
-    logprobs: Any = None
-    ignore_eos: bool = False  # an extension (as in vLLM): generate max_tokens tokens whatever the model says
-
-
-class CompletionRequest(_Generation):
-    prompt: str | list[str]
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
-
-
-class ChatRequest(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class AdapterRequest(_Body):
-    name: str
-    path: str
 
 
 # --- the app --------------------------------------------------------------------------------------------------
@@ -317,7 +244,7 @@ def _chat_ids(engine: Engine, body: ChatRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "messages: this model's tokenizer has no chat template; use /v1/completions",
                        param="messages")
-    messages = [{"role": m.role, "content": _text_of(m.content, f"messages.{i}.content")}
+    messages = [{"role": m.role, "content": message_text(m.content, f"messages.{i}.content")}
                 for i, m in enumerate(body.messages)]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -327,33 +254,7 @@ def _chat_ids(engine: Engine, body: ChatRequest) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _unsupported(body: _Generation) -> None:
-    """Tools, functions and structured output change what an answer must be: refuse them rather than ignore."""
-    for field in ("tools", "functions"):
-        if getattr(body, field):
-            raise APIError(400, f"{field}: tool and function calling are not supported", param=field)
-    for field in ("tool_choice", "function_call"):
-        if getattr(body, field) not in (None, "none"):
-            raise APIError(400, f"{field}: tool and function calling are not supported", param=field)
-    fmt = body.response_format
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text" and len(fmt) == 1):
-        raise APIError(400, "response_format: only plain text answers are supported", param="response_format")
-
-
-def _text_of(content: str | list[dict[str, Any]], where: str) -> str:
-    """A message's text: a string, or text parts joined; other parts (images, audio, files) are refused."""
-    if isinstance(content, str):
-        return content
-    for j, part in enumerate(content):
-        kind = part.get("type")
-        if kind != "text" or not isinstance(part.get("text"), str):
-            shown = f"type {kind!r}" if kind != "text" else "a text part without a string 'text'"
-            raise APIError(400, f"{where}.{j}: {shown} is not supported; this server takes text only",
-                           param=f"{where}.{j}.type" if kind != "text" else f"{where}.{j}.text")
-    return "".join(part["text"] for part in content)
-
-
-def _sampling(body: _Generation, prompt_tokens: int, limits: Limits, chat: bool) -> Sampling:
+def _sampling(body: Generation, prompt_tokens: int, limits: Limits, chat: bool) -> Sampling:
     if body.n != 1:
         raise APIError(400, "n: only n=1 is supported", param="n")
     if body.logprobs not in (None, False):
@@ -381,7 +282,7 @@ def _sampling(body: _Generation, prompt_tokens: int, limits: Limits, chat: bool)
                     seed=body.seed, ignore_eos=body.ignore_eos)
 
 
-async def _generate(engine: Engine, registry: AdapterRegistry, settings: Settings, body: _Generation,
+async def _generate(engine: Engine, registry: AdapterRegistry, settings: Settings, body: Generation,
                     ids: list[int], chat: bool):
     if body.model in registry.busy:
         raise APIError(404, f"model {body.model!r} is being loaded or removed", param="model",
@@ -390,7 +291,7 @@ async def _generate(engine: Engine, registry: AdapterRegistry, settings: Setting
         adapter = registry.adapter_for(body.model)
     except AdapterNameError as exc:
         raise APIError(404, str(exc), "invalid_request_error", param="model", code="model_not_found") from None
-    _unsupported(body)
+    refuse_unsupported(body)
     sampling = _sampling(body, len(ids), settings.limits, chat)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
