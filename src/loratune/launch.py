@@ -27,6 +27,7 @@ def launch(rank_argv: list[str], nproc: int) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # we say what failed, once
+    previous = os.environ.get(NPROC_VARIABLE)
     os.environ[NPROC_VARIABLE] = str(nproc)  # inherited by the ranks
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
@@ -37,6 +38,11 @@ def launch(rank_argv: list[str], nproc: int) -> int:
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         return _exit_code(exc)
+    finally:
+        if previous is None:
+            os.environ.pop(NPROC_VARIABLE, None)
+        else:
+            os.environ[NPROC_VARIABLE] = previous
     return 0
 
 
