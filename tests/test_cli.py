@@ -230,3 +230,19 @@ def test_the_demo_writes_a_new_numbered_folder_beside_earlier_demos(tmp_path):
     (tmp_path / "runs" / "demo-2").mkdir()
     (tmp_path / "runs" / "demo-2" / "config.yaml").write_text("x")
     assert next_free_folder(base) == str(tmp_path / "runs" / "demo-3")
+
+
+def test_inspect_reports_an_adapter_made_for_another_model(tmp_path, capsys, tiny_gpt2):
+    """Issue 27: `inspect --model X --adapter A` said nothing when A was made for another model."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    lt.add_adapter(model, lt.LoraConfig(r=2, target_modules=["c_attn"], base_model_name_or_path="someone/gpt2-xl"))
+    lt.save_adapter(model, tmp_path / "adapter")
+    capsys.readouterr()
+    assert main(["inspect", "--model", tiny_gpt2, "--adapter", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: the adapter fits, but was made for base model 'someone/gpt2-xl', not {tiny_gpt2!r}" in out
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config,
+                                                                          "base_model_name_or_path": tiny_gpt2}))
+    assert main(["inspect", "--model", tiny_gpt2, "--adapter", str(tmp_path / "adapter")]) == 0
+    assert "adapter fits this model\n" in capsys.readouterr().out

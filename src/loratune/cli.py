@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from loratune.core.errors import LoratuneError
 from loratune.errors import ReportedByAnotherRank
@@ -35,16 +36,14 @@ def _train(args: argparse.Namespace) -> int | None:
 
 
 def _launch_torchrun(args: argparse.Namespace, already: bool) -> int:
-    """`loratune train --nproc N`: the same command under torchrun, N processes on this machine."""
-    import subprocess
+    """`loratune train --nproc N`: the same command as N ranks on this machine (see loratune.launch)."""
+    from loratune.launch import launch
 
     if already:
         raise LoratuneError("--nproc: already running under torchrun; leave --nproc out")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "loratune", *(["--debug"] if args.debug else []), "train", args.config,
-               *[f"--set={assignment}" for assignment in args.set], *(["--resume"] if args.resume else []),
-               *(["--quiet"] if args.quiet else [])]
-    return subprocess.run(command, check=False).returncode
+    return launch([*(["--debug"] if args.debug else []), "train", args.config,
+                   *[f"--set={assignment}" for assignment in args.set], *(["--resume"] if args.resume else []),
+                   *(["--quiet"] if args.quiet else [])], args.nproc)
 
 
 def _resume_command(args: argparse.Namespace) -> str:
@@ -52,8 +51,12 @@ def _resume_command(args: argparse.Namespace) -> str:
     if args.command == "demo":  # the demo's resolved config, written when its training starts
         words = ["loratune", "train", str(Path(args.output) / "config.yaml")]
     else:
+        from loratune.launch import launched_nproc
+
         words = ["loratune", "train", args.config]
         words += [part for assignment in args.set for part in ("--set", assignment)]
+        nproc = launched_nproc()
+        words += ["--nproc", str(nproc)] if nproc else []
     return "`" + shlex.join([*words, "--resume"]) + "`"
 
 
@@ -93,7 +96,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from .export import export
 
-    for path in export(args.adapter_dir, args.model, args.format, args.out, args.dtype):
+    for path in export(args.adapter_dir, args.model, args.format, args.out, args.dtype, force=args.force):
         print(f"wrote {path}")
 
 
@@ -126,14 +129,25 @@ def next_free_folder(base: Path) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    """An argparse type: an integer of at least 1 (a bad one is argparse's one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line like every other user error, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"loratune: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loratune", description="LoRA fine-tuning of language models")
+    parser = _Parser(prog="loratune", description="LoRA fine-tuning of language models")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -172,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", required=True)
     merge.add_argument("--adapter", required=True)
     merge.add_argument("--out", required=True)
-    merge.add_argument("--task", default="causal-lm", choices=TASKS)
+    merge.add_argument("--task", choices=TASKS, help="model kind (default: the adapter's task type, else causal-lm)")
     merge.set_defaults(run=_merge)
 
     export = commands.add_parser("export", help="write an adapter for llama.cpp / Ollama (GGUF) or a merged model")
@@ -182,11 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the .gguf file (or, for safetensors, the folder) to write")
     export.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"],
                         help="tensor type (default: f32 for gguf-lora and safetensors, f16 for gguf)")
+    export.add_argument("--force", action="store_true",
+                        help="replace an existing --out (or its Modelfile) that is not a GGUF file (or Modelfile)")
     export.set_defaults(run=_export)
 
     inspect = commands.add_parser("inspect", help="show modules, targets, trainable parameters, adapter files")
     inspect.add_argument("--model")
-    inspect.add_argument("--task", default="causal-lm", choices=TASKS)
+    inspect.add_argument("--task", choices=TASKS, help="model kind (default: the adapter's task type, else causal-lm)")
     inspect.add_argument("--config", help="YAML run config whose lora section to apply")
     inspect.add_argument("--adapter", help="adapter folder to summarise")
     inspect.add_argument("--memory", action="store_true",

@@ -24,7 +24,13 @@ from loratune.core.adapters import add_adapter
 from loratune.core.atomic_write import atomic_folder
 from loratune.core.errors import ConfigError, LoratuneError
 from loratune.core.lora_config import LoraConfig
-from loratune.core.peft_format import load_adapter, load_adapter_weights_into, read_adapter_config
+from loratune.core.peft_format import (
+    KEY_PREFIX,
+    load_adapter,
+    load_adapter_weights_into,
+    read_adapter_config,
+    read_adapter_weights,
+)
 from loratune.errors import ModelLoadError
 from loratune.quant.allocator import release_free_memory, return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
@@ -236,8 +242,9 @@ def _load_weights(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(HEAD_SEED)  # new heads start the same way every run
         try:
-            if quantize == "none":
-                return model_class.from_pretrained(source, dtype=dtype, **kwargs)
+            if quantize == "none":  # a head of another label count than the base's is a new head, not an error
+                return model_class.from_pretrained(source, dtype=dtype,
+                                                   ignore_mismatched_sizes=task == "classification", **kwargs)
             return _load_quantized(name, source, model_class, quantize, double_quant, dtype, kwargs)
         except SafetensorError as exc:
             raise _corrupt_weights_error(name, source, exc) from None
@@ -338,6 +345,29 @@ def check_adapter_task(adapter_dir: str | Path, task: Task) -> None:
         kind = {v: k for k, v in TASK_TYPES.items()}.get(saved, "another task's")
         raise ConfigError(f"{Path(adapter_dir) / 'adapter_config.json'}: a {kind} adapter (task_type {saved}), "
                           f"but the run's model.task is {task}")
+
+
+def adapter_task(adapter_dir: str | Path, model_name: str, task: Task | None = None) -> tuple[Task, int | None]:
+    """The task to load a base model for an adapter (`task`, checked against the adapter, else its task_type,
+    else causal-lm) and, for classification, the label count of the head the adapter saves, else the base's."""
+    config = read_adapter_config(adapter_dir)
+    if task is not None:
+        check_adapter_task(adapter_dir, task)
+    else:
+        task = {kind: name for name, kind in TASK_TYPES.items()}.get(config.task_type or "", "causal-lm")
+    if task != "classification":
+        return task, None
+    heads = config.modules_to_save or []
+    for key, tensor in read_adapter_weights(adapter_dir).items():
+        path = "." + key.removeprefix(KEY_PREFIX)
+        if any(path.endswith((f".{head}.weight", f".{head}.out_proj.weight")) for head in heads):
+            return task, int(tensor.shape[0])
+    from transformers import AutoConfig
+
+    try:
+        return task, int(AutoConfig.from_pretrained(model_name).num_labels)
+    except (OSError, ValueError, TypeError):
+        return task, None  # load_model then says what is missing
 
 
 def model_skeleton(name_or_path: str, task: Task, *, num_labels: int = 2, trust_remote_code: bool = False,

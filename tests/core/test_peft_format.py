@@ -226,6 +226,29 @@ def test_missing_and_extra_keys(saved_llama, tmp_path):
     _refused(tm.llama(), extra, AdapterFileError, "'base_model.model.model.norm.weight', which matches nothing")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(saved_llama, tmp_path, value):
+    """Issue 27: NaN weights merged, exported and served; refused at load, also when resuming into a model."""
+    from loratune.core.peft_format import load_adapter_weights_into
+
+    directory, _ = saved_llama
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[key][3, 1] = value
+    poisoned = tmp_path / "poisoned"
+    poisoned.mkdir()
+    (poisoned / CONFIG_NAME).write_text((directory / CONFIG_NAME).read_text())
+    save_file(tensors, str(poisoned / WEIGHTS_NAME))
+    _refused(tm.llama(), poisoned, AdapterFileError, rf"'{key}' holds non-finite values \(NaN or inf\)")
+    model = tm.llama()
+    load_adapter(model, directory)
+    before = snapshot(model)
+    with pytest.raises(AdapterFileError, match=key):
+        load_adapter_weights_into(model, poisoned)
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "header"])
 def test_corrupt_safetensors_is_refused(saved_llama, damage):
     directory, _ = saved_llama

@@ -118,6 +118,9 @@ def _adapters(root: Path, marker: Path) -> None:
     stray = "base_model.model.transformer.wte.lora_A.weight"
     variant("extra_tensor", _safetensors({**tensors, stray: torch.zeros(4, 4)}))
     variant("missing_tensor", _safetensors({k: v for k, v in tensors.items() if k != key}))
+    poisoned = tensors[key].clone()
+    poisoned[0, 0] = float("nan")
+    variant("non_finite", _safetensors({**tensors, key: poisoned}))
 
     from transformers import AutoModelForSequenceClassification
 

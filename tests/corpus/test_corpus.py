@@ -48,7 +48,10 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 def _run(argv: list[str], in_subprocess: bool, capsys, cache: Path) -> tuple[int, str, str]:
     if not in_subprocess:
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # the command line's own refusals
+            code = exc.code
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     env = {**os.environ, "PYTHONPATH": str(Path(loratune.__file__).parents[1]), "LORATUNE_CACHE": str(cache),

@@ -154,3 +154,41 @@ def test_loading_refuses_what_a_mixed_batch_cannot_run(loaded, tmp_path, tiny_ll
         assert "dora" not in lt.active_adapters(model) and sorted(model.lora_configs) == ["alpha", "beta"]
     finally:
         engine.stop()
+
+
+def test_tiny_temperature_and_top_p_are_the_greedy_limit_not_an_error(loaded):
+    """Issue 27: temperature 1e-39 overflowed logits/temperature to NaN and failed the whole batch with 500."""
+    model, tokenizer = loaded
+    greedy = run_alone(model, tokenizer, "the cat", "alpha", max_tokens=12)
+    for sampling in ({"temperature": 1e-39}, {"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}):
+        assert run_alone(model, tokenizer, "the cat", "alpha", max_tokens=12, seed=1, **sampling) == greedy, sampling
+
+
+def test_one_rows_failed_draw_fails_that_request_alone(loaded, monkeypatch):
+    import loratune.serve.scheduler as scheduler
+
+    model, tokenizer = loaded
+    alone = [run_alone(model, tokenizer, prompt, adapter, max_tokens=12) for prompt, adapter in
+             (("hello world", None), ("the cat", "beta"))]
+    real = scheduler._sample
+
+    def fails_for_top_p_half(logits, sampling, generator):
+        if sampling.top_p == 0.5 and len(job_sampled) > 2:  # fail mid-decode, while the others are running
+            raise RuntimeError("invalid multinomial distribution")
+        job_sampled.append(1)
+        return real(logits, sampling, generator)
+
+    job_sampled = []
+    monkeypatch.setattr(scheduler, "_sample", fails_for_top_p_half)
+    engine = Engine(model, tokenizer, max_batch=8)
+    pairs = [job(tokenizer, "hello world", None, max_tokens=12), job(tokenizer, "the cat", "beta", max_tokens=12)]
+    bad = job(tokenizer, "dog", "alpha", max_tokens=12, temperature=1.0, top_p=0.5, seed=0)
+    for j, _ in [pairs[0], bad, pairs[1]]:
+        engine.submit(j)
+    engine.start()
+    try:
+        assert finish(pairs) == alone
+        assert bad[1].done.wait(60) and "sampling failed" in bad[1].events[-1].error
+        assert wait_for(lambda: engine.stats() == {"running": 0, "queued": 0}, what="every row to leave")
+    finally:
+        engine.stop()

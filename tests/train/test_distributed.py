@@ -231,3 +231,92 @@ def test_a_data_error_is_reported_once_before_any_model_loads(job):
     errors = [line for line in stderr.splitlines() if line.startswith("loratune: error:")]
     assert len(errors) == 1 and "broken.jsonl" in errors[0], stderr[-3000:]
     assert not (job / "broken").exists()
+
+
+def launcher(*args: str, cwd: Path) -> subprocess.Popen:
+    """`loratune train --nproc 2 ...` as a user starts it."""
+    return subprocess.Popen([sys.executable, "-m", "loratune", "train", *args, "--nproc", "2", "--quiet"], cwd=cwd,
+                            env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def descendants(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children] + [d for c in children for d in descendants(int(c))]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_launcher_stops_every_rank_with_a_checkpoint(job, signum):
+    """Issue 27: SIGTERM ended `loratune train --nproc 2` at once while torchrun and its ranks trained on, with
+    no checkpoint and the folder's lock held. Now the ranks checkpoint and end, as one process does."""
+    name = f"stopped-{signum.name}"
+    out = job / name
+    config = write_config(job, name, max_steps=10**6, checkpoint_every=0)
+    agent = launcher(str(config), cwd=job)
+    deadline = time.monotonic() + 600
+    while not (out / "metrics.jsonl").is_file() or '"train"' not in (out / "metrics.jsonl").read_text():
+        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[1][-3000:]
+        time.sleep(0.5)
+    ranks = descendants(agent.pid)
+    assert len(ranks) >= 2
+    agent.send_signal(signum)
+    _, stderr = agent.communicate(timeout=300)
+    assert agent.returncode == 128 + signum, stderr[-3000:]
+    assert not [pid for pid in ranks if alive(pid)], "a rank outlived the launcher"
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "checkpoint.json").is_file()
+    assert not (out / ".loratune.lock").exists()
+    stopped = [line for line in stderr.splitlines() if line.startswith(f"loratune: stopped by {signum.name}")]
+    assert len(stopped) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    resume = stopped[0].split("resume with `", 1)[1].rstrip("`")
+    assert resume == f"loratune train {config} --nproc 2 --resume"
+
+
+def test_the_printed_resume_command_works_as_printed(job, stopped_at_step_3, two_processes):
+    """It carries --nproc 2, so the global batch of the checkpoint is kept (without it, resume is refused)."""
+    out = stopped_at_step_3("resumed-as-printed")
+    config = write_config(job, "resumed-as-printed")
+    finished = subprocess.run([sys.executable, "-m", "loratune", "train", str(config), "--nproc", "2", "--resume",
+                               "--quiet"], cwd=job, env=environment(), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    expected = adapter(two_processes[0])
+    for key, value in adapter(out).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_an_error_under_the_launcher_is_one_line_and_exit_2(job):
+    """Issue 27: one process gives exit 2 and one line; under --nproc 2 torchrun added its ChildFailedError
+    traceback and exit 1."""
+    (job / "broken2.jsonl").write_text('{"text": "the good movie", "label": "positive"}\n{not json\n')
+    data = run_config(job, "broken2")
+    data["data"]["train"] = str(job / "broken2.jsonl")
+    (job / "broken2.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    agent = launcher(str(job / "broken2.yaml"), cwd=job)
+    _, stderr = agent.communicate(timeout=600)
+    assert agent.returncode == 2
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("loratune: error: ") and "broken2.jsonl" in lines[0], stderr
+    assert not (job / "broken2").exists()
+
+
+def test_the_launchers_exit_code_is_the_rank_that_failed_on_its_own(capsys):
+    """A rank's own exit code wins over a peer the agent stopped afterwards; a rank killed by a signal is one
+    line naming it, since no rank could say it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from loratune.launch import _exit_code
+
+    def failed(**codes: int) -> ChildFailedError:
+        failures = {int(rank[1:]): ProcessFailure(int(rank[1:]), 1000 + int(rank[1:]), code, "<none>")
+                    for rank, code in codes.items()}
+        return ChildFailedError("loratune", failures)
+
+    assert _exit_code(failed(r0=-15, r1=2)) == 2 and capsys.readouterr().err == ""
+    assert _exit_code(failed(r0=-9, r1=-15)) == 137
+    assert capsys.readouterr().err == "loratune: error: rank 0 (pid 1000) was killed by SIGKILL; the job has ended\n"

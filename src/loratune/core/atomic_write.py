@@ -9,6 +9,7 @@ temporary name; the temporary path is removed either way.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -20,7 +21,8 @@ from safetensors import SafetensorError
 
 from loratune.core.errors import WriteError
 
-# temporary names: "." + target name + "." + random + ".tmp"; a run removes those left by a killed writer
+# temporary names: "." + target name + "." + random + ".tmp"; `remove_leftovers` deletes those of killed writers.
+# A writer holds an OS lock (flock) on its temporary path while it writes, so a live write is never taken for one.
 TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -38,7 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     with _naming_failures(path, None):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-        os.close(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with _naming_failures(path, Path(tmp)):
             yield Path(tmp)
@@ -47,6 +49,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -66,6 +69,8 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     with _naming_failures(path, None):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent))
+        fd = os.open(tmp, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with _naming_failures(path, tmp):
             yield tmp
@@ -75,6 +80,48 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def is_temporary(path: Path) -> bool:
+    """A name `atomic_path` or `atomic_folder` writes to before the rename."""
+    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX)
+
+
+def remove_leftovers(folder: str | os.PathLike, endings: tuple[str, ...] | None = None) -> list[Path]:
+    """Delete the temporary files and folders that killed writes left in `folder` (when `endings` is given,
+    only those for target names ending so, in a folder loratune does not own); a write still in progress
+    holds its lock and is left alone. Returns what was removed."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if not is_temporary(path) or (endings is not None and not _target_name(path).endswith(endings)):
+            continue
+        if _unlocked(path):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _target_name(path: Path) -> str:
+    """'.x.gguf.k2j3h4ab.tmp' -> 'x.gguf'."""
+    return path.name[1:].rsplit(".", 2)[0]
+
+
+def _unlocked(path: Path) -> bool:
+    """True when no live writer holds the lock on `path` (its writer was killed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return path.is_symlink()  # a link is never a temporary of ours: stale; anything else unreadable: leave
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -186,10 +186,19 @@ def _copy_weights(model: nn.Module, name: str, config: LoraConfig, weights: dict
         if target is not None and tuple(tensor.shape) != tuple(target.shape):
             raise AdapterFileError(f"{directory}: {key!r} has shape {tuple(tensor.shape)} in the file but "
                                    f"{tuple(target.shape)} in the model")
+    bad = first_non_finite(weights)
+    if bad is not None:  # a diverged run's weights would merge, export and serve as NaN
+        raise AdapterFileError(f"{directory}: {bad!r} holds non-finite values (NaN or inf); refusing the adapter")
     with torch.no_grad():
         for key, tensor in weights.items():
             target = expected.get(key, biases.get(key))
             target.copy_(tensor.to(target.dtype))
+
+
+def first_non_finite(weights: dict[str, torch.Tensor]) -> str | None:
+    """The first key whose tensor holds NaN or inf, else None."""
+    return next((key for key, tensor in weights.items()
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
 
 
 def load_adapter_weights_into(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> None:

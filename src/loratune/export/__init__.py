@@ -5,7 +5,8 @@
 - "gguf": the merged model as one GGUF file with tokenizer and chat template (Llama family);
 - "safetensors": the merged model as a transformers folder (what `loratune merge` writes).
 A GGUF export gets an Ollama Modelfile beside it (`<out stem>.Modelfile`). Everything a format cannot carry is
-refused with one line before anything is written; files appear under their names only when complete.
+refused with one line before anything is written; files appear under their names only when complete, never
+over the adapter or model being read, and over an existing file of another format only with `force`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from pathlib import Path
 
 import loratune as lt
-from loratune.core.atomic_write import atomic_path
+from loratune.core.atomic_write import atomic_path, remove_leftovers
 from loratune.core.errors import ConfigError, LoratuneError
 from loratune.core.peft_format import KEY_PREFIX, read_adapter_config, read_adapter_weights
 from loratune.export.gguf_lora import LORA_DTYPES, lora_pairs, write_lora_gguf
@@ -22,6 +23,7 @@ from loratune.export.gguf_model import DTYPES, write_model_gguf
 from loratune.export.layout import layout_for
 from loratune.export.merged_folder import FOLDER_DTYPES, write_merged_folder
 from loratune.export.modelfile import modelfile_text
+from loratune.export.out_path import check_out
 from loratune.pretrained import builtin_models, builtin_path, load_model
 
 FORMATS = ("gguf-lora", "gguf", "safetensors")
@@ -32,8 +34,11 @@ __all__ = ["DEFAULT_DTYPES", "FORMATS", "export", "gguf_source", "modelfile_path
 
 
 def export(adapter_dir: str | os.PathLike, model: str, format: str, out: str | os.PathLike,
-           dtype: str | None = None) -> list[Path]:
-    """Write `format` for the adapter in `adapter_dir` on base `model`; returns the paths written."""
+           dtype: str | None = None, force: bool = False) -> list[Path]:
+    """Write `format` for the adapter in `adapter_dir` on base `model`; returns the paths written.
+
+    `out` is never one of the inputs; an existing `out` (or Modelfile) of another format is replaced only with
+    `force`. Temporary files of an earlier export into the same folder that was killed are removed first."""
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     dtype = dtype or DEFAULT_DTYPES[format]
@@ -44,6 +49,8 @@ def export(adapter_dir: str | os.PathLike, model: str, format: str, out: str | o
         return [write_merged_folder(model, adapter_dir, out, dtype=dtype)]
     if out.is_dir():
         raise LoratuneError(f"{out}: is a folder; give the .gguf file to write")
+    modelfile = modelfile_path(out)
+    check_out(out, modelfile, adapter_dir, model, force)
     config = read_adapter_config(adapter_dir)
     pairs = lora_pairs(config, read_adapter_weights(adapter_dir), adapter_dir, KEY_PREFIX) \
         if format == "gguf-lora" else None
@@ -51,7 +58,7 @@ def export(adapter_dir: str | os.PathLike, model: str, format: str, out: str | o
     layout = layout_for(base.config)
     lt.load_adapter(base, adapter_dir)  # the adapter must fit this model, whatever the format
     source = gguf_source(model)
-    modelfile = modelfile_path(out)
+    remove_leftovers(out.parent, (out.name, modelfile.name, ".gguf", ".Modelfile"))
     with atomic_path(out) as gguf_tmp, atomic_path(modelfile) as modelfile_tmp:
         if pairs is not None:
             tied = bool(getattr(base.config, "tie_word_embeddings", False))

@@ -15,16 +15,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import AdapterFileError, AdapterNameError, LoratuneError
+from .bodies import (
+    AdapterRequest,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Generation,
+    error_body,
+    message_text,
+    refuse_unsupported,
+)
 from .registry import AdapterLimitError, AdapterRegistry, check_name, resolve_under_root
 from .scheduler import Engine, Event, Job, QueueFull, Sampling
 
@@ -44,53 +52,6 @@ class Settings:
     api_key: str | None = None
     adapter_root: Path | None = None
     limits: Limits = Limits()
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-
-def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-# --- request bodies -------------------------------------------------------------------------------------------
-class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
-    logprobs: Any = None
-    ignore_eos: bool = False  # an extension (as in vLLM): generate max_tokens tokens whatever the model says
-
-
-class CompletionRequest(_Generation):
-    prompt: str | list[str]
-    echo: bool = False
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
-
-
-class ChatRequest(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-class AdapterRequest(BaseModel):
-    name: str
-    path: str
 
 
 # --- the app --------------------------------------------------------------------------------------------------
@@ -202,7 +163,13 @@ def _add_error_handlers(app: FastAPI, api_key: str | None) -> None:
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid request')}" if param else first.get("msg", "invalid request")
+        if first.get("type") == "invalid_unicode":  # the message names the field already
+            param, message = first["ctx"]["where"], first["msg"]
         return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, exc: Exception) -> JSONResponse:  # a bug: still OpenAI's shape (and logged)
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException) -> JSONResponse:
@@ -277,9 +244,8 @@ def _chat_ids(engine: Engine, body: ChatRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "messages: this model's tokenizer has no chat template; use /v1/completions",
                        param="messages")
-    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
-                 "".join(part.get("text", "") for part in m.content if part.get("type") == "text")}
-                for m in body.messages]
+    messages = [{"role": m.role, "content": message_text(m.content, f"messages.{i}.content")}
+                for i, m in enumerate(body.messages)]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except TemplateError as exc:  # e.g. a template that refuses a role or an order of turns
@@ -288,7 +254,7 @@ def _chat_ids(engine: Engine, body: ChatRequest) -> list[int]:
         return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _sampling(body: _Generation, prompt_tokens: int, limits: Limits, chat: bool) -> Sampling:
+def _sampling(body: Generation, prompt_tokens: int, limits: Limits, chat: bool) -> Sampling:
     if body.n != 1:
         raise APIError(400, "n: only n=1 is supported", param="n")
     if body.logprobs not in (None, False):
@@ -316,7 +282,7 @@ def _sampling(body: _Generation, prompt_tokens: int, limits: Limits, chat: bool)
                     seed=body.seed, ignore_eos=body.ignore_eos)
 
 
-async def _generate(engine: Engine, registry: AdapterRegistry, settings: Settings, body: _Generation,
+async def _generate(engine: Engine, registry: AdapterRegistry, settings: Settings, body: Generation,
                     ids: list[int], chat: bool):
     if body.model in registry.busy:
         raise APIError(404, f"model {body.model!r} is being loaded or removed", param="model",
@@ -325,6 +291,7 @@ async def _generate(engine: Engine, registry: AdapterRegistry, settings: Setting
         adapter = registry.adapter_for(body.model)
     except AdapterNameError as exc:
         raise APIError(404, str(exc), "invalid_request_error", param="model", code="model_not_found") from None
+    refuse_unsupported(body)
     sampling = _sampling(body, len(ids), settings.limits, chat)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()

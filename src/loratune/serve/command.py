@@ -23,10 +23,33 @@ def _adapter_pair(text: str) -> tuple[str, str]:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _port(text: str) -> int:
+    value = _whole(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0 to 65535, got {value}")
+    return value
+
+
+def check_api_key(key: str | None, source: str = "--api-key") -> None:
+    """HTTP headers carry Latin-1 at most, and clients send ASCII: a key no client can send is refused at start."""
+    if key is None:
+        return
+    if not key.isascii() or not key.isprintable() or key != key.strip():
+        raise ConfigError(f"{source}: the API key must be printable ASCII without surrounding spaces, "
+                          "since clients send it in an HTTP header")
 
 
 def _seconds(text: str) -> float:
@@ -43,7 +66,7 @@ def add_serve_parser(commands) -> None:
                        help="load an adapter at start (repeatable)")
     serve.add_argument("--adapter-root", help="folder under which POST /v1/adapters may load adapters")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--api-key", help="require this Bearer token (default: $LORATUNE_API_KEY)")
     serve.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
                        help="store the base model's linear layers quantized")
@@ -79,6 +102,7 @@ def build(model, tokenizer, name: str, adapters: list[tuple[str, str]], *, api_k
 
     if getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError(f"--model {name}: serving supports decoder-only causal language models")
+    check_api_key(api_key)
     root = Path(adapter_root) if adapter_root else None
     if root is not None and not root.is_dir():
         raise ConfigError(f"--adapter-root {adapter_root}: no such folder")
@@ -128,6 +152,7 @@ def run(args: argparse.Namespace) -> None:
     from .http import uvicorn_config
 
     api_key = args.api_key or os.environ.get("LORATUNE_API_KEY") or None
+    check_api_key(api_key, "--api-key" if args.api_key else "LORATUNE_API_KEY")
     sock = listening_socket(args.host, args.port)
     model, tokenizer = load_model(args.model, "causal-lm", quantize=args.quantize)
     app, engine = build(model, tokenizer, base_name(args.model), args.adapter, api_key=api_key,

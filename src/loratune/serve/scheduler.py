@@ -251,11 +251,16 @@ class Engine:
         self._drop(lambda job: id(job) in finished)
 
     def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> list[int]:
-        """Greedy rows take the argmax; sampled rows draw from their own seeded generator."""
+        """Greedy rows take the argmax; sampled rows draw from their own seeded generator. A row whose draw
+        fails is failed and cancelled alone (it leaves at `_advance`): one request never fails the batch."""
         chosen = logits.argmax(dim=-1).tolist()
         for i, job in enumerate(jobs):
             if job.sampling.temperature > 0:
-                chosen[i] = _sample(logits[i], job.sampling, job.generator)
+                try:
+                    chosen[i] = _sample(logits[i], job.sampling, job.generator)
+                except Exception as exc:
+                    job.emit(Event(error=f"sampling failed: {type(exc).__name__}: {exc}"))
+                    job.cancelled = True
         return chosen
 
     def _advance(self, job: Job, token: int) -> bool:
@@ -316,10 +321,16 @@ def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    """Draw one token. Logits are shifted so the largest is 0 before dividing: a temperature so small that the
+    quotient overflows (1e-39) gives -inf to every other token, which is the greedy limit, never NaN."""
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1)
+    if not torch.isfinite(probs).all() or probs.sum() <= 0:  # non-finite logits: fall back to the argmax
+        return int(logits.argmax())
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # the smallest set reaching top_p stays
+        outside[0] = False  # the most likely token stays, however small top_p is
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
 

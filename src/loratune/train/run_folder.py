@@ -13,7 +13,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
 import time
@@ -21,7 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from loratune.core.atomic_write import TEMPORARY_SUFFIX
+from loratune.core.atomic_write import is_temporary
+from loratune.core.atomic_write import remove_leftovers as remove_temporaries
 from loratune.core.errors import LoratuneError
 
 LOCK_NAME = ".loratune.lock"
@@ -64,19 +64,11 @@ def claim_output_dir(out: Path, resume: bool) -> Iterator[Path]:
 
 def remove_leftovers(out: Path) -> list[Path]:
     """Delete temporary files and folders of writes that were killed before their rename; returns them."""
-    removed = []
-    for folder in (out / name for name in _WRITTEN_FOLDERS):
-        if not folder.is_dir():
-            continue
-        for path in folder.iterdir():
-            if _is_leftover(path):
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-                removed.append(path)
-    return removed
+    return [path for name in _WRITTEN_FOLDERS for path in remove_temporaries(out / name)]
 
 
 def _is_leftover(path: Path) -> bool:
-    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX) and path.name != LOCK_NAME
+    return is_temporary(path) and path.name != LOCK_NAME
 
 
 def _check_fresh(out: Path) -> None:
