@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    from loratune.batching import BatchMaker, BatchOrder
     from loratune.train import demo_config
-    from loratune.train.batches import BatchMaker, BatchOrder
     from loratune.train.session import prepare
     from loratune.train.step import batch_loss
 

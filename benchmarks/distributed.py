@@ -26,8 +26,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.runner import cpu_flags
+from loratune.batching import BatchOrder
 from loratune.train import demo_config
-from loratune.train.batches import BatchOrder
 from loratune.train.distributed import join_processes
 from loratune.train.loop import start_run, train_step
 from loratune.train.session import prepare

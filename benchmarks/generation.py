@@ -25,10 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from loratune.batching import common_prefix_length
     from loratune.train import demo_config
     from loratune.train.evaluate import generate_texts
     from loratune.train.session import prepare
-    from loratune.train.shared_prefix import common_prefix_length
 
     with tempfile.TemporaryDirectory() as tmp:
         session = prepare(demo_config(Path(tmp) / "run", args.set), quiet=True)

@@ -165,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch  # noqa: F401
             import transformers  # noqa: F401
 
+            from loratune.batching import BatchOrder
             from loratune.train import demo_config
-            from loratune.train.batches import BatchOrder
             from loratune.train.loop import finish, start_run, train_step
             from loratune.train.session import prepare
         _instrument(phases)

@@ -277,7 +277,7 @@ def smollm2_part(quick: bool) -> list[dict[str, Any]]:
 
 
 def _mean_loss(model: Any, examples: list[dict], pad_id: int) -> tuple[float, int]:
-    from loratune.data import collate
+    from loratune.batching import collate
     from loratune.train.step import batch_loss
 
     total = weight = 0.0

@@ -72,7 +72,7 @@ def build(kind: str, r: int, label_names: list[str], opts: QualityOptions, quant
 
 
 def batches(examples: Any, size: int, pad_id: int, shuffle_seed: int | None) -> list[dict[str, torch.Tensor]]:
-    from loratune.data import collate
+    from loratune.batching import collate
 
     order = list(range(len(examples)))
     if shuffle_seed is not None:

@@ -5,10 +5,10 @@ import pytest
 import torch
 from tiny_models import llama
 
+from loratune.batching import BatchMaker
 from loratune.core.adapters import add_adapter
 from loratune.core.lora_config import LoraConfig
 from loratune.tasks import IGNORE_INDEX
-from loratune.train.batches import BatchMaker
 from loratune.train.label_scoring import (
     label_log_likelihoods,
     loss_and_scored_labels,

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 import loratune as lt
+from loratune.batching import keep_rows, stack_rows
 
 
 class QueueFull(Exception):
@@ -226,10 +227,7 @@ class Engine:
             self._running = [job]
             return
         grow = max(length - self._length, 0)
-        for shared, new in zip(self._cache.layers, cache.layers):
-            shared.keys = torch.cat([_pad_left(shared.keys, grow), _pad_left(new.keys, self._length + grow - length)])
-            shared.values = torch.cat([_pad_left(shared.values, grow),
-                                       _pad_left(new.values, self._length + grow - length)])
+        self._cache = stack_rows(self._cache, cache, grow, self._length + grow - length)
         for row in self._running:
             row.pad += grow
         self._length += grow
@@ -292,11 +290,8 @@ class Engine:
         if not self._running:
             self._cache, self._length = None, 0
             return
-        index = torch.tensor(keep)
         trim = min(job.pad for job in self._running)
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, trim:]
-            layer.values = layer.values[index, :, trim:]
+        self._cache = keep_rows(self._cache, torch.tensor(keep), trim)
         for job in self._running:
             job.pad -= trim
         self._length -= trim
@@ -305,14 +300,6 @@ class Engine:
         for job in self._running:
             job.emit(Event(error=message))
         self._running, self._cache, self._length = [], None, 0
-
-
-def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    if columns == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[2] = columns
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
