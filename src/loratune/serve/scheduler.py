@@ -4,7 +4,8 @@ One engine thread owns the model. Each iteration it applies pending adapter load
 waiting requests (each prompt is prefilled alone, so its numbers match a single-request `generate`), and
 then runs one decode step for every running row together. Rows are left-padded in a shared `DynamicCache`
 and carry their own positions; the per-row adapters are applied in one batched computation by
-`lt.mixed_adapter_batch`. A row leaves as soon as it finishes, and padding no row needs is trimmed.
+`lt.mixed_adapter_batch`. A row leaves as soon as it finishes, and padding no row needs is trimmed (the cache
+gains and loses rows through `batching.kv_cache`, where every cache edit lives).
 
 transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`) packs every request into
 one flattened sequence, so there is no batch row to hang an adapter on; hence this scheduler.
