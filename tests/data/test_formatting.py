@@ -132,8 +132,8 @@ def test_long_record_is_truncated_to_max_length_with_bos(bos_tok):
     assert out.example["labels"][:4] == [IGNORE_INDEX] * 4
 
 
-def test_text_without_packing_is_cut_and_labels_every_token(tok):
-    out = fmt(tok, format="text", packing=False, max_length=8)(rec(text="a b c d e f g h a b"))
+def test_text_not_concatenated_is_cut_and_labels_every_token(tok):
+    out = fmt(tok, format="text", concatenate_texts=False, max_length=8)(rec(text="a b c d e f g h a b"))
     assert out.example["input_ids"] == ids("a", "b", "c", "d", "e", "f", "g", "h")
     assert out.example["labels"] == out.example["input_ids"] and out.truncated
     assert fmt(tok, format="text")(rec(text="a b")).example["input_ids"] == ids("a", "b") + [EOS]

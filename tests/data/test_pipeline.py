@@ -1,4 +1,4 @@
-"""load_datasets end to end: splitting, caps, skipping, labels, packing, built-in datasets."""
+"""load_datasets end to end: splitting, caps, skipping, labels, concatenated texts, built-in datasets."""
 
 import datasets
 import pytest
@@ -6,7 +6,7 @@ from conftest import VOCAB
 from pydantic import ValidationError
 
 from loratune.core.errors import ConfigError
-from loratune.data import DataConfig, builtin_datasets, load_datasets, pack
+from loratune.data import DataConfig, builtin_datasets, concatenate_texts, load_datasets
 from loratune.errors import DataError
 
 EOS = VOCAB["</s>"]
@@ -72,14 +72,14 @@ def test_one_label_is_not_enough(tok, write_jsonl):
         load_datasets(cfg, tok, "classification")
 
 
-def test_text_is_packed_into_blocks(tok, write_jsonl):
+def test_texts_are_concatenated_and_cut_into_blocks(tok, write_jsonl):
     cfg = DataConfig(train=str(write_jsonl([{"text": "a b c"}, {"text": "d e"}, {"text": "f g h"}])),
                      format="text", max_length=8, validation_fraction=0)
     data = load_datasets(cfg, tok, "causal-lm")
     a, b, c, d, e, f, g, h = (VOCAB[w] for w in "abcdefgh")
     assert [x["input_ids"] for x in data.train] == [[a, b, c, EOS, d, e, EOS, f], [g, h, EOS]]
     assert data.train[0]["labels"] == data.train[0]["input_ids"] and data.eval_prompts == []
-    assert pack([], 8) == []
+    assert concatenate_texts([], 8) == []
 
 
 def test_dataset_objects_as_sources(tok):

@@ -6,10 +6,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from tiny_models import gpt2, llama, t5
 
+from loratune.batching import MIN_PREFIX
 from loratune.core.adapters import add_adapter
 from loratune.core.lora_config import LoraConfig
 from loratune.train.evaluate import generate_texts
-from loratune.train.shared_prefix import MIN_PREFIX
 
 CPU = torch.device("cpu")
 PAD = 0

@@ -5,11 +5,11 @@ import pytest
 import torch
 from tiny_models import llama
 
+from loratune.batching import BatchMaker
 from loratune.core.adapters import add_adapter
 from loratune.core.errors import ConfigError
 from loratune.core.lora_config import LoraConfig
 from loratune.tasks import IGNORE_INDEX
-from loratune.train.batches import BatchMaker
 from loratune.train.evaluate import Forwards, loss_totals
 from loratune.train.label_scoring import label_log_likelihoods, scored_labels, scores_ride_on_loss
 from loratune.train.loop import fit

@@ -1,16 +1,15 @@
-"""The data layer: read records (files, built-in datasets, `datasets.Dataset`), turn them into
-tokenized examples for a task, and batch them."""
+"""The data layer: read records (files, built-in datasets, `datasets.Dataset`) and turn them into
+tokenized examples for a task (`loratune.batching` makes batches of them)."""
 
 from loratune.data.builtin import builtin_datasets
-from loratune.data.collate import collate
 from loratune.data.data_config import FORMATS, DataConfig
 from loratune.data.formatting import Formatter, fit_pair
 from loratune.data.pipeline import (
     DataSplit,
     LoadedData,
     check_sources,
+    concatenate_texts,
     load_datasets,
-    pack,
     read_label_names,
     split_records,
 )
@@ -28,10 +27,9 @@ __all__ = [
     "Record",
     "builtin_datasets",
     "check_sources",
-    "collate",
+    "concatenate_texts",
     "fit_pair",
     "load_datasets",
-    "pack",
     "read_label_names",
     "split_records",
 ]

@@ -25,7 +25,7 @@ class DataConfig(BaseModel):
     skip_bad_records: bool = False
 
     max_length: int = Field(512, ge=8)
-    packing: bool = True  # `text` only: concatenate documents and cut into max_length blocks
+    concatenate_texts: bool = True  # `text` only: concatenate documents and cut into max_length blocks
     train_on_prompt: bool = False  # also learn the prompt/user tokens, not just the answer
     use_chat_template: bool = False  # prompt/answer pairs become a user turn and the assistant's reply
 

@@ -203,11 +203,11 @@ class Formatter:
         return Formatted({"input_ids": ids, "label": label}, truncated=truncated)
 
     def _text(self, record: Record) -> Formatted:
-        """A document with EOS appended; cut to max_length here only when documents are not packed."""
+        """A document with EOS appended; cut to max_length here only when documents are not concatenated."""
         ids = self._ids(self._string(record, self.cfg.text_field), special=True)
         if self.eos is not None:
             ids.append(self.eos)
-        truncated = not self.cfg.packing and len(ids) > self.cfg.max_length
+        truncated = not self.cfg.concatenate_texts and len(ids) > self.cfg.max_length
         if truncated:
             ids = ids[: self.cfg.max_length]
         return Formatted({"input_ids": ids, "labels": list(ids)}, truncated=truncated)

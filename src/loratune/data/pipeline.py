@@ -22,7 +22,7 @@ from loratune.errors import DataError
 class DataSplit(Sequence):
     """The examples of one split (it is a sequence of them), with the records they came from.
 
-    For every format but packed `text`, `examples[i]` comes from `records[i]`; generative formats also
+    For every format but concatenated `text`, `examples[i]` comes from `records[i]`; generative formats also
     carry `prompts[i]` (token ids to generate from) and `references[i]` (the expected answer).
     """
 
@@ -102,9 +102,9 @@ def load_datasets(
     formatter = Formatter(cfg, tokenizer, task, fmt, labels)
     train_split = format_records(train, formatter, bad_train)
     eval_split = format_records(held_out, formatter, bad_eval)
-    if fmt == "text" and cfg.packing:
-        train_split.examples = pack(train_split.examples, cfg.max_length)
-        eval_split.examples = pack(eval_split.examples, cfg.max_length)
+    if fmt == "text" and cfg.concatenate_texts:
+        train_split.examples = concatenate_texts(train_split.examples, cfg.max_length)
+        eval_split.examples = concatenate_texts(eval_split.examples, cfg.max_length)
     if not train_split.examples:
         raise DataError(f"{_name(train_source, cfg.train, 'train')}: no usable training records")
     info = _info(cfg, fmt, task, train_split, eval_split, label_names, bad_train, bad_eval)
@@ -218,7 +218,7 @@ def format_records(records: list[Record], formatter: Formatter, bad: BadRecords)
     return split
 
 
-def pack(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+def concatenate_texts(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
     """Concatenate documents (each already ends in EOS) and cut the stream into `max_length` blocks;
     the last block may be shorter."""
     stream = [token for example in examples for token in example["input_ids"]]
@@ -244,5 +244,5 @@ def _info(
         "truncated_examples": train.truncated + held_out.truncated,
         "label_names": label_names,
         "max_length": cfg.max_length,
-        "packing": fmt == "text" and cfg.packing,
+        "concatenate_texts": fmt == "text" and cfg.concatenate_texts,
     }

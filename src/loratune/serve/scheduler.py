@@ -4,7 +4,8 @@ One engine thread owns the model. Each iteration it applies pending adapter load
 waiting requests (each prompt is prefilled alone, so its numbers match a single-request `generate`), and
 then runs one decode step for every running row together. Rows are left-padded in a shared `DynamicCache`
 and carry their own positions; the per-row adapters are applied in one batched computation by
-`lt.mixed_adapter_batch`. A row leaves as soon as it finishes, and padding no row needs is trimmed.
+`lt.mixed_adapter_batch`. A row leaves as soon as it finishes, and padding no row needs is trimmed (the cache
+gains and loses rows through `batching.kv_cache`, where every cache edit lives).
 
 transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`) packs every request into
 one flattened sequence, so there is no batch row to hang an adapter on; hence this scheduler.
@@ -23,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 import loratune as lt
+from loratune.batching import keep_rows, stack_rows
 
 
 class QueueFull(Exception):
@@ -226,10 +228,7 @@ class Engine:
             self._running = [job]
             return
         grow = max(length - self._length, 0)
-        for shared, new in zip(self._cache.layers, cache.layers):
-            shared.keys = torch.cat([_pad_left(shared.keys, grow), _pad_left(new.keys, self._length + grow - length)])
-            shared.values = torch.cat([_pad_left(shared.values, grow),
-                                       _pad_left(new.values, self._length + grow - length)])
+        self._cache = stack_rows(self._cache, cache, grow, self._length + grow - length)
         for row in self._running:
             row.pad += grow
         self._length += grow
@@ -297,11 +296,8 @@ class Engine:
         if not self._running:
             self._cache, self._length = None, 0
             return
-        index = torch.tensor(keep)
         trim = min(job.pad for job in self._running)
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, trim:]
-            layer.values = layer.values[index, :, trim:]
+        self._cache = keep_rows(self._cache, torch.tensor(keep), trim)
         for job in self._running:
             job.pad -= trim
         self._length -= trim
@@ -310,14 +306,6 @@ class Engine:
         for job in self._running:
             job.emit(Event(error=message))
         self._running, self._cache, self._length = [], None, 0
-
-
-def _pad_left(tensor: torch.Tensor, columns: int) -> torch.Tensor:
-    if columns == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[2] = columns
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
 
 
 def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from loratune.train.batches import BatchMaker
-from loratune.train.shared_prefix import MIN_PREFIX, common_prefix_length, prefix_cache
+from loratune.batching import BatchMaker, common_prefix_length, pad_rows, prefix_cache
 from loratune.train.step import batch_loss, head_loss, lm_hidden, split_lm
 
 
@@ -137,8 +136,8 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
                    progress: Callable = lambda it, **_: it, share_prefix: bool = True) -> list[str]:
     """Greedy continuations of token-id prompts, decoded; a batch generates together, its padding masked.
 
-    A decoder-only chunk whose prompts share at least `MIN_PREFIX` first tokens runs that prefix once, at
-    batch 1 (`shared_prefix.prefix_cache`), and generates from its broadcast cache. Tokens and positions are
+    A decoder-only chunk whose prompts share a common prefix (`batching.common_prefix_length`) runs that prefix once, at
+    batch 1 (`batching.prefix_cache`), and generates from its broadcast cache. Tokens and positions are
     the left-padded batch's, so the answers are too (its logits differ only by rounding); `share_prefix=False`
     keeps plain left padding.
     """
@@ -149,8 +148,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
     texts: list[str] = []
     for chunk in progress(list(eval_batches(prompts, batch_size)), desc="generating"):
         prefix = common_prefix_length(chunk) if body is not None else 0
-        prefix = prefix if prefix >= MIN_PREFIX else 0
-        ids, mask = (t.to(device) for t in _padded(chunk, pad_id, prefix, right=encoder_decoder))
+        ids, mask = (t.to(device) for t in pad_rows(chunk, pad_id, prefix, left=not encoder_decoder))
         with autocast():
             cache = {"past_key_values": prefix_cache(body, ids[:1, :prefix], len(chunk))[1]} if prefix else {}
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
@@ -164,20 +162,6 @@ def _decoder_body(model: nn.Module) -> nn.Module | None:
     """The body whose cache `model.generate` continues (inside a PEFT wrapper, its model's body)."""
     parts = split_lm(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return parts[0] if parts else None
-
-
-def _padded(prompts: Sequence[list[int]], pad_id: int, prefix: int, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) at one width: right padding for an encoder; otherwise [the first `prefix`
-    tokens][pads][the rest], left padding when `prefix` is 0, so every row's last token is the batch's last."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        start = 0 if right else width - len(prompt) + prefix
-        for begin, part in ((0, prompt[:prefix]), (start, prompt[prefix:])):
-            ids[row, begin:begin + len(part)] = torch.tensor(part, dtype=torch.long)
-            mask[row, begin:begin + len(part)] = 1
-    return ids, mask
 
 
 def label_from_text(text: str, label_names: Sequence[str]) -> str | None:

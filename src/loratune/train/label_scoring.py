@@ -2,7 +2,7 @@
 with the highest log-likelihood after the prompt, read from one forward pass instead of generated token by
 token.
 
-A batch's prompts run once (their common prefix once, at batch 1, see `shared_prefix`); the last prompt
+A batch's prompts run once (their common prefix once, at batch 1, from `batching.prefix_cache`); the last prompt
 token's distribution scores every label's first token, and a label of several tokens adds one short
 forward of its remaining tokens against the prompts' cache. A label's score is the sum of its tokens'
 log-probabilities (no end-of-sequence token), so when greedy generation writes exactly one of the labels
@@ -20,10 +20,9 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
+from loratune.batching import SharedPrefixCache, common_prefix_length, pad_rows, prefix_cache
 from loratune.train.evaluate import Forwards, eval_batches
-from loratune.train.shared_prefix import MIN_PREFIX, common_prefix_length, prefix_cache, prefix_only
 from loratune.train.step import split_lm
 
 
@@ -53,44 +52,35 @@ def _lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def _score_batch(body: nn.Module, head: nn.Module, prompts: list[list[int]], labels: Sequence[list[int]],
                  pad_id: int, device: torch.device, share_prefix: bool) -> torch.Tensor:
-    rows = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     prefix = common_prefix_length(prompts) if share_prefix else 0
-    if prefix >= MIN_PREFIX:
-        _, cache = prefix_cache(body, torch.tensor([prompts[0][:prefix]], device=device), rows)
-    else:
-        prefix, cache = 0, DynamicCache(config=body.config)
+    ids, mask = (t.to(device) for t in pad_rows(prompts, pad_id))
+    _, cache = prefix_cache(body, ids[:1, :prefix], len(prompts))
     if all(len(label) == 1 for label in labels):  # no continuation runs against the prompts' cache
-        with prefix_only(cache):
-            return _first_token_scores(body, head, prompts, labels, pad_id, device, prefix, cache)[0].cpu()
-    scores, mask = _first_token_scores(body, head, prompts, labels, pad_id, device, prefix, cache)
+        with cache.prefix_only():
+            return _first_token_scores(body, head, ids, mask, lengths, labels, prefix, cache).cpu()
+    scores = _first_token_scores(body, head, ids, mask, lengths, labels, prefix, cache)
     for k, label in enumerate(labels):
         if len(label) > 1:
             scores[:, k] += _continuation(body, head, cache, mask, lengths, label, device)
     return scores.cpu()
 
 
-def _first_token_scores(body: nn.Module, head: nn.Module, prompts: list[list[int]], labels: Sequence[list[int]],
-                        pad_id: int, device: torch.device, prefix: int,
-                        cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each label's first-token log-probability after each prompt, the prompts' attention mask): the prompts'
-    tokens after `prefix` run against `cache`."""
-    rows = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lengths.max()) - prefix
-    ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    for r, prompt in enumerate(prompts):
-        ids[r, :len(prompt) - prefix] = torch.tensor(prompt[prefix:])
-    mask = (torch.arange(prefix + width, device=device)[None, :] < lengths[:, None]).long()
-    positions = torch.arange(prefix, prefix + width, device=device).expand(rows, -1)
-    hidden = body(input_ids=ids.to(device), attention_mask=mask, position_ids=positions, past_key_values=cache,
+def _first_token_scores(body: nn.Module, head: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                        lengths: torch.Tensor, labels: Sequence[list[int]], prefix: int,
+                        cache: SharedPrefixCache) -> torch.Tensor:
+    """Each label's first-token log-probability after each prompt: the right-padded prompts' tokens after
+    `prefix` run against `cache`, which holds the prefix."""
+    rows, device = ids.shape[0], ids.device
+    positions = torch.arange(prefix, ids.shape[1], device=device).expand(rows, -1)
+    hidden = body(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions, past_key_values=cache,
                   use_cache=True).last_hidden_state
     last = hidden[torch.arange(rows, device=device), lengths - 1 - prefix]
     first = torch.log_softmax(head(last).float(), dim=-1)
-    return torch.stack([first[:, label[0]] for label in labels], dim=1), mask
+    return torch.stack([first[:, label[0]] for label in labels], dim=1)
 
 
-def _continuation(body: nn.Module, head: nn.Module, cache: DynamicCache, mask: torch.Tensor,
+def _continuation(body: nn.Module, head: nn.Module, cache: SharedPrefixCache, mask: torch.Tensor,
                   lengths: torch.Tensor, label: list[int], device: torch.device) -> torch.Tensor:
     """Log-probability of `label[1:]` given each prompt and `label[0]`: the label's tokens run after the
     (padded) prompts against their cache, which is cut back to the prompts afterwards."""

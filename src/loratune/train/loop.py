@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
+from loratune.batching import BatchOrder, order_keys
 from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.core.peft_format import save_adapter
 from loratune.errors import ReportedByAnotherRank
-from loratune.train.batches import BatchOrder, order_keys
 from loratune.train.checkpoint import (
     latest_checkpoint,
     load_newest_readable,
@@ -198,10 +198,9 @@ def resume_run(session: Session, out: Path) -> Run:
 
 
 def batch_order(session: Session) -> BatchOrder:
-    """The run's order of micro-batches, grouped as `train.length_grouped` / `train.prefix_grouped` say."""
+    """The run's order of micro-batches, grouped as `train.prefix_grouped` says."""
     tc, examples = session.config.train, session.data.train_examples
-    return BatchOrder(len(examples), tc.batch_size, tc.seed, order_keys(examples, tc.length_grouped,
-                                                                        tc.prefix_grouped))
+    return BatchOrder(len(examples), tc.batch_size, tc.seed, order_keys(examples, tc.prefix_grouped))
 
 
 def train_step(run: Run, order: BatchOrder, progress: Any) -> None:

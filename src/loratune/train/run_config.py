@@ -18,6 +18,7 @@ from loratune.data import DataConfig
 from loratune.tasks import Task
 
 DEFAULT_LOSS_CHUNK = 1024  # labelled tokens per chunk of the output head and loss
+RENAMED_KEYS = {"data.packing": "data.concatenate_texts"}  # an old key's error names the new one
 
 
 class _Strict(BaseModel):
@@ -81,8 +82,6 @@ class TrainSpec(_Strict):
     batching: Literal["padded", "packed", "shared_prefix"] = Field(
         "padded", description="causal LMs: padded rows; packed (padding-free rows, attention kept within each "
                               "sequence); or shared_prefix (a batch's common first tokens computed once)")
-    length_grouped: bool = Field(False, description="batches of similar lengths (less padding), order kept "
-                                                    "random across groups of 50 batches")
     prefix_grouped: bool = Field(False, description="batches of examples that start alike (data with several "
                                                     "prompt templates, for shared_prefix), order kept random "
                                                     "across groups of 50 batches")
@@ -138,8 +137,6 @@ class RunConfig(_Strict):
     def _batching_needs_a_causal_lm(self) -> RunConfig:
         if self.train.batching != "padded" and self.model.task != "causal-lm":
             raise ValueError(f"train.batching: {self.train.batching} needs model.task: causal-lm")
-        if self.train.length_grouped and self.train.prefix_grouped:
-            raise ValueError("train.length_grouped and train.prefix_grouped: batches are grouped one way; choose one")
         if self.train.base_compute == "int8" and self.model.quantize == "nf4":
             raise ValueError("train.base_compute: int8 needs a dense or int8-stored base, not model.quantize: nf4")
         return self
@@ -182,7 +179,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        message = "unknown key"
+        message = f"renamed to {RENAMED_KEYS[key]}" if key in RENAMED_KEYS else "unknown key"
     more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
     return f"{source}: {key}: {message}{more}"
 

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from loratune.batching import BatchMaker, fallback_warning
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
 from loratune.precision import base_dtype, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
 from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
-from loratune.train.batches import BatchMaker
 from loratune.train.evaluate import (
     Evaluation,
     Forwards,
@@ -155,8 +155,12 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     model.to(device)
     _set_gradient_checkpointing(model, config)
     release_free_memory()  # what loading and tokenizing freed
-    return Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk,
-                   processes)
+    session = Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk,
+                      processes)
+    fallback = fallback_warning(session.batches, model.config, data_config.max_length)
+    if fallback and processes.is_main:
+        print(f"loratune: warning: {fallback}", file=sys.stderr)
+    return session
 
 
 def _set_gradient_checkpointing(model: torch.nn.Module, config: RunConfig) -> None:

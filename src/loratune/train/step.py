@@ -8,12 +8,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
+from loratune.batching import shared_prefix_hidden
 from loratune.tasks import IGNORE_INDEX
-from loratune.train.shared_prefix import shared_prefix_hidden
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,

@@ -2,7 +2,8 @@
 
 import torch
 
-from loratune.data import IGNORE_INDEX, collate
+from loratune.batching import collate
+from loratune.tasks import IGNORE_INDEX
 
 
 def test_causal_batch_is_right_padded():

@@ -1,0 +1,78 @@
+"""Shared-prefix batches against the plain padded batch: the same loss and adapter gradients, the prefix run
+once and the remainders packed where a mask of ours means the same."""
+
+import pytest
+import torch
+from batching_tools import PAD, adapted, assert_same, examples, gpt2_without_dropout, loss_and_grads, with_attention
+from tiny_models import bloom, llama, mistral
+
+from loratune.batching import BatchMaker, collate
+from loratune.train.step import causal_lm_loss
+
+CPU = torch.device("cpu")
+
+
+def shared(batch_examples):
+    """The shared-prefix batch of `batch_examples` and its prefix length, as training builds them."""
+    return BatchMaker("shared_prefix", "causal-lm", PAD).make(batch_examples, CPU)
+
+
+@pytest.mark.parametrize("builder", [llama, gpt2_without_dropout, mistral, bloom],
+                         ids=["llama", "gpt2", "mistral-window-16", "bloom-alibi"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("answer_only", [True, False], ids=["answer", "every-token"])
+def test_a_shared_prefix_batch_gives_the_plain_batchs_loss_and_gradients(builder, attention, answer_only):
+    model = adapted(with_attention(builder, attention))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15), answer_only=answer_only))
+    assert prefix >= 10  # the 10 shared tokens (a random next token may match too)
+    assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
+
+
+def body_input_shapes(model, batch, prefix):
+    """The input_ids shape of each body forward one shared-prefix loss makes."""
+    shapes = []
+    body = getattr(model, model.base_model_prefix)  # the body the loss runs (`split_lm`)
+    hook = body.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                          with_kwargs=True)
+    try:
+        causal_lm_loss(model, batch, prefix=prefix)
+    finally:
+        hook.remove()
+    return shapes
+
+
+def test_the_rows_remainders_after_the_prefix_run_packed_into_fewer_rows():
+    model = adapted(with_attention(llama, "eager"))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    shapes = body_input_shapes(model, batch, prefix)
+    remainders = sorted(n - prefix for n in (24, 15, 20, 12))
+    assert shapes[0] == (1, prefix)  # the prefix, once
+    rows, width = shapes[1]
+    assert width == remainders[-1] and rows < 4  # packed into fewer rows than the batch has
+    assert rows * width - sum(remainders) < width  # less padding than one row
+
+
+@pytest.mark.parametrize("builder, packs", [(mistral, False), (bloom, False), (llama, True)],
+                         ids=["window-shorter-than-rows", "alibi", "rope"])
+def test_remainders_run_padded_where_a_packed_mask_would_mean_something_else(builder, packs):
+    model = adapted(with_attention(builder, "eager"))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))  # rows reach 24 > 16
+    rows = body_input_shapes(model, batch, prefix)[1][0]
+    assert (rows < 4) == packs
+
+
+def test_with_dropout_the_prefix_draws_one_mask_and_still_trains():
+    model = adapted(llama, dropout=0.5)
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    torch.manual_seed(0)
+    loss, _, grads = loss_and_grads(model, batch, prefix)
+    assert prefix >= 10 and torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_a_padded_batch_of_the_same_examples_is_the_shared_batch_without_a_prefix():
+    data = examples([24, 15, 20, 12], prefix=range(5, 15))
+    batch, prefix = shared(data)
+    plain, none = BatchMaker("padded", "causal-lm", PAD).make(data, CPU)
+    assert none == 0 and prefix >= 10
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(batch[key], plain[key]) and torch.equal(plain[key], collate(data, PAD, "causal-lm")[key])
