@@ -114,9 +114,10 @@ class Torchrun(Processes):
         with self.reporting():
             return nn.parallel.DistributedDataParallel(forward, device_ids=device_ids, init_sync=False)
 
-    def micro_batches(self, start: int, per_rank: int) -> range:
-        """Dealt out by rank: this rank's are every `world`-th from `start + rank`."""
-        return range(start + self.rank, start + per_rank * self.world, self.world)
+    def micro_batches(self, per_rank: int) -> range:
+        """Dealt out by rank: this rank's are every `world`-th from its rank (with length grouping the pieces
+        run from long to short, so each rank gets a like share)."""
+        return range(self.rank, per_rank * self.world, self.world)
 
     @contextlib.contextmanager
     def accumulating(self, trainer: Callable[..., tuple], sync: bool) -> Iterator[None]:

@@ -42,8 +42,10 @@ from loratune.train.session import ADAPTER, Session, prepare
 from loratune.train.step import batch_loss
 from loratune.train.stop_signals import RunStopped, stop_requests
 
-# Keys a resumed run may change: where it writes, and how the same global batch is spread over processes.
-RESUMABLE_CHANGES = {"output_dir", "train.grad_accum", "train.distributed", "train.distributed_timeout"}
+# Keys a resumed run may change: where it writes, and how the same global batch is split over processes,
+# micro-batches and accumulation (`check_global_batch` keeps the global batch itself).
+RESUMABLE_CHANGES = {"output_dir", "train.batch_size", "train.grad_accum", "train.distributed",
+                     "train.distributed_timeout"}
 
 
 class TrainingDiverged(LoratuneError):
@@ -54,8 +56,7 @@ class TrainingDiverged(LoratuneError):
 class RunState:
     """Where a run stands: what a checkpoint saves and resuming restores (with the optimizer and RNG)."""
 
-    step: int = 0
-    micro: int = 0  # micro-batches consumed: the position in the data
+    step: int = 0  # also the position in the data: step k trains global batch k of `batch_order`
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     best: float | None = None  # lowest evaluation loss so far, for early stopping
     bad_evals: int = 0
@@ -192,16 +193,29 @@ def resume_run(session: Session, out: Path) -> Run:
     rng = session.processes.rank_rng(saved, session.config.train.seed)
     if rng is not None:
         set_rng_state(rng)
-    state = RunState(**saved["state"])
+    fields = {f.name for f in dataclasses.fields(RunState)}  # older checkpoints also counted micro-batches
+    state = RunState(**{key: value for key, value in saved["state"].items() if key in fields})
     return _open_run(Run(session, out, optimizer, scheduler, state, saved["before"], saved["samples_before"],
                          trainer=trainer))
 
 
 def batch_order(session: Session) -> BatchOrder:
-    """The run's order of micro-batches, grouped as `train.length_grouped` / `train.prefix_grouped` say."""
+    """The run's order of global batches (batch k for step k), grouped as `train.length_grouped` /
+    `train.prefix_grouped` say. It depends on the seed and the global batch alone, not on how a step is split
+    into micro-batches, accumulation and processes, so every such split trains on the same examples."""
     tc, examples = session.config.train, session.data.train_examples
-    return BatchOrder(len(examples), tc.batch_size, tc.seed, order_keys(examples, tc.length_grouped,
-                                                                        tc.prefix_grouped))
+    size = global_batch(tc, session.processes.world)
+    pieces = tc.grad_accum * session.processes.world
+    if min(size, len(examples)) < pieces:
+        raise ConfigError(f"train: {len(examples)} training examples cannot fill {pieces} micro-batches "
+                          f"(train.grad_accum x processes); lower train.grad_accum or the process count")
+    return BatchOrder(len(examples), size, tc.seed, order_keys(examples, tc.length_grouped, tc.prefix_grouped))
+
+
+def micro_batch(step_examples: list[int], index: int, pieces: int) -> list[int]:
+    """Piece `index` of a global batch cut into `pieces` micro-batches of (nearly) equal size, in order."""
+    size = len(step_examples)
+    return step_examples[index * size // pieces:(index + 1) * size // pieces]
 
 
 def train_step(run: Run, order: BatchOrder, progress: Any) -> None:
@@ -228,16 +242,18 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
     """Forward and backward over this rank's micro-batches of the step; returns the step's (loss, tokens)
     over all ranks.
 
-    The step's micro-batches are the next `grad_accum x processes` of one seeded global order, dealt out by
-    rank, and the loss is the mean over every predicted token of all of them: each micro-batch's summed
-    loss is back-propagated and the gradients are divided by the global token count afterwards. So one
-    process with batch B and accumulation 2 takes the same step as two processes with batch B.
+    The step's global batch (the seeded order's batch number `step`) is cut into `grad_accum x processes`
+    micro-batches, dealt out by rank, and the loss is the mean over every predicted token of all of them:
+    each micro-batch's summed loss is back-propagated and the gradients are divided by the global token
+    count afterwards. So every split of the same global batch (1 x 4, 1 x 2 x accumulation 2, 2 x 2, ...)
+    takes the same step.
     """
     session, state, processes = run.session, run.state, run.session.processes
     loss_sum, weight_sum, tokens = 0.0, 0, 0
-    mine = processes.micro_batches(state.micro, session.config.train.grad_accum)
+    step_examples, mine = order.batch(state.step), processes.micro_batches(session.config.train.grad_accum)
     for index in mine:
-        examples = [session.data.train_examples[i] for i in order.batch(index)]
+        piece = micro_batch(step_examples, index, session.config.train.grad_accum * processes.world)
+        examples = [session.data.train_examples[i] for i in piece]
         batch, prefix = session.batches.make(examples, session.device)
         with processes.accumulating(run.trainer, sync=index == mine[-1]):
             with session.autocast():
@@ -250,7 +266,6 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
         weight_sum += weight
         tokens += int(batch["attention_mask"].sum())
     loss_sum, weight_sum, tokens = processes.sum([loss_sum, weight_sum, tokens])
-    state.micro = mine.stop  # every rank's share of this step is done
     # DDP and FSDP average gradients over the ranks; the step's loss is a mean over all its tokens.
     _scale_gradients(session.model, processes.world / max(weight_sum, 1))
     return loss_sum / max(weight_sum, 1), int(tokens)
