@@ -182,13 +182,67 @@ def test_resume_refuses_another_global_batch(job, stopped_at_step_3):
         fit(validate_config(run_config(job, "resumed-wrong"), "test"), resume=True, quiet=True)
 
 
-def test_fsdp_equals_one_process(job, one_process):
+@pytest.fixture(scope="module")
+def fsdp_run(job):
+    """Two processes with FSDP2, uninterrupted, writing sharded checkpoints at step 3 and 6."""
     agent = torchrun("--standalone", "--nproc_per_node=2", "-m", "loratune", "train",
-                     str(write_config(job, "fsdp", distributed="fsdp", checkpoint_every=0)), "--quiet", cwd=job)
+                     str(write_config(job, "fsdp", distributed="fsdp")), "--quiet", cwd=job)
     _, stderr = agent.communicate(timeout=600)
     assert agent.returncode == 0, stderr[-3000:]
-    assert max_diff(adapter(job / "fsdp"), adapter(one_process)) <= 1e-5
-    assert json.loads((job / "fsdp" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    return job / "fsdp"
+
+
+def test_fsdp_equals_one_process(fsdp_run, one_process):
+    assert max_diff(adapter(fsdp_run), adapter(one_process)) <= 1e-5
+    assert json.loads((fsdp_run / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    checkpoint = fsdp_run / "checkpoints" / f"step-{CHECKPOINT_AT}"
+    assert sorted(p.name for p in (checkpoint / "optimizer").iterdir()) == [".metadata", "__0_0.distcp",
+                                                                          "__1_0.distcp"]  # one shard a rank
+    assert not [p for p in fsdp_run.rglob(".*") if p.name != ".metadata"]  # no temporary folder left
+
+
+# The real command under torchrun; each step waits a little first, so a signal lands mid-run.
+SLOW_TRAIN = """
+import sys, time
+import loratune.train.loop as loop
+real_step = loop.train_step
+def slow_step(*args, **kwargs):
+    time.sleep(0.5)
+    return real_step(*args, **kwargs)
+loop.train_step = slow_step
+from loratune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_fsdp_stopped_by_sigterm_resumes_on_one_and_two_processes(job, fsdp_run):
+    """SIGTERM to torchrun's agent (what a scheduler sends) after the step-3 checkpoint: every rank finishes
+    its step and writes its shard of a last checkpoint; that resumes on 2 processes and on 1."""
+    out, script = job / "fsdp-stopped", job / "slow_train.py"
+    script.write_text(SLOW_TRAIN, encoding="utf-8")
+    agent = torchrun("--standalone", "--nproc_per_node=2", str(script), "train",
+                     str(write_config(job, "fsdp-stopped", distributed="fsdp")), "--quiet", cwd=job)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / f"step-{CHECKPOINT_AT}" / "checkpoint.json").is_file():
+        assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()[1][-3000:]
+        time.sleep(0.05)
+    agent.send_signal(signal.SIGTERM)
+    _, stderr = agent.communicate(timeout=120)
+    assert "stopped by SIGTERM after step" in stderr, stderr[-3000:]
+    stopped = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert CHECKPOINT_AT <= stopped < STEPS and not (out / "adapter").exists()
+    for processes in (2, 1):
+        resumed = job / f"fsdp-resumed-on-{processes}"
+        shutil.copytree(out, resumed)
+        if processes == 2:
+            again = torchrun("--standalone", "--nproc_per_node=2", "-m", "loratune", "train",
+                             str(write_config(job, resumed.name, distributed="fsdp")), "--resume", "--quiet", cwd=job)
+            _, stderr = again.communicate(timeout=600)
+            assert again.returncode == 0, stderr[-3000:]
+        else:
+            fit(validate_config(run_config(job, resumed.name, grad_accum=2), "test"), resume=True, quiet=True)
+        assert max_diff(adapter(resumed), adapter(fsdp_run)) <= 1e-5
+        assert [step for step, _ in train_losses(resumed)] == list(range(1, STEPS + 1))
 
 
 def test_a_killed_rank_ends_the_job_with_a_message(job):

@@ -62,6 +62,10 @@ class Torchrun(Processes):
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
+    @property
+    def sharded(self) -> bool:
+        return self.shard_model and self.joined
+
     def close(self) -> None:
         if self.owns_group and self.joined:
             dist.destroy_process_group()

@@ -25,8 +25,10 @@ from loratune.core.peft_format import save_adapter
 from loratune.errors import ReportedByAnotherRank
 from loratune.train.batches import BatchOrder, order_keys
 from loratune.train.checkpoint import (
+    OPTIMIZER_SHARDS,
     latest_checkpoint,
     load_newest_readable,
+    load_optimizer_shards,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -183,12 +185,17 @@ def resume_run(session: Session, out: Path) -> Run:
     """Continue from the newest readable checkpoint (newer unreadable ones are passed over with a warning):
     adapter, optimizer, scheduler, state and RNG streams.
 
-    Rank 0 reads it and sends it to the others, so the output folder need not be shared between machines.
+    Rank 0 reads it and sends it to the others, so the output folder need not be shared between machines;
+    only an FSDP run's optimizer shards are read by every rank (its checkpoints are in a folder all reach).
     """
     saved = session.processes.on_main(lambda: read_latest_checkpoint(session, out))
     trainer = _trainer(session)  # under torchrun this sends rank 0's resumed adapter to every rank
     optimizer, scheduler = _optimizer(session)
-    optimizer.load_state_dict(saved["optimizer"])
+    if "optimizer" in saved:
+        optimizer.load_state_dict(saved["optimizer"])
+    else:
+        session.processes.agree(lambda: load_optimizer_shards(Path(saved["path"]) / OPTIMIZER_SHARDS,
+                                                              session.model, optimizer))
     scheduler.load_state_dict(saved["scheduler"])
     rng = session.processes.rank_rng(saved, session.config.train.seed)
     if rng is not None:
@@ -285,21 +292,23 @@ def evaluate_during_training(run: Run) -> None:
 
 
 def save_run_checkpoint(run: Run) -> None:
-    """Write checkpoint `step-N` (rank 0, with every rank's RNG stream); refuses weights that are no longer
-    finite (nothing worth resuming)."""
-    model, state, config = run.session.model, run.state, run.session.config
-    streams = run.session.processes.gather(rng_state())
-    if not run.session.processes.is_main:
-        return
-    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-        raise TrainingDiverged(f"adapter weights became non-finite at step {state.step}; "
-                               f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+    """Write checkpoint `step-N` (every rank: rank 0 writes the files with every rank's RNG stream, and under
+    FSDP each rank its shard of the optimizer state); refuses weights that are no longer finite (nothing worth
+    resuming)."""
+    model, state, config, processes = run.session.model, run.state, run.session.config, run.session.processes
+    streams = processes.gather(rng_state())
+    local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters() if p.requires_grad]
+    if processes.any(not all(torch.isfinite(p).all() for p in local)):
+        error = TrainingDiverged(f"adapter weights became non-finite at step {state.step}; "
+                                 f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+        raise error if processes.is_main else ReportedByAnotherRank(str(error))
+    whole = {} if processes.sharded else {"optimizer": run.optimizer.state_dict()}
     save_checkpoint(run.checkpoints, state.step, model, ADAPTER, {
-        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        **whole, "scheduler": run.scheduler.state_dict(),
         "state": dataclasses.asdict(state), "rng": streams[0], "rank_rng": streams, "processes": len(streams),
         "before": run.before,
         "samples_before": run.samples_before, "config": config.model_dump(mode="json")},
-        config.train.keep_checkpoints)
+        config.train.keep_checkpoints, processes, run.optimizer if processes.sharded else None)
 
 
 def checkpoint_now(run: Run) -> Path:
@@ -401,14 +410,15 @@ def read_latest_checkpoint(session: Session, out: Path) -> dict[str, Any]:
     """Load the newest complete checkpoint's adapter into the model and return its trainer state, after
     checking it belongs to this run and keeps its global batch."""
     checkpoints = out / "checkpoints"
-    if session.config.train.distributed == "fsdp":
-        raise ConfigError("--resume: fsdp runs cannot resume yet; resume with train.distributed: ddp")
     found, saved, passed_over = load_newest_readable(checkpoints, session.model, ADAPTER)
     for warning in passed_over:
         print(f"loratune: warning: {warning}", file=sys.stderr)
     check_same_run(saved.get("config", {}), session.config.model_dump(mode="json"), found)
     check_global_batch(saved, session.config.train, session.processes.world, found)
-    return saved
+    if session.processes.sharded and "optimizer" in saved:
+        raise ConfigError(f"{found}: written by a ddp or one-process run; resume it with train.distributed: ddp "
+                          "(an fsdp run resumes checkpoints written by fsdp runs)")
+    return {**saved, "path": str(found)}
 
 
 def _optimizer(session: Session) -> tuple[torch.optim.Optimizer, Any]:

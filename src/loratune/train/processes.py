@@ -40,6 +40,12 @@ class Processes:
     def device(self) -> torch.device:
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the ranks each hold a shard of the adapter and its optimizer state (FSDP2): a checkpoint then
+        has every rank write its shard of the optimizer state."""
+        return False
+
     def close(self) -> None:
         """Leave the process group, if this object joined one."""
 

@@ -129,9 +129,6 @@ class RunConfig(_Strict):
         if self.train.distributed == "fsdp" and self.model.quantize != "none":
             raise ValueError("train.distributed: fsdp does not shard quantized weights; use ddp (every rank "
                              "holds the quantized base)")
-        if self.train.distributed == "fsdp" and self.train.checkpoint_every:
-            raise ValueError("train.checkpoint_every: checkpoints of fsdp runs are not supported yet; use ddp or "
-                             "set checkpoint_every: 0")
         return self
 
     @model_validator(mode="after")
