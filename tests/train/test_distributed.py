@@ -201,6 +201,61 @@ def test_fsdp_equals_one_process(fsdp_run, one_process):
     assert not [p for p in fsdp_run.rglob(".*") if p.name != ".metadata"]  # no temporary folder left
 
 
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_fsdp_shards_a_quantized_base_and_equals_one_process(job, quantize):
+    """Each rank holds its shard of the quantized codes and scales; the run equals one quantized process."""
+    name = f"fsdp-{quantize}"
+    data = run_config(job, name, distributed="fsdp", checkpoint_every=0, max_steps=3)
+    data["model"]["quantize"] = quantize
+    (job / f"{name}.yaml").write_text(yaml.safe_dump(data), encoding="utf-8")
+    agent = torchrun("--standalone", "--nproc_per_node=2", "-m", "loratune", "train", str(job / f"{name}.yaml"),
+                     "--quiet", cwd=job)
+    _, stderr = agent.communicate(timeout=600)
+    assert agent.returncode == 0, stderr[-3000:]
+    data.update(output_dir=str(job / f"one-{quantize}"))
+    data["train"].update(grad_accum=2, distributed="ddp")
+    fit(validate_config(data, "test"), quiet=True)
+    assert max_diff(adapter(job / name), adapter(job / f"one-{quantize}")) <= 1e-5
+    (steps, losses), (one_steps, one_losses) = (zip(*train_losses(job / n)) for n in (name, f"one-{quantize}"))
+    assert steps == one_steps and losses == pytest.approx(one_losses, abs=1e-5)
+
+
+# Two ranks shard a block holding an NF4 layer: each keeps half of the codes and scales, and the sharded
+# forward and input gradient equal the whole layer's.
+SHARD_QUANTIZED = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from loratune.quant.linear import QuantLinear
+from loratune.train.distributed import quantized_as_parameters
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+weight, x = torch.randn(64, 128), torch.randn(3, 128, requires_grad=True)
+whole = QuantLinear.from_weight(weight, None, "nf4")
+block = torch.nn.Sequential(QuantLinear.from_weight(weight, None, "nf4"))  # the same codes: quantizing is exact
+expected = whole(x)
+(grad,) = torch.autograd.grad(expected.sum(), x)
+quantized_as_parameters(block)
+fully_shard(block)
+out = block(x)
+(sharded_grad,) = torch.autograd.grad(out.sum(), x)
+local = {k: (p.to_local().numel(), p.numel()) for k, p in block[0].named_parameters()}
+assert set(local) == {"data", "scales", "scale_scales"}, local
+assert all(2 * mine <= whole_size + 1 for mine, whole_size in local.values()), local
+assert torch.equal(out, expected) and torch.allclose(sharded_grad, grad, atol=1e-6)
+print("rank", dist.get_rank(), "holds", local)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_ranks_each_hold_a_shard_of_the_quantized_codes(job):
+    script = job / "shard_quantized.py"
+    script.write_text(SHARD_QUANTIZED, encoding="utf-8")
+    agent = torchrun("--standalone", "--nproc_per_node=2", str(script), cwd=job)
+    stdout, stderr = agent.communicate(timeout=600)
+    assert agent.returncode == 0, stderr[-3000:]
+    assert stdout.count("holds") == 2, stdout
+
+
 # The real command under torchrun; each step waits a little first, so a signal lands mid-run.
 SLOW_TRAIN = """
 import sys, time

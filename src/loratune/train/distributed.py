@@ -329,7 +329,22 @@ def shard_blocks(model: nn.Module, device: torch.device) -> None:
                           f"{outside[0]} is outside them (lora.target_modules / modules_to_save); use ddp")
     model.to(device)
     for block in blocks:
+        quantized_as_parameters(block)
         fully_shard(block)
+
+
+def quantized_as_parameters(block: nn.Module) -> None:
+    """FSDP2 shards parameters, not buffers: a quantized layer's codes and scales become frozen parameters of
+    their block, so each rank holds its shard of the quantized base (the scalar `scale_mean` stays a buffer)."""
+    from loratune.quant.linear import QuantLinear
+
+    for layer in block.modules():
+        if isinstance(layer, QuantLinear):
+            for key in ("data", "scales", "scale_scales"):
+                tensor = layer._buffers.get(key)
+                if tensor is not None and tensor.dim() > 0:
+                    del layer._buffers[key]
+                    layer.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
 
 
 def fsdp_blocks(module: nn.Module) -> list[Any]:
