@@ -82,7 +82,8 @@ def save_optimizer_shards(folder: Path, model: nn.Module, optimizer: torch.optim
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     try:
-        save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder)
+        save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder,
+             no_dist=not torch.distributed.is_initialized())
     except CheckpointException as exc:  # a BaseException: made the one-line error every write failure is
         raise WriteError(f"{folder}: the optimizer state could not be written ({_first_line(exc)})") from None
 
@@ -93,6 +94,7 @@ def load_optimizer_shards(folder: Path, model: nn.Module, optimizer: torch.optim
     from torch.distributed.checkpoint import CheckpointException, load
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    _create_state(optimizer)  # the state to read into must exist: its shapes and shards say what to read
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     try:
         load(state, checkpoint_id=folder, no_dist=not torch.distributed.is_initialized())
@@ -162,6 +164,22 @@ def load_newest_readable(root: Path, model: nn.Module, adapter: str) -> tuple[Pa
             first_error = first_error or exc
             warnings.append(f"{exc}; trying the one before")
     raise first_error
+
+
+def _create_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its per-parameter state (zeros) by one step of learning rate 0 on zero gradients;
+    the parameters do not move."""
+    if optimizer.state:
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
 
 
 def _first_line(exc: Exception) -> str:
