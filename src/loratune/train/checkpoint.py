@@ -1,7 +1,10 @@
 """Checkpoints: a folder per step holding the adapter, optimizer, scheduler, RNG state and data position.
 
 A checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a
-folder that looks finished; resuming picks the newest complete one that can be read.
+folder that looks finished; resuming picks the newest complete one that can be read. Under FSDP2 every rank
+writes its shard of the optimizer state into the same temporary folder (`torch.distributed.checkpoint`), and
+rank 0 renames it once all have: the folder must then be one that every rank can reach. Such a checkpoint
+resumes on any number of processes, one included (the shards are re-cut on loading).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 import re
 import shutil
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +24,13 @@ import torch
 from torch import nn
 
 from loratune.core.atomic_write import atomic_folder
-from loratune.core.errors import LoratuneError
+from loratune.core.errors import LoratuneError, WriteError
 from loratune.core.peft_format import load_adapter_weights_into, save_adapter
+from loratune.train.processes import Processes
 
 STATE_NAME = "trainer_state.pt"
 META_NAME = "checkpoint.json"
+OPTIMIZER_SHARDS = "optimizer"  # an FSDP run's optimizer state, one file per rank
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -43,20 +49,59 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, adapter: str, trainer_state: dict[str, Any],
-                    keep: int) -> Path:
-    """Write checkpoint `step-N` atomically, then drop the oldest beyond `keep`."""
-    final = root / f"step-{step}"
-    with atomic_folder(final, replace=True) as tmp:
-        save_adapter(model, tmp, adapter)
-        # serialized in memory, then written by Python: a full disk is then an OSError with its cause,
-        # where torch.save writing the file itself reports only a position mismatch
-        buffer = io.BytesIO()
-        torch.save(trainer_state, buffer)
-        (tmp / STATE_NAME).write_bytes(buffer.getvalue())
-        (tmp / META_NAME).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
-    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+                    keep: int, processes: Processes | None = None, sharded_optimizer: Any = None) -> Path:
+    """Write checkpoint `step-N` atomically, then drop the oldest beyond `keep`. Every rank calls this; rank 0
+    writes the files, and every rank its shard of `sharded_optimizer` when given (else the optimizer state is
+    in `trainer_state`)."""
+    processes, final = processes or Processes(), root / f"step-{step}"
+    with ExitStack() as folder:
+        tmp = processes.on_main(lambda: folder.enter_context(atomic_folder(final, replace=True)))
+        if sharded_optimizer is not None:
+            save_optimizer_shards(tmp / OPTIMIZER_SHARDS, model, sharded_optimizer)
+        with processes.full_parameters(model):
+            processes.on_main(lambda: _write_files(tmp, step, model, adapter, trainer_state))
+        processes.on_main(folder.close)  # every rank's part is written: rank 0 renames the folder into place
+    processes.on_main(lambda: [shutil.rmtree(old) for old in complete_checkpoints(root)[:-keep] if keep > 0])
     return final
+
+
+def _write_files(folder: Path, step: int, model: nn.Module, adapter: str, trainer_state: dict[str, Any]) -> None:
+    save_adapter(model, folder, adapter)
+    # serialized in memory, then written by Python: a full disk is then an OSError with its cause,
+    # where torch.save writing the file itself reports only a position mismatch
+    buffer = io.BytesIO()
+    torch.save(trainer_state, buffer)
+    (folder / STATE_NAME).write_bytes(buffer.getvalue())
+    (folder / META_NAME).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+
+
+def save_optimizer_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shard of the optimizer state (keyed by parameter name, so any number of ranks can
+    read it back)."""
+    from torch.distributed.checkpoint import CheckpointException, save
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    try:
+        save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=folder,
+             no_dist=not torch.distributed.is_initialized())
+    except CheckpointException as exc:  # a BaseException: made the one-line error every write failure is
+        raise WriteError(f"{folder}: the optimizer state could not be written ({_first_line(exc)})") from None
+
+
+def load_optimizer_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank reads its part of the state `save_optimizer_shards` wrote, whatever the number of ranks
+    that wrote it and that reads it now (one process included)."""
+    from torch.distributed.checkpoint import CheckpointException, load
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    _create_state(optimizer)  # the state to read into must exist: its shapes and shards say what to read
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    try:
+        load(state, checkpoint_id=folder, no_dist=not torch.distributed.is_initialized())
+    except CheckpointException as exc:
+        raise CheckpointUnreadable(f"checkpoint {folder.parent} is unreadable ({OPTIMIZER_SHARDS}: "
+                                   f"{_first_line(exc)})") from None
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -95,7 +140,8 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str) -> dict[str, Any
                                    "and plain values, refused unread, since unpickling them could run code)") from None
     except (OSError, RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: {_first_line(exc)})") from None
-    if not isinstance(state, dict) or not {"optimizer", "scheduler", "state", "rng"} <= set(state):
+    if not isinstance(state, dict) or not {"scheduler", "state", "rng"} <= set(state) or not (
+            "optimizer" in state or (path / OPTIMIZER_SHARDS).is_dir()):
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: not a loratune trainer state)")
     try:
         load_adapter_weights_into(model, path, adapter)
@@ -118,6 +164,22 @@ def load_newest_readable(root: Path, model: nn.Module, adapter: str) -> tuple[Pa
             first_error = first_error or exc
             warnings.append(f"{exc}; trying the one before")
     raise first_error
+
+
+def _create_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh optimizer its per-parameter state (zeros) by one step of learning rate 0 on zero gradients;
+    the parameters do not move."""
+    if optimizer.state:
+        return
+    rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
 
 
 def _first_line(exc: Exception) -> str:

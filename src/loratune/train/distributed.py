@@ -62,6 +62,10 @@ class Torchrun(Processes):
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
+    @property
+    def sharded(self) -> bool:
+        return self.shard_model and self.joined
+
     def close(self) -> None:
         if self.owns_group and self.joined:
             dist.destroy_process_group()
@@ -114,9 +118,10 @@ class Torchrun(Processes):
         with self.reporting():
             return nn.parallel.DistributedDataParallel(forward, device_ids=device_ids, init_sync=False)
 
-    def micro_batches(self, start: int, per_rank: int) -> range:
-        """Dealt out by rank: this rank's are every `world`-th from `start + rank`."""
-        return range(start + self.rank, start + per_rank * self.world, self.world)
+    def micro_batches(self, per_rank: int) -> range:
+        """Dealt out by rank: this rank's are every `world`-th from its rank (with length grouping the pieces
+        run from long to short, so each rank gets a like share)."""
+        return range(self.rank, per_rank * self.world, self.world)
 
     @contextlib.contextmanager
     def accumulating(self, trainer: Callable[..., tuple], sync: bool) -> Iterator[None]:
@@ -324,7 +329,22 @@ def shard_blocks(model: nn.Module, device: torch.device) -> None:
                           f"{outside[0]} is outside them (lora.target_modules / modules_to_save); use ddp")
     model.to(device)
     for block in blocks:
+        quantized_as_parameters(block)
         fully_shard(block)
+
+
+def quantized_as_parameters(block: nn.Module) -> None:
+    """FSDP2 shards parameters, not buffers: a quantized layer's codes and scales become frozen parameters of
+    their block, so each rank holds its shard of the quantized base (the scalar `scale_mean` stays a buffer)."""
+    from loratune.quant.linear import QuantLinear
+
+    for layer in block.modules():
+        if isinstance(layer, QuantLinear):
+            for key in ("data", "scales", "scale_scales"):
+                tensor = layer._buffers.get(key)
+                if tensor is not None and tensor.dim() > 0:
+                    del layer._buffers[key]
+                    layer.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
 
 
 def fsdp_blocks(module: nn.Module) -> list[Any]:

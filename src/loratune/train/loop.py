@@ -25,8 +25,10 @@ from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.core.peft_format import save_adapter
 from loratune.errors import ReportedByAnotherRank
 from loratune.train.checkpoint import (
+    OPTIMIZER_SHARDS,
     latest_checkpoint,
     load_newest_readable,
+    load_optimizer_shards,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -42,8 +44,10 @@ from loratune.train.session import ADAPTER, Session, prepare
 from loratune.train.step import batch_loss
 from loratune.train.stop_signals import RunStopped, stop_requests
 
-# Keys a resumed run may change: where it writes, and how the same global batch is spread over processes.
-RESUMABLE_CHANGES = {"output_dir", "train.grad_accum", "train.distributed", "train.distributed_timeout"}
+# Keys a resumed run may change: where it writes, and how the same global batch is split over processes,
+# micro-batches and accumulation (`check_global_batch` keeps the global batch itself).
+RESUMABLE_CHANGES = {"output_dir", "train.batch_size", "train.grad_accum", "train.distributed",
+                     "train.distributed_timeout"}
 
 
 class TrainingDiverged(LoratuneError):
@@ -54,8 +58,7 @@ class TrainingDiverged(LoratuneError):
 class RunState:
     """Where a run stands: what a checkpoint saves and resuming restores (with the optimizer and RNG)."""
 
-    step: int = 0
-    micro: int = 0  # micro-batches consumed: the position in the data
+    step: int = 0  # also the position in the data: step k trains global batch k of `batch_order`
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     best: float | None = None  # lowest evaluation loss so far, for early stopping
     bad_evals: int = 0
@@ -182,25 +185,44 @@ def resume_run(session: Session, out: Path) -> Run:
     """Continue from the newest readable checkpoint (newer unreadable ones are passed over with a warning):
     adapter, optimizer, scheduler, state and RNG streams.
 
-    Rank 0 reads it and sends it to the others, so the output folder need not be shared between machines.
+    Rank 0 reads it and sends it to the others, so the output folder need not be shared between machines;
+    only an FSDP run's optimizer shards are read by every rank (its checkpoints are in a folder all reach).
     """
     saved = session.processes.on_main(lambda: read_latest_checkpoint(session, out))
     trainer = _trainer(session)  # under torchrun this sends rank 0's resumed adapter to every rank
     optimizer, scheduler = _optimizer(session)
-    optimizer.load_state_dict(saved["optimizer"])
+    if "optimizer" in saved:
+        optimizer.load_state_dict(saved["optimizer"])
+    else:
+        session.processes.agree(lambda: load_optimizer_shards(Path(saved["path"]) / OPTIMIZER_SHARDS,
+                                                              session.model, optimizer))
     scheduler.load_state_dict(saved["scheduler"])
     rng = session.processes.rank_rng(saved, session.config.train.seed)
     if rng is not None:
         set_rng_state(rng)
-    state = RunState(**saved["state"])
+    fields = {f.name for f in dataclasses.fields(RunState)}  # older checkpoints also counted micro-batches
+    state = RunState(**{key: value for key, value in saved["state"].items() if key in fields})
     return _open_run(Run(session, out, optimizer, scheduler, state, saved["before"], saved["samples_before"],
                          trainer=trainer))
 
 
 def batch_order(session: Session) -> BatchOrder:
-    """The run's order of micro-batches, grouped as `train.prefix_grouped` says."""
+    """The run's order of global batches (batch k for step k), grouped as `train.prefix_grouped`
+    says. It depends on the seed and the global batch alone, not on how a step is split
+    into micro-batches, accumulation and processes, so every such split trains on the same examples."""
     tc, examples = session.config.train, session.data.train_examples
-    return BatchOrder(len(examples), tc.batch_size, tc.seed, order_keys(examples, tc.prefix_grouped))
+    size = global_batch(tc, session.processes.world)
+    pieces = tc.grad_accum * session.processes.world
+    if min(size, len(examples)) < pieces:
+        raise ConfigError(f"train: {len(examples)} training examples cannot fill {pieces} micro-batches "
+                          f"(train.grad_accum x processes); lower train.grad_accum or the process count")
+    return BatchOrder(len(examples), size, tc.seed, order_keys(examples, tc.prefix_grouped))
+
+
+def micro_batch(step_examples: list[int], index: int, pieces: int) -> list[int]:
+    """Piece `index` of a global batch cut into `pieces` micro-batches of (nearly) equal size, in order."""
+    size = len(step_examples)
+    return step_examples[index * size // pieces:(index + 1) * size // pieces]
 
 
 def train_step(run: Run, order: BatchOrder, progress: Any) -> None:
@@ -227,16 +249,18 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
     """Forward and backward over this rank's micro-batches of the step; returns the step's (loss, tokens)
     over all ranks.
 
-    The step's micro-batches are the next `grad_accum x processes` of one seeded global order, dealt out by
-    rank, and the loss is the mean over every predicted token of all of them: each micro-batch's summed
-    loss is back-propagated and the gradients are divided by the global token count afterwards. So one
-    process with batch B and accumulation 2 takes the same step as two processes with batch B.
+    The step's global batch (the seeded order's batch number `step`) is cut into `grad_accum x processes`
+    micro-batches, dealt out by rank, and the loss is the mean over every predicted token of all of them:
+    each micro-batch's summed loss is back-propagated and the gradients are divided by the global token
+    count afterwards. So every split of the same global batch (1 x 4, 1 x 2 x accumulation 2, 2 x 2, ...)
+    takes the same step.
     """
     session, state, processes = run.session, run.state, run.session.processes
     loss_sum, weight_sum, tokens = 0.0, 0, 0
-    mine = processes.micro_batches(state.micro, session.config.train.grad_accum)
+    step_examples, mine = order.batch(state.step), processes.micro_batches(session.config.train.grad_accum)
     for index in mine:
-        examples = [session.data.train_examples[i] for i in order.batch(index)]
+        piece = micro_batch(step_examples, index, session.config.train.grad_accum * processes.world)
+        examples = [session.data.train_examples[i] for i in piece]
         batch, prefix = session.batches.make(examples, session.device)
         with processes.accumulating(run.trainer, sync=index == mine[-1]):
             with session.autocast():
@@ -249,7 +273,6 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
         weight_sum += weight
         tokens += int(batch["attention_mask"].sum())
     loss_sum, weight_sum, tokens = processes.sum([loss_sum, weight_sum, tokens])
-    state.micro = mine.stop  # every rank's share of this step is done
     # DDP and FSDP average gradients over the ranks; the step's loss is a mean over all its tokens.
     _scale_gradients(session.model, processes.world / max(weight_sum, 1))
     return loss_sum / max(weight_sum, 1), int(tokens)
@@ -269,21 +292,23 @@ def evaluate_during_training(run: Run) -> None:
 
 
 def save_run_checkpoint(run: Run) -> None:
-    """Write checkpoint `step-N` (rank 0, with every rank's RNG stream); refuses weights that are no longer
-    finite (nothing worth resuming)."""
-    model, state, config = run.session.model, run.state, run.session.config
-    streams = run.session.processes.gather(rng_state())
-    if not run.session.processes.is_main:
-        return
-    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-        raise TrainingDiverged(f"adapter weights became non-finite at step {state.step}; "
-                               f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+    """Write checkpoint `step-N` (every rank: rank 0 writes the files with every rank's RNG stream, and under
+    FSDP each rank its shard of the optimizer state); refuses weights that are no longer finite (nothing worth
+    resuming)."""
+    model, state, config, processes = run.session.model, run.state, run.session.config, run.session.processes
+    streams = processes.gather(rng_state())
+    local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters() if p.requires_grad]
+    if processes.any(not all(torch.isfinite(p).all() for p in local)):
+        error = TrainingDiverged(f"adapter weights became non-finite at step {state.step}; "
+                                 f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+        raise error if processes.is_main else ReportedByAnotherRank(str(error))
+    whole = {} if processes.sharded else {"optimizer": run.optimizer.state_dict()}
     save_checkpoint(run.checkpoints, state.step, model, ADAPTER, {
-        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        **whole, "scheduler": run.scheduler.state_dict(),
         "state": dataclasses.asdict(state), "rng": streams[0], "rank_rng": streams, "processes": len(streams),
         "before": run.before,
         "samples_before": run.samples_before, "config": config.model_dump(mode="json")},
-        config.train.keep_checkpoints)
+        config.train.keep_checkpoints, processes, run.optimizer if processes.sharded else None)
 
 
 def checkpoint_now(run: Run) -> Path:
@@ -385,14 +410,15 @@ def read_latest_checkpoint(session: Session, out: Path) -> dict[str, Any]:
     """Load the newest complete checkpoint's adapter into the model and return its trainer state, after
     checking it belongs to this run and keeps its global batch."""
     checkpoints = out / "checkpoints"
-    if session.config.train.distributed == "fsdp":
-        raise ConfigError("--resume: fsdp runs cannot resume yet; resume with train.distributed: ddp")
     found, saved, passed_over = load_newest_readable(checkpoints, session.model, ADAPTER)
     for warning in passed_over:
         print(f"loratune: warning: {warning}", file=sys.stderr)
     check_same_run(saved.get("config", {}), session.config.model_dump(mode="json"), found)
     check_global_batch(saved, session.config.train, session.processes.world, found)
-    return saved
+    if session.processes.sharded and "optimizer" in saved:
+        raise ConfigError(f"{found}: written by a ddp or one-process run; resume it with train.distributed: ddp "
+                          "(an fsdp run resumes checkpoints written by fsdp runs)")
+    return {**saved, "path": str(found)}
 
 
 def _optimizer(session: Session) -> tuple[torch.optim.Optimizer, Any]:

@@ -40,6 +40,12 @@ class Processes:
     def device(self) -> torch.device:
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the ranks each hold a shard of the adapter and its optimizer state (FSDP2): a checkpoint then
+        has every rank write its shard of the optimizer state."""
+        return False
+
     def close(self) -> None:
         """Leave the process group, if this object joined one."""
 
@@ -69,10 +75,10 @@ class Processes:
         optimizer after this: sharding may replace the parameters."""
         return functools.partial(loss, model)
 
-    def micro_batches(self, start: int, per_rank: int) -> range:
-        """The positions in the global micro-batch order that this rank runs in a step that starts at `start`
-        and runs `per_rank` on each rank; the next step starts at the range's `stop`."""
-        return range(start, start + per_rank)
+    def micro_batches(self, per_rank: int) -> range:
+        """Which of the step's `per_rank x world` micro-batches (the pieces of its global batch, in order) this
+        rank runs."""
+        return range(per_rank)
 
     def accumulating(self, trainer: Callable[..., tuple], sync: bool) -> contextlib.AbstractContextManager:
         """Around one micro-batch's forward and backward: `sync` is False on all but the step's last, whose

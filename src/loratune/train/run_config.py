@@ -124,16 +124,6 @@ class RunConfig(_Strict):
         return explicit if explicit is not None else DEFAULT_LOSS_CHUNK
 
     @model_validator(mode="after")
-    def _fsdp_limits(self) -> RunConfig:
-        if self.train.distributed == "fsdp" and self.model.quantize != "none":
-            raise ValueError("train.distributed: fsdp does not shard quantized weights; use ddp (every rank "
-                             "holds the quantized base)")
-        if self.train.distributed == "fsdp" and self.train.checkpoint_every:
-            raise ValueError("train.checkpoint_every: checkpoints of fsdp runs are not supported yet; use ddp or "
-                             "set checkpoint_every: 0")
-        return self
-
-    @model_validator(mode="after")
     def _batching_needs_a_causal_lm(self) -> RunConfig:
         if self.train.batching != "padded" and self.model.task != "causal-lm":
             raise ValueError(f"train.batching: {self.train.batching} needs model.task: causal-lm")
