@@ -58,7 +58,7 @@ def data_file(folder, family: Family):
     rng = random.Random(0)
     rows = []
     for i in range(24):
-        words = " ".join(rng.choice(WORDS) for _ in range(1 + i % 5))
+        words = " ".join(rng.choice(WORDS) for _ in range((1, 2, 3, 16)[i % 4]))  # short ones share a packed row
         if family.kind == "encoder":
             rows.append({"text": f"the {words} movie", "label": "positive" if i % 2 else "negative"})
         else:
