@@ -33,10 +33,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # The core, data and training tests against the lowest versions pyproject.toml allows (constraints-oldest.txt),
-# in a venv of their own; only the test tools are the newest.
+# in a venv of their own; only the test tools are the newest. The pinned first losses are left out: they pin
+# the newest transformers' random initialisation of the tiny test model, which older releases draw differently.
 OLDEST := .venv-oldest
 test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest -q -p no:randomly tests/core tests/data tests/train tests/test_import_graph.py
+	$(OLDEST)/bin/python -m pytest -q -p no:randomly tests/core tests/data tests/train tests/test_import_graph.py \
+		--deselect tests/train/test_loop.py::test_first_losses_are_pinned
 
 $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
 	$(PYTHON) -m venv $(OLDEST)
