@@ -40,9 +40,9 @@ def test_the_wheel_installs_and_runs_the_demo(tmp_path, model_cache):
     assert any(n.endswith("entry_points.txt") for n in names)
 
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", venv])
+    run([sys.executable, "-m", "venv", "--without-pip", venv])  # this environment's pip installs into it
     python = venv / "bin" / "python"
-    run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel])
+    run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", "--no-index", wheel])
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     (site / "test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # after the wheel's own
 
@@ -51,7 +51,8 @@ def test_the_wheel_installs_and_runs_the_demo(tmp_path, model_cache):
     where = run([python, "-c", "import loratune; print(loratune.__file__)"], cwd=tmp_path, env=env).stdout
     assert where.strip().startswith(str(site)), where  # the wheel's copy, not the source tree
     out = tmp_path / "demo"
-    done = run([venv / "bin" / "loratune", "demo", "--set", "train.max_steps=2", "--set", "data.max_eval_records=16",
+    small = ["data.max_train_records=64", "data.max_eval_records=16", "train.num_samples=0"]  # to keep it short
+    done = run([venv / "bin" / "loratune", "demo", "--set", "train.max_steps=2", *[f"--set={s}" for s in small],
                 "--output", out, "--quiet"], cwd=tmp_path, env=env)
     assert "trained 2 steps" in done.stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
