@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
-from families import FAMILIES  # noqa: E402
+from families import FAMILIES, VOCAB  # noqa: E402
 
 CHECKS = ["padded", "packed", "shared_prefix", "PEFT loads", "merge", "generate", "serve"]
 KINDS = {"causal": "causal LM", "encoder": "encoder (classification)", "seq2seq": "seq2seq"}
@@ -57,7 +57,7 @@ def main() -> int:
 
 Written by `python tests/families/write_models_doc.py` from a run of the family matrix
 (`tests/families/test_families.py`, part of `make test`) with transformers {version}. Each family is a tiny
-random-weight model (2 layers, hidden size 32, a 43-word vocabulary, seed 0) trained for 3 steps with
+random-weight model (2 layers, hidden size 32, a {len(VOCAB)}-word vocabulary, seed 0) trained for 3 steps with
 `loratune.train.fit` and LoRA on every linear layer (`all-linear`); a classifier's head is trained and
 saved with the adapter, as PEFT does.
 
