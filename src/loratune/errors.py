@@ -20,3 +20,7 @@ class QuantizationError(LoratuneError, ValueError):
 
 class ReportedByAnotherRank(LoratuneError):
     """Under torchrun: the error was found on every rank; rank 0 reports it and the others exit quietly."""
+
+
+class MissingExtraError(LoratuneError, ImportError):
+    """An optional part of loratune is not installed; the message names the extra that installs it."""

@@ -37,6 +37,8 @@ from loratune.quant.convert import check_model_quantizable, quantize_model
 from loratune.quant.streaming import NotStreamable, load_quantized, safetensors_files
 from loratune.tasks import TASK_TYPES, TASKS, Task
 
+#: The heads PEFT adds to `modules_to_save` for a SEQ_CLS adapter (a model has one of them).
+CLASSIFIER_HEADS = ("classifier", "score")
 #: Seed for randomly initialised heads (the classifier of an encoder), so runs are repeatable.
 HEAD_SEED = 0
 
@@ -328,13 +330,23 @@ def load_adapted_model(
         load_adapter(model, adapter_dir, adapter_name)
     else:
         lora = dataclasses.replace(lora, task_type=lora.task_type or TASK_TYPES[task],
-                                   base_model_name_or_path=lora.base_model_name_or_path or name_or_path)
+                                   base_model_name_or_path=lora.base_model_name_or_path or name_or_path,
+                                   modules_to_save=_modules_to_save(lora, task))
         add_adapter(model, lora, adapter_name)
     if loftq:
         quantize_model(model, quantize, double_quant, loftq_iterations, adapter_name)
         if adapter_dir is not None:
             load_adapter_weights_into(model, adapter_dir, adapter_name)
     return model, tokenizer
+
+
+def _modules_to_save(lora: LoraConfig, task: Task) -> list[str] | None:
+    """A classifier's head is trained and saved with the adapter unless `modules_to_save` says otherwise, as
+    PEFT does for SEQ_CLS: PEFT cannot load a classification adapter without it, and a fresh head left frozen
+    would score through its random weights."""
+    if task == "classification" and lora.modules_to_save is None:
+        return list(CLASSIFIER_HEADS)
+    return lora.modules_to_save
 
 
 def check_adapter_task(adapter_dir: str | Path, task: Task) -> None:

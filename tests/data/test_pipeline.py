@@ -1,12 +1,22 @@
 """load_datasets end to end: splitting, caps, skipping, labels, concatenated texts, built-in datasets."""
 
+import copy
+import re
+
 import datasets
 import pytest
 from conftest import VOCAB
 from pydantic import ValidationError
 
 from loratune.core.errors import ConfigError
-from loratune.data import DataConfig, builtin_datasets, concatenate_texts, load_datasets
+from loratune.data import (
+    DataConfig,
+    builtin_datasets,
+    check_sources,
+    concatenate_texts,
+    load_datasets,
+    read_label_names,
+)
 from loratune.errors import DataError
 
 EOS = VOCAB["</s>"]
@@ -94,12 +104,63 @@ def test_config_errors(tok, write_jsonl):
         DataConfig(train="x", fromat="text")
     with pytest.raises(ValidationError, match="given together"):
         DataConfig(train="x", prompt_template="{text}")
-    with pytest.raises(ConfigError, match="data.format: required"):
-        load_datasets(DataConfig(train=str(write_jsonl(rows(2)))), tok, "causal-lm")
+    with pytest.raises(ConfigError, match=r"data.format: not set, and the columns \(question, answer\) do not say"):
+        load_datasets(DataConfig(train=str(write_jsonl([{"question": "a", "answer": "b"}] * 2))), tok, "causal-lm")
     with pytest.raises(ConfigError, match="data.train: missing"):
         load_datasets(DataConfig(format="text"), tok, "causal-lm")
     with pytest.raises(ConfigError, match="'text' cannot train a classification model"):
         load_datasets(DataConfig(train="x.jsonl", format="text"), tok, "classification")
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}" \
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+
+
+@pytest.mark.parametrize(("record", "fmt", "columns"), [
+    ({"text": "the good movie", "label": "good", "id": 1}, "classification", "text, label"),
+    ({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]}, "chat",
+     "messages"),
+    ({"prompt": "hello", "completion": "world"}, "prompt_completion", "prompt, completion"),
+    ({"instruction": "hello", "input": "", "output": "world"}, "instruction", "instruction, output"),
+    ({"source": "hello world", "target": "hola mundo"}, "translation", "source, target"),
+    ({"text": "the cat sat on the mat", "meta": "x"}, "text", "text"),
+])
+def test_columns_decide_the_format_and_the_log_says_so(tok, write_jsonl, capsys, record, fmt, columns):
+    chat_tok = tok
+    if fmt == "chat":
+        chat_tok = copy.deepcopy(tok)
+        chat_tok.chat_template = CHAT_TEMPLATE
+    record_b = {**record, "label": "bad"} if fmt == "classification" else record
+    path = write_jsonl([record, record_b] * 3)
+    data = load_datasets(DataConfig(train=str(path)), chat_tok, "causal-lm")
+    assert data.info["format"] == fmt
+    said = [line for line in capsys.readouterr().err.splitlines() if "data.format" in line]
+    assert said == [f"loratune: data.format: {fmt} (from the columns {columns})"]
+    explicit = load_datasets(DataConfig(train=str(path), format=fmt), chat_tok, "causal-lm")
+    assert data.train.examples == explicit.train.examples
+    assert "data.format" not in capsys.readouterr().err  # a format that was set is not announced
+
+
+def test_columns_decide_the_labels_of_a_classifier(tok, write_csv):
+    path = write_csv(["text", "label"], [["the good movie", "positive"], ["the bad movie", "negative"]] * 3)
+    assert read_label_names(DataConfig(train=str(path))) == ["negative", "positive"]
+    check_sources(DataConfig(train=str(path)), "classification")
+    data = load_datasets(DataConfig(train=str(path)), tok, "classification")
+    assert data.info["format"] == "classification" and {e["label"] for e in data.train} == {0, 1}
+
+
+@pytest.mark.parametrize(("record", "found"), [
+    ({"prompt": "a", "completion": "b", "source": "c", "target": "d"}, "prompt, completion, source, target"),
+    ({"text": "a", "label": "b", "messages": []}, "text, label, messages"),
+    ({"body": "a", "answer": "b"}, "body, answer"),
+])
+def test_ambiguous_or_unknown_columns_are_one_error_listing_them(tok, write_jsonl, record, found):
+    path = write_jsonl([record] * 2)
+    message = rf"^{re.escape(str(path))}: data.format: not set, and the columns \({found}\) do not say which; set"
+    with pytest.raises(ConfigError, match=message):
+        check_sources(DataConfig(train=str(path)), "causal-lm")
+    with pytest.raises(ConfigError, match=message):
+        load_datasets(DataConfig(train=str(path)), tok, "causal-lm")
 
 
 def test_movie_sentiment_builtin(tok):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +87,15 @@ def load_datasets(
     `train_source`/`validation_source` (a `datasets.Dataset` or a list of dicts) replace
     `cfg.train`/`cfg.validation` when given.
     """
-    fmt = _resolve_format(cfg)
-    check_task_format(task, fmt)
+    if cfg.format is not None:  # a format that cannot fit the task fails before any file is read
+        check_task_format(task, cfg.format)
     rng = random.Random(cfg.seed)
     bad_train, bad_eval = BadRecords(cfg.skip_bad_records), BadRecords(cfg.skip_bad_records)
     train = _read(train_source, cfg.train, "train", bad_train)
+    fmt, columns = resolve_format(cfg, train, _name(train_source, cfg.train, "train"))
+    check_task_format(task, fmt)
+    if columns is not None:
+        print(f"loratune: data.format: {fmt} (from the columns {', '.join(columns)})", file=sys.stderr)
     label_names = _label_names(cfg, fmt, train)  # before splitting, so a rare class is not lost
     if validation_source is not None or cfg.validation is not None:
         held_out = _read(validation_source, cfg.validation, "validation", bad_eval)
@@ -118,32 +123,55 @@ def read_label_names(cfg: DataConfig) -> list[str] | None:
 
     A classifier's head size depends on them, so the model can only be built after this.
     """
-    fmt = _resolve_format(cfg)
-    if fmt != "classification":
+    if cfg.format not in (None, "classification"):
         return None
-    if cfg.label_names is not None:
+    if cfg.format is not None and cfg.label_names is not None:
         return list(cfg.label_names)
-    return _label_names(cfg, fmt, _read(None, cfg.train, "train", BadRecords(cfg.skip_bad_records)))
+    train = _read(None, cfg.train, "train", BadRecords(cfg.skip_bad_records))
+    fmt, _ = resolve_format(cfg, train, _name(None, cfg.train, "train"))
+    return _label_names(cfg, fmt, train)
 
 
 def check_sources(cfg: DataConfig, task: str) -> None:
     """Read a run's records without a tokenizer, so that a missing or malformed file, a format that does not
     fit the task, or too few labels is found before any model loads (formatting errors come later)."""
-    fmt = _resolve_format(cfg)
-    check_task_format(task, fmt)
+    if cfg.format is not None:
+        check_task_format(task, cfg.format)
     train = _read(None, cfg.train, "train", BadRecords(cfg.skip_bad_records))
+    fmt, _ = resolve_format(cfg, train, _name(None, cfg.train, "train"))
+    check_task_format(task, fmt)
     _label_names(cfg, fmt, train)
     if cfg.validation is not None:
         _read(None, cfg.validation, "validation", BadRecords(cfg.skip_bad_records))
 
 
-def _resolve_format(cfg: DataConfig) -> str:
+def resolve_format(cfg: DataConfig, records: list[Record], source: str) -> tuple[str, list[str] | None]:
+    """The data format: `data.format`, a built-in dataset's own, or else the one the records' columns
+    name; the columns are returned when they decided, so the run can say so."""
     if cfg.format is not None:
-        return cfg.format
+        return cfg.format, None
     if cfg.train is not None and is_builtin(cfg.train):
-        return builtin_spec(cfg.train).format
-    raise ConfigError("data.format: required for a data file (text, prompt_completion, instruction, chat, "
-                      "classification or translation)")
+        return builtin_spec(cfg.train).format, None
+    if not records:
+        raise DataError(f"{source}: no records")
+    present = list(dict.fromkeys(name for record in records for name in record.fields))
+    columns = set(present)
+    shapes = {
+        "chat": (cfg.messages_field,),
+        "prompt_completion": (cfg.prompt_field, cfg.completion_field),
+        "instruction": (cfg.instruction_field, cfg.output_field),
+        "translation": (cfg.source_field, cfg.target_field),
+        "classification": (cfg.text_field, cfg.label_field),
+    }
+    matches = [fmt for fmt, needed in shapes.items() if columns.issuperset(needed)]
+    if not matches and cfg.text_field in columns:
+        matches = ["text"]
+    if len(matches) != 1:
+        found = ", ".join(present) or "none"
+        raise ConfigError(f"{source}: data.format: not set, and the columns ({found}) do not say which; set it to "
+                          "text, prompt_completion, instruction, chat, classification or translation")
+    needed = shapes.get(matches[0], (cfg.text_field,))
+    return matches[0], list(needed)
 
 
 def _name(source: Any, spec: str | None, role: str) -> str:

@@ -64,12 +64,6 @@ def create_app(engine: Engine, registry: AdapterRegistry, settings: Settings) ->
     def authorized(request: Request) -> None:
         _check_key(request, settings.api_key)
 
-    def manager(request: Request) -> None:
-        if settings.api_key is None:
-            raise APIError(403, "adapter management needs the server to be started with an API key "
-                                "(--api-key or LORATUNE_API_KEY)", "permission_error")
-        _check_key(request, settings.api_key)
-
     @app.get("/", response_class=HTMLResponse)
     def playground() -> str:  # static page, no data: it asks for the key when the API wants one
         return resources.files(__package__).joinpath("playground.html").read_text(encoding="utf-8")
@@ -96,6 +90,19 @@ def create_app(engine: Engine, registry: AdapterRegistry, settings: Settings) ->
     async def chat_completions(body: ChatRequest):
         ids = _chat_ids(engine, body)
         return await _generate(engine, registry, settings, body, ids, chat=True)
+
+    _add_adapter_routes(app, engine, registry, settings)
+    return app
+
+
+def _add_adapter_routes(app: FastAPI, engine: Engine, registry: AdapterRegistry, settings: Settings) -> None:
+    """Loading and deleting adapters at run time: always behind the API key."""
+
+    def manager(request: Request) -> None:
+        if settings.api_key is None:
+            raise APIError(403, "adapter management needs the server to be started with an API key "
+                                "(--api-key or LORATUNE_API_KEY)", "permission_error")
+        _check_key(request, settings.api_key)
 
     @app.post("/v1/adapters", dependencies=[Depends(manager)])
     async def add_adapter(body: AdapterRequest) -> dict:
@@ -135,8 +142,6 @@ def create_app(engine: Engine, registry: AdapterRegistry, settings: Settings) ->
         finally:
             registry.settle(name, None)
         return {"id": name, "object": "model", "deleted": True}
-
-    return app
 
 
 def _check_key(request: Request, key: str | None) -> None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..core.errors import ConfigError
+from ..extras import require_extra
 
 
 def _adapter_pair(text: str) -> tuple[str, str]:
@@ -95,6 +96,7 @@ def build(model, tokenizer, name: str, adapters: list[tuple[str, str]], *, api_k
           max_prompt_tokens: int = 2048, max_tokens: int = 512, max_body_bytes: int = 1 << 20,
           body_timeout: float = 30.0):
     """Start the engine on a loaded model, load the start-up adapters, and return `(app, engine)`."""
+    require_extra("serve", "loratune serve")
     from ..pretrained import max_positions
     from .app import Limits, Settings, create_app
     from .registry import AdapterRegistry, check_name, check_safetensors_folder
@@ -146,6 +148,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> None:
+    require_extra("serve", "loratune serve")
     import uvicorn
 
     from ..pretrained import load_model

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from loratune.core.atomic_write import atomic_path, write_text_atomic
+from loratune.extras import has_extra
+
+NO_PLOT = "training plots need the plot extra: pip install 'loratune[plot]'"
 
 
 def write_metrics(path: Path, summary: dict[str, Any]) -> None:
@@ -14,7 +18,11 @@ def write_metrics(path: Path, summary: dict[str, Any]) -> None:
 
 
 def plot_history(path: Path, history: list[dict[str, Any]], title: str) -> None:
-    """Training loss per step with evaluation loss on top, and eval task metrics on a second panel."""
+    """Training loss per step with evaluation loss on top, and eval task metrics on a second panel; without
+    the plot extra, one line says so and the report goes without the plot."""
+    if not has_extra("plot"):
+        print(f"loratune: no {path.name}: {NO_PLOT}", file=sys.stderr)
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,7 +91,8 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
                 lines += [f"- prompt: `{_one_line(sample['prompt'], keep_end=True)}`",
                           f"  - output: `{_one_line(sample['output'])}`",
                           f"  - reference: `{_one_line(sample['reference'])}`"]
-    lines += ["", "## Plot", "", "![training](plot.png)", "", "## Config", "", "```yaml", config_yaml.rstrip(), "```"]
+    plot = "![training](plot.png)" if (path.parent / "plot.png").is_file() else f"No plot: {NO_PLOT}."
+    lines += ["", "## Plot", "", plot, "", "## Config", "", "```yaml", config_yaml.rstrip(), "```"]
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 

@@ -184,13 +184,10 @@ def validate_config(data: dict[str, Any], source: str) -> RunConfig:
 
 
 def _check_data_files(config: RunConfig, source: str) -> None:
-    """A missing data file or format is reported now, not after minutes of model loading."""
+    """A missing data file is reported now, not after minutes of model loading (a format the columns do
+    not decide is found by `data.check_sources`, which reads the records, also before loading)."""
     from loratune.data import builtin_datasets
 
-    train = config.data.train
-    if config.data.format is None and train is not None and train not in builtin_datasets():
-        raise ConfigError(f"{source}: data.format: required for a data file (text, prompt_completion, instruction, "
-                          "chat, classification or translation)")
     for key in ("train", "validation"):
         value = getattr(config.data, key)
         if value is not None and value not in builtin_datasets() and not Path(value).expanduser().is_file():
