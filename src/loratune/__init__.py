@@ -4,16 +4,15 @@ from loratune.core.adapters import (
     ParamCount,
     active_adapters,
     add_adapter,
-    add_weighted_adapter,
     delete_adapter,
     disable_adapters,
     merge,
-    mixed_adapter_batch,
     set_active_adapters,
     trainable_parameters,
     unload,
     unmerge,
 )
+from loratune.core.combining import add_weighted_adapter, mixed_adapter_batch
 from loratune.core.errors import AdapterFileError, AdapterNameError, ConfigError, LoratuneError, MergeError, TargetError
 from loratune.core.lora_config import LoraConfig
 from loratune.core.peft_format import load_adapter, save_adapter
