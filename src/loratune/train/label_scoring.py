@@ -4,9 +4,12 @@ token.
 
 A batch's prompts run once (their common prefix once, at batch 1, see `shared_prefix`); the last prompt
 token's distribution scores every label's first token, and a label of several tokens adds one short
-forward of its remaining tokens against the prompts' cache. A label's score is the sum of its tokens'
-log-probabilities (no end-of-sequence token), so when greedy generation writes exactly one of the labels
-(single-token labels, or labels whose tokens greedy decoding would pick) the scored answer is the same.
+forward of its remaining tokens against the prompts' cache. A label's log-likelihood is the sum of its
+tokens' log-probabilities (no end-of-sequence token). The chosen label is the one with the highest mean
+log-probability per token (lm-eval-harness's length-normalised `acc_norm`, per token rather than per byte):
+a sum lets a label of several tokens lose by construction, so an untrained model's "before" accuracy would
+fall below chance. The summed choice is reported beside it (`label_choices`). For one-token labels the two
+agree, and the scored answer is the one greedy generation writes.
 
 When every label is one token and the evaluation loss runs anyway, `loss_and_scored_labels` reads the scores
 from the loss's own forward, so an evaluation with label scoring costs one pass over the held-out examples.
@@ -107,10 +110,24 @@ def _continuation(body: nn.Module, head: nn.Module, cache: DynamicCache, mask: t
 
 def scored_labels(model: nn.Module, prompts: Sequence[list[int]], answers: Sequence[list[int]],
                   label_names: Sequence[str], batch_size: int, pad_id: int, device: torch.device,
-                  autocast: Callable = nullcontext, progress: Callable = lambda it, **_: it) -> list[str]:
-    """The name of the best-scoring label for each prompt (`answers[k]` are label k's tokens)."""
+                  autocast: Callable = nullcontext, progress: Callable = lambda it, **_: it) -> dict[str, list[str]]:
+    """Each prompt's chosen label name, by mean log-probability per token (`"mean"`, the headline) and by
+    summed log-probability (`"summed"`); `answers[k]` are label k's tokens."""
     scores = label_log_likelihoods(model, prompts, answers, batch_size, pad_id, device, autocast, progress)
-    return [label_names[k] for k in scores.argmax(dim=1).tolist()]
+    return label_choices(scores, answers, label_names)
+
+
+def label_choices(scores: torch.Tensor, answers: Sequence[list[int]],
+                  label_names: Sequence[str]) -> dict[str, list[str]]:
+    """The best label per row of (prompts x labels) summed log-likelihoods: by the mean per token, and by the sum."""
+    counts = torch.tensor([len(answer) for answer in answers], dtype=scores.dtype)
+    return {"mean": [label_names[k] for k in (scores / counts).argmax(dim=1).tolist()],
+            "summed": [label_names[k] for k in scores.argmax(dim=1).tolist()]}
+
+
+def length_sensitive(answers: Sequence[list[int]]) -> bool:
+    """Whether the labels differ in token count, so that the summed and the per-token choice can differ."""
+    return len({len(answer) for answer in answers}) > 1
 
 
 def scores_ride_on_loss(examples: Sequence[dict], prompts: Sequence[list[int]], answers: Sequence[list[int]]) -> bool:

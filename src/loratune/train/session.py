@@ -24,7 +24,12 @@ from loratune.quant.linear import set_base_compute
 from loratune.train.batches import BatchMaker
 from loratune.train.distributed import Processes
 from loratune.train.evaluate import generate_texts, generation_metrics, loss_metrics, loss_totals
-from loratune.train.label_scoring import loss_and_scored_labels, scored_labels, scores_ride_on_loss
+from loratune.train.label_scoring import (
+    length_sensitive,
+    loss_and_scored_labels,
+    scored_labels,
+    scores_ride_on_loss,
+)
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
 from loratune.train.run_config import RunConfig
 
@@ -70,7 +75,7 @@ class Session:
             return {}, []
         examples, prompts = processes.shard(data.eval_examples), processes.shard(data.eval_prompts)
         scored = data.label_answers if tc.label_scoring and task == "causal-lm" else None
-        outputs = None
+        outputs = summed = None
         # one pass for loss and labels, decided on the whole split so that every rank takes the same path
         if full and scored and scores_ride_on_loss(data.eval_examples, data.eval_prompts, scored):
             totals, chosen = loss_and_scored_labels(
@@ -81,13 +86,17 @@ class Session:
             totals = loss_totals(self.model, examples, task, tc.eval_batch_size, self.tokenizer.pad_token_id,
                                  self.device, self.autocast, self.progress, self.loss_chunk, self.batches)
             if full and data.eval_prompts and scored:
-                outputs = processes.unshard(scored_labels(
+                choices = scored_labels(
                     self.model, prompts, scored, data.label_names, tc.eval_batch_size, self.tokenizer.pad_token_id,
-                    self.device, self.autocast, self.progress))
+                    self.device, self.autocast, self.progress)
+                outputs = processes.unshard(choices["mean"])  # the headline: label length does not bias it
+                summed = processes.unshard(choices["summed"]) if length_sensitive(scored) else None
         metrics = loss_metrics(processes.total(totals), task)
         samples = []
         if outputs is not None:
             metrics.update(generation_metrics(outputs, data.eval_references, data.label_names))
+        if summed is not None:  # lm-eval-harness's `acc` beside the length-normalised headline
+            metrics["accuracy_summed"] = generation_metrics(summed, data.eval_references, data.label_names)["accuracy"]
         generate = tc.generation_eval if tc.generation_eval is not None else not scored
         if full and data.eval_prompts and task != "classification" and generate:
             outputs = processes.unshard(generate_texts(
