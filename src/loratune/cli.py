@@ -64,7 +64,8 @@ def _print_summary(summary: dict, out: Path) -> None:
     for key in after:
         if isinstance(after[key], float):
             print(f"  {key}: {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
-    print(f"adapter: {out / 'adapter'}\nreport:  {out / 'report.md'}\nplot:    {out / 'plot.png'}")
+    saved = "adapter" if summary.get("method", "lora") == "lora" else "model"
+    print(f"{saved + ':':9}{summary['adapter_dir']}\nreport:  {out / 'report.md'}\nplot:    {out / 'plot.png'}")
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from loratune.core.atomic_write import atomic_folder
 from loratune.core.errors import LoratuneError
-from loratune.core.peft_format import load_adapter_weights_into, save_adapter
+from loratune.train.methods import load_trainable, save_trainable
 
 STATE_NAME = "trainer_state.pt"
 META_NAME = "checkpoint.json"
@@ -47,7 +47,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, adapter: str, train
     """Write checkpoint `step-N` atomically, then drop the oldest beyond `keep`."""
     final = root / f"step-{step}"
     with atomic_folder(final, replace=True) as tmp:
-        save_adapter(model, tmp, adapter)
+        save_trainable(model, tmp, adapter)  # the adapter, or every trainable weight (methods other than lora)
         # serialized in memory, then written by Python: a full disk is then an OSError with its cause,
         # where torch.save writing the file itself reports only a position mismatch
         buffer = io.BytesIO()
@@ -98,7 +98,7 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str) -> dict[str, Any
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "state", "rng"} <= set(state):
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: not a loratune trainer state)")
     try:
-        load_adapter_weights_into(model, path, adapter)
+        load_trainable(model, path, adapter)
     except LoratuneError as exc:
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({_first_line(exc)})") from None
     return state

@@ -20,7 +20,6 @@ import torch
 from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
-from loratune.core.peft_format import save_adapter
 from loratune.errors import ReportedByAnotherRank
 from loratune.train.batches import BatchOrder, order_keys
 from loratune.train.checkpoint import (
@@ -31,6 +30,7 @@ from loratune.train.checkpoint import (
     set_rng_state,
 )
 from loratune.train.distributed import Processes, check_global_batch, global_batch, join_processes
+from loratune.train.methods import save_trained, trained_folder
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
@@ -320,7 +320,7 @@ def finish(run: Run) -> dict[str, Any]:
     with processes.full_parameters(session.model):
         if processes.is_main:
             try:
-                save_adapter(session.model, out / "adapter", ADAPTER)
+                save_trained(session.model, session.tokenizer, out, config.method, ADAPTER)
             except WriteError as exc:  # the trained steps must survive a full disk: in a checkpoint, if one fits
                 raise WriteError(f"{exc}; {_kept_in_checkpoint(run)}") from exc
     summary = run_summary(run, after, samples_after)
@@ -349,13 +349,14 @@ def run_summary(run: Run, after: dict[str, Any], samples_after: list[dict[str, s
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "data": {"train": config.data.train, **session.data.info},
         "before": run.before, "after": after, "samples_before": run.samples_before, "samples_after": samples_after,
-        "adapter_dir": str(run.out / "adapter"),
+        "method": config.method, "adapter_dir": str(trained_folder(run.out, config.method)),
     }
 
 
 def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:
     """Evaluate the base model with a saved adapter (default: the run's own) on the config's evaluation data."""
-    session = prepare(config, _quiet(quiet), Path(adapter) if adapter else Path(config.output_dir) / "adapter")
+    saved = Path(adapter) if adapter else trained_folder(Path(config.output_dir), config.method)
+    session = prepare(config, _quiet(quiet), saved)
     metrics, _ = session.evaluate(full=True)
     return metrics
 

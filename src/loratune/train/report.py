@@ -66,6 +66,7 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
     lines += [f"- task: {summary['task']}, data: {summary['data']['train']} "
               f"({summary['data']['train_examples']} training / {summary['data']['eval_examples']} evaluation "
               f"examples, {summary['data'].get('skipped_records', 0)} bad records skipped)",
+              f"- method: {summary.get('method', 'lora')} (result in `{summary.get('adapter_dir', '')}`)",
               f"- trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
               f"({100 * summary['trainable_fraction']:.3f}%)",
               _global_batch_line(summary),

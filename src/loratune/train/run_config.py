@@ -100,6 +100,9 @@ class TrainSpec(_Strict):
 
 
 class RunConfig(_Strict):
+    method: Literal["lora", "full", "head"] = Field(
+        "lora", description="lora: an adapter on the frozen base; full: every weight trains (the baseline); "
+                            "head: only a classifier's head trains (a linear probe); see train/methods.py")
     model: ModelSpec
     lora: LoraConfig
     data: DataConfig
@@ -143,6 +146,23 @@ class RunConfig(_Strict):
             raise ValueError("train.length_grouped and train.prefix_grouped: batches are grouped one way; choose one")
         if self.train.base_compute == "int8" and self.model.quantize == "nf4":
             raise ValueError("train.base_compute: int8 needs a dense or int8-stored base, not model.quantize: nf4")
+        return self
+
+    @model_validator(mode="after")
+    def _method_limits(self) -> RunConfig:
+        """What full fine-tuning and the probe cannot combine with, said before any weight loads."""
+        spec, tc, method = self.model, self.train, self.method
+        if method == "lora":
+            return self
+        if spec.quantize != "none" or spec.loftq_iterations or tc.base_compute != "default":
+            raise ValueError(f"method: {method} trains dense weights; leave model.quantize, model.loftq_iterations "
+                             "and train.base_compute unset")
+        if spec.dtype not in ("auto", "float32"):
+            raise ValueError(f"method: {method} keeps float32 weights; leave model.dtype unset")
+        if method == "head" and spec.task != "classification":
+            raise ValueError("method: head (a linear probe) needs model.task: classification")
+        if tc.lora_plus_ratio != 1.0:
+            raise ValueError(f"train.lora_plus_ratio: LoRA+ needs method: lora, not {method}")
         return self
 
     @model_validator(mode="after")

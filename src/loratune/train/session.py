@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
 from loratune.precision import base_dtype, resolve_precision
-from loratune.pretrained import load_adapted_model, max_positions
+from loratune.pretrained import max_positions
 from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
 from loratune.train.batches import BatchMaker
@@ -31,6 +31,7 @@ from loratune.train.label_scoring import (
     scores_ride_on_loss,
 )
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
+from loratune.train.methods import load_for_method
 from loratune.train.run_config import RunConfig
 
 ADAPTER = "default"
@@ -114,7 +115,8 @@ class Session:
 
 def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
             processes: Processes | None = None) -> Session:
-    """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen."""
+    """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen (other
+    `config.method`s: see `methods.load_for_method`)."""
     tc, spec = config.train, config.model
     processes = processes or Processes()
     seed_everything(tc.seed)
@@ -128,11 +130,9 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
         if device.type == "cpu" and processes.is_main:
             _warn_if_too_big(config)
         int8_compute = tc.base_compute == "int8"  # needs int8 storage: the weights per output channel, once
-        model, tokenizer = load_adapted_model(
-            spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir,
-            quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize,
-            double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
-            dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
+        model, tokenizer = load_for_method(  # config.method: an adapter, every weight, or the head
+            config, ADAPTER, label_names, base_dtype(spec.dtype, precision), saved=adapter_dir,
+            quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize)
     except TargetError as exc:  # name the model the lora section does not fit
         raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
     limit = max_positions(model)
