@@ -77,6 +77,20 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from loratune.compare import compare
+    from loratune.train import load_config
+
+    config = load_config(args.config, args.set)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = compare(config, methods, args.seeds)
+    for row in results["rows"]:
+        spread = f" ± {row['sd']:.4f}" if row["sd"] is not None else ""
+        print(f"{row['method']:>5}: {row['metric']} {row['mean']:.4f}{spread}, {row['train_seconds']:.1f} s, "
+              f"peak {row['peak_rss_mb']:.0f} MB, {row['trainable_parameters']:,} trainable")
+    print(f"table: {Path(config.output_dir) / 'compare.md'}")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from loratune.generate import generate_stream
 
@@ -156,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(evaluate)
     evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir/adapter)")
     evaluate.set_defaults(run=_eval)
+
+    compare = commands.add_parser("compare", help="train the same task by several methods and tabulate them")
+    with_config(compare)
+    compare.add_argument("--methods", default="base,lora,full",
+                         help="comma-separated: base (zero-shot, or a linear probe for classifiers), lora, full")
+    compare.add_argument("--seeds", type=_positive_int, default=3, help="runs per method (train.seed, +1, ...)")
+    compare.set_defaults(run=_compare)
 
     generate = commands.add_parser("generate", help="generate text, streaming tokens to the terminal")
     generate.add_argument("--model", required=True)
