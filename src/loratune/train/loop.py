@@ -21,6 +21,7 @@ from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.errors import ReportedByAnotherRank
+from loratune.train.auto_lr import read_choice, resolve_learning_rate
 from loratune.train.batches import BatchOrder, order_keys
 from loratune.train.checkpoint import (
     latest_checkpoint,
@@ -116,6 +117,7 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
         processes.agree(lambda: folder.enter_context(claim_output_dir(out, resume)) if processes.is_main else None)
         resume = resume and _has_checkpoint(out, config, processes)
         session = processes.agree(lambda: prepare(config, quiet, processes=processes))
+        resolve_learning_rate(session, out, resume)  # train.learning_rate: auto, chosen on the training split
         if _stop_agreed(processes, stops):
             raise _stopped(processes, RunStopped(stops.signal_name, 0, None))
         run = resume_run(session, out) if resume else start_run(session, out)
@@ -349,6 +351,7 @@ def run_summary(run: Run, after: dict[str, Any], samples_after: list[dict[str, s
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "data": {"train": config.data.train, **session.data.info},
         "before": run.before, "after": after, "samples_before": run.samples_before, "samples_after": samples_after,
+        "learning_rate_choice": read_choice(run.out),
         "method": config.method, "adapter_dir": str(trained_folder(run.out, config.method)),
     }
 

@@ -7,7 +7,7 @@ YAML, so `--set train.max_steps=50` gives an int). Errors name the key and the f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -53,7 +53,9 @@ class TrainSpec(_Strict):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        2e-4, description="a rate, or auto: chosen by successive halving on a part carved from the training "
+                          "split (train/auto_lr.py)")
     lora_plus_ratio: float = Field(1.0, ge=1.0, description="LoRA+: learning-rate multiplier for B factors")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
