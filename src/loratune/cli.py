@@ -91,6 +91,19 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"table: {Path(config.output_dir) / 'compare.md'}")
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from loratune.sweep import sweep
+    from loratune.train import load_config
+
+    config = load_config(args.config, args.set)
+    result = sweep(config, args.trials, args.storage, args.study, args.heartbeat)
+    print(f"{len(result['trials'])} trials in the study")
+    if result["best"]:
+        best = result["best"]
+        print(f"best: trial {best['number']}, validation loss {best['value']:.4f}, {best['params']}")
+    print(f"table: {Path(config.output_dir) / 'sweep.md'}")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from loratune.generate import generate_stream
 
@@ -177,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated: base (zero-shot, or a linear probe for classifiers), lora, full")
     compare.add_argument("--seeds", type=_positive_int, default=3, help="runs per method (train.seed, +1, ...)")
     compare.set_defaults(run=_compare)
+
+    sweep = commands.add_parser("sweep", help="search learning rate, rank, alpha and targets with Optuna")
+    with_config(sweep)
+    sweep.add_argument("--trials", type=_positive_int, required=True, help="trials in the study, over all workers")
+    sweep.add_argument("--storage", help="Optuna storage URL (default: SQLite sweep.db in the output folder); "
+                       "workers that name the same storage and study share one sweep")
+    sweep.add_argument("--study", help="study name (default: loratune-sweep)")
+    sweep.add_argument("--heartbeat", type=float, default=10.0, metavar="SECONDS",
+                       help="a worker's heartbeat; a trial silent for 3x this (a killed worker's) is run again")
+    sweep.set_defaults(run=_sweep)
 
     generate = commands.add_parser("generate", help="generate text, streaming tokens to the terminal")
     generate.add_argument("--model", required=True)

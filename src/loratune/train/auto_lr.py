@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,10 @@ def choose(session: Any) -> dict[str, Any]:
     survivors, steps, rounds = list(CANDIDATES[method]), max(1, tc.max_steps // 10), []
     try:
         while True:
-            losses = {rate: _trial(session, train, val, rate, steps, start) for rate in survivors}
+            losses = {}
+            for rate in survivors:
+                _restore(session.model, start)
+                losses[rate] = train_and_validate(session, train, val, rate, steps)
             rounds.append({"steps": steps, "validation_loss": {str(r): v for r, v in losses.items()}})
             survivors = sorted(survivors, key=lambda r: losses[r])[:max(1, len(survivors) // 2)]
             if len(survivors) == 1:
@@ -95,10 +99,11 @@ def choose(session: Any) -> dict[str, Any]:
                    f"({rounds[-1]['steps']} steps); the held-out split was not read"}
 
 
-def _trial(session: Any, train: list, val: list, rate: float, steps: int, start: dict) -> float:
-    """Validation loss after `steps` steps at `rate` from the model's start (float('inf') if it diverged)."""
+def train_and_validate(session: Any, train: list, val: list, rate: float, steps: int,
+                       report: Callable[[int, float], None] | None = None, every: int = 0) -> float:
+    """Validation loss after `steps` steps at `rate` from the model as it is (inf if it diverged); with
+    `every`, `report(step, loss)` hears the validation loss every `every` steps too (it may raise to stop)."""
     tc, model = session.config.train, session.model
-    _restore(model, start)
     torch.manual_seed(tc.seed)
     optimizer = build_optimizer(model, rate, tc.weight_decay, tc.lora_plus_ratio)
     warmup = tc.warmup_steps * steps // tc.max_steps
@@ -118,6 +123,15 @@ def _trial(session: Any, train: list, val: list, rate: float, steps: int, start:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if report and every and (step + 1) % every == 0 and step + 1 < steps:
+            report(step + 1, validation_loss(session, val))
+            model.train()
+    return validation_loss(session, val)
+
+
+def validation_loss(session: Any, val: list) -> float:
+    """Mean loss on `val` (inf when it is not finite: the training diverged)."""
+    tc, model = session.config.train, session.model
     totals = loss_totals(model, val, session.config.model.task, tc.eval_batch_size, session.tokenizer.pad_token_id,
                          session.device, session.autocast, session.progress, session.loss_chunk, session.batches)
     value = loss_metrics(totals, session.config.model.task)["loss"]
