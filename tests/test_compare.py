@@ -42,6 +42,7 @@ def test_compare_runs_base_lora_and_full_and_writes_the_table(run_config, tmp_pa
     assert results["runs"][0]["metrics"]["accuracy"] == before["accuracy"]
     assert results["runs"][0]["metrics"]["loss"] == before["loss"]
     table = (out / "compare.md").read_text()
+    assert "general_perplexity" in table and rows["base"]["general_perplexity"] > 1.0  # forgetting, per method
     assert "| base (zero-shot) |" in table and "| LoRA |" in table and "| full fine-tuning |" in table
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = loratune("compare", "run.yaml", "--methods", "lora", "--seeds", "1", cwd=tmp_path)

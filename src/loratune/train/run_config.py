@@ -81,6 +81,10 @@ class TrainSpec(_Strict):
     label_scoring: bool = Field(
         True, description="causal LMs whose answers are a known label set: accuracy from each label's "
                           "log-likelihood after the prompt, one forward pass instead of generation")
+    general_text: str | None = Field(
+        "builtin", description="causal LMs: perplexity on this general text (a file, or builtin: a short sample "
+                               "of everyday prose shipped with loratune) before and after training, to measure "
+                               "forgetting; null: off")
     batching: Literal["padded", "packed", "shared_prefix"] = Field(
         "padded", description="causal LMs: padded rows; packed (padding-free rows, attention kept within each "
                               "sequence); or shared_prefix (a batch's common first tokens computed once)")
@@ -220,6 +224,9 @@ def _check_data_files(config: RunConfig, source: str) -> None:
     if config.data.format is None and train is not None and train not in builtin_datasets():
         raise ConfigError(f"{source}: data.format: required for a data file (text, prompt_completion, instruction, "
                           "chat, classification or translation)")
+    general = config.train.general_text
+    if general not in (None, "builtin") and not Path(general).expanduser().is_file():
+        raise ConfigError(f"{source}: train.general_text: no such file: {general!r} (or builtin, or null)")
     for key in ("train", "validation"):
         value = getattr(config.data, key)
         if value is not None and value not in builtin_datasets() and not Path(value).expanduser().is_file():

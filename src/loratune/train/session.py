@@ -24,6 +24,7 @@ from loratune.quant.linear import set_base_compute
 from loratune.train.batches import BatchMaker
 from loratune.train.distributed import Processes
 from loratune.train.evaluate import generate_texts, generation_metrics, loss_metrics, loss_totals
+from loratune.train.forgetting import general_text_metrics
 from loratune.train.label_scoring import (
     length_sensitive,
     loss_and_scored_labels,
@@ -108,6 +109,8 @@ class Session:
         if outputs is not None:
             samples = [{"prompt": self.tokenizer.decode(p, skip_special_tokens=True), "output": o, "reference": r}
                        for p, o, r in zip(data.eval_prompts, outputs, data.eval_references)][: tc.num_samples]
+        if full:  # causal LMs: perplexity on general text, to see what training costs outside the task
+            metrics.update(general_text_metrics(self))
         self.model.train()
         release_free_memory()  # the evaluation batches' blocks, so training does not stack on them
         return metrics, samples
