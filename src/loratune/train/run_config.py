@@ -6,8 +6,9 @@ YAML, so `--set train.max_steps=50` gives an int). Errors name the key and the f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -53,7 +54,7 @@ class TrainSpec(_Strict):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+    learning_rate: float | Literal["auto"] = Field(
         2e-4, description="a rate, or auto: chosen by successive halving on a part carved from the training "
                           "split (train/auto_lr.py)")
     lora_plus_ratio: float = Field(1.0, ge=1.0, description="LoRA+: learning-rate multiplier for B factors")
@@ -93,6 +94,24 @@ class TrainSpec(_Strict):
     prefix_grouped: bool = Field(False, description="batches of examples that start alike (data with several "
                                                     "prompt templates, for shared_prefix), order kept random "
                                                     "across groups of 50 batches")
+    @field_validator("learning_rate", mode="plain")
+    @classmethod
+    def _rate_or_auto(cls, value: Any) -> float | str:
+        """A positive finite number or `auto` (checked by hand: a union's errors would name its members)."""
+        if value == "auto":
+            return value
+        try:
+            if isinstance(value, bool):  # `true` is not a rate
+                raise TypeError
+            rate = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("Input should be a number or auto") from None
+        if not math.isfinite(rate):
+            raise ValueError("Input should be a finite number")
+        if rate <= 0:
+            raise ValueError("Input should be greater than 0")
+        return rate
+
     base_compute: Literal["default", "int8"] = Field(
         "default", description="int8: the frozen linear layers' forward and input-gradient products in int8 "
                                "(weights per output channel, activations per token, int32 accumulation)")
