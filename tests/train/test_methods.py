@@ -21,7 +21,7 @@ def run(data, **kwargs):
 
 def test_full_fine_tuning_trains_every_weight_and_saves_a_model_folder_that_reloads(run_config, tmp_path,
                                                                                    tiny_gpt2):
-    data = run_config(method="full", train={"max_steps": 20, "learning_rate": 3e-3})
+    data = run_config(method="full", lora=None, train={"max_steps": 20, "learning_rate": 3e-3})  # no lora section
     summary = run(data)
     out = tmp_path / "run"
     assert summary["method"] == "full" and summary["trainable_fraction"] == 1.0
@@ -85,6 +85,7 @@ def test_the_head_probe_trains_only_the_classifier(run_config, tmp_path, tiny_be
     ("full", {"model": {"dtype": "bfloat16"}}, "method: full keeps float32 weights"),
     ("head", {}, "method: head (a linear probe) needs model.task: classification"),
     ("full", {"train": {"lora_plus_ratio": 4.0}}, "LoRA+ needs method: lora"),
+    ("lora", {"lora": None}, "run.yaml: lora: required (the adapter's settings) unless method is full or head"),
 ])
 def test_methods_refuse_what_they_cannot_combine_with(run_config, method, extra, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -77,11 +77,10 @@ def estimate_memory(config: Any) -> MemoryEstimate:
     quantized = spec.quantize != "none"
     linear = sum(_numel(m) for m in quantizable_layers(model).values()) if quantized else 0
     total = sum(p.numel() for p in model.parameters())
-    lora = dataclasses.replace(config.lora, init_lora_weights=True,  # PiSSA needs real weights; size is the same
-                               task_type=config.lora.task_type or TASK_TYPES[spec.task])
     method = getattr(config, "method", "lora")
     if method == "lora":
-        add_adapter(model, lora)
+        add_adapter(model, dataclasses.replace(  # PiSSA needs real weights; the size is the same
+            config.lora, init_lora_weights=True, task_type=config.lora.task_type or TASK_TYPES[spec.task]))
     else:  # float32 weights; the trainable ones are counted with their gradient and moments below
         mark_method_trainable(model, method, spec.task)
         element = 4

@@ -129,7 +129,7 @@ class RunConfig(_Strict):
         "lora", description="lora: an adapter on the frozen base; full: every weight trains (the baseline); "
                             "head: only a classifier's head trains (a linear probe); see train/methods.py")
     model: ModelSpec
-    lora: LoraConfig
+    lora: LoraConfig | None = Field(None, description="the adapter (required by method: lora)")
     data: DataConfig
     train: TrainSpec = TrainSpec()
     output_dir: Path = Path("runs/latest")
@@ -178,6 +178,8 @@ class RunConfig(_Strict):
         """What full fine-tuning and the probe cannot combine with, said before any weight loads."""
         spec, tc, method = self.model, self.train, self.method
         if method == "lora":
+            if self.lora is None:
+                raise ValueError("lora: required (the adapter's settings) unless method is full or head")
             return self
         if spec.quantize != "none" or spec.loftq_iterations or tc.base_compute != "default":
             raise ValueError(f"method: {method} trains dense weights; leave model.quantize, model.loftq_iterations "
@@ -192,7 +194,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_initialisation(self) -> RunConfig:
-        if self.model.loftq_iterations and self.lora.init_lora_weights == "pissa":
+        if self.model.loftq_iterations and self.lora and self.lora.init_lora_weights == "pissa":
             raise ValueError("model.loftq_iterations and lora.init_lora_weights: pissa both set the adapter's "
                              "start; choose one")
         return self
@@ -218,12 +220,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 def format_validation_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         message = "unknown key"
     more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
-    return f"{source}: {key}: {message}{more}"
+    # a check of the whole config names its keys in its message
+    return f"{source}: {key}: {message}{more}" if key else f"{source}: {message}{more}"
 
 
 def validate_config(data: dict[str, Any], source: str) -> RunConfig:
