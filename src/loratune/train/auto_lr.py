@@ -111,13 +111,8 @@ def train_and_validate(session: Any, train: list, val: list, rate: float, steps:
     order = torch.randperm(len(train)).tolist()
     model.train()
     for step in range(steps):
-        picks = [order[(step * tc.batch_size + k) % len(order)] for k in range(tc.batch_size)]
-        batch, prefix = session.batches.make([train[i] for i in picks], session.device)
-        with session.autocast():
-            loss, _, _ = batch_loss(model, batch, session.config.model.task, session.loss_chunk, prefix)
-        if not torch.isfinite(loss):
+        if not _accumulate(session, train, order, step):
             return float("inf")
-        loss.backward()
         if tc.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
         optimizer.step()
@@ -127,6 +122,27 @@ def train_and_validate(session: Any, train: list, val: list, rate: float, steps:
             report(step + 1, validation_loss(session, val))
             model.train()
     return validation_loss(session, val)
+
+
+def _accumulate(session: Any, train: list, order: list[int], step: int) -> bool:
+    """Gradients of step `step`'s `grad_accum` micro-batches, averaged over their predicted tokens as the
+    run's own step does; False when the loss is not finite."""
+    tc, model, weights = session.config.train, session.model, 0
+    for micro in range(tc.grad_accum):
+        first = (step * tc.grad_accum + micro) * tc.batch_size
+        picks = [order[(first + k) % len(order)] for k in range(tc.batch_size)]
+        batch, prefix = session.batches.make([train[i] for i in picks], session.device)
+        with session.autocast():
+            loss, _, weight = batch_loss(model, batch, session.config.model.task, session.loss_chunk, prefix)
+        if not torch.isfinite(loss):
+            return False
+        (loss * weight).backward()
+        weights += weight
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.div_(max(weights, 1))
+    return True
 
 
 def validation_loss(session: Any, val: list) -> float:
