@@ -66,3 +66,20 @@ def test_the_table_gives_mean_and_sample_spread():
     table = compare_markdown({"model": "m", "task": "causal-lm", "data": "d", "data_seed": 0, "seeds": 3,
                               "rows": rows})
     assert "| LoRA | 0.9000 ± 0.1000 | 2.0 | 100 | 10 | 1.00 |" in table
+
+
+def test_the_base_of_a_classifier_is_a_trained_linear_probe(run_config, tmp_path, tiny_bert):
+    from loratune.compare import run_job
+
+    data = run_config(method="head", model={"name": tiny_bert, "task": "classification"}, lora=None,
+                      data={"prompt_template": None, "completion_template": None}, train={"max_steps": 3})
+    config = validate_config(data, "test").model_dump(mode="json")
+    job = tmp_path / "base-seed0" / "compare-job.json"
+    job.parent.mkdir()
+    job.write_text(json.dumps({"config": config, "method": "base", "seed": 0}))
+    assert run_job(str(job)) == 0
+    result = json.loads(job.read_text())
+    summary = json.loads((job.parent / "run" / "metrics.json").read_text())
+    assert summary["method"] == "head" and summary["steps"] == 3
+    assert result["train_seconds"] > 0 and 0 < result["trainable_parameters"] < 100  # the head: 32 x 2 + 2
+    assert "accuracy" in result["metrics"]
