@@ -38,6 +38,7 @@ def compare(config: Any, methods: list[str], seeds: int) -> dict[str, Any]:
     runs = []
     for method in methods:
         for seed in range(first_seed, first_seed + (1 if _zero_shot(method, config) else seeds)):
+            print(f"loratune: compare: {method} (seed {seed}) in {out / _folder(method, seed)}", file=sys.stderr)
             runs.append(_run_in_child(data, method, seed, out / _folder(method, seed)))
     results = {"model": config.model.name, "task": config.model.task, "data": config.data.train,
                "data_seed": config.data.seed, "seeds": seeds, "runs": runs, "rows": summarise(runs)}
