@@ -15,6 +15,7 @@ period has passed the next worker marks it failed and runs its settings again.
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 import warnings
@@ -76,9 +77,22 @@ def sweep(config: Any, trials: int, storage: str | None = None, name: str | None
         trial.set_user_attr("worker", os.getpid())
         return run_trial(config, trial)
 
+    _fail_orphans(study, 3 * heartbeat)
     if _earlier_trials(study, 1 << 62) < trials:  # optimize also fails trials left stale by a killed worker
         study.optimize(objective, catch=(_Surplus,))
     return write_results(config, study)
+
+
+def _fail_orphans(study: Any, grace: float) -> None:
+    """Fail running trials that a worker created but died before starting (no heartbeat ever covered them, so
+    Optuna would count them as running for ever): those without the `worker` mark, older than the grace period."""
+    import optuna
+
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if "worker" not in trial.user_attrs and started and (now - started).total_seconds() > grace:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 class _Surplus(Exception):
