@@ -67,7 +67,8 @@ def _print_summary(summary: dict, out: Path) -> None:
     for key in after:
         if isinstance(after[key], float):
             print(f"  {key}: {before.get(key, float('nan')):.4f} -> {after[key]:.4f}")
-    print(f"adapter: {out / 'adapter'}\nreport:  {out / 'report.md'}")
+    saved = "adapter" if summary.get("method", "lora") == "lora" else "model"
+    print(f"{saved + ':':9}{summary['adapter_dir']}\nreport:  {out / 'report.md'}")
     if (out / "plot.png").is_file():
         print(f"plot:    {out / 'plot.png'}")
 
@@ -79,6 +80,33 @@ def _eval(args: argparse.Namespace) -> None:
     metrics = evaluate_run(config, adapter=args.adapter, quiet=args.quiet)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from loratune.compare import compare
+    from loratune.train import load_config
+
+    config = load_config(args.config, args.set)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    results = compare(config, methods, args.seeds)
+    for row in results["rows"]:
+        spread = f" ± {row['sd']:.4f}" if row["sd"] is not None else ""
+        print(f"{row['method']:>5}: {row['metric']} {row['mean']:.4f}{spread}, {row['train_seconds']:.1f} s, "
+              f"peak {row['peak_rss_mb']:.0f} MB, {row['trainable_parameters']:,} trainable")
+    print(f"table: {Path(config.output_dir) / 'compare.md'}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from loratune.sweep import sweep
+    from loratune.train import load_config
+
+    config = load_config(args.config, args.set)
+    result = sweep(config, args.trials, args.storage, args.study, args.heartbeat)
+    print(f"{len(result['trials'])} trials in the study")
+    if result["best"]:
+        best = result["best"]
+        print(f"best: trial {best['number']}, validation loss {best['value']:.4f}, {best['params']}")
+    print(f"table: {Path(config.output_dir) / 'sweep.md'}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -174,6 +202,23 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(evaluate)
     evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir/adapter)")
     evaluate.set_defaults(run=_eval)
+
+    compare = commands.add_parser("compare", help="train the same task by several methods and tabulate them")
+    with_config(compare)
+    compare.add_argument("--methods", default="base,lora,full",
+                         help="comma-separated: base (zero-shot, or a linear probe for classifiers), lora, full")
+    compare.add_argument("--seeds", type=_positive_int, default=3, help="runs per method (train.seed, +1, ...)")
+    compare.set_defaults(run=_compare)
+
+    sweep = commands.add_parser("sweep", help="search learning rate, rank, alpha and targets with Optuna")
+    with_config(sweep)
+    sweep.add_argument("--trials", type=_positive_int, required=True, help="trials in the study, over all workers")
+    sweep.add_argument("--storage", help="Optuna storage URL (default: SQLite sweep.db in the output folder); "
+                       "workers that name the same storage and study share one sweep")
+    sweep.add_argument("--study", help="study name (default: loratune-sweep)")
+    sweep.add_argument("--heartbeat", type=float, default=10.0, metavar="SECONDS",
+                       help="a worker's heartbeat; a trial silent for 3x this (a killed worker's) is run again")
+    sweep.set_defaults(run=_sweep)
 
     generate = commands.add_parser("generate", help="generate text, streaming tokens to the terminal")
     generate.add_argument("--model", required=True)

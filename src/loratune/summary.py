@@ -99,7 +99,7 @@ def inspect_command(model_name: str | None, task: str | None, config_path: str |
     out.write("".join(line + "\n" for line in lines))
     count = trainable_parameters(model)
     out.write(f"model {model_name}: {count.total:,} parameters\n" + "\n".join(module_summary(model)) + "\n")
-    if run is not None:
+    if run is not None and run.lora is not None:  # method full or head: no adapter to place
         targets = find_targets(model, run.lora)
         names = Counter(p.split(".")[-1] for p in targets)
         out.write(f"lora targets: {len(targets)} modules ({', '.join(f'{n} x{c}' for n, c in names.items())})\n")

@@ -1,5 +1,6 @@
 """Label scoring: exact log-likelihoods of each label after each prompt, and the answer greedy decoding gives."""
 
+import json
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ from loratune.core.errors import ConfigError
 from loratune.core.lora_config import LoraConfig
 from loratune.tasks import IGNORE_INDEX
 from loratune.train.evaluate import Forwards, loss_totals
-from loratune.train.label_scoring import label_log_likelihoods, scored_labels, scores_ride_on_loss
+from loratune.train.label_scoring import (
+    label_choices,
+    label_log_likelihoods,
+    length_sensitive,
+    scored_labels,
+    scores_ride_on_loss,
+)
 from loratune.train.loop import fit
 from loratune.train.run_config import validate_config
 
@@ -59,7 +66,7 @@ def test_the_scored_label_is_the_one_greedy_generation_writes(model):
     names = sorted(set(greedy))  # every prompt's greedy answer is exactly one of these single-token labels
     assert len(names) >= 2
     chosen = scored_labels(Forwards(model, CPU, batch_size=5), batch, [[t] for t in names], pad_id=0)
-    assert [names[k] for k in chosen] == greedy
+    assert chosen["mean"] == chosen["summed"] == [names.index(t) for t in greedy]
 
 
 def test_a_run_reports_scored_accuracy_and_generation_accuracy_only_when_asked(run_config):
@@ -138,7 +145,7 @@ def test_one_pass_gives_the_loss_and_the_labels_of_two_passes(model, batching):
     assert totals.loss == pytest.approx(summed_answer_loss(model, examples), rel=1e-5)
     scores = label_log_likelihoods(model, batch, labels, batch_size=4, pad_id=0, device=CPU)
     assert len(set(scores.argmax(1).tolist())) >= 2  # the check below compares more than one answer
-    assert totals.chosen == scored_labels(forwards, batch, labels, pad_id=0)
+    assert totals.chosen == scored_labels(forwards, batch, labels, pad_id=0)["mean"]
     plain = loss_totals(forwards, examples, BatchMaker(batching, "causal-lm", 0), task="causal-lm")
     assert plain.loss == pytest.approx(totals.loss, rel=1e-6) and plain.chosen == []
 
@@ -172,3 +179,38 @@ def test_a_run_scores_one_token_labels_in_the_loss_pass_as_two_passes_would(run_
     for phase in ("before", "after"):
         assert one_pass[phase]["accuracy"] == two_passes[phase]["accuracy"]
         assert one_pass[phase]["loss"] == pytest.approx(two_passes[phase]["loss"], rel=1e-5)
+
+
+def test_a_longer_correct_label_wins_per_token_where_the_sum_picks_the_short_one():
+    """Every token of the three-token label is likelier than the one-token label's token (the head adds 2 to
+    their logits), yet its summed log-probability is lower: three tokens' worth. The headline choice (mean per
+    token) picks the long label for every prompt; the summed choice, reported beside it, the short one."""
+    model = llama()
+    short, long = [5], [20, 21, 22]
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[long] = 2.0
+    model.lm_head = head
+    batch = prompts(9, seed=3)
+    scores = label_log_likelihoods(model, batch, [short, long], batch_size=4, pad_id=0, device=CPU)
+    expected = torch.tensor([[reference(model, p, label) for label in (short, long)] for p in batch])
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=2e-5)
+    assert (expected[:, 1] / 3 > expected[:, 0]).all() and (expected[:, 1] < expected[:, 0]).all()
+    chosen = label_choices(scores, [short, long])
+    assert chosen["mean"] == [1] * len(batch)  # the long label
+    assert chosen["summed"] == [0] * len(batch)  # the short one
+    assert length_sensitive([short, long]) and not length_sensitive([[5], [6]])
+
+
+def test_a_run_with_labels_of_different_lengths_reports_both_accuracies(run_config, tmp_path):
+    rows = [{"text": "the good movie", "label": "great film"}, {"text": "the bad movie", "label": "bad"}] * 8
+    path = tmp_path / "two-lengths.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    summary = fit(validate_config(run_config(data={"train": str(path)}, train={"max_steps": 1}), "test"), quiet=True)
+    for phase in ("before", "after"):
+        assert {"accuracy", "accuracy_summed"} <= set(summary[phase])
+        assert 0.0 <= summary[phase]["accuracy_summed"] <= 1.0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| accuracy_summed |" in report

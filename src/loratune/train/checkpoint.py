@@ -25,7 +25,7 @@ from torch import nn
 
 from loratune.core.atomic_write import atomic_folder
 from loratune.core.errors import LoratuneError, WriteError
-from loratune.core.peft_format import load_adapter_weights_into, save_adapter
+from loratune.train.methods import load_trainable, save_trainable
 from loratune.train.processes import Processes
 
 STATE_NAME = "trainer_state.pt"
@@ -66,7 +66,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, adapter: str, train
 
 
 def _write_files(folder: Path, step: int, model: nn.Module, adapter: str, trainer_state: dict[str, Any]) -> None:
-    save_adapter(model, folder, adapter)
+    save_trainable(model, folder, adapter)  # the adapter, or every trainable weight (methods other than lora)
     # serialized in memory, then written by Python: a full disk is then an OSError with its cause,
     # where torch.save writing the file itself reports only a position mismatch
     buffer = io.BytesIO()
@@ -144,7 +144,7 @@ def load_checkpoint(path: Path, model: nn.Module, adapter: str) -> dict[str, Any
             "optimizer" in state or (path / OPTIMIZER_SHARDS).is_dir()):
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({STATE_NAME}: not a loratune trainer state)")
     try:
-        load_adapter_weights_into(model, path, adapter)
+        load_trainable(model, path, adapter)
     except LoratuneError as exc:
         raise CheckpointUnreadable(f"checkpoint {path} is unreadable ({_first_line(exc)})") from None
     return state

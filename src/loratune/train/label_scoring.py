@@ -4,9 +4,12 @@ token.
 
 A batch's prompts run once (their common prefix once, at batch 1, from `batching.prefix_cache`); the last prompt
 token's distribution scores every label's first token, and a label of several tokens adds one short
-forward of its remaining tokens against the prompts' cache. A label's score is the sum of its tokens'
-log-probabilities (no end-of-sequence token), so when greedy generation writes exactly one of the labels
-(single-token labels, or labels whose tokens greedy decoding would pick) the scored answer is the same.
+forward of its remaining tokens against the prompts' cache. A label's log-likelihood is the sum of its
+tokens' log-probabilities (no end-of-sequence token). The chosen label is the one with the highest mean
+log-probability per token (lm-eval-harness's length-normalised `acc_norm`, per token rather than per byte):
+a sum lets a label of several tokens lose by construction, so an untrained model's "before" accuracy would
+fall below chance. The summed choice is reported beside it (`label_choices`). For one-token labels the two
+agree, and the scored answer is the one greedy generation writes.
 
 When every label is one token and each example is its prompt and answer (`scores_ride_on_loss`), the
 evaluation reads the scores from the loss's own forward instead (`evaluate.loss_totals`), so it costs one
@@ -96,11 +99,23 @@ def _continuation(body: nn.Module, head: nn.Module, cache: SharedPrefixCache, ma
 
 
 def scored_labels(forwards: Forwards, prompts: Sequence[list[int]], answers: Sequence[list[int]], *,
-                  pad_id: int) -> list[int]:
-    """For each prompt, the index of the best-scoring label (`answers[k]` are label k's tokens)."""
+                  pad_id: int) -> dict[str, list[int]]:
+    """For each prompt, the index of the best label (`answers[k]` are label k's tokens): by mean
+    log-probability per token (`"mean"`, the headline) and by summed log-probability (`"summed"`)."""
     scores = label_log_likelihoods(forwards.model, prompts, answers, forwards.batch_size, pad_id, forwards.device,
                                    forwards.autocast, forwards.progress)
-    return scores.argmax(dim=1).tolist()
+    return label_choices(scores, answers)
+
+
+def label_choices(scores: torch.Tensor, answers: Sequence[list[int]]) -> dict[str, list[int]]:
+    """The best label per row of (prompts x labels) summed log-likelihoods: by the mean per token, and by the sum."""
+    counts = torch.tensor([len(answer) for answer in answers], dtype=scores.dtype)
+    return {"mean": (scores / counts).argmax(dim=1).tolist(), "summed": scores.argmax(dim=1).tolist()}
+
+
+def length_sensitive(answers: Sequence[list[int]]) -> bool:
+    """Whether the labels differ in token count, so that the summed and the per-token choice can differ."""
+    return len({len(answer) for answer in answers}) > 1
 
 
 def scores_ride_on_loss(examples: Sequence[dict], prompts: Sequence[list[int]], answers: Sequence[list[int]]) -> bool:

@@ -22,8 +22,8 @@ from loratune.batching import BatchOrder, order_keys
 from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
-from loratune.core.peft_format import save_adapter
 from loratune.errors import ReportedByAnotherRank
+from loratune.train.auto_lr import read_choice, resolve_learning_rate
 from loratune.train.checkpoint import (
     OPTIMIZER_SHARDS,
     latest_checkpoint,
@@ -35,6 +35,7 @@ from loratune.train.checkpoint import (
 )
 from loratune.train.distributed import check_global_batch, global_batch, join_processes
 from loratune.train.evaluate import Evaluation
+from loratune.train.methods import save_trained, trained_folder
 from loratune.train.optim import build_optimizer, build_scheduler
 from loratune.train.processes import Processes
 from loratune.train.report import plot_history, write_metrics, write_report
@@ -128,6 +129,7 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
         processes.on_main(lambda: _claim(folder, out, resume))  # a refusal is said once
         resume = resume and processes.on_main(lambda: _has_checkpoint(out, config))
         session = processes.agree(lambda: prepare(config, quiet, processes=processes))
+        resolve_learning_rate(session, out, resume)  # train.learning_rate: auto, chosen on the training split
         if stopping():
             raise RunStopped(stops.signal_name, 0, None)
         run = resume_run(session, out) if resume else start_run(session, out)
@@ -343,7 +345,7 @@ def finish(run: Run) -> dict[str, Any]:
     with processes.full_parameters(session.model):
         if processes.is_main:
             try:
-                save_adapter(session.model, out / "adapter", ADAPTER)
+                save_trained(session.model, session.tokenizer, out, config.method, ADAPTER)
             except WriteError as exc:  # the trained steps must survive a full disk: in a checkpoint, if one fits
                 raise WriteError(f"{exc}; {_kept_in_checkpoint(run)}") from exc
     summary = run_summary(run, after)
@@ -373,13 +375,15 @@ def run_summary(run: Run, after: Evaluation) -> dict[str, Any]:
         "data": {"train": config.data.train, **session.data.info},
         "before": run.before, "after": after.metrics, "samples_before": run.samples_before,
         "samples_after": after.samples,
-        "adapter_dir": str(run.out / "adapter"),
+        "learning_rate_choice": read_choice(run.out),
+        "method": config.method, "adapter_dir": str(trained_folder(run.out, config.method)),
     }
 
 
 def evaluate_run(config: RunConfig, adapter: str | Path | None = None, quiet: bool | None = None) -> dict[str, Any]:
     """Evaluate the base model with a saved adapter (default: the run's own) on the config's evaluation data."""
-    session = prepare(config, _quiet(quiet), Path(adapter) if adapter else Path(config.output_dir) / "adapter")
+    saved = Path(adapter) if adapter else trained_folder(Path(config.output_dir), config.method)
+    session = prepare(config, _quiet(quiet), saved)
     return session.evaluate().metrics
 
 

@@ -23,6 +23,7 @@ from loratune.quant.convert import quantizable_layers
 from loratune.quant.storage import bytes_per_weight
 from loratune.quant.streaming import safetensors_files
 from loratune.tasks import TASK_TYPES
+from loratune.train.methods import mark_method_trainable
 from loratune.train.step import split_lm
 
 GB = 1e9
@@ -76,12 +77,16 @@ def estimate_memory(config: Any) -> MemoryEstimate:
     quantized = spec.quantize != "none"
     linear = sum(_numel(m) for m in quantizable_layers(model).values()) if quantized else 0
     total = sum(p.numel() for p in model.parameters())
-    lora = dataclasses.replace(config.lora, init_lora_weights=True,  # PiSSA needs real weights; size is the same
-                               task_type=config.lora.task_type or TASK_TYPES[spec.task])
-    add_adapter(model, lora)
+    method = getattr(config, "method", "lora")
+    if method == "lora":
+        add_adapter(model, dataclasses.replace(  # PiSSA needs real weights; the size is the same
+            config.lora, init_lora_weights=True, task_type=config.lora.task_type or TASK_TYPES[spec.task]))
+    else:  # float32 weights; the trainable ones are counted with their gradient and moments below
+        mark_method_trainable(model, method, spec.task)
+        element = 4
     trainable = trainable_parameters(model).trainable
 
-    dense = (total - linear) * element
+    dense = (total - linear - (trainable if method != "lora" else 0)) * element
     weights = dense + int(linear * bytes_per_weight(spec.quantize, spec.double_quant)) if quantized else dense
     largest = max(p.numel() for p in model.parameters()) * 4
     streaming = will_stream(spec.name, spec.quantize, spec.loftq_iterations)

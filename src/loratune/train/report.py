@@ -74,6 +74,7 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
     lines += [f"- task: {summary['task']}, data: {summary['data']['train']} "
               f"({summary['data']['train_examples']} training / {summary['data']['eval_examples']} evaluation "
               f"examples, {summary['data'].get('skipped_records', 0)} bad records skipped)",
+              f"- method: {summary.get('method', 'lora')} (result in `{summary.get('adapter_dir', '')}`)",
               f"- trainable parameters: {summary['trainable_parameters']:,} of {summary['total_parameters']:,} "
               f"({100 * summary['trainable_fraction']:.3f}%)",
               _global_batch_line(summary),
@@ -83,6 +84,7 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
               + (f", {summary['peak_cuda_mb']:.0f} MB CUDA" if summary.get("peak_cuda_mb") else ""),
               f"- precision: {summary['precision']}", "", "## Metrics", ""]
     lines += _metric_rows(summary["before"], summary["after"])
+    lines += _learning_rate_lines(summary.get("learning_rate_choice"))
     for name in ("before", "after"):
         samples = summary.get(f"samples_{name}") or []
         if samples:
@@ -94,6 +96,20 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
     plot = "![training](plot.png)" if (path.parent / "plot.png").is_file() else f"No plot: {NO_PLOT}."
     lines += ["", "## Plot", "", plot, "", "## Config", "", "```yaml", config_yaml.rstrip(), "```"]
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _learning_rate_lines(choice: dict[str, Any] | None) -> list[str]:
+    """What `train.learning_rate: auto` chose, and why, with every round's validation losses."""
+    if not choice:
+        return []
+    lines = ["", "## Learning rate", "", f"train.learning_rate: auto chose {choice['chosen']:g} by {choice['how']}: "
+             f"{choice['why']}.", "", "| steps | " + " | ".join(f"{float(r):g}" for r in choice["candidates"]) + " |",
+             "|---|" + "---|" * len(choice["candidates"])]
+    for entry in choice["rounds"]:
+        losses = entry["validation_loss"]
+        lines.append(f"| {entry['steps']} | " + " | ".join(
+            f"{losses[str(r)]:.4f}" if str(r) in losses else "" for r in choice["candidates"]) + " |")
+    return lines
 
 
 def _global_batch_line(summary: dict[str, Any]) -> str:

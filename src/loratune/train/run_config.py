@@ -6,6 +6,7 @@ YAML, so `--set train.max_steps=50` gives an int). Errors name the key and the f
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +55,9 @@ class TrainSpec(_Strict):
     max_steps: int = Field(100, gt=0, description="optimizer steps")
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float | Literal["auto"] = Field(
+        2e-4, description="a rate, or auto: chosen by successive halving on a part carved from the training "
+                          "split (train/auto_lr.py)")
     lora_plus_ratio: float = Field(1.0, ge=1.0, description="LoRA+: learning-rate multiplier for B factors")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -79,12 +82,34 @@ class TrainSpec(_Strict):
                            "before and after training; beside label scores, as generation_accuracy and "
                            "generation_macro_f1 (a causal LM whose answers are a known label set is scored by each "
                            "label's log-likelihood after the prompt, without generating)")
+    general_text: str | None = Field(
+        "builtin", description="causal LMs: perplexity on this general text (a file, or builtin: a short sample "
+                               "of everyday prose shipped with loratune) before and after training, to measure "
+                               "forgetting; null: off")
     batching: Literal["padded", "packed", "shared_prefix"] = Field(
         "padded", description="causal LMs: padded rows; packed (padding-free rows, attention kept within each "
                               "sequence); or shared_prefix (a batch's common first tokens computed once)")
     prefix_grouped: bool = Field(False, description="batches of examples that start alike (data with several "
                                                     "prompt templates, for shared_prefix), order kept random "
                                                     "across groups of 50 batches")
+    @field_validator("learning_rate", mode="plain")
+    @classmethod
+    def _rate_or_auto(cls, value: Any) -> float | str:
+        """A positive finite number or `auto` (checked by hand: a union's errors would name its members)."""
+        if value == "auto":
+            return value
+        try:
+            if isinstance(value, bool):  # `true` is not a rate
+                raise TypeError
+            rate = float(value)
+        except (TypeError, ValueError):
+            raise ValueError("Input should be a number or auto") from None
+        if not math.isfinite(rate):
+            raise ValueError("Input should be a finite number")
+        if rate <= 0:
+            raise ValueError("Input should be greater than 0")
+        return rate
+
     base_compute: Literal["default", "int8"] = Field(
         "default", description="int8: the frozen linear layers' forward and input-gradient products in int8 "
                                "(weights per output channel, activations per token, int32 accumulation)")
@@ -98,8 +123,11 @@ class TrainSpec(_Strict):
 
 
 class RunConfig(_Strict):
+    method: Literal["lora", "full", "head"] = Field(
+        "lora", description="lora: an adapter on the frozen base; full: every weight trains (the baseline); "
+                            "head: only a classifier's head trains (a linear probe); see train/methods.py")
     model: ModelSpec
-    lora: LoraConfig
+    lora: LoraConfig | None = Field(None, description="the adapter (required by method: lora)")
     data: DataConfig
     train: TrainSpec = TrainSpec()
     output_dir: Path = Path("runs/latest")
@@ -139,8 +167,27 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _method_limits(self) -> RunConfig:
+        """What full fine-tuning and the probe cannot combine with, said before any weight loads."""
+        spec, tc, method = self.model, self.train, self.method
+        if method == "lora":
+            if self.lora is None:
+                raise ValueError("lora: required (the adapter's settings) unless method is full or head")
+            return self
+        if spec.quantize != "none" or spec.loftq_iterations or tc.base_compute != "default":
+            raise ValueError(f"method: {method} trains dense weights; leave model.quantize, model.loftq_iterations "
+                             "and train.base_compute unset")
+        if spec.dtype not in ("auto", "float32"):
+            raise ValueError(f"method: {method} keeps float32 weights; leave model.dtype unset")
+        if method == "head" and spec.task != "classification":
+            raise ValueError("method: head (a linear probe) needs model.task: classification")
+        if tc.lora_plus_ratio != 1.0:
+            raise ValueError(f"train.lora_plus_ratio: LoRA+ needs method: lora, not {method}")
+        return self
+
+    @model_validator(mode="after")
     def _one_initialisation(self) -> RunConfig:
-        if self.model.loftq_iterations and self.lora.init_lora_weights == "pissa":
+        if self.model.loftq_iterations and self.lora and self.lora.init_lora_weights == "pissa":
             raise ValueError("model.loftq_iterations and lora.init_lora_weights: pissa both set the adapter's "
                              "start; choose one")
         return self
@@ -166,12 +213,13 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
 
 def format_validation_error(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         message = f"renamed to {RENAMED_KEYS[key]}" if key in RENAMED_KEYS else "unknown key"
     more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
-    return f"{source}: {key}: {message}{more}"
+    # a check of the whole config names its keys in its message
+    return f"{source}: {key}: {message}{more}" if key else f"{source}: {message}{more}"
 
 
 def validate_config(data: dict[str, Any], source: str) -> RunConfig:
@@ -188,6 +236,9 @@ def _check_data_files(config: RunConfig, source: str) -> None:
     not decide is found by `data.check_sources`, which reads the records, also before loading)."""
     from loratune.data import builtin_datasets
 
+    general = config.train.general_text
+    if general not in (None, "builtin") and not Path(general).expanduser().is_file():
+        raise ConfigError(f"{source}: train.general_text: no such file: {general!r} (or builtin, or null)")
     for key in ("train", "validation"):
         value = getattr(config.data, key)
         if value is not None and value not in builtin_datasets() and not Path(value).expanduser().is_file():

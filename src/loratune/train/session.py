@@ -19,7 +19,7 @@ from loratune.batching import BatchMaker, fallback_warning
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
 from loratune.precision import base_dtype, resolve_precision
-from loratune.pretrained import load_adapted_model, max_positions
+from loratune.pretrained import max_positions
 from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
 from loratune.train.evaluate import (
@@ -31,8 +31,10 @@ from loratune.train.evaluate import (
     loss_metrics,
     loss_totals,
 )
-from loratune.train.label_scoring import scored_labels, scores_ride_on_loss
+from loratune.train.forgetting import general_text_metrics
+from loratune.train.label_scoring import length_sensitive, scored_labels, scores_ride_on_loss
 from loratune.train.memory import estimate_memory, machine_memory, memory_warning
+from loratune.train.methods import load_for_method
 from loratune.train.processes import Processes
 from loratune.train.run_config import RunConfig
 
@@ -83,17 +85,15 @@ class Session:
         totals, chosen = self._loss(labels)
         metrics, answers = loss_metrics(totals, task), None
         if labels is not None:
-            if chosen is None:  # labels of several tokens: a pass of their own
-                chosen = processes.unshard(scored_labels(self._forwards(), processes.shard(data.eval_prompts),
-                                                       labels, pad_id=self.tokenizer.pad_token_id))
-            answers = [data.label_names[k] for k in chosen]
-            metrics.update(generation_metrics(answers, data.eval_references, data.label_names))
+            answers = self._label_answers(labels, chosen, metrics)
         if self.config.train.generation_eval and data.eval_prompts and not loss_only:
             answers = processes.unshard(generate_texts(
                 self.model, self.tokenizer, processes.shard(data.eval_prompts), self.config.train.max_new_tokens,
                 self.config.train.eval_batch_size, self.device, self.autocast, self.progress))
             found = generation_metrics(answers, data.eval_references, data.label_names)
             metrics.update({f"generation_{k}": v for k, v in found.items()} if labels else found)
+        if not loss_only:  # causal LMs: perplexity on general text, to see what training costs outside the task
+            metrics.update(general_text_metrics(self))
         self.model.train()
         release_free_memory()  # the evaluation batches' blocks, so training does not stack on them
         return Evaluation(metrics, self._samples(answers or []))
@@ -104,14 +104,32 @@ class Session:
         each example's highest-scoring label."""
         data, processes = self.data, self.processes
         one_pass = labels is not None and scores_ride_on_loss(data.eval_examples, data.eval_prompts, labels)
-        part = loss_totals(self._forwards(), processes.shard(data.eval_examples),
+        part = loss_totals(self.forwards(), processes.shard(data.eval_examples),
                            self.unpacked_batches if one_pass else self.batches, task=self.config.model.task,
                            prompts=processes.shard(data.eval_prompts) if one_pass else None,
                            label_tokens=[label[0] for label in labels] if one_pass else None)
         totals = processes.total(part)
         return totals, totals.chosen if one_pass else None
 
-    def _forwards(self) -> Forwards:
+    def _label_answers(self, labels: list[list[int]], chosen: list[int] | None, metrics: dict) -> list[str]:
+        """Each prompt's label, by mean log-probability per token (the headline: label length does not bias
+        it), with the summed choice beside it as `accuracy_summed` (lm-eval-harness's `acc`) when the labels
+        differ in token count. `chosen` comes from the loss pass when every label is one token."""
+        data, processes = self.data, self.processes
+        summed = None
+        if chosen is None:  # labels of several tokens: a pass of their own
+            choices = scored_labels(self.forwards(), processes.shard(data.eval_prompts), labels,
+                                    pad_id=self.tokenizer.pad_token_id)
+            chosen = processes.unshard(choices["mean"])
+            summed = processes.unshard(choices["summed"]) if length_sensitive(labels) else None
+        answers = [data.label_names[k] for k in chosen]
+        metrics.update(generation_metrics(answers, data.eval_references, data.label_names))
+        if summed is not None:
+            by_sum = [data.label_names[k] for k in summed]
+            metrics["accuracy_summed"] = generation_metrics(by_sum, data.eval_references, data.label_names)["accuracy"]
+        return answers
+
+    def forwards(self) -> Forwards:
         return Forwards(self.model, self.device, self.config.train.eval_batch_size, self.autocast, self.progress,
                         self.loss_chunk)
 
@@ -123,7 +141,8 @@ class Session:
 
 def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
             processes: Processes | None = None) -> Session:
-    """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen."""
+    """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen (other
+    `config.method`s: see `methods.load_for_method`)."""
     tc, spec = config.train, config.model
     processes = processes or Processes()
     seed_everything(tc.seed)
@@ -137,11 +156,9 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
         if device.type == "cpu" and processes.is_main:
             _warn_if_too_big(config)
         int8_compute = tc.base_compute == "int8"  # needs int8 storage: the weights per output channel, once
-        model, tokenizer = load_adapted_model(
-            spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir,
-            quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize,
-            double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
-            dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
+        model, tokenizer = load_for_method(  # config.method: an adapter, every weight, or the head
+            config, ADAPTER, label_names, base_dtype(spec.dtype, precision), saved=adapter_dir,
+            quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize)
     except TargetError as exc:  # name the model the lora section does not fit
         raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
     limit = max_positions(model)

@@ -1,0 +1,161 @@
+"""`train.learning_rate: auto`: the rate chosen by successive halving on a validation part carved from the
+training split; the held-out split is never read, so the run's reported metrics stay honest.
+
+Why successive halving rather than a range test: it ranks rates by the quantity that matters (validation
+loss after real, if short, training with the run's own schedule), where a range test reads the training loss
+of one run whose rate keeps changing. Candidates span the method's usual range; each round trains every
+survivor from the same start for twice the previous round's steps and keeps the better half, until one is left.
+Short rounds favour high rates somewhat (a high rate looks good early), which is why the last round is the
+longest. The model's start and the random streams are restored afterwards, so the run that follows is the
+one a fixed `learning_rate` equal to the choice would give.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loratune.core.atomic_write import write_text_atomic
+from loratune.core.errors import ConfigError
+from loratune.train.evaluate import loss_metrics, loss_totals
+from loratune.train.optim import build_optimizer, build_scheduler
+from loratune.train.step import batch_loss
+
+CHOICE_NAME = "learning_rate_choice.json"
+CANDIDATES = {"lora": (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3),
+              "full": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4),
+              "head": (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
+VALIDATION_FRACTION = 0.1
+MAX_VALIDATION = 500
+
+
+def resolve_learning_rate(session: Any, out: Path, resume: bool) -> None:
+    """Replace `auto` in `session.config` by a rate: the one chosen before (on resume, from `out`), else a
+    new choice, written to `out/learning_rate_choice.json` for the report."""
+    tc = session.config.train
+    if tc.learning_rate != "auto":
+        return
+    if session.processes.world > 1:
+        raise ConfigError("train.learning_rate: auto chooses in one process; choose with `loratune train` first, "
+                          "then set the rate for a torchrun run")
+    saved = out / CHOICE_NAME
+    choice = json.loads(saved.read_text(encoding="utf-8")) if resume and saved.is_file() else choose(session)
+    if not (resume and saved.is_file()):
+        write_text_atomic(saved, json.dumps(choice, indent=2) + "\n")
+    session.config = session.config.model_copy(
+        update={"train": tc.model_copy(update={"learning_rate": choice["chosen"]})})
+
+
+def read_choice(out: Path) -> dict[str, Any] | None:
+    """The choice a run made (for its summary and report), or None when its rate was given."""
+    path = out / CHOICE_NAME
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def carve_validation(count: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, validation indices) of a training split of `count` examples: a seeded tenth (at
+    least 1, at most 500) for validation."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    size = min(MAX_VALIDATION, max(1, int(count * VALIDATION_FRACTION)))
+    if count - size < 1:
+        raise ConfigError(f"train.learning_rate: auto needs at least 2 training examples, the data has {count}")
+    return sorted(order[size:]), sorted(order[:size])
+
+
+def choose(session: Any) -> dict[str, Any]:
+    """Successive halving over the method's candidate rates; returns the choice with every round's losses."""
+    tc, method = session.config.train, session.config.method
+    train_idx, val_idx = carve_validation(len(session.data.train_examples), tc.seed)
+    examples = session.data.train_examples
+    train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+    start = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
+    rng = (torch.get_rng_state(), random.getstate())
+    survivors, steps, rounds = list(CANDIDATES[method]), max(1, tc.max_steps // 10), []
+    try:
+        while True:
+            losses = {}
+            for rate in survivors:
+                _restore(session.model, start)
+                losses[rate] = train_and_validate(session, train, val, rate, steps)
+            rounds.append({"steps": steps, "validation_loss": {str(r): v for r, v in losses.items()}})
+            survivors = sorted(survivors, key=lambda r: losses[r])[:max(1, len(survivors) // 2)]
+            if len(survivors) == 1:
+                break
+            steps *= 2
+    finally:
+        _restore(session.model, start)
+        torch.set_rng_state(rng[0])
+        random.setstate(rng[1])
+    chosen = survivors[0]
+    return {"chosen": chosen, "how": "successive halving", "candidates": list(CANDIDATES[method]),
+            "validation_examples": len(val), "training_examples": len(train), "rounds": rounds,
+            "why": f"lowest loss on {len(val)} examples carved from the training split after the last round "
+                   f"({rounds[-1]['steps']} steps); the held-out split was not read"}
+
+
+def train_and_validate(session: Any, train: list, val: list, rate: float, steps: int,
+                       report: Callable[[int, float], None] | None = None, every: int = 0) -> float:
+    """Validation loss after `steps` steps at `rate` from the model as it is (inf if it diverged); with
+    `every`, `report(step, loss)` hears the validation loss every `every` steps too (it may raise to stop)."""
+    tc, model = session.config.train, session.model
+    torch.manual_seed(tc.seed)
+    optimizer = build_optimizer(model, rate, tc.weight_decay, tc.lora_plus_ratio)
+    warmup = tc.warmup_steps * steps // tc.max_steps
+    scheduler = build_scheduler(optimizer, warmup, steps, tc.schedule)
+    order = torch.randperm(len(train)).tolist()
+    model.train()
+    for step in range(steps):
+        if not _accumulate(session, train, order, step):
+            return float("inf")
+        if tc.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if report and every and (step + 1) % every == 0 and step + 1 < steps:
+            report(step + 1, validation_loss(session, val))
+            model.train()
+    return validation_loss(session, val)
+
+
+def _accumulate(session: Any, train: list, order: list[int], step: int) -> bool:
+    """Gradients of step `step`'s `grad_accum` micro-batches, averaged over their predicted tokens as the
+    run's own step does; False when the loss is not finite."""
+    tc, model, weights = session.config.train, session.model, 0
+    for micro in range(tc.grad_accum):
+        first = (step * tc.grad_accum + micro) * tc.batch_size
+        picks = [order[(first + k) % len(order)] for k in range(tc.batch_size)]
+        batch, prefix = session.batches.make([train[i] for i in picks], session.device)
+        with session.autocast():
+            loss, _, weight = batch_loss(model, batch, session.config.model.task, session.loss_chunk, prefix)
+        if not torch.isfinite(loss):
+            return False
+        (loss * weight).backward()
+        weights += weight
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.div_(max(weights, 1))
+    return True
+
+
+def validation_loss(session: Any, val: list) -> float:
+    """Mean loss on `val` (inf when it is not finite: the training diverged)."""
+    totals = loss_totals(session.forwards(), val, session.batches, task=session.config.model.task)
+    value = loss_metrics(totals, session.config.model.task)["loss"]
+    return value if value == value else float("inf")  # NaN: diverged
+
+
+def _restore(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in start:
+                param.copy_(start[name])
+            param.grad = None
+

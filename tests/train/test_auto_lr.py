@@ -1,0 +1,61 @@
+"""train.learning_rate: auto: chosen on a part of the training split, never on the held-out split."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from loratune.train import fit
+from loratune.train.auto_lr import CANDIDATES, carve_validation
+from loratune.train.run_config import validate_config
+
+POSITIVE = ["good movie", "great film", "good acting", "great plot", "good review", "great acting"]
+NEGATIVE = ["bad movie", "awful film", "bad acting", "awful plot", "bad review", "awful acting"]
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_the_choice_does_not_change_when_the_held_out_labels_are_poisoned(run_config, tmp_path):
+    rows = [{"text": f"the {t}", "label": "positive"} for t in POSITIVE] + \
+           [{"text": f"the {t}", "label": "negative"} for t in NEGATIVE]
+    train = write(tmp_path / "train.jsonl", rows * 3)
+    clean = write(tmp_path / "clean.jsonl", rows)
+    flipped = [{**r, "label": "negative" if r["label"] == "positive" else "positive"} for r in rows]
+    poisoned = write(tmp_path / "poisoned.jsonl", flipped)
+    summaries = {}
+    for name, validation in (("clean", clean), ("poisoned", poisoned)):
+        data = run_config(data={"train": train, "validation": validation},
+                          train={"learning_rate": "auto", "max_steps": 20}, output_dir=str(tmp_path / name))
+        summaries[name] = fit(validate_config(data, "test"), quiet=True)
+    choices = [s["learning_rate_choice"] for s in summaries.values()]
+    assert choices[0] == choices[1]  # the chosen rate and every round's validation losses
+    assert choices[0]["chosen"] in CANDIDATES["lora"]
+    assert [len(r["validation_loss"]) for r in choices[0]["rounds"]] == [6, 3]
+    assert choices[0]["validation_examples"] == 3 and choices[0]["training_examples"] == 33
+    # the poison reached the held-out split: its loss differs, so an evaluation that read it would differ too
+    assert summaries["clean"]["before"]["loss"] != summaries["poisoned"]["before"]["loss"]
+    report = (tmp_path / "clean" / "report.md").read_text()
+    assert f"train.learning_rate: auto chose {choices[0]['chosen']:g} by successive halving" in report
+
+
+def test_the_run_after_the_choice_is_the_run_with_that_rate_given(run_config, tmp_path):
+    auto = fit(validate_config(run_config(train={"learning_rate": "auto", "max_steps": 10},
+                                          output_dir=str(tmp_path / "auto")), "test"), quiet=True)
+    rate = auto["learning_rate_choice"]["chosen"]
+    fixed = fit(validate_config(run_config(train={"learning_rate": rate, "max_steps": 10},
+                                           output_dir=str(tmp_path / "fixed")), "test"), quiet=True)
+    assert fixed["learning_rate_choice"] is None
+    a = load_file(tmp_path / "auto" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "fixed" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    config = (tmp_path / "auto" / "config.yaml").read_text()
+    assert f"learning_rate: {rate}" in config
+
+
+def test_the_carved_part_is_disjoint_seeded_and_a_tenth():
+    train, val = carve_validation(100, seed=3)
+    assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == list(range(100))
+    assert carve_validation(100, seed=3) == (train, val) and carve_validation(100, seed=4) != (train, val)
