@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from loratune.core.errors import LoratuneError
 from loratune.errors import ReportedByAnotherRank
@@ -183,35 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loratune", description="LoRA fine-tuning of language models")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(commands)
+    _add_model_commands(commands)
+    from .serve.command import add_serve_parser  # light: the server's imports wait until it runs
+    add_serve_parser(commands)
+    return parser
 
-    def with_config(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("config", help="YAML run config")
-        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a config key, e.g. train.max_steps=50 (repeatable)")
-        sub.add_argument("--quiet", action="store_const", const=True, default=None,
-                         help="no progress bars (the default when stderr is not a terminal)")
 
+def _with_config(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("config", help="YAML run config")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. train.max_steps=50 (repeatable)")
+    sub.add_argument("--quiet", action="store_const", const=True, default=None,
+                     help="no progress bars (the default when stderr is not a terminal)")
+
+
+def _add_run_commands(commands: Any) -> None:
+    """The commands that run a YAML config: train, eval, compare, sweep, and the embedded demo."""
     train = commands.add_parser("train", help="train a LoRA adapter from a YAML config")
-    with_config(train)
+    _with_config(train)
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     train.add_argument("--nproc", type=_positive_int, metavar="N",
                        help="train with N processes on this machine (launches torchrun; see docs/distributed.md)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a model (and adapter) on a config's evaluation data")
-    with_config(evaluate)
+    _with_config(evaluate)
     evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir/adapter)")
     evaluate.set_defaults(run=_eval)
 
     compare = commands.add_parser("compare", help="train the same task by several methods and tabulate them")
-    with_config(compare)
+    _with_config(compare)
     compare.add_argument("--methods", default="base,lora,full",
                          help="comma-separated: base (zero-shot, or a linear probe for classifiers), lora, full")
     compare.add_argument("--seeds", type=_positive_int, default=3, help="runs per method (train.seed, +1, ...)")
     compare.set_defaults(run=_compare)
 
     sweep = commands.add_parser("sweep", help="search learning rate, rank, alpha and targets with Optuna")
-    with_config(sweep)
+    _with_config(sweep)
     sweep.add_argument("--trials", type=_positive_int, required=True, help="trials in the study, over all workers")
     sweep.add_argument("--storage", help="Optuna storage URL (default: SQLite sweep.db in the output folder); "
                        "workers that name the same storage and study share one sweep")
@@ -220,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a worker's heartbeat; a trial silent for 3x this (a killed worker's) is run again")
     sweep.set_defaults(run=_sweep)
 
+    demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M on movie-review sentiment, before/after")
+    demo.add_argument("--output", help=f"output folder (default: {DEMO_OUTPUT}, or {DEMO_OUTPUT}-2, -3, ... when "
+                      "that holds an earlier demo)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--quiet", action="store_const", const=True, default=None,
+                      help="no progress bars (the default when stderr is not a terminal)")
+    demo.set_defaults(run=_demo)
+
+
+def _add_model_commands(commands: Any) -> None:
+    """The commands that take a model (and adapter) directly: generate, merge, export, inspect."""
     generate = commands.add_parser("generate", help="generate text, streaming tokens to the terminal")
     generate.add_argument("--model", required=True)
     generate.add_argument("--adapter")
@@ -258,18 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--memory", action="store_true",
                          help="estimate the peak memory of training with --config, without loading weights")
     inspect.set_defaults(run=_inspect)
-
-    demo = commands.add_parser("demo", help="fine-tune SmolLM2-135M on movie-review sentiment, before/after")
-    demo.add_argument("--output", help=f"output folder (default: {DEMO_OUTPUT}, or {DEMO_OUTPUT}-2, -3, ... when "
-                      "that holds an earlier demo)")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    demo.add_argument("--quiet", action="store_const", const=True, default=None,
-                      help="no progress bars (the default when stderr is not a terminal)")
-    demo.set_defaults(run=_demo)
-
-    from .serve.command import add_serve_parser  # light: the server's imports wait until it runs
-    add_serve_parser(commands)
-    return parser
 
 
 def _quiet_libraries() -> None:
