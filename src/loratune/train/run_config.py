@@ -87,9 +87,6 @@ class TrainSpec(_Strict):
     prefix_grouped: bool = Field(False, description="batches of examples that start alike (data with several "
                                                     "prompt templates, for shared_prefix), order kept random "
                                                     "across groups of 50 batches")
-    base_compute: Literal["default", "int8"] = Field(
-        "default", description="int8: the frozen linear layers' forward and input-gradient products in int8 "
-                               "(weights per output channel, activations per token, int32 accumulation)")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp (every rank holds the base; only adapter gradients are "
                            "all-reduced) or fsdp (transformer blocks sharded with FSDP2, for bases too big for one "
@@ -141,8 +138,6 @@ class RunConfig(_Strict):
             raise ValueError(f"train.batching: {self.train.batching} needs model.task: causal-lm")
         if self.train.length_grouped and self.train.prefix_grouped:
             raise ValueError("train.length_grouped and train.prefix_grouped: batches are grouped one way; choose one")
-        if self.train.base_compute == "int8" and self.model.quantize == "nf4":
-            raise ValueError("train.base_compute: int8 needs a dense or int8-stored base, not model.quantize: nf4")
         return self
 
     @model_validator(mode="after")

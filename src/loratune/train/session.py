@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
-from loratune.precision import base_dtype, resolve_precision
+from loratune.precision import base_dtype, cpu_choice, resolve_precision
 from loratune.pretrained import load_adapted_model, max_positions
 from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
@@ -118,10 +118,8 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     try:  # the memory estimate applies the lora section first, on a skeleton of the model
         if device.type == "cpu" and processes.is_main:
             _warn_if_too_big(config)
-        int8_compute = tc.base_compute == "int8"  # needs int8 storage: the weights per output channel, once
         model, tokenizer = load_adapted_model(
-            spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir,
-            quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize,
+            spec.name, spec.task, config.lora, ADAPTER, adapter_dir=adapter_dir, quantize=spec.quantize,
             double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
             dtype=base_dtype(spec.dtype, precision), trust_remote_code=spec.trust_remote_code)
     except TargetError as exc:  # name the model the lora section does not fit
@@ -129,8 +127,8 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     limit = max_positions(model)
     if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
         raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of {spec.name}")
-    if int8_compute:
-        set_base_compute(model, "int8")
+    if spec.quantize == "int8" and device.type == "cpu":  # int8 x int8 products where the probe found them faster
+        set_base_compute(model, cpu_choice()["int8_base"])
     if spec.attn_implementation:
         model.set_attn_implementation(spec.attn_implementation)
     data = load_datasets(data_config, tokenizer, spec.task)
