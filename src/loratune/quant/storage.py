@@ -9,7 +9,8 @@ int8 stores each output row as int8 codes times one scale (row absmax / 127).
 
 Dequantization is the hot path (it runs in every forward and backward): a byte holds two codes, so a
 256-entry table of value pairs turns each byte into two values with one gather, then one multiply applies
-the block scales (for bf16 a 65536-entry table turns two bytes into four values). With a `Workspace` every step writes into buffers kept between calls: a fresh tensor of
+the block scales (for bf16 a 65536-entry table turns two bytes into four values). With a `Workspace`
+every step writes into buffers kept between calls: a fresh tensor of
 tens of megabytes costs more in page faults than the arithmetic that fills it.
 """
 
