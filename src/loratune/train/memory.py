@@ -66,8 +66,26 @@ class MemoryEstimate:
         ]
 
 
-def estimate_memory(config: Any) -> MemoryEstimate:
-    """Peak memory of `loratune train` with this `RunConfig` on the CPU (weights, adapter, activations)."""
+def checkpointing_decision(config: Any, available: int | None) -> tuple[bool, str]:
+    """(gradient checkpointing on, why): `train.gradient_checkpointing` when set, else on only when the
+    estimated training peak without it exceeds `available` bytes (the machine's memory)."""
+    explicit = config.train.gradient_checkpointing
+    if explicit is not None:
+        return explicit, f"{'on' if explicit else 'off'} (train.gradient_checkpointing)"
+    peak = estimate_memory(config, checkpointing=False).training
+    if available is None:
+        return False, "off (machine memory unknown)"
+    need = peak > available
+    verb = "exceeds" if need else "fits in"
+    return need, (f"{'on' if need else 'off'} (estimated peak without it {peak / GB:.2f} GB {verb} this machine's "
+                  f"{available / GB:.1f} GB)")
+
+
+def estimate_memory(config: Any, checkpointing: bool | None = None) -> MemoryEstimate:
+    """Peak memory of `loratune train` with this `RunConfig` on the CPU (weights, adapter, activations), with
+    gradient checkpointing as given, else as `checkpointing_decision` decides on this machine."""
+    if checkpointing is None:
+        checkpointing = checkpointing_decision(config, machine_memory())[0]
     spec, tc = config.model, config.train
     precision = resolve_precision(tc.precision, torch.device("cpu"))
     element = torch.finfo(base_dtype(spec.dtype, precision)).bits // 8
@@ -96,7 +114,6 @@ def estimate_memory(config: Any) -> MemoryEstimate:
     inner = getattr(text, "intermediate_size", None) or 4 * hidden
     tokens = tc.batch_size * config.data.max_length
     per_token_layer = activation_element * (10 * hidden + 4 * inner)
-    checkpointing = config.gradient_checkpointing
     if checkpointing:
         activations = layers * tokens * hidden * activation_element + tokens * per_token_layer
     else:
@@ -143,5 +160,5 @@ def memory_warning(estimate: MemoryEstimate, available: int | None) -> str | Non
     if available is None or estimate.peak <= available:
         return None
     return (f"estimated peak memory {estimate.peak / GB:.1f} GB exceeds this machine's {available / GB:.1f} GB; "
-            "consider model.quantize: nf4, a smaller train.batch_size or data.max_length, or "
-            "train.gradient_checkpointing: true (see `loratune inspect --config ... --memory`)")
+            "consider model.quantize: nf4 or a smaller train.batch_size or data.max_length "
+            "(see `loratune inspect --config ... --memory`)")

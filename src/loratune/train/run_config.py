@@ -61,7 +61,8 @@ class TrainSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where supported")
     gradient_checkpointing: bool | None = Field(
-        None, description="recompute activations in backward to save memory (default: on when model.quantize)")
+        None, description="recompute activations in backward to save memory (default: on only when the memory "
+                          "estimate without it exceeds the machine's memory)")
     loss_chunk_tokens: int | None = Field(
         None, ge=0, description="causal LM: run the output head and loss this many labelled tokens at a time, "
                                 "never holding all logits (0: off, full logits; default 1024)")
@@ -109,12 +110,6 @@ class RunConfig(_Strict):
         """Build `LoraConfig` from the YAML values themselves: its own checks are strict (`r: true` is not 1),
         where validating the dataclass's fields would coerce first."""
         return LoraConfig.from_dict(value, "LoraConfig") if isinstance(value, dict) else value
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """`train.gradient_checkpointing`, or on by default when the base is quantized."""
-        explicit = self.train.gradient_checkpointing
-        return explicit if explicit is not None else self.model.quantize != "none"
 
     @property
     def loss_chunk(self) -> int:
