@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.quality_lr import main as quality_lr_main
 
         return quality_lr_main(argv[1:])
+    if argv[:1] == ["scale"]:  # its own options: python -m benchmarks scale --help
+        from benchmarks.scale import main as scale_main
+
+        return scale_main(argv[1:])
     if argv[:1] == ["serve"]:  # its own options: python -m benchmarks serve --help
         from benchmarks.serve import main as serve_main
 

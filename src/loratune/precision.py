@@ -97,7 +97,8 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5) -> dict[str, float]:
+def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5,
+                  threads: int = 1) -> dict[str, float]:
     """Best GOP/s of `repeats` interleaved rounds (best, not median: on shared cores a product is slowed by
     others, never sped up; bf16 only where the CPU has it natively: emulated bf16
     never wins, and would only make the probe slow)."""
@@ -117,7 +118,7 @@ def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats
         cases[f"int8_layer_{name}"] = _layer_case(layer, xp, "int8")
     times: dict[str, list[float]] = {name: [] for name in cases}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ratios are a core's; one thread is not stalled waiting for a busy sibling
+    torch.set_num_threads(threads)  # default 1: the ratios are a core's; one thread is not stalled by a busy sibling
     try:
         _time_cases(cases, times, repeats)
     finally:
