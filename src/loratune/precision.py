@@ -8,6 +8,7 @@ once per CPU model and torch version; its rates are kept in `probe.json` in the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -88,13 +89,17 @@ def cpu_rates(measure: Callable[[bool], dict[str, float]] | None = None) -> dict
 
 
 def cpu_model() -> str:
+    """The CPU's model name and a digest of its feature flags (a virtual machine's model name can be generic)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = fields.get("flags", "")
+    return f"{name} (flags {hashlib.sha256(flags.encode()).hexdigest()[:8]})" if flags else name
 
 
 def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5,
