@@ -199,8 +199,8 @@ def table_line(row: dict) -> str:
     vs = f"{row['vs_plain']:.2f}x" if row.get("vs_plain") else "-"
     inc = (row["peak_rss"] - row["start_rss"]) / GB
     return (f"| {row['size']} | {row['quantize']} | {'on' if row['checkpointing'] else 'off'} | "
-            f"{row['tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {vs} | {row['gflops']:.0f} | "
-            f"{row['pct_fp32']:.0f} / {row['pct_bf16']:.0f} / {row['pct_int8']:.0f}% | {row['peak_rss'] / GB:.2f} | "
+            f"{row['tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {vs} | {row['gflops']:.1f} | "
+            f"{row['pct_fp32']:.1f} / {row['pct_bf16']:.1f} / {row['pct_int8']:.1f}% | {row['peak_rss'] / GB:.2f} | "
             f"{inc:.2f} / {row['estimate'] / GB:.2f} ({100 * (row['estimate'] / GB / inc - 1):+.0f}%) |")
 
 
