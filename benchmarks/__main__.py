@@ -39,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.race import main as race_main
 
         return race_main(argv[1:])
+    if argv[:1] == ["scale"]:  # its own options: python -m benchmarks scale --help
+        from benchmarks.scale import main as scale_main
+
+        return scale_main(argv[1:])
     if argv[:1] == ["serve"]:
         from benchmarks.serve import main as serve_main
 

@@ -1,22 +1,40 @@
 """Which precision a run computes in and which dtype its frozen weights take: decided once, for the
-trainer, the memory estimate and the benchmarks alike."""
+trainer, the memory estimate and the benchmarks alike.
+
+On a CPU the choice is measured, not assumed: a short probe times the matrix products a training step is
+made of (fp32, bf16, int8, and an int8-stored frozen layer both ways) and the fastest wins. The probe runs
+once per CPU model and torch version; its rates are kept in `probe.json` in the loratune cache folder.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from loratune.core.atomic_write import write_text_atomic
+from loratune.pretrained import default_cache_dir
+from loratune.quant.linear import QuantLinear, set_base_compute
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: tokens x in x out of the probe's products: a small model's MLP at a short batch (1.5 GFLOP each)
+PROBE_SHAPE = (256, 1024, 2816)
+PROBE_VERSION = 1
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """bf16 autocast on CUDA with bf16 support or on CPUs with native bf16 (AMX / AVX512-BF16)."""
+    """bf16 autocast on CUDA with bf16 support, or on a CPU with native bf16 (AMX / AVX512-BF16) where the
+    probe measured bf16 products faster than fp32 ones."""
     if requested != "auto":
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return cpu_choice()["precision"]
 
 
 def base_dtype(requested: str, precision: str) -> torch.dtype:
@@ -33,3 +51,99 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_choice() -> dict[str, str]:
+    """{"precision": "bf16" or "fp32", "int8_base": "int8" or "dequantize"}: how this CPU computes best."""
+    return choose(cpu_rates())
+
+
+def choose(rates: dict[str, float]) -> dict[str, str]:
+    """The fastest of the measured ways: bf16 only where its products beat fp32's; an int8-stored frozen
+    layer multiplied in int8 (`quant.int8_compute`) only where that beats converting its codes."""
+    precision = "bf16" if rates.get("bf16", 0.0) > rates["fp32"] else "fp32"
+    layer = rates.get(f"int8_layer_{precision}", 0.0)
+    int8_base = "int8" if layer > rates.get(f"codes_layer_{precision}", 0.0) else "dequantize"
+    return {"precision": precision, "int8_base": int8_base}
+
+
+def cpu_rates(measure: Callable[[bool], dict[str, float]] | None = None) -> dict[str, float]:
+    """GOP/s of each probed product on this CPU, from the cache or measured now (then cached)."""
+    key = f"{cpu_model()} | torch {torch.__version__} | probe {PROBE_VERSION}"
+    path = default_cache_dir() / "probe.json"
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if isinstance(cached.get(key), dict) and "fp32" in cached[key]:
+        return cached[key]
+    rates = (measure or measure_rates)(cpu_has_bf16())
+    cached[key] = rates
+    try:
+        write_text_atomic(path, json.dumps(cached, indent=1, sort_keys=True) + "\n")
+    except OSError:
+        pass  # an unwritable cache costs a probe per process, nothing else
+    return rates
+
+
+def cpu_model() -> str:
+    """The CPU's model name and a digest of its feature flags (a virtual machine's model name can be generic)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = fields.get("flags", "")
+    return f"{name} (flags {hashlib.sha256(flags.encode()).hexdigest()[:8]})" if flags else name
+
+
+def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5,
+                  threads: int = 1) -> dict[str, float]:
+    """Best GOP/s of `repeats` interleaved rounds (best, not median: on shared cores a product is slowed by
+    others, never sped up; bf16 only where the CPU has it natively: emulated bf16
+    never wins, and would only make the probe slow)."""
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5
+    xi, wi = x.mul(40).round().clamp(-127, 127).to(torch.int8), w.t().mul(127).round().to(torch.int8).contiguous()
+    layer = QuantLinear.from_weight(w, None, "int8")
+    cases = {"fp32": lambda: x @ w.t(), "int8": lambda: torch._int_mm(xi, wi)}
+    precisions = {"fp32": x}
+    if bf16:
+        xb, wb = x.bfloat16(), w.bfloat16()
+        cases["bf16"] = lambda: xb @ wb.t()
+        precisions["bf16"] = xb
+    for name, xp in precisions.items():
+        cases[f"codes_layer_{name}"] = _layer_case(layer, xp, "dequantize")
+        cases[f"int8_layer_{name}"] = _layer_case(layer, xp, "int8")
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # default 1: the ratios are a core's; one thread is not stalled by a busy sibling
+    try:
+        _time_cases(cases, times, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: round(2 * m * k * n / min(t) / 1e9, 1) for name, t in times.items()}
+
+
+def _time_cases(cases: dict[str, Callable[[], torch.Tensor]], times: dict[str, list[float]], repeats: int) -> None:
+    with torch.inference_mode():
+        for f in cases.values():
+            f()  # warm-up: kernels chosen, buffers made
+        for _ in range(repeats):
+            for name, f in cases.items():
+                start = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - start)
+
+
+def _layer_case(layer: QuantLinear, x: torch.Tensor, compute: str) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        set_base_compute(layer, compute)
+        return layer(x)
+    return run

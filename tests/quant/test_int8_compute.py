@@ -1,9 +1,11 @@
 """int8 compute for the frozen base: error bounds against fp32, on random data and on a tiny model's loss."""
 
+import pytest
 import torch
 from tiny_models import llama
 
 from loratune.core.adapters import add_adapter
+from loratune.core.errors import ConfigError
 from loratune.core.lora_config import LoraConfig
 from loratune.quant.convert import quantize_model
 from loratune.quant.int8_compute import Int8Linear, quantize_rows
@@ -61,8 +63,17 @@ def test_a_tiny_models_loss_and_adapter_gradients_in_int8_stay_close_to_fp32():
         assert (got - exact).norm() / exact.norm() < 0.05
 
 
-def test_base_compute_int8_stores_the_base_in_int8_and_multiplies_in_int8(run_config):
-    session = prepare(validate_config(run_config(train={"base_compute": "int8"}), "test"), quiet=True)
-    layers = [m for m in session.model.modules() if isinstance(m, QuantLinear)]
-    assert layers and all(m.format == "int8" and m.compute == "int8" for m in layers)
-    assert not session.model.is_gradient_checkpointing  # int8 compute alone does not turn checkpointing on
+def test_an_int8_base_multiplies_the_way_the_cpu_probe_chose(run_config, monkeypatch):
+    for choice in ("int8", "dequantize"):
+        monkeypatch.setattr("loratune.train.session.cpu_choice",
+                            lambda choice=choice: {"precision": "fp32", "int8_base": choice})
+        session = prepare(validate_config(run_config(model={"quantize": "int8"}), "test"), quiet=True)
+        layers = [m for m in session.model.modules() if isinstance(m, QuantLinear)]
+        assert layers and all(m.format == "int8" and m.compute == choice for m in layers)
+
+
+def test_base_compute_is_no_longer_a_key_and_never_quantizes_a_dense_base(run_config):
+    with pytest.raises(ConfigError, match="train.base_compute"):
+        validate_config(run_config(train={"base_compute": "int8"}), "test")
+    session = prepare(validate_config(run_config(), "test"), quiet=True)
+    assert not any(isinstance(m, QuantLinear) for m in session.model.modules())

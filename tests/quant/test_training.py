@@ -11,6 +11,7 @@ from loratune.core.peft_format import read_adapter_weights
 from loratune.quant import QuantLinear
 from loratune.train import fit
 from loratune.train.loop import evaluate_run
+from loratune.train.memory import estimate_memory
 from loratune.train.run_config import validate_config
 from loratune.train.session import prepare
 from loratune.train.step import causal_lm_loss
@@ -46,21 +47,32 @@ def test_a_quantized_run_learns_and_its_adapter_fits_the_dense_base(format, run_
     assert dense["loss"] < summary["before"]["loss"] - 0.3
 
 
-def test_quantized_runs_checkpoint_activations_by_default_and_every_run_chunks_the_loss(run_config):
-    quantized = prepare(validate_config(run_config(model={"quantize": "nf4"}), "test"), quiet=True)
-    assert quantized.model.is_gradient_checkpointing and quantized.loss_chunk == 1024
-    base = quantized.model.transformer.h[0].attn.c_attn.base_layer
+def test_checkpointing_only_where_the_estimate_without_it_exceeds_memory_and_every_run_chunks_the_loss(
+        run_config, monkeypatch):
+    config = validate_config(run_config(model={"quantize": "nf4"}), "test")
+    need = estimate_memory(config, checkpointing=False).training
+    monkeypatch.setattr("loratune.train.session.machine_memory", lambda: need + 1)
+    fits = prepare(config, quiet=True)
+    assert not fits.model.is_gradient_checkpointing and not fits.checkpointing and fits.loss_chunk == 1024
+    assert fits.checkpointing_note.startswith("off (estimated peak without it")
+    base = fits.model.transformer.h[0].attn.c_attn.base_layer
     assert isinstance(base, QuantLinear) and base.format == "nf4" and base.double_quant
-    assert type(quantized.model.lm_head) is nn.Linear
+    assert type(fits.model.lm_head) is nn.Linear
 
-    dense = prepare(validate_config(run_config(), "test"), quiet=True)
-    assert not dense.model.is_gradient_checkpointing and dense.loss_chunk == 1024
+    monkeypatch.setattr("loratune.train.session.machine_memory", lambda: need - 1)
+    for quantize in ("nf4", "none"):  # per model and machine, quantized or not
+        tight = prepare(validate_config(run_config(model={"quantize": quantize}), "test"), quiet=True)
+        assert tight.model.is_gradient_checkpointing and tight.checkpointing
+        note = tight.checkpointing_note
+        assert note.startswith("on (estimated peak without it") and "exceeds" in note
 
     chosen = prepare(validate_config(run_config(model={"quantize": "int8", "double_quant": False},
                                                 train={"gradient_checkpointing": False, "loss_chunk_tokens": 7}),
-                                     "test"), quiet=True)
+                                     "test"), quiet=True)  # an explicit setting wins over the estimate
     assert not chosen.model.is_gradient_checkpointing and chosen.loss_chunk == 7
+    assert chosen.checkpointing_note == "off (train.gradient_checkpointing)"
     assert chosen.model.transformer.h[0].mlp.c_fc.base_layer.format == "int8"
+    monkeypatch.setattr("loratune.train.session.machine_memory", lambda: need * 100)
     forced = prepare(validate_config(run_config(train={"gradient_checkpointing": True}), "test"), quiet=True)
     assert forced.model.is_gradient_checkpointing and forced.loss_chunk == 1024
 

@@ -34,6 +34,9 @@ def test_causal_run_writes_every_output_and_learns(run_config, tmp_path):
     report = (out / "report.md").read_text()
     assert "## Samples before training" in report and "| accuracy |" in report
     assert 0 < summary["trainable_fraction"] < 0.2
+    # a tiny model fits: no checkpointing, and the run says why
+    assert summary["gradient_checkpointing"].startswith("off (estimated peak without it")
+    assert f"gradient checkpointing {summary['gradient_checkpointing']}" in report
 
 
 def test_first_losses_are_pinned(run_config, tmp_path, monkeypatch):

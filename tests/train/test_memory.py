@@ -40,8 +40,8 @@ def test_quantizing_shrinks_exactly_the_linear_weights(run_config, tiny_gpt2):
     dense, nf4, int8 = (estimate(run_config, name=tiny_gpt2, quantize=q) for q in ("none", "nf4", "int8"))
     assert dense.weights - nf4.weights == pytest.approx(linear * (4 - bytes_per_weight("nf4")), abs=1)
     assert dense.weights - int8.weights == pytest.approx(linear * 3, abs=1)
-    # quantized runs stream the weights in and checkpoint activations by default
-    assert nf4.loading < dense.loading and nf4.activations < dense.activations
+    # quantized runs stream the weights in; checkpointing is not on by default for them (it follows the memory)
+    assert nf4.loading < dense.loading and nf4.activations == dense.activations
 
 
 def test_longer_batches_need_more_memory(run_config, tiny_gpt2):

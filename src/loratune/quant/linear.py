@@ -1,7 +1,10 @@
 """A frozen linear layer whose weight is stored quantized and dequantized on the fly.
 
-Forward and backward each dequantize the weight once; autograd saves nothing of it, so a quantized
-layer costs its packed codes in memory, never a full-precision copy that outlives one matmul.
+Forward and backward each rebuild the weight once, in the compute dtype (bf16 under autocast); autograd
+saves nothing of it, so a quantized layer costs its packed codes in memory, never a full-precision copy
+that outlives one matmul. An int8 weight is not dequantized at all: its codes are exact in bf16, and its
+per-row scales multiply the product's columns (forward) or the output gradient (backward), which costs
+a conversion and a scaling of an activation-sized tensor instead of a weight-sized one.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import nn
 
 from loratune.core.layers import Conv1D
 from loratune.quant.int8_compute import Int8Linear
-from loratune.quant.storage import QuantizedWeight, Workspace, check_quantizable, dequantize, quantize
+from loratune.quant.storage import QuantizedWeight, Workspace, check_quantizable, dequantize, int8_codes, quantize
 
 # Shared by the quantized layers of a thread: each dequantized weight is used by one matmul, then overwritten.
 _LOCAL = threading.local()
@@ -32,11 +35,17 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, dequantize(layer.packed, x.dtype, _workspace()))
+        q = layer.packed
+        if q.format == "int8":
+            return F.linear(x, int8_codes(q, x.dtype, _workspace())).mul_(q.scales.to(x.dtype))
+        return F.linear(x, dequantize(q, x.dtype, _workspace()))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ dequantize(ctx.layer.packed, grad.dtype, _workspace()), None
+        q = ctx.layer.packed
+        if q.format == "int8":
+            return (grad * q.scales.to(grad.dtype)) @ int8_codes(q, grad.dtype, _workspace()), None
+        return grad @ dequantize(q, grad.dtype, _workspace()), None
 
 
 class QuantLinear(nn.Linear):

@@ -9,7 +9,8 @@ int8 stores each output row as int8 codes times one scale (row absmax / 127).
 
 Dequantization is the hot path (it runs in every forward and backward): a byte holds two codes, so a
 256-entry table of value pairs turns each byte into two values with one gather, then one multiply applies
-the block scales. With a `Workspace` every step writes into buffers kept between calls: a fresh tensor of
+the block scales (for bf16 a 65536-entry table turns two bytes into four values). With a `Workspace`
+every step writes into buffers kept between calls: a fresh tensor of
 tens of megabytes costs more in page faults than the arithmetic that fills it.
 """
 
@@ -36,9 +37,9 @@ NF4_CODEBOOK = torch.tensor([
 _MIDPOINTS = (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2
 # Transient memory while quantizing is bounded by handling this many weights at a time.
 _CHUNK = 1 << 22
-# A table of value pairs viewed as one element twice as wide, so a single gather yields both values.
-_PAIR_VIEW = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
-_PAIR_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+# Tables of code values viewed as one wide element, so a single gather yields two (fp32) or four values.
+_TABLE_VIEW = {torch.bfloat16: torch.int64, torch.float16: torch.int64, torch.float32: torch.int64}
+_CODE_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 @dataclass
@@ -104,16 +105,24 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.bfloat16,
                workspace: Workspace | None = None) -> torch.Tensor:
     """The (out, in) weight in `dtype`; with a `workspace`, written into its buffers (see `Workspace`)."""
     space = workspace or Workspace()
-    device = q.data.device
     if q.format == "int8":
-        out = space.get("values", q.data.numel(), dtype, device).view(q.shape)
-        return out.copy_(q.data).mul_(q.scales[:, None])
-    table = _pair_table(dtype, device)
-    index = space.get("index", q.data.numel(), torch.int32, device).copy_(q.data)
-    pairs = space.get("values", q.data.numel(), table.dtype, device)
-    torch.index_select(table, 0, index, out=pairs)
-    values = pairs.view(dtype).view(-1, NF4_BLOCK)
-    return values.mul_(_block_scales(q, space)[:, None]).view(q.shape)
+        return int8_codes(q, dtype, space).mul_(q.scales[:, None])
+    device = q.data.device
+    table = _code_table(dtype, device)
+    codes = q.data.view(torch.uint16) if table.numel() > 256 else q.data  # a gather per two bytes where it fits
+    index = space.get("index", codes.numel(), torch.int32, device).copy_(codes)
+    gathered = space.get("values", codes.numel(), table.dtype, device)
+    torch.index_select(table, 0, index, out=gathered)
+    values = gathered.view(dtype).view(-1, NF4_BLOCK)
+    # scales in `dtype`: a bf16 tensor times fp32 scales takes a mixed-dtype path measured 5x slower
+    return values.mul_(_block_scales(q, space).to(dtype)[:, None]).view(q.shape)
+
+
+def int8_codes(q: QuantizedWeight, dtype: torch.dtype, workspace: Workspace) -> torch.Tensor:
+    """An int8 weight's codes as (out, in) values in `dtype`, unscaled: exact in bf16 (|code| <= 127), so a
+    product with them, scaled per output row afterwards, costs one conversion instead of a dequantization."""
+    out = workspace.get("values", q.data.numel(), dtype, q.data.device).view(q.shape)
+    return out.copy_(q.data)
 
 
 def _quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
@@ -165,16 +174,21 @@ def _block_scales(q: QuantizedWeight, space: Workspace) -> torch.Tensor:
     return out.add_(q.scale_mean).view(-1)[: q.data.numel() * 2 // NF4_BLOCK]
 
 
-def _pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(256,): entry b holds (codebook[b >> 4], codebook[b & 15]) in `dtype`, packed into one element."""
+def _code_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The values of every byte's two codes in `dtype`, packed into one element twice as wide: (256,) for
+    fp32, and for 2-byte dtypes (65536,) entries of two bytes' four values, a 512 KB table that stays in
+    cache and halves the gathers (measured 1.4x faster than a byte at a time)."""
     key = (dtype, device)
-    if key not in _PAIR_TABLES:
-        if dtype not in _PAIR_VIEW:
+    if key not in _CODE_TABLES:
+        if dtype not in _TABLE_VIEW:
             raise QuantizationError(f"nf4 dequantization to {dtype} is not supported; use bf16, fp16 or fp32")
-        byte = torch.arange(256)
-        pairs = torch.stack([NF4_CODEBOOK[byte >> 4], NF4_CODEBOOK[byte & 15]], dim=1).to(dtype)
-        _PAIR_TABLES[key] = pairs.view(_PAIR_VIEW[dtype]).view(-1).to(device)
-    return _PAIR_TABLES[key]
+        pair_bytes = 2 if dtype.itemsize == 2 else 1
+        index = torch.arange(256 ** pair_bytes)
+        byte_values = [(index >> (8 * b)) & 0xFF for b in range(pair_bytes)]  # little-endian: first byte lowest
+        values = [NF4_CODEBOOK[part] for byte in byte_values for part in (byte >> 4, byte & 15)]
+        table = torch.stack(values, dim=1).to(dtype)
+        _CODE_TABLES[key] = table.view(_TABLE_VIEW[dtype]).view(-1).to(device)
+    return _CODE_TABLES[key]
 
 
 def bytes_per_weight(format: str, double_quant: bool = True) -> float:

@@ -65,7 +65,8 @@ class TrainSpec(_Strict):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast where supported")
     gradient_checkpointing: bool | None = Field(
-        None, description="recompute activations in backward to save memory (default: on when model.quantize)")
+        None, description="recompute activations in backward to save memory (default: on only when the memory "
+                          "estimate without it exceeds the machine's memory)")
     loss_chunk_tokens: int | None = Field(
         None, ge=0, description="causal LM: run the output head and loss this many labelled tokens at a time, "
                                 "never holding all logits (0: off, full logits; default 1024)")
@@ -110,9 +111,6 @@ class TrainSpec(_Strict):
             raise ValueError("Input should be greater than 0")
         return rate
 
-    base_compute: Literal["default", "int8"] = Field(
-        "default", description="int8: the frozen linear layers' forward and input-gradient products in int8 "
-                               "(weights per output channel, activations per token, int32 accumulation)")
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp (every rank holds the base; only adapter gradients are "
                            "all-reduced) or fsdp (transformer blocks sharded with FSDP2, for bases too big for one "
@@ -140,12 +138,6 @@ class RunConfig(_Strict):
         return LoraConfig.from_dict(value, "LoraConfig") if isinstance(value, dict) else value
 
     @property
-    def gradient_checkpointing(self) -> bool:
-        """`train.gradient_checkpointing`, or on by default when the base is quantized."""
-        explicit = self.train.gradient_checkpointing
-        return explicit if explicit is not None else self.model.quantize != "none"
-
-    @property
     def loss_chunk(self) -> int:
         """`train.loss_chunk_tokens`, 1024 by default (0: no chunking, full logits)."""
         explicit = self.train.loss_chunk_tokens
@@ -155,8 +147,6 @@ class RunConfig(_Strict):
     def _batching_needs_a_causal_lm(self) -> RunConfig:
         if self.train.batching != "padded" and self.model.task != "causal-lm":
             raise ValueError(f"train.batching: {self.train.batching} needs model.task: causal-lm")
-        if self.train.base_compute == "int8" and self.model.quantize == "nf4":
-            raise ValueError("train.base_compute: int8 needs a dense or int8-stored base, not model.quantize: nf4")
         return self
 
     @model_validator(mode="after")
@@ -174,9 +164,9 @@ class RunConfig(_Strict):
             if self.lora is None:
                 raise ValueError("lora: required (the adapter's settings) unless method is full or head")
             return self
-        if spec.quantize != "none" or spec.loftq_iterations or tc.base_compute != "default":
-            raise ValueError(f"method: {method} trains dense weights; leave model.quantize, model.loftq_iterations "
-                             "and train.base_compute unset")
+        if spec.quantize != "none" or spec.loftq_iterations:
+            raise ValueError(f"method: {method} trains dense weights; leave model.quantize and "
+                             "model.loftq_iterations unset")
         if spec.dtype not in ("auto", "float32"):
             raise ValueError(f"method: {method} keeps float32 weights; leave model.dtype unset")
         if method == "head" and spec.task != "classification":

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from loratune.batching import BatchMaker, fallback_warning
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
-from loratune.precision import base_dtype, resolve_precision
+from loratune.precision import base_dtype, cpu_choice, resolve_precision
 from loratune.pretrained import max_positions
 from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
@@ -33,7 +33,7 @@ from loratune.train.evaluate import (
 )
 from loratune.train.forgetting import general_text_metrics
 from loratune.train.label_scoring import length_sensitive, scored_labels, scores_ride_on_loss
-from loratune.train.memory import estimate_memory, machine_memory, memory_warning
+from loratune.train.memory import checkpointing_decision, estimate_memory, machine_memory, memory_warning
 from loratune.train.methods import load_for_method
 from loratune.train.processes import Processes
 from loratune.train.run_config import RunConfig
@@ -54,11 +54,13 @@ class Session:
     progress: Any
     loss_chunk: int = 0
     processes: Processes = dataclasses.field(default_factory=Processes)
+    checkpointing: bool = False
+    checkpointing_note: str = "off"  # on or off, and why (the run's log line and report say it)
 
     @functools.cached_property
     def batches(self) -> BatchMaker:  # one per run: the training step asks for it per micro-batch
         return BatchMaker(self.config.train.batching, self.config.model.task, self.tokenizer.pad_token_id,
-                          self.config.gradient_checkpointing)
+                          self.checkpointing)
 
     @functools.cached_property
     def unpacked_batches(self) -> BatchMaker:  # a batch whose rows are its examples, for reading positions
@@ -153,51 +155,61 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     device = processes.device
     precision = resolve_precision(tc.precision, device)
     try:  # the memory estimate applies the lora section first, on a skeleton of the model
-        if device.type == "cpu" and processes.is_main:
-            _warn_if_too_big(config)
-        int8_compute = tc.base_compute == "int8"  # needs int8 storage: the weights per output channel, once
+        checkpointing, note = _memory_plan(config, device, processes.is_main)
         model, tokenizer = load_for_method(  # config.method: an adapter, every weight, or the head
             config, ADAPTER, label_names, base_dtype(spec.dtype, precision), saved=adapter_dir,
-            quantize="int8" if int8_compute and spec.quantize == "none" else spec.quantize)
+            quantize=spec.quantize)
     except TargetError as exc:  # name the model the lora section does not fit
         raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
     limit = max_positions(model)
     if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
         raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of {spec.name}")
-    if int8_compute:
-        set_base_compute(model, "int8")
+    if spec.quantize == "int8" and device.type == "cpu":  # int8 x int8 products where the probe found them faster
+        set_base_compute(model, cpu_choice()["int8_base"])
     if spec.attn_implementation:
         model.set_attn_implementation(spec.attn_implementation)
     data = load_datasets(data_config, tokenizer, spec.task)
     model.to(device)
-    _set_gradient_checkpointing(model, config)
+    if checkpointing and not _set_gradient_checkpointing(model, config, checkpointing):
+        checkpointing, note = False, f"off ({type(model).__name__} does not support it)"
     release_free_memory()  # what loading and tokenizing freed
     session = Session(config, model, tokenizer, data, device, precision, _progress_factory(quiet), config.loss_chunk,
-                      processes)
+                      processes, checkpointing, note)
     fallback = fallback_warning(session.batches, model.config, data_config.max_length)
     if fallback and processes.is_main:
         print(f"loratune: warning: {fallback}", file=sys.stderr)
     return session
 
 
-def _set_gradient_checkpointing(model: torch.nn.Module, config: RunConfig) -> None:
+def _set_gradient_checkpointing(model: torch.nn.Module, config: RunConfig, wanted: bool) -> bool:
     supported = getattr(model, "supports_gradient_checkpointing", False)
     if config.train.gradient_checkpointing and not supported:
         raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
-    if config.gradient_checkpointing and supported:
+    if wanted and supported:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return wanted and supported
 
 
-def _warn_if_too_big(config: RunConfig) -> None:
-    """Say before loading when the run is likely to exhaust the machine's memory."""
+def _memory_plan(config: RunConfig, device: torch.device, warn: bool) -> tuple[bool, str]:
+    """(gradient checkpointing on, why), decided before loading from the memory estimate on a CPU; and a
+    warning when even then the run is likely to exhaust the machine's memory. Every process decides alike."""
+    explicit = config.train.gradient_checkpointing
+    if device.type != "cpu":  # the estimate models a CPU process; on a GPU a quantized base checkpoints
+        on = explicit if explicit is not None else config.model.quantize != "none"
+        return on, f"{'on' if on else 'off'} ({'train.gradient_checkpointing' if explicit is not None else 'GPU'})"
+    warning = None
     try:
-        warning = memory_warning(estimate_memory(config), machine_memory())
+        available = machine_memory()
+        on, note = checkpointing_decision(config, available)
+        warning = memory_warning(estimate_memory(config, on), available)
     except LoratuneError:
         raise
     except Exception as exc:  # an estimate that cannot be made must not stop a run that can
+        on, note = bool(explicit), f"{'on' if explicit else 'off'} (memory not estimated)"
         warning = f"peak memory could not be estimated ({type(exc).__name__}: {exc})"
-    if warning:
+    if warning and warn:
         print(f"loratune: warning: {warning}", file=sys.stderr)
+    return on, note
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,225 @@
+"""`python -m benchmarks scale`: training-step tokens/s and peak RSS of Llama-shaped random models from 135M to
+7B, with a plain base where the weights fit in memory and NF4 / int8 bases always.
+
+Each run is a child process (its own peak RSS): the model is built with random weights layer by layer (a
+quantized layer never exists in full precision), gets a LoRA adapter (r=16, all-linear) and trains a few
+steps of batch 1 x `--tokens` with AdamW, as `loratune train` does (same loss, autocast and checkpointing
+decision). Useful work is 4 FLOPs per frozen linear weight per token (forward and input gradient), shown as a
+percentage of the fp32, bf16 and int8 product rates measured in the same run at 512 x 2048 by 2048 x 5632.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Llama-shaped configs: SmolLM2-135M and -360M, TinyLlama-1.1B, Llama-3.2-3B, Llama-2-7B
+SIZES = {
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+}
+RATE_SHAPE = (512, 2048, 5632)
+GB = 1e9
+
+
+def vm(field: str) -> int:
+    """Bytes of a /proc/self/status field (VmRSS: resident now, VmHWM: peak since start or last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def build_model(shape: dict, quantize: str):
+    """Random bf16 Llama of `shape`, its block linears stored in `quantize` (built one layer at a time)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loratune.core.adapters import set_module
+    from loratune.quant.convert import quantizable_layers
+    from loratune.quant.linear import QuantLinear
+
+    config = LlamaConfig(**shape, max_position_embeddings=4096, torch_dtype="bfloat16")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(0)
+    if quantize != "none":
+        for path, layer in quantizable_layers(model).items():
+            weight = torch.randn(layer.weight.shape, generator=gen, dtype=torch.bfloat16).mul_(0.02)
+            set_module(model, path, QuantLinear.from_weight(weight, None, quantize, dtype=torch.bfloat16))
+    for module in model.modules():
+        if any(t.is_meta for t in module.parameters(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(False)
+                param.data = param.data.to(torch.bfloat16)
+                param.data.normal_(0, 0.02, generator=gen) if param.dim() > 1 else param.data.fill_(1.0)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffer was made on meta
+    model.tie_weights()
+    return model
+
+
+def child(spec: dict) -> dict:
+    """One run: build, adapt, train `steps` steps; tokens/s of steps 2.., peak RSS."""
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline is read)
+
+    from loratune.core.adapters import add_adapter
+    from loratune.core.lora_config import LoraConfig
+    from loratune.precision import cpu_choice
+    from loratune.quant.allocator import release_free_memory
+    from loratune.quant.linear import set_base_compute
+    from loratune.train.optim import build_optimizer
+    from loratune.train.step import causal_lm_loss
+
+    torch.set_num_threads(spec["threads"])
+    start_rss = vm("VmRSS")
+    model = build_model(spec["shape"], spec["quantize"])
+    if spec["quantize"] == "int8":
+        set_base_compute(model, cpu_choice()["int8_base"])
+    add_adapter(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                  task_type="CAUSAL_LM"))
+    model.train()
+    if spec["checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(model, 1e-4, 0.0, 1.0)
+    ids = torch.randint(0, model.config.vocab_size, (1, spec["tokens"]), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    release_free_memory()
+    built_rss, times = vm("VmRSS"), []
+    for _ in range(spec["steps"]):
+        begin = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
+            loss, _, _ = causal_lm_loss(model, batch, 1024)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - begin)
+    timed = times[1:] or times
+    return {"tokens": spec["tokens"], "step_s": statistics.median(timed), "step_range": [min(timed), max(timed)],
+            "tokens_per_s": spec["tokens"] / statistics.median(timed), "start_rss": start_rss,
+            "built_rss": built_rss, "peak_rss": vm("VmHWM"), "loss": loss.item()}
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--child", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def estimate(shape: dict, quantize: str, tokens: int, checkpointing: bool | None, folder: Path):
+    """loratune's estimate for this run (a folder holding only the model's config.json stands for the model)."""
+    from transformers import LlamaConfig
+
+    from loratune.train.memory import estimate_memory
+    from loratune.train.run_config import RunConfig
+
+    LlamaConfig(**shape, max_position_embeddings=4096, torch_dtype="bfloat16").save_pretrained(folder)
+    config = RunConfig.model_validate({
+        "model": {"name": str(folder), "task": "causal-lm", "quantize": quantize},
+        "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": "movie-sentiment", "max_length": tokens},
+        "train": {"batch_size": 1, "gradient_checkpointing": checkpointing}})
+    return estimate_memory(config)
+
+
+def frozen_linear_weights(shape: dict) -> int:
+    """Weights of the frozen linear layers a token passes through: the blocks' seven and the output head."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * shape["vocab_size"]
+
+
+def product_rates(threads: int) -> dict[str, float]:
+    """GOP/s of fp32, bf16 and int8 (`torch._int_mm`) products at RATE_SHAPE with the runs' threads."""
+    from loratune.precision import measure_rates
+
+    rates = measure_rates(True, RATE_SHAPE, repeats=3, threads=threads)
+    return {k: rates[k] for k in ("fp32", "bf16", "int8")}
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    from loratune.train.memory import machine_memory
+
+    available, rows = machine_memory() or 0, []
+    rates = product_rates(args.threads)
+    print("product rates (GOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), file=sys.stderr)
+    for size in args.sizes:
+        shape, plain = SIZES[size], None
+        for quantize in ("none", "nf4", "int8"):
+            with tempfile.TemporaryDirectory() as folder:
+                est = estimate(shape, quantize, args.tokens, None, Path(folder))
+            if quantize == "none" and est.training > 0.85 * available:
+                rows.append({"size": size, "quantize": quantize, "error": f"not run: estimate {est.training / GB:.1f}"
+                             f" GB of {available / GB:.1f} GB"})
+                continue
+            spec = {"shape": shape, "quantize": quantize, "tokens": args.tokens, "steps": args.steps,
+                    "precision": "bf16", "threads": args.threads, "checkpointing": "on" in est.setting.split(",")[-1]}
+            row = {"size": size, "quantize": quantize, "checkpointing": spec["checkpointing"],
+                   "estimate": est.training - est.runtime, **run_child(spec, args.timeout)}
+            if "error" not in row:
+                row["gflops"] = 4 * frozen_linear_weights(shape) * row["tokens_per_s"] / 1e9
+                row.update({f"pct_{k}": 100 * row["gflops"] / v for k, v in rates.items()})
+                plain = row["tokens_per_s"] if quantize == "none" else plain
+                row["vs_plain"] = row["tokens_per_s"] / plain if plain else None
+            rows.append(row)
+            print(table_line(row), file=sys.stderr, flush=True)
+    rates_after = product_rates(args.threads)
+    print("product rates after (GOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates_after.items()), file=sys.stderr)
+    return rows
+
+
+HEADER = ("| model | base | ckpt | tokens/s (steps 2.., range) | vs plain | useful GFLOP/s | % fp32 / bf16 / int8 rate "
+          "| peak RSS GB | training increment GB: measured / estimate |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def table_line(row: dict) -> str:
+    if "error" in row:
+        return f"| {row['size']} | {row['quantize']} | | {row['error']} | | | | | |"
+    lo, hi = (row["tokens"] / t for t in reversed(row["step_range"])) if "tokens" in row else (0, 0)
+    vs = f"{row['vs_plain']:.2f}x" if row.get("vs_plain") else "-"
+    inc = (row["peak_rss"] - row["start_rss"]) / GB
+    return (f"| {row['size']} | {row['quantize']} | {'on' if row['checkpointing'] else 'off'} | "
+            f"{row['tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {vs} | {row['gflops']:.1f} | "
+            f"{row['pct_fp32']:.1f} / {row['pct_bf16']:.1f} / {row['pct_int8']:.1f}% | {row['peak_rss'] / GB:.2f} | "
+            f"{inc:.2f} / {row['estimate'] / GB:.2f} ({100 * (row['estimate'] / GB / inc - 1):+.0f}%) |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["135m", "360m", "1.1b"])
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per step (batch 1; default 512)")
+    parser.add_argument("--steps", type=int, default=4, help="steps per run; the first is not timed (default 4)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is abandoned")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    rows = run_all(args)
+    print(HEADER + "\n" + "\n".join(table_line(r) for r in rows))
+    return 0 if all("error" not in r or r["error"].startswith("not run") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The CPU probe: which precision and which int8 product it picks from measured rates, and its cache."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import loratune.precision as precision
+from loratune.quant.linear import QuantLinear
+from loratune.quant.storage import dequantize
+
+AMX = {"fp32": 60.0, "bf16": 600.0, "int8": 580.0, "codes_layer_fp32": 50.0, "int8_layer_fp32": 150.0,
+       "codes_layer_bf16": 360.0, "int8_layer_bf16": 180.0}  # as measured on a Xeon with AMX, one thread
+
+
+def test_bf16_where_its_products_are_faster_and_int8_products_only_where_they_beat_the_codes():
+    assert precision.choose(AMX) == {"precision": "bf16", "int8_base": "dequantize"}
+    no_bf16 = {k: v for k, v in AMX.items() if "bf16" not in k}  # a CPU without native bf16: not probed
+    assert precision.choose(no_bf16) == {"precision": "fp32", "int8_base": "int8"}
+    slow_bf16 = {**AMX, "bf16": 40.0}
+    assert precision.choose(slow_bf16) == {"precision": "fp32", "int8_base": "int8"}
+    fast_int8 = {**AMX, "int8_layer_bf16": 400.0}
+    assert precision.choose(fast_int8) == {"precision": "bf16", "int8_base": "int8"}
+
+
+def test_auto_precision_follows_the_probe_on_a_cpu(monkeypatch):
+    for rates, expected in ((AMX, "bf16"), ({**AMX, "bf16": 10.0}, "fp32")):
+        monkeypatch.setattr(precision, "cpu_rates", lambda rates=rates: rates)
+        assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+        assert precision.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_the_rates_are_measured_once_per_cpu_and_kept_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORATUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def measure(bf16):
+        calls.append(bf16)
+        return dict(AMX)
+
+    assert precision.cpu_rates(measure) == AMX
+    assert precision.cpu_rates(measure) == AMX and len(calls) == 1
+    stored = json.loads((tmp_path / "probe.json").read_text())
+    assert list(stored.values()) == [AMX] and precision.cpu_model() in next(iter(stored))
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.json"]  # written atomically: no temporary left
+    (tmp_path / "probe.json").write_text("{not json")
+    assert precision.cpu_rates(measure) == AMX and len(calls) == 2  # a damaged cache is measured again
+
+
+def test_a_real_probe_measures_every_product_it_compares(monkeypatch):
+    rates = precision.measure_rates(bf16=True, shape=(32, 64, 96), repeats=1)
+    assert set(rates) == set(AMX) and all(v > 0 for v in rates.values())
+    assert set(precision.choose(rates)) == {"precision", "int8_base"}
+
+
+@pytest.mark.parametrize("format", ["nf4", "int8"])
+def test_bf16_forward_and_input_gradient_stay_within_bf16_rounding_of_the_fp32_layer(format):
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 128, generator=gen) / 10, torch.randn(40, 128, generator=gen)
+    upstream = torch.randn(40, 96, generator=gen)
+    layer = QuantLinear.from_weight(w, None, format)
+    exact_w = dequantize(layer.packed, torch.float32)
+    xb = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(xb)
+    (grad,) = torch.autograd.grad(out, xb, upstream.bfloat16())
+    for got, exact in ((out.float(), F.linear(x, exact_w)), (grad.float(), upstream @ exact_w)):
+        # bf16 inputs, codes and scales: each product term off by a few units of 2^-8, accumulated in fp32
+        assert ((got - exact).norm() / exact.norm()).item() < 1e-2
+        assert (got - exact).abs().max() < 0.05 * exact.abs().max()
