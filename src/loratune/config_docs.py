@@ -58,7 +58,8 @@ MEANINGS: dict[str, str] = {
                                     "absent)",
     "data.validation": "held-out records, a file or a built-in name like train; when absent, "
                        "validation_fraction of train is held out",
-    "data.format": "how records become examples; required for a file, a built-in dataset brings its own",
+    "data.format": "how records become examples; when unset, a built-in dataset brings its own and a file's columns "
+                   "decide (text+label, messages, prompt+completion, instruction+output, source+target, text)",
     "data.label_names": "the labels' names (classification); else taken from the data (built-in, or sorted "
                         "train labels)",
     "data.validation_fraction": "share of train held out for evaluation when validation is absent (seeded)",
@@ -81,7 +82,6 @@ MEANINGS: dict[str, str] = {
     "data.source_language": "source language named in the translation prompt",
     "data.target_language": "target language named in the translation prompt",
     "train.batch_size": "examples per micro-batch",
-    "train.learning_rate": "AdamW's peak learning rate (after warmup)",
     "train.weight_decay": "AdamW's decoupled weight decay on the adapter",
     "train.warmup_steps": "steps of linear warmup from 0 to learning_rate",
     "train.schedule": "learning-rate schedule after warmup",
