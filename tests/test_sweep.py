@@ -36,13 +36,21 @@ def finished(url):
     return [t for t in trials(url) if t.state.name in ("COMPLETE", "PRUNED")]
 
 
+def finished_so_far(url) -> int:
+    """Trials finished, 0 while the worker has made the database but not yet the study in it."""
+    try:
+        return len(finished(url))
+    except KeyError:  # Optuna's "Record does not exist."
+        return 0
+
+
 def test_a_killed_sweep_resumes_from_its_storage(run_config, tmp_path):
     config_file(run_config, tmp_path)
     url = f"sqlite:///{tmp_path / 'run' / 'sweep.db'}"
     first = start(tmp_path, "--trials", "5", "--heartbeat", "1")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None:
-        if (tmp_path / "run" / "sweep.db").exists() and len(finished(url)) >= 2:
+        if (tmp_path / "run" / "sweep.db").exists() and finished_so_far(url) >= 2:
             break
         time.sleep(0.1)
     first.send_signal(signal.SIGKILL)

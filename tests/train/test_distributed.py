@@ -265,7 +265,7 @@ def test_sharded_optimizer_state_round_trips_and_a_failed_checkpoint_leaves_noth
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(3, 4)).sum().backward()
     optimizer.step()
-    monkeypatch.setattr(checkpoint, "save_adapter", lambda *args: None)
+    monkeypatch.setattr(checkpoint, "save_trainable", lambda *args: None)
     path = checkpoint.save_checkpoint(tmp_path, 3, model, "default", {}, keep=2, sharded_optimizer=optimizer)
     fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
     checkpoint.load_optimizer_shards(path / checkpoint.OPTIMIZER_SHARDS, model, fresh)
@@ -275,7 +275,7 @@ def test_sharded_optimizer_state_round_trips_and_a_failed_checkpoint_leaves_noth
 
     def full_disk(*args):
         raise WriteError("adapter_model.safetensors: no space left on device")
-    monkeypatch.setattr(checkpoint, "save_adapter", full_disk)
+    monkeypatch.setattr(checkpoint, "save_trainable", full_disk)
     with pytest.raises(WriteError, match="no space left"):
         checkpoint.save_checkpoint(tmp_path, 6, model, "default", {}, keep=2, sharded_optimizer=optimizer)
     assert [p.name for p in tmp_path.iterdir()] == ["step-3"]

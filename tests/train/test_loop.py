@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from cli_tools import crash_after_checkpoint
 from safetensors.torch import load_file
 
 import loratune.train.loop as loop
@@ -56,18 +57,10 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(run_config, tmp_path, m
     expected = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
 
     interrupted = run_config(**settings, output_dir=str(tmp_path / "resumed"))
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(root, step, *args, **kwargs):
-        path = real_save(root, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted)
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.undo()
     fit(validate_config(interrupted, "test"), resume=True, quiet=True)
     resumed = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == expected.keys()

@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
+from cli_tools import crash_after_checkpoint
 from safetensors.torch import load_file
 
-import loratune.train.loop as loop
 from loratune.core.errors import ConfigError
 from loratune.pretrained import load_model
 from loratune.train import evaluate_run, fit
@@ -44,19 +44,11 @@ def test_a_full_fine_tuning_run_resumes_bit_for_bit(run_config, tmp_path, monkey
     settings = {"method": "full", "train": {"max_steps": 6, "checkpoint_every": 2, "learning_rate": 1e-3}}
     run(run_config(**settings, output_dir=str(tmp_path / "straight")))
     interrupted = run_config(**settings, output_dir=str(tmp_path / "resumed"))
-    real_save = loop.save_checkpoint
-
-    def save_then_crash(root, step, *args, **kwargs):
-        path = real_save(root, step, *args, **kwargs)
-        if step == 4:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    crash_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run(interrupted)
     assert (tmp_path / "resumed" / "checkpoints" / "step-4" / "trainable.safetensors").is_file()
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    monkeypatch.undo()
     run(interrupted, resume=True)
     expected = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
