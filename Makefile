@@ -37,7 +37,7 @@ test: $(STAMP)
 # the newest transformers' random initialisation of the tiny test model, which older releases draw differently.
 OLDEST := .venv-oldest
 test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest -q -p no:randomly tests/core tests/data tests/train tests/test_import_graph.py \
+	$(OLDEST)/bin/python -m pytest -q -p no:randomly tests/core tests/data tests/batching tests/train tests/test_import_graph.py \
 		--deselect tests/train/test_loop.py::test_first_losses_are_pinned
 
 $(OLDEST)/.installed: pyproject.toml constraints-oldest.txt

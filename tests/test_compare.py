@@ -83,3 +83,11 @@ def test_the_base_of_a_classifier_is_a_trained_linear_probe(run_config, tmp_path
     assert summary["method"] == "head" and summary["steps"] == 3
     assert result["train_seconds"] > 0 and 0 < result["trainable_parameters"] < 100  # the head: 32 x 2 + 2
     assert "accuracy" in result["metrics"]
+
+
+def test_a_method_the_config_cannot_run_is_refused_before_any_run(run_config, tmp_path):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run_config(model={"quantize": "int8"})))
+    done = loratune("compare", "run.yaml", "--methods", "lora,full", cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("loratune: error: compare --methods full: method: full trains dense weights")
+    assert not (tmp_path / "run" / "lora-seed0").exists()

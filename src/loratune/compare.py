@@ -18,6 +18,7 @@ from typing import Any
 
 from loratune.core.atomic_write import atomic_path, write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError
+from loratune.extras import has_extra
 
 METHODS = ("base", "lora", "full")
 #: The headline metric, first found; True where higher is better.
@@ -35,6 +36,8 @@ def compare(config: Any, methods: list[str], seeds: int) -> dict[str, Any]:
         raise ConfigError(f"{out}: holds an earlier comparison; set output_dir to a new folder")
     data = config.model_dump(mode="json")
     first_seed = config.train.seed
+    for method in methods:  # a method the config cannot run is a one-line error before any run starts
+        job_config(data, method, first_seed, out / _folder(method, first_seed))
     runs = []
     for method in methods:
         for seed in range(first_seed, first_seed + (1 if _zero_shot(method, config) else seeds)):
@@ -43,13 +46,27 @@ def compare(config: Any, methods: list[str], seeds: int) -> dict[str, Any]:
     results = {"model": config.model.name, "task": config.model.task, "data": config.data.train,
                "data_seed": config.data.seed, "seeds": seeds, "runs": runs, "rows": summarise(runs)}
     write_text_atomic(out / "compare.json", json.dumps(results, indent=2) + "\n")
-    write_text_atomic(out / "compare.md", compare_markdown(results))
-    plot_compare(out / "compare.png", results)
+    plotted = has_extra("plot")  # without matplotlib the table stands alone
+    write_text_atomic(out / "compare.md", compare_markdown(results, plotted))
+    if plotted:
+        plot_compare(out / "compare.png", results)
     return results
 
 
 def _zero_shot(method: str, config: Any) -> bool:
     return method == "base" and config.model.task != "classification"
+
+
+def job_config(data: dict[str, Any], method: str, seed: int, output_dir: Path) -> Any:
+    """The validated config of one comparison run: the user's, with the job's method, seed and folder. The
+    zero-shot base of a causal LM keeps the config's own method (a fresh adapter adds nothing: B starts at 0);
+    a classifier's base is the head-only probe."""
+    from loratune.train.run_config import validate_config
+
+    zero_shot = method == "base" and data["model"]["task"] != "classification"
+    run_method = data.get("method", "lora") if zero_shot else "head" if method == "base" else method
+    job = {**data, "method": run_method, "train": {**data["train"], "seed": seed}, "output_dir": str(output_dir)}
+    return validate_config(job, f"compare --methods {method}")
 
 
 def _folder(method: str, seed: int) -> str:
@@ -75,20 +92,16 @@ def _run_in_child(data: dict[str, Any], method: str, seed: int, folder: Path) ->
 def run_job(job_path: str) -> int:
     """The child's side: run the job in `job_path`, then write its measurements (or its error) back there."""
     from loratune.train.loop import fit
-    from loratune.train.run_config import RunConfig
 
     job = Path(job_path)
     spec = json.loads(job.read_text(encoding="utf-8"))
     method, seed = spec["method"], spec["seed"]
-    data = spec["config"]
-    data["train"]["seed"] = seed
-    data["output_dir"] = str(job.parent / "run")
     try:
-        if method == "base" and data["model"]["task"] != "classification":
-            summary = zero_shot_summary(RunConfig.model_validate({**data, "method": "full"}))
+        config = job_config(spec["config"], method, seed, job.parent / "run")
+        if _zero_shot(method, config):
+            summary = zero_shot_summary(config)
         else:
-            summary = fit(RunConfig.model_validate({**data, "method": "head" if method == "base" else method}),
-                          quiet=True)
+            summary = fit(config, quiet=True)
     except LoratuneError as exc:
         write_text_atomic(job, json.dumps({**spec, "error": str(exc)}))
         return 2
@@ -157,7 +170,7 @@ def _label(row: dict[str, Any], task: str) -> str:
     return {"lora": "LoRA", "full": "full fine-tuning"}.get(row["method"], row["method"])
 
 
-def compare_markdown(results: dict[str, Any]) -> str:
+def compare_markdown(results: dict[str, Any], plotted: bool = True) -> str:
     """The comparison table with what it was measured on."""
     rows, task = results["rows"], results["task"]
     name = rows[0]["metric"]
@@ -176,7 +189,7 @@ def compare_markdown(results: dict[str, Any]) -> str:
                      + f"{row['train_seconds']:.1f} | {row['peak_rss_mb']:.0f} | {row['trainable_parameters']:,} | "
                      f"{row['output_mb']:.2f} |")
     lines += ["", "Per seed: " + "; ".join(f"{r['method']}: " + ", ".join(f"{v:.4f}" for v in r["values"])
-                                          for r in rows), "", "![comparison](compare.png)"]
+                                          for r in rows)] + (["", "![comparison](compare.png)"] if plotted else [])
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ from loratune.quant.linear import QuantLinear, set_base_compute
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: tokens x in x out of the probe's products: a small model's MLP at a short batch (1.5 GFLOP each)
 PROBE_SHAPE = (256, 1024, 2816)
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: measured on one thread, as measure_rates says
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -53,15 +53,18 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def cpu_choice() -> dict[str, str]:
-    """{"precision": "bf16" or "fp32", "int8_base": "int8" or "dequantize"}: how this CPU computes best."""
-    return choose(cpu_rates())
+def cpu_choice(precision: str | None = None) -> dict[str, str]:
+    """{"precision": "bf16" or "fp32", "int8_base": "int8" or "dequantize"}: how this CPU computes best (the
+    int8 choice at `precision` when a run fixed it)."""
+    return choose(cpu_rates(), precision)
 
 
-def choose(rates: dict[str, float]) -> dict[str, str]:
+def choose(rates: dict[str, float], precision: str | None = None) -> dict[str, str]:
     """The fastest of the measured ways: bf16 only where its products beat fp32's; an int8-stored frozen
-    layer multiplied in int8 (`quant.int8_compute`) only where that beats converting its codes."""
-    precision = "bf16" if rates.get("bf16", 0.0) > rates["fp32"] else "fp32"
+    layer multiplied in int8 (`quant.int8_compute`) only where that beats converting its codes, compared at
+    `precision` (default: the faster one)."""
+    if precision not in ("bf16", "fp32"):
+        precision = "bf16" if rates.get("bf16", 0.0) > rates["fp32"] else "fp32"
     layer = rates.get(f"int8_layer_{precision}", 0.0)
     int8_base = "int8" if layer > rates.get(f"codes_layer_{precision}", 0.0) else "dequantize"
     return {"precision": precision, "int8_base": int8_base}
@@ -122,12 +125,12 @@ def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats
         cases[f"codes_layer_{name}"] = _layer_case(layer, xp, "dequantize")
         cases[f"int8_layer_{name}"] = _layer_case(layer, xp, "int8")
     times: dict[str, list[float]] = {name: [] for name in cases}
-    threads = torch.get_num_threads()
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # default 1: the ratios are a core's; one thread is not stalled by a busy sibling
     try:
         _time_cases(cases, times, repeats)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     return {name: round(2 * m * k * n / min(t) / 1e9, 1) for name, t in times.items()}
 
 

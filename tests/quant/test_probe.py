@@ -22,6 +22,16 @@ def test_bf16_where_its_products_are_faster_and_int8_products_only_where_they_be
     assert precision.choose(slow_bf16) == {"precision": "fp32", "int8_base": "int8"}
     fast_int8 = {**AMX, "int8_layer_bf16": 400.0}
     assert precision.choose(fast_int8) == {"precision": "bf16", "int8_base": "int8"}
+    # a run that fixed fp32 on a bf16 machine: the int8 choice compares the fp32 timings
+    assert precision.choose(AMX, "fp32") == {"precision": "fp32", "int8_base": "int8"}
+
+
+def test_the_probe_runs_on_the_threads_it_is_given_and_restores_the_count(monkeypatch):
+    seen, real = [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    before = torch.get_num_threads()
+    precision.measure_rates(False, shape=(8, 16, 8), repeats=1, threads=1)
+    assert seen == [1, before] and torch.get_num_threads() == before
 
 
 def test_auto_precision_follows_the_probe_on_a_cpu(monkeypatch):

@@ -80,6 +80,17 @@ def test_a_run_reports_scored_accuracy_and_generation_accuracy_only_when_asked(r
     assert both["after"]["loss"] == plain["after"]["loss"]
 
 
+def test_a_head_label_scoring_cannot_read_has_its_labels_generated_instead(run_config, monkeypatch):
+    """Gemma 2's logit soft-capping (or a logit scale) leaves no plain head to score labels with: the run
+    generates the answers and reports their accuracy, rather than failing."""
+    from loratune.train import session
+
+    monkeypatch.setattr(session, "split_lm", lambda model: None)
+    summary = fit(validate_config(run_config(train={"max_steps": 1}), "test"), quiet=True)
+    assert {"accuracy", "macro_f1"} <= set(summary["after"]) and "generation_accuracy" not in summary["after"]
+    assert summary["samples_after"]
+
+
 def test_the_label_scoring_key_is_gone_and_classification_does_not_generate(run_config, tiny_bert):
     with pytest.raises(ConfigError, match="train.label_scoring"):
         validate_config(run_config(train={"label_scoring": False}), "test")

@@ -37,6 +37,7 @@ from loratune.train.memory import checkpointing_decision, estimate_memory, machi
 from loratune.train.methods import load_for_method
 from loratune.train.processes import Processes
 from loratune.train.run_config import RunConfig
+from loratune.train.step import split_lm
 
 ADAPTER = "default"
 
@@ -84,11 +85,14 @@ class Session:
         if not data.eval_examples:  # nothing held out: report no numbers rather than invented ones
             return Evaluation()
         labels = data.label_answers if task == "causal-lm" and data.eval_prompts and not loss_only else None
+        generate = self.config.train.generation_eval
+        if labels is not None and split_lm(self.model) is None:  # a head that is not a plain linear layer
+            labels, generate = None, True  # (logit soft-capping, a logit scale): its labels are generated instead
         totals, chosen = self._loss(labels)
         metrics, answers = loss_metrics(totals, task), None
         if labels is not None:
             answers = self._label_answers(labels, chosen, metrics)
-        if self.config.train.generation_eval and data.eval_prompts and not loss_only:
+        if generate and data.eval_prompts and not loss_only:
             answers = processes.unshard(generate_texts(
                 self.model, self.tokenizer, processes.shard(data.eval_prompts), self.config.train.max_new_tokens,
                 self.config.train.eval_batch_size, self.device, self.autocast, self.progress))
@@ -165,7 +169,7 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     if limit is not None and data_config.max_length > limit and not model.config.is_encoder_decoder:
         raise ConfigError(f"data.max_length={data_config.max_length} exceeds the {limit} positions of {spec.name}")
     if spec.quantize == "int8" and device.type == "cpu":  # int8 x int8 products where the probe found them faster
-        set_base_compute(model, cpu_choice()["int8_base"])
+        set_base_compute(model, cpu_choice(precision)["int8_base"])
     if spec.attn_implementation:
         model.set_attn_implementation(spec.attn_implementation)
     data = load_datasets(data_config, tokenizer, spec.task)
