@@ -59,3 +59,50 @@ def test_the_carved_part_is_disjoint_seeded_and_a_tenth():
     train, val = carve_validation(100, seed=3)
     assert len(val) == 10 and not set(train) & set(val) and sorted(train + val) == list(range(100))
     assert carve_validation(100, seed=3) == (train, val) and carve_validation(100, seed=4) != (train, val)
+
+
+def test_a_run_stopped_after_its_choice_resumes_with_it_and_a_stop_during_the_search_saves_nothing(
+        run_config, tmp_path, monkeypatch):
+    import loratune.train.auto_lr as auto_lr
+    import loratune.train.loop as loop
+    from loratune.train.stop_signals import RunStopped
+
+    data = run_config(train={"learning_rate": "auto", "max_steps": 10, "checkpoint_every": 5},
+                      output_dir=str(tmp_path / "run"))
+    real_start, searches = loop.start_run, []
+
+    def stop_before_step_one(session, out):
+        real_start(session, out)  # config.yaml (with the chosen rate) is written, no checkpoint yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "start_run", stop_before_step_one)
+    try:
+        fit(validate_config(data, "test"), quiet=True)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    chosen = json.loads((tmp_path / "run" / auto_lr.CHOICE_NAME).read_text())["chosen"]
+    real_choose = auto_lr.choose
+    monkeypatch.setattr(auto_lr, "choose", lambda *args: searches.append(1) or real_choose(*args))
+    resumed = fit(validate_config(data, "test"), resume=True, quiet=True)  # restarts from step 0
+    assert searches == [] and resumed["learning_rate_choice"]["chosen"] == chosen
+
+    monkeypatch.setattr(auto_lr, "train_and_validate", lambda *args, **kwargs: 1.0)
+    stop = validate_config({**data, "output_dir": str(tmp_path / "stopped")}, "test")
+    monkeypatch.setattr(loop, "stop_requests", _requested_at_once)
+    try:
+        fit(stop, quiet=True)
+        raise AssertionError("the run was not stopped")
+    except RunStopped:
+        pass
+    assert not (tmp_path / "stopped" / auto_lr.CHOICE_NAME).exists()
+
+
+class _Requested:
+    requested, signal_name = True, "SIGTERM"
+
+
+def _requested_at_once():
+    from contextlib import nullcontext
+
+    return nullcontext(_Requested())

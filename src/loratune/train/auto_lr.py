@@ -34,21 +34,37 @@ VALIDATION_FRACTION = 0.1
 MAX_VALIDATION = 500
 
 
-def resolve_learning_rate(session: Any, out: Path, resume: bool) -> None:
-    """Replace `auto` in `session.config` by a rate: the one chosen before (on resume, from `out`), else a
-    new choice, written to `out/learning_rate_choice.json` for the report."""
+def resolve_learning_rate(session: Any, out: Path, stopping: Callable[[], bool] = lambda: False) -> bool:
+    """Replace `auto` in `session.config` by a rate: the one this folder's run chose before (a resumed or
+    restarted run), else a new choice, written to `out/learning_rate_choice.json` for the report. Returns
+    False when a stop signal came during the search (nothing is written then)."""
     tc = session.config.train
     if tc.learning_rate != "auto":
-        return
+        return True
     if session.processes.world > 1:
         raise ConfigError("train.learning_rate: auto chooses in one process; choose with `loratune train` first, "
                           "then set the rate for a torchrun run")
     saved = out / CHOICE_NAME
-    choice = json.loads(saved.read_text(encoding="utf-8")) if resume and saved.is_file() else choose(session)
-    if not (resume and saved.is_file()):
+    choice = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else choose(session, stopping)
+    if choice is None:
+        return False
+    if not saved.is_file():
         write_text_atomic(saved, json.dumps(choice, indent=2) + "\n")
-    session.config = session.config.model_copy(
-        update={"train": tc.model_copy(update={"learning_rate": choice["chosen"]})})
+    session.config = with_rate(session.config, choice["chosen"])
+    return True
+
+
+def with_rate(config: Any, rate: float) -> Any:
+    return config.model_copy(update={"train": config.train.model_copy(update={"learning_rate": rate})})
+
+
+def chosen_config(config: Any, out: Path) -> Any:
+    """`config` with `auto` replaced by the rate this folder's run chose, if it chose one: what its
+    config.yaml holds."""
+    saved = out / CHOICE_NAME
+    if config.train.learning_rate != "auto" or not saved.is_file():
+        return config
+    return with_rate(config, json.loads(saved.read_text(encoding="utf-8"))["chosen"])
 
 
 def read_choice(out: Path) -> dict[str, Any] | None:
@@ -68,8 +84,9 @@ def carve_validation(count: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[size:]), sorted(order[:size])
 
 
-def choose(session: Any) -> dict[str, Any]:
-    """Successive halving over the method's candidate rates; returns the choice with every round's losses."""
+def choose(session: Any, stopping: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+    """Successive halving over the method's candidate rates; returns the choice with every round's losses
+    (None when `stopping()` said so between two candidates)."""
     tc, method = session.config.train, session.config.method
     train_idx, val_idx = carve_validation(len(session.data.train_examples), tc.seed)
     examples = session.data.train_examples
@@ -81,6 +98,8 @@ def choose(session: Any) -> dict[str, Any]:
         while True:
             losses = {}
             for rate in survivors:
+                if stopping():
+                    return None
                 _restore(session.model, start)
                 losses[rate] = train_and_validate(session, train, val, rate, steps)
             rounds.append({"steps": steps, "validation_loss": {str(r): v for r, v in losses.items()}})

@@ -23,7 +23,7 @@ from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.errors import ReportedByAnotherRank
-from loratune.train.auto_lr import read_choice, resolve_learning_rate
+from loratune.train.auto_lr import CHOICE_NAME, chosen_config, read_choice, resolve_learning_rate
 from loratune.train.checkpoint import (
     OPTIMIZER_SHARDS,
     latest_checkpoint,
@@ -129,8 +129,8 @@ def _fit(config: RunConfig, resume: bool, quiet: bool, processes: Processes) -> 
         processes.on_main(lambda: _claim(folder, out, resume))  # a refusal is said once
         resume = resume and processes.on_main(lambda: _has_checkpoint(out, config))
         session = processes.agree(lambda: prepare(config, quiet, processes=processes))
-        resolve_learning_rate(session, out, resume)  # train.learning_rate: auto, chosen on the training split
-        if stopping():
+        # train.learning_rate: auto, chosen on the training split (a stop signal ends the search too)
+        if not processes.agree(lambda: resolve_learning_rate(session, out, stopping)) or stopping():
             raise RunStopped(stops.signal_name, 0, None)
         run = resume_run(session, out) if resume else start_run(session, out)
         session.model.train()
@@ -162,9 +162,9 @@ def _has_checkpoint(out: Path, config: RunConfig) -> bool:
     checkpoints, saved = out / "checkpoints", out / "config.yaml"
     if latest_checkpoint(checkpoints) is not None:
         return True
-    if not saved.is_file():
+    if not saved.is_file() and not (out / CHOICE_NAME).is_file():  # (stopped between the rate search and step 0)
         raise LoratuneError(f"{checkpoints}: no complete checkpoint to resume from")
-    if saved.read_text(encoding="utf-8") != config_to_yaml(config):
+    if saved.is_file() and saved.read_text(encoding="utf-8") != config_to_yaml(chosen_config(config, out)):
         raise LoratuneError(f"output_dir {out} holds another run's config.yaml and no checkpoint; choose "
                             "another output_dir")
     print(f"loratune: warning: {checkpoints}: no complete checkpoint yet; starting again from step 0",
