@@ -66,7 +66,7 @@ def test_a_tiny_models_loss_and_adapter_gradients_in_int8_stay_close_to_fp32():
 def test_an_int8_base_multiplies_the_way_the_cpu_probe_chose(run_config, monkeypatch):
     for choice in ("int8", "dequantize"):
         monkeypatch.setattr("loratune.train.session.cpu_choice",
-                            lambda choice=choice: {"precision": "fp32", "int8_base": choice})
+                            lambda precision=None, choice=choice: {"precision": "fp32", "int8_base": choice})
         session = prepare(validate_config(run_config(model={"quantize": "int8"}), "test"), quiet=True)
         layers = [m for m in session.model.modules() if isinstance(m, QuantLinear)]
         assert layers and all(m.format == "int8" and m.compute == choice for m in layers)
