@@ -87,10 +87,13 @@ def child(spec: dict) -> dict:
     from loratune.train.step import causal_lm_loss
 
     torch.set_num_threads(spec["threads"])
+    # the CPU probe may run here (no cached rates yet): before the baseline, so its tensors are not counted
+    int8_base = cpu_choice()["int8_base"] if spec["quantize"] == "int8" else None
+    release_free_memory()
     start_rss = vm("VmRSS")
     model = build_model(spec["shape"], spec["quantize"])
-    if spec["quantize"] == "int8":
-        set_base_compute(model, cpu_choice()["int8_base"])
+    if int8_base:
+        set_base_compute(model, int8_base)
     add_adapter(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                   task_type="CAUSAL_LM"))
     model.train()
