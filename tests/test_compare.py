@@ -26,6 +26,8 @@ def test_compare_runs_base_lora_and_full_and_writes_the_table(run_config, tmp_pa
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
     done = loratune("compare", "run.yaml", "--methods", "base,lora,full", "--seeds", "2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    # the children are as quiet as the command: only loratune's own lines, no library chatter
+    assert all(line.startswith("loratune: ") for line in done.stderr.splitlines()), done.stderr
     out = tmp_path / "run"
     results = json.loads((out / "compare.json").read_text())
     assert [(r["method"], r["seed"]) for r in results["runs"]] == [

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from loratune.core.errors import LoratuneError
 from loratune.errors import ReportedByAnotherRank
+from loratune.import_noise import quiet_libraries
 from loratune.tasks import TASKS
 
 DEMO_OUTPUT = "runs/demo"
@@ -281,22 +282,10 @@ def _add_model_commands(commands: Any) -> None:
     inspect.set_defaults(run=_inspect)
 
 
-def _quiet_libraries() -> None:
-    """Keep transformers' own progress bars and warnings off the terminal when it is not interactive."""
-    from loratune.import_noise import silence_import_noise
-
-    silence_import_noise()  # before transformers imports torchao
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    if not sys.stderr.isatty():
-        logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         code = args.run(args)
     except LoratuneError as exc:

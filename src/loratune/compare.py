@@ -78,7 +78,8 @@ def _run_in_child(data: dict[str, Any], method: str, seed: int, folder: Path) ->
     folder.mkdir(parents=True, exist_ok=True)
     job = folder / JOB_NAME
     write_text_atomic(job, json.dumps({"config": data, "method": method, "seed": seed}))
-    code = "import sys; from loratune.compare import run_job; sys.exit(run_job(sys.argv[1]))"
+    code = ("import sys; from loratune.import_noise import quiet_libraries; quiet_libraries(); "
+            "from loratune.compare import run_job; sys.exit(run_job(sys.argv[1]))")
     done = subprocess.run([sys.executable, "-c", code, str(job)], check=False)
     result = json.loads(job.read_text(encoding="utf-8"))
     if "error" in result:

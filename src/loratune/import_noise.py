@@ -9,6 +9,7 @@ every other message of these loggers still shows.
 from __future__ import annotations
 
 import logging
+import sys
 
 # (logger, a fragment of the message): each filter drops only records whose text holds its fragment
 KNOWN_NOISE: tuple[tuple[str, str], ...] = (
@@ -33,3 +34,15 @@ def silence_import_noise() -> None:
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, _DropFragment) and f.fragment == fragment for f in logger.filters):
             logger.addFilter(_DropFragment(fragment))
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' own progress bars and warnings off the terminal when it is not interactive.
+
+    Every loratune process calls this first: the command itself and the runs `compare` starts in children."""
+    silence_import_noise()  # before transformers imports torchao
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
