@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import loratune as lt  # noqa: E402
 from benchmarks.common import machine, write_result  # noqa: E402
 from benchmarks.runtime_chat import chat_failures, check_chat  # noqa: E402
+from benchmarks.tiny_families import gguf_family_configs  # noqa: E402
 from loratune.export import export, gguf_source  # noqa: E402
 from loratune.export.gguf_model import write_model_gguf  # noqa: E402
 from loratune.export.layout import layout_for  # noqa: E402
@@ -179,26 +180,9 @@ def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path,
 
 def family_configs() -> dict:
     """A 2-layer config of every family GGUF export supports (sizes shared, sliding windows past the prompts)."""
-    from transformers import (
-        Gemma2Config,
-        Gemma3TextConfig,
-        LlamaConfig,
-        MistralConfig,
-        Phi3Config,
-        Qwen2Config,
-        Qwen3Config,
-    )
-
-    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
-    gemma = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=128)
-    return {"tiny-llama": LlamaConfig(**sizes, tie_word_embeddings=False),
-            "tiny-mistral": MistralConfig(**sizes, sliding_window=128, tie_word_embeddings=False),
-            "tiny-qwen2": Qwen2Config(**sizes, tie_word_embeddings=False),
-            "tiny-qwen3": Qwen3Config(**sizes, head_dim=16, tie_word_embeddings=False),
-            "tiny-gemma2": Gemma2Config(**sizes, **gemma),
-            "tiny-gemma3": Gemma3TextConfig(**sizes, **gemma),
-            "tiny-phi3": Phi3Config(**sizes, original_max_position_embeddings=256, tie_word_embeddings=False)}
+    configs = gguf_family_configs(hidden_size=64, max_positions=256, sliding_window=128, phi3_context=256,
+                                  initializer_range=0.2)
+    return {f"tiny-{family}": config for family, config in configs.items()}
 
 
 def tiny_model(work: Path, tokenizer, label: str, config) -> tuple[str, Path]:

@@ -8,48 +8,33 @@ import numpy as np
 import pytest
 import torch
 from export_tools import bpe_tokenizer, save_adapter
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    Phi3Config,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoModelForCausalLM
 
 import loratune as lt
+from benchmarks.tiny_families import gguf_family_configs
 from loratune.export import export
 
-SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LINEARS = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16, tie_word_embeddings=True)
+NORMS = ["attn_norm", "ffn_norm"]
+GEMMA_NORMS = ["attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"]
+CONFIGS = gguf_family_configs(hidden_size=32, max_positions=64, sliding_window=16, phi3_context=32,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 # family -> (config, GGUF architecture, per-block tensors besides the linears' weights, adapter targets,
 #            expected family keys)
 FAMILIES = {
-    "llama": (LlamaConfig(**SIZES, tie_word_embeddings=False), "llama", ["attn_norm", "ffn_norm"], LLAMA_TARGETS,
-              {}),
-    "mistral": (MistralConfig(**SIZES, sliding_window=16, tie_word_embeddings=False), "llama",
-                ["attn_norm", "ffn_norm"], LLAMA_TARGETS, {}),
-    "qwen2": (Qwen2Config(**SIZES, tie_word_embeddings=False), "qwen2",
-              ["attn_norm", "ffn_norm", "attn_q.bias", "attn_k.bias", "attn_v.bias"], LLAMA_TARGETS, {}),
-    "qwen3": (Qwen3Config(**SIZES, head_dim=16, tie_word_embeddings=False), "qwen3",
-              ["attn_norm", "ffn_norm", "attn_q_norm", "attn_k_norm"], LLAMA_TARGETS,
+    "llama": (CONFIGS["llama"], "llama", NORMS, LLAMA_TARGETS, {}),
+    "mistral": (CONFIGS["mistral"], "llama", NORMS, LLAMA_TARGETS, {}),
+    "qwen2": (CONFIGS["qwen2"], "qwen2", [*NORMS, "attn_q.bias", "attn_k.bias", "attn_v.bias"], LLAMA_TARGETS, {}),
+    "qwen3": (CONFIGS["qwen3"], "qwen3", [*NORMS, "attn_q_norm", "attn_k_norm"], LLAMA_TARGETS,
               {"qwen3.attention.key_length": 16}),
-    "gemma2": (Gemma2Config(**SIZES, **GEMMA, attn_logit_softcapping=50.0, final_logit_softcapping=30.0), "gemma2",
-               ["attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"], LLAMA_TARGETS,
+    "gemma2": (CONFIGS["gemma2"], "gemma2", GEMMA_NORMS, LLAMA_TARGETS,
                {"gemma2.attn_logit_softcapping": 50.0, "gemma2.final_logit_softcapping": 30.0,
                 "gemma2.attention.sliding_window": 16, "gemma2.attention.key_length": 16}),
-    "gemma3": (Gemma3TextConfig(**SIZES, **GEMMA), "gemma3",
-               ["attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm"],
-               LLAMA_TARGETS, {"gemma3.attention.sliding_window": 16, "gemma3.attention.key_length": 16}),
-    "phi3": (Phi3Config(**SIZES, original_max_position_embeddings=32, tie_word_embeddings=False), "phi3",
-             ["attn_norm", "ffn_norm"],
-             ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gemma3": (CONFIGS["gemma3"], "gemma3", [*GEMMA_NORMS, "attn_q_norm", "attn_k_norm"], LLAMA_TARGETS,
+               {"gemma3.attention.sliding_window": 16, "gemma3.attention.key_length": 16}),
+    "phi3": (CONFIGS["phi3"], "phi3", NORMS, ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
              {"phi3.rope.scaling.original_context_length": 32, "phi3.attention.sliding_window": 0}),
 }
 PHI3_LINEARS = ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]

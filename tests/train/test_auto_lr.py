@@ -106,3 +106,28 @@ def _requested_at_once():
     from contextlib import nullcontext
 
     return nullcontext(_Requested())
+
+
+def test_a_candidate_trains_through_the_runs_own_steps_and_batch_order(run_config, tiny_llama, tmp_path):
+    """Given the whole training split and the run's rate and steps, a candidate of the search ends with the adapter
+    the run itself trains (two micro-batches a step, 9 steps over 6 global batches an epoch: the order reshuffles;
+    no dropout, so the random streams do not matter)."""
+    import loratune as lt
+    from loratune.train.auto_lr import train_and_validate
+    from loratune.train.session import prepare
+
+    config = validate_config(run_config(model={"name": tiny_llama, "task": "causal-lm"},
+                                        lora={"lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                                        train={"max_steps": 9, "batch_size": 2, "grad_accum": 2,
+                                               "warmup_steps": 2, "seed": 1}), "test")
+    session = prepare(config, quiet=True)
+    examples = list(session.data.train_examples)
+    assert len(examples) // 4 < config.train.max_steps
+    loss = train_and_validate(session, examples, examples[:4], config.train.learning_rate, config.train.max_steps)
+    assert 0 < loss < float("inf")
+    lt.save_adapter(session.model, tmp_path / "candidate")
+    fit(config, quiet=True)
+    run = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    candidate = load_file(tmp_path / "candidate" / "adapter_model.safetensors")
+    assert run.keys() == candidate.keys()
+    assert all(torch.equal(run[k], candidate[k]) for k in run)

@@ -8,6 +8,7 @@ from cli_tools import crash_after_checkpoint
 from safetensors.torch import load_file
 
 import loratune.train.loop as loop
+import loratune.train.run_step as run_step
 import loratune.train.session as session_module
 from loratune.train import fit
 from loratune.train.checkpoint import complete_checkpoints
@@ -82,7 +83,7 @@ def test_checkpoints_keep_the_last_k(run_config, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_config, tmp_path, monkeypatch):
-    real_loss = loop.batch_loss
+    real_loss = run_step.batch_loss
     calls = {"n": 0}
 
     def poisoned(model, batch, task, loss_chunk=0, prefix=0):
@@ -90,7 +91,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_config, tm
         calls["n"] += model.training
         return (loss * float("nan") if model.training and calls["n"] == 4 else loss), logits, weight
 
-    monkeypatch.setattr(loop, "batch_loss", poisoned)
+    monkeypatch.setattr(run_step, "batch_loss", poisoned)
     with pytest.raises(loop.TrainingDiverged, match="step 4"):
         run(run_config(train={"max_steps": 6, "checkpoint_every": 2}))
     assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-2"]

@@ -2,16 +2,17 @@
 training split; the held-out split is never read, so the run's reported metrics stay honest.
 
 Why successive halving rather than a range test: it ranks rates by the quantity that matters (validation
-loss after real, if short, training with the run's own schedule), where a range test reads the training loss
-of one run whose rate keeps changing. Candidates span the method's usual range; each round trains every
-survivor from the same start for twice the previous round's steps and keeps the better half, until one is left.
-Short rounds favour high rates somewhat (a high rate looks good early), which is why the last round is the
-longest. The model's start and the random streams are restored afterwards, so the run that follows is the
-one a fixed `learning_rate` equal to the choice would give.
+loss after real, if short, training with the run's own steps, batch order and schedule), where a range test
+reads the training loss of one run whose rate keeps changing. Candidates span the method's usual range; each
+round trains every survivor from the same start for twice the previous round's steps and keeps the better half,
+until one is left. Short rounds favour high rates somewhat (a high rate looks good early), which is why the last
+round is the longest. The model's start and the random streams are restored afterwards, so the run that follows
+is the one a fixed `learning_rate` equal to the choice would give.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -22,9 +23,10 @@ import torch
 
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError
+from loratune.data import DataSplit
 from loratune.train.evaluate import loss_metrics, loss_totals
 from loratune.train.optim import build_optimizer, build_scheduler
-from loratune.train.step import batch_loss
+from loratune.train.run_step import Run, RunState, TrainingDiverged, batch_order, optimizer_step, trainer_for
 
 CHOICE_NAME = "learning_rate_choice.json"
 CANDIDATES = {"lora": (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3),
@@ -121,47 +123,28 @@ def choose(session: Any, stopping: Callable[[], bool] = lambda: False) -> dict[s
 def train_and_validate(session: Any, train: list, val: list, rate: float, steps: int,
                        report: Callable[[int, float], None] | None = None, every: int = 0) -> float:
     """Validation loss after `steps` steps at `rate` from the model as it is (inf if it diverged); with
-    `every`, `report(step, loss)` hears the validation loss every `every` steps too (it may raise to stop)."""
-    tc, model = session.config.train, session.model
-    torch.manual_seed(tc.seed)
-    optimizer = build_optimizer(model, rate, tc.weight_decay, tc.lora_plus_ratio)
-    warmup = tc.warmup_steps * steps // tc.max_steps
-    scheduler = build_scheduler(optimizer, warmup, steps, tc.schedule)
-    order = torch.randperm(len(train)).tolist()
-    model.train()
-    for step in range(steps):
-        if not _accumulate(session, train, order, step):
-            return float("inf")
-        if tc.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if report and every and (step + 1) % every == 0 and step + 1 < steps:
-            report(step + 1, validation_loss(session, val))
-            model.train()
+    `every`, `report(step, loss)` hears the validation loss every `every` steps too (it may raise to stop).
+
+    The steps are the run's own (`run_step.optimizer_step`): step k trains global batch k of the seeded order
+    over `train`, as the run does over the whole training split, with the run's schedule shortened to `steps`."""
+    tc = session.config.train
+    part = dataclasses.replace(session, data=dataclasses.replace(session.data, train=DataSplit(examples=train)))
+    torch.manual_seed(tc.seed)  # every candidate sees the same dropout masks
+    optimizer = build_optimizer(session.model, rate, tc.weight_decay, tc.lora_plus_ratio)
+    scheduler = build_scheduler(optimizer, tc.warmup_steps * steps // tc.max_steps, steps, tc.schedule)
+    run = Run(part, Path(session.config.output_dir), optimizer, scheduler, RunState(), {}, [],
+              trainer=trainer_for(part))
+    order = batch_order(part)
+    session.model.train()
+    try:
+        while run.state.step < steps:
+            optimizer_step(run, order)
+            if report and every and run.state.step % every == 0 and run.state.step < steps:
+                report(run.state.step, validation_loss(session, val))
+                session.model.train()
+    except TrainingDiverged:
+        return float("inf")
     return validation_loss(session, val)
-
-
-def _accumulate(session: Any, train: list, order: list[int], step: int) -> bool:
-    """Gradients of step `step`'s `grad_accum` micro-batches, averaged over their predicted tokens as the
-    run's own step does; False when the loss is not finite."""
-    tc, model, weights = session.config.train, session.model, 0
-    for micro in range(tc.grad_accum):
-        first = (step * tc.grad_accum + micro) * tc.batch_size
-        picks = [order[(first + k) % len(order)] for k in range(tc.batch_size)]
-        batch, prefix = session.batches.make([train[i] for i in picks], session.device)
-        with session.autocast():
-            loss, _, weight = batch_loss(model, batch, session.config.model.task, session.loss_chunk, prefix)
-        if not torch.isfinite(loss):
-            return False
-        (loss * weight).backward()
-        weights += weight
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.div_(max(weights, 1))
-    return True
 
 
 def validation_loss(session: Any, val: list) -> float:

@@ -7,7 +7,6 @@ evaluation and a checkpoint when due, then evaluate, save the adapter and write 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import resource
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from loratune.batching import BatchOrder, order_keys
+from loratune.batching import BatchOrder
 from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
@@ -41,62 +40,22 @@ from loratune.train.processes import Processes
 from loratune.train.report import plot_history, write_metrics, write_report
 from loratune.train.run_config import RunConfig, config_to_yaml
 from loratune.train.run_folder import claim_output_dir
+from loratune.train.run_step import (
+    Run,
+    RunState,
+    TrainingDiverged,
+    batch_order,
+    last_good,
+    optimizer_step,
+    trainer_for,
+)
 from loratune.train.session import ADAPTER, Session, prepare
-from loratune.train.step import batch_loss
 from loratune.train.stop_signals import RunStopped, stop_requests
 
 # Keys a resumed run may change: where it writes, and how the same global batch is split over processes,
 # micro-batches and accumulation (`check_global_batch` keeps the global batch itself).
 RESUMABLE_CHANGES = {"output_dir", "train.batch_size", "train.grad_accum", "train.distributed",
                      "train.distributed_timeout"}
-
-
-class TrainingDiverged(LoratuneError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclasses.dataclass
-class RunState:
-    """Where a run stands: what a checkpoint saves and resuming restores (with the optimizer and RNG)."""
-
-    step: int = 0  # also the position in the data: step k trains global batch k of `batch_order`
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    best: float | None = None  # lowest evaluation loss so far, for early stopping
-    bad_evals: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    stopped_early: bool = False
-
-
-@dataclasses.dataclass
-class Run:
-    """A run in progress: the session, the optimizer, the state, and where the run writes."""
-
-    session: Session
-    out: Path
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    state: RunState
-    before: dict[str, Any]
-    samples_before: list[dict[str, str]]
-    board: Any = None
-    trainer: Any = None  # what a training step calls: (loss, logits, weight) of a batch (`Processes.wrap`)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.out / "checkpoints"
-
-    def record(self, entry: dict[str, Any]) -> None:
-        """Add an entry to the history, `metrics.jsonl` and TensorBoard (when installed)."""
-        self.state.history.append(entry)
-        if not self.session.processes.is_main:
-            return
-        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
-        if self.board:
-            for key, value in entry.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.board.add_scalar(f"{entry['kind']}/{key}", value, entry["step"])
 
 
 # --- the recipe ----------------------------------------------------------------------------------------------
@@ -175,7 +134,7 @@ def _has_checkpoint(out: Path, config: RunConfig) -> bool:
 def start_run(session: Session, out: Path) -> Run:
     """A fresh run: the module a step trains through, the optimizer over its parameters, and the "before"
     evaluation as the history's first entry."""
-    trainer = _trainer(session)
+    trainer = trainer_for(session)
     optimizer, scheduler = _optimizer(session)
     before = session.evaluate()
     session.processes.seed_rank(session.config.train.seed)
@@ -191,7 +150,7 @@ def resume_run(session: Session, out: Path) -> Run:
     only an FSDP run's optimizer shards are read by every rank (its checkpoints are in a folder all reach).
     """
     saved = session.processes.on_main(lambda: read_latest_checkpoint(session, out))
-    trainer = _trainer(session)  # under torchrun this sends rank 0's resumed adapter to every rank
+    trainer = trainer_for(session)  # under torchrun this sends rank 0's resumed adapter to every rank
     optimizer, scheduler = _optimizer(session)
     if "optimizer" in saved:
         optimizer.load_state_dict(saved["optimizer"])
@@ -208,76 +167,16 @@ def resume_run(session: Session, out: Path) -> Run:
                          trainer=trainer))
 
 
-def batch_order(session: Session) -> BatchOrder:
-    """The run's order of global batches (batch k for step k), grouped as `train.prefix_grouped`
-    says. It depends on the seed and the global batch alone, not on how a step is split
-    into micro-batches, accumulation and processes, so every such split trains on the same examples."""
-    tc, examples = session.config.train, session.data.train_examples
-    size = global_batch(tc, session.processes.world)
-    pieces = tc.grad_accum * session.processes.world
-    if min(size, len(examples)) < pieces:
-        raise ConfigError(f"train: {len(examples)} training examples cannot fill {pieces} micro-batches "
-                          f"(train.grad_accum x processes); lower train.grad_accum or the process count")
-    return BatchOrder(len(examples), size, tc.seed, order_keys(examples, tc.prefix_grouped))
-
-
-def micro_batch(step_examples: list[int], index: int, pieces: int) -> list[int]:
-    """Piece `index` of a global batch cut into `pieces` micro-batches of (nearly) equal size, in order."""
-    size = len(step_examples)
-    return step_examples[index * size // pieces:(index + 1) * size // pieces]
-
-
 def train_step(run: Run, order: BatchOrder, progress: Any) -> None:
-    """One optimizer step over `grad_accum` micro-batches; logs loss, learning rate and throughput."""
-    tc, state, model = run.session.config.train, run.state, run.session.model
-    started = time.perf_counter()
-    loss, tokens = accumulate_gradients(run, order)
-    if tc.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.max_grad_norm)
-    lr = run.optimizer.param_groups[0]["lr"]
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    state.step += 1
+    """One optimizer step (`run_step.optimizer_step`); logs loss, learning rate and throughput."""
+    state, started = run.state, time.perf_counter()
+    loss, tokens, lr = optimizer_step(run, order)
     elapsed = time.perf_counter() - started
     state.tokens += tokens
     state.seconds += elapsed
     run.record({"kind": "train", "step": state.step, "loss": loss, "lr": lr, "tokens_per_s": tokens / elapsed})
     progress.update(1)
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-
-
-def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
-    """Forward and backward over this rank's micro-batches of the step; returns the step's (loss, tokens)
-    over all ranks.
-
-    The step's global batch (the seeded order's batch number `step`) is cut into `grad_accum x processes`
-    micro-batches, dealt out by rank, and the loss is the mean over every predicted token of all of them:
-    each micro-batch's summed loss is back-propagated and the gradients are divided by the global token
-    count afterwards. So every split of the same global batch (1 x 4, 1 x 2 x accumulation 2, 2 x 2, ...)
-    takes the same step.
-    """
-    session, state, processes = run.session, run.state, run.session.processes
-    loss_sum, weight_sum, tokens = 0.0, 0, 0
-    step_examples, mine = order.batch(state.step), processes.micro_batches(session.config.train.grad_accum)
-    for index in mine:
-        piece = micro_batch(step_examples, index, session.config.train.grad_accum * processes.world)
-        examples = [session.data.train_examples[i] for i in piece]
-        batch, prefix = session.batches.make(examples, session.device)
-        with processes.accumulating(run.trainer, sync=index == mine[-1]):
-            with session.autocast():
-                loss, _, weight = run.trainer(batch, prefix=prefix)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss.item()} at step {state.step + 1}; "
-                                       f"{_last_good(run.checkpoints)} (try a lower learning rate)")
-            (loss * weight).backward()
-        loss_sum += loss.item() * weight
-        weight_sum += weight
-        tokens += int(batch["attention_mask"].sum())
-    loss_sum, weight_sum, tokens = processes.sum([loss_sum, weight_sum, tokens])
-    # DDP and FSDP average gradients over the ranks; the step's loss is a mean over all its tokens.
-    _scale_gradients(session.model, processes.world / max(weight_sum, 1))
-    return loss_sum / max(weight_sum, 1), int(tokens)
 
 
 def evaluate_during_training(run: Run) -> None:
@@ -302,7 +201,7 @@ def save_run_checkpoint(run: Run) -> None:
     local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters() if p.requires_grad]
     if processes.any(not all(torch.isfinite(p).all() for p in local)):
         error = TrainingDiverged(f"adapter weights became non-finite at step {state.step}; "
-                                 f"{_last_good(run.checkpoints)} (try a lower learning rate)")
+                                 f"{last_good(run.checkpoints)} (try a lower learning rate)")
         raise error if processes.is_main else ReportedByAnotherRank(str(error))
     whole = {} if processes.sharded else {"optimizer": run.optimizer.state_dict()}
     save_checkpoint(run.checkpoints, state.step, model, ADAPTER, {
@@ -327,11 +226,11 @@ def _kept_in_checkpoint(run: Run) -> str:
     """Say where the run's progress is after the final adapter could not be written (rank 0 alone gets here,
     so under torchrun no new checkpoint, which needs every rank, is tried)."""
     if run.session.processes.world > 1:
-        return _last_good(run.checkpoints)
+        return last_good(run.checkpoints)
     try:
         path = checkpoint_now(run)
     except WriteError as exc:
-        return f"no checkpoint could be written either ({exc}); {_last_good(run.checkpoints)}"
+        return f"no checkpoint could be written either ({exc}); {last_good(run.checkpoints)}"
     return (f"the {run.state.step} trained steps are kept in checkpoint {path}: free space, then --resume writes "
             "the adapter")
 
@@ -397,19 +296,6 @@ def _open_run(run: Run) -> Run:
     return run
 
 
-def _trainer(session: Session) -> Any:
-    """What a training step calls: the batch loss, through DDP or FSDP under torchrun."""
-    loss = functools.partial(batch_loss, task=session.config.model.task, loss_chunk=session.loss_chunk)
-    return session.processes.wrap(session.model, loss)
-
-
-def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.mul_(factor)
-
-
 def read_latest_checkpoint(session: Session, out: Path) -> dict[str, Any]:
     """Load the newest complete checkpoint's adapter into the model and return its trainer state, after
     checking it belongs to this run and keeps its global batch."""
@@ -451,11 +337,6 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path, 
         elif a != b:
             raise LoratuneError(f"{where}: checkpoint was written with {prefix}{key}={a!r}, the config now says "
                                 f"{b!r}; resume with the same config or start a new output_dir")
-
-
-def _last_good(checkpoints: Path) -> str:
-    found = latest_checkpoint(checkpoints)
-    return f"last good checkpoint: {found}" if found else "no checkpoint was written yet"
 
 
 def peak_rss_mb() -> float:
