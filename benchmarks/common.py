@@ -72,11 +72,24 @@ def run_child(argv: list[str], timeout: float = 7200, **env: str) -> ChildRun:
         return ChildRun(code, wall, cpu, peak, log.read_text(errors="replace"))
 
 
+def proc_status(field: str) -> int | None:
+    """Bytes of a memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak since start), or None
+    where there is no such file (not Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM; Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    """This process's peak RSS (VmHWM; elsewhere the kernel's ru_maxrss)."""
+    peak = proc_status("VmHWM")
+    if peak is not None:
+        return peak / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

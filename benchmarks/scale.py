@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.common import proc_status, run_child
 
 # Llama-shaped configs: SmolLM2-135M and -360M, TinyLlama-1.1B, Llama-3.2-3B, Llama-2-7B
 SIZES = {
@@ -34,14 +35,6 @@ SIZES = {
 }
 RATE_SHAPE = (512, 2048, 5632)
 GB = 1e9
-
-
-def vm(field: str) -> int:
-    """Bytes of a /proc/self/status field (VmRSS: resident now, VmHWM: peak since start or last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def build_model(shape: dict, quantize: str):
@@ -74,7 +67,8 @@ def build_model(shape: dict, quantize: str):
 
 
 def child(spec: dict) -> dict:
-    """One run: build, adapt, train `steps` steps; tokens/s of steps 2.., peak RSS."""
+    """One run: build, adapt, train `steps` steps; tokens/s of steps 2.. and the resident memory before and
+    after building (the peak is the runner's count, `run_spec`)."""
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline is read)
 
@@ -90,7 +84,7 @@ def child(spec: dict) -> dict:
     # the CPU probe may run here (no cached rates yet): before the baseline, so its tensors are not counted
     int8_base = cpu_choice()["int8_base"] if spec["quantize"] == "int8" else None
     release_free_memory()
-    start_rss = vm("VmRSS")
+    start_rss = proc_status("VmRSS")
     model = build_model(spec["shape"], spec["quantize"])
     if int8_base:
         set_base_compute(model, int8_base)
@@ -103,7 +97,7 @@ def child(spec: dict) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, spec["tokens"]), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     release_free_memory()
-    built_rss, times = vm("VmRSS"), []
+    built_rss, times = proc_status("VmRSS"), []
     for _ in range(spec["steps"]):
         begin = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
@@ -115,18 +109,19 @@ def child(spec: dict) -> dict:
     timed = times[1:] or times
     return {"tokens": spec["tokens"], "step_s": statistics.median(timed), "step_range": [min(timed), max(timed)],
             "tokens_per_s": spec["tokens"] / statistics.median(timed), "start_rss": start_rss,
-            "built_rss": built_rss, "peak_rss": vm("VmHWM"), "loss": loss.item()}
+            "built_rss": built_rss, "loss": loss.item()}
 
 
-def run_child(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.scale", "--child", json.dumps(spec)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+def run_spec(spec: dict, timeout: float) -> dict:
+    """`child(spec)` in a fresh process (`common.run_child`), with that process's own peak RSS, or {"error": why}."""
+    done = run_child([sys.executable, "-m", "benchmarks.scale", "--child", json.dumps(spec)], timeout)
+    lines = done.output.strip().splitlines()
+    if done.code == -9 and done.wall_s >= timeout:
         return {"error": f"timed out after {timeout:.0f} s"}
-    if done.returncode:
-        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    results = [line for line in lines if line.startswith("{")]
+    if done.code or not results:
+        return {"error": (lines or [f"exit {done.code}"])[-1]}
+    return {**json.loads(results[-1]), "peak_rss": int(done.peak_rss_mb * 2**20)}
 
 
 def estimate(shape: dict, quantize: str, tokens: int, checkpointing: bool | None, folder: Path):
@@ -178,7 +173,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             spec = {"shape": shape, "quantize": quantize, "tokens": args.tokens, "steps": args.steps,
                     "precision": "bf16", "threads": args.threads, "checkpointing": "on" in est.setting.split(",")[-1]}
             row = {"size": size, "quantize": quantize, "checkpointing": spec["checkpointing"],
-                   "estimate": est.training - est.runtime, **run_child(spec, args.timeout)}
+                   "estimate": est.training - est.runtime, **run_spec(spec, args.timeout)}
             if "error" not in row:
                 row["gflops"] = 4 * frozen_linear_weights(shape) * row["tokens_per_s"] / 1e9
                 row.update({f"pct_{k}": 100 * row["gflops"] / v for k, v in rates.items()})

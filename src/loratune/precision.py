@@ -24,7 +24,13 @@ from loratune.quant.linear import QuantLinear, set_base_compute
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: tokens x in x out of the probe's products: a small model's MLP at a short batch (1.5 GFLOP each)
 PROBE_SHAPE = (256, 1024, 2816)
-PROBE_VERSION = 2  # 2: measured on one thread, as measure_rates says
+PROBE_VERSION = 3  # 2: measured on one thread, as measure_rates says; 3: layers timed forward and input gradient
+#: How much faster than converting its codes an int8 x int8 layer must measure (on the probe's one thread) to be
+#: chosen. Besides its product it makes about ten passes over the activations (quantizing inputs and output
+#: gradients per token), which scale worse with threads than one product: at the probe's shape, forward and input
+#: gradient, int8 over codes measured 1.37x and 0.83x on one thread and 0.31x and 0.22x on two (bf16), 2.3-2.7x
+#: and 1.06-1.34x (fp32), on shared cores (docs/benchmarks.md).
+INT8_MARGIN = 1.5
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -61,12 +67,12 @@ def cpu_choice(precision: str | None = None) -> dict[str, str]:
 
 def choose(rates: dict[str, float], precision: str | None = None) -> dict[str, str]:
     """The fastest of the measured ways: bf16 only where its products beat fp32's; an int8-stored frozen
-    layer multiplied in int8 (`quant.int8_compute`) only where that beats converting its codes, compared at
-    `precision` (default: the faster one)."""
+    layer multiplied in int8 (`quant.int8_compute`) only where that beats converting its codes by
+    `INT8_MARGIN`, compared at `precision` (default: the faster one)."""
     if precision not in ("bf16", "fp32"):
         precision = "bf16" if rates.get("bf16", 0.0) > rates["fp32"] else "fp32"
     layer = rates.get(f"int8_layer_{precision}", 0.0)
-    int8_base = "int8" if layer > rates.get(f"codes_layer_{precision}", 0.0) else "dequantize"
+    int8_base = "int8" if layer > INT8_MARGIN * rates.get(f"codes_layer_{precision}", 0.0) else "dequantize"
     return {"precision": precision, "int8_base": int8_base}
 
 
@@ -109,7 +115,8 @@ def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats
                   threads: int = 1) -> dict[str, float]:
     """Best GOP/s of `repeats` interleaved rounds (best, not median: on shared cores a product is slowed by
     others, never sped up; bf16 only where the CPU has it natively: emulated bf16
-    never wins, and would only make the probe slow)."""
+    never wins, and would only make the probe slow). An int8-stored layer is timed as training uses it, forward
+    and input gradient (two products' operations)."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5
@@ -131,7 +138,8 @@ def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats
         _time_cases(cases, times, repeats)
     finally:
         torch.set_num_threads(previous)
-    return {name: round(2 * m * k * n / min(t) / 1e9, 1) for name, t in times.items()}
+    ops = {name: (4 if "_layer_" in name else 2) * m * k * n for name in cases}
+    return {name: round(ops[name] / min(t) / 1e9, 3) for name, t in times.items()}
 
 
 def _time_cases(cases: dict[str, Callable[[], torch.Tensor]], times: dict[str, list[float]], repeats: int) -> None:
@@ -146,7 +154,13 @@ def _time_cases(cases: dict[str, Callable[[], torch.Tensor]], times: dict[str, l
 
 
 def _layer_case(layer: QuantLinear, x: torch.Tensor, compute: str) -> Callable[[], torch.Tensor]:
+    """Forward and input gradient of the frozen layer: what a training step costs it."""
+    upstream = torch.full((x.shape[0], layer.out_features), 1e-3, dtype=x.dtype)
+
     def run() -> torch.Tensor:
         set_base_compute(layer, compute)
-        return layer(x)
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(layer(xg), xg, upstream)
+        return grad
     return run

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import replace_block, run_child
+from benchmarks.common import peak_rss_mb, proc_status, replace_block, run_child
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -23,6 +23,16 @@ def test_a_child_reports_its_own_peak_memory_not_the_parents():
     assert small.peak_rss_mb < 150
     assert big.peak_rss_mb - small.peak_rss_mb > 180
     assert big.cpu_s >= 0 and big.wall_s > 0
+    del ballast
+
+
+def test_this_process_reads_its_resident_and_peak_memory():
+    before = proc_status("VmRSS")
+    ballast = bytearray(100 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touched, so resident
+    assert proc_status("VmRSS") - before > 90 * 2**20
+    assert peak_rss_mb() * 2**20 >= proc_status("VmRSS")
+    assert proc_status("NoSuchField") is None
     del ballast
 
 
