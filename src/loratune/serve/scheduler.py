@@ -1,9 +1,10 @@
 """Continuous batching of one base model with many LoRA adapters.
 
-One engine thread owns the model. Each iteration it applies pending adapter loads and deletions, admits
-waiting requests (each prompt is prefilled alone, so its numbers match a single-request `generate`), and
-then runs one decode step for every running row together. Rows are left-padded in a shared `DynamicCache`
-and carry their own positions; the per-row adapters are applied in one batched computation by
+One engine thread owns the model. Each iteration it applies pending adapter loads and deletions, admits the
+requests that arrived since the last step (their prompts prefilled together in one left-padded forward, each
+row masked and positioned as if alone, so its greedy tokens are a single-request `generate`'s), and then runs
+one decode step for every running row together. Rows are left-padded in a shared `DynamicCache` and carry
+their own positions; the per-row adapters are applied in one batched computation by
 `lt.mixed_adapter_batch`. A row leaves as soon as it finishes, and padding no row needs is trimmed (the cache
 gains and loses rows through `batching.kv_cache`, where every cache edit lives).
 
@@ -24,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 import loratune as lt
-from loratune.batching import keep_rows, stack_rows
+from loratune.batching import keep_rows, pad_rows, stack_rows
 
 
 class QueueFull(Exception):
@@ -82,7 +83,8 @@ class Engine:
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self.max_batch = max_batch
         self.max_queued = max_queued
-        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per iteration before the next decode step
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens prefilled per iteration before the next decode step
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id will do
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -196,44 +198,68 @@ class Engine:
         return any(job.adapter == name for job in [*self._running, *waiting])
 
     def _admit(self) -> None:
-        budget = self.prefill_tokens
-        while len(self._running) < self.max_batch and budget > 0:
-            with self._wake:
-                if not self._waiting:
-                    return
-                job = self._waiting.popleft()
-            if job.cancelled:
-                continue
-            budget -= len(job.prompt_ids)
-            try:
-                self._prefill(job)
-            except Exception as exc:  # this request alone fails
+        """Take the requests that arrived since the last step, up to `max_batch` rows and about `prefill_tokens`
+        padded prompt tokens (always at least one), and prefill them together."""
+        jobs: list[Job] = []
+        width = 0
+        with self._wake:
+            while self._waiting and len(self._running) + len(jobs) < self.max_batch:
+                job = self._waiting[0]
+                grown = max(width, len(job.prompt_ids))
+                if jobs and not job.cancelled and grown * (len(jobs) + 1) > self.prefill_tokens:
+                    break
+                self._waiting.popleft()
+                if not job.cancelled:
+                    jobs.append(job)
+                    width = grown
+        if not jobs:
+            return
+        try:
+            self._prefill(jobs)
+        except Exception as exc:  # these requests alone fail; the running rows go on
+            for job in jobs:
                 job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _prefill(self, job: Job) -> None:
-        ids = torch.tensor([job.prompt_ids])
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward for every new prompt, left-padded (`batching.pad_rows`) so each row's last prompt token is
+        the last column, as in the shared cache, with a padding mask and each row's own positions from 0. Jobs
+        sharing one prompt list and adapter (a request's `n` choices) run as one row whose cache row is copied."""
+        unique: dict[tuple[int, str | None], int] = {}
+        source = [unique.setdefault((id(job.prompt_ids), job.adapter), len(unique)) for job in jobs]
+        firsts = [job for i, job in enumerate(jobs) if source[i] not in source[:i]]  # one job per row to run
+        ids, mask = pad_rows([job.prompt_ids for job in firsts], self.pad_id, left=True)
         cache = DynamicCache()
-        with lt.mixed_adapter_batch(self.model, [job.adapter]):
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)
-        token = self._choose(out.logits[:, -1].float(), [job])[0]
-        if self._advance(job, token):
+        with lt.mixed_adapter_batch(self.model, [job.adapter for job in firsts]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        chosen = self._choose(out.logits[:, -1].float()[torch.tensor(source)], jobs)
+        live = [i for i, (job, token) in enumerate(zip(jobs, chosen)) if not self._advance(job, token)]
+        if not live:
             return
-        self._join(job, cache, ids.shape[1])
+        width = ids.shape[1]
+        trim = min(width - len(jobs[i].prompt_ids) for i in live)
+        rows = [source[i] for i in live]
+        if trim or rows != list(range(len(firsts))):
+            cache = keep_rows(cache, torch.tensor(rows), trim)
+        for i in live:
+            jobs[i].pad = width - trim - len(jobs[i].prompt_ids)
+        self._join([jobs[i] for i in live], cache, width - trim)
 
-    def _join(self, job: Job, cache: DynamicCache, length: int) -> None:
-        """Add a prefilled row to the shared cache, left-padding whichever side is shorter."""
+    def _join(self, jobs: list[Job], cache: DynamicCache, length: int) -> None:
+        """Add prefilled rows (each `pad` set within `cache`) to the shared cache, left-padding whichever side is
+        shorter."""
         if self._cache is None or not self._running:
-            self._cache, self._length, job.pad = cache, length, 0
-            self._running = [job]
+            self._cache, self._length, self._running = cache, length, list(jobs)
             return
         grow = max(length - self._length, 0)
-        self._cache = stack_rows(self._cache, cache, grow, self._length + grow - length)
+        shift = self._length + grow - length
+        self._cache = stack_rows(self._cache, cache, grow, shift)
         for row in self._running:
             row.pad += grow
+        for job in jobs:
+            job.pad += shift
         self._length += grow
-        job.pad = self._length - length
-        self._running.append(job)
+        self._running.extend(jobs)
 
     def _decode_step(self) -> None:
         rows = self._running
