@@ -77,7 +77,7 @@ class Job:
 class Engine:
     """Runs jobs on `model` in a background thread; `submit`, `load_adapter` and `delete_adapter` are thread-safe."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 32, max_queued: int = 64, prefill_tokens: int = 512) -> None:
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queued: int = 64, prefill_tokens: int = 2048) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
