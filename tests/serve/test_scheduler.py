@@ -235,3 +235,32 @@ def test_prompts_arriving_together_are_prefilled_in_one_padded_forward_each_with
     assert sizes == [len(cases)]  # one forward for all of them
     for i, ((tokens, _, _), want) in enumerate(zip(got, expected)):
         assert tokens == (want[:1] if i == 4 else want), cases[i]
+
+
+def test_choices_sharing_one_prompt_are_prefilled_once(loaded, monkeypatch):
+    """A request's `n` jobs share one prompt list: one prefill row, its cache row copied to each choice."""
+    import loratune.serve.scheduler as scheduler
+
+    model, tokenizer = loaded
+    real, rows = scheduler.pad_rows, []
+
+    def counting(prompts, *args, **options):
+        rows.append(len(prompts))
+        return real(prompts, *args, **options)
+
+    monkeypatch.setattr(scheduler, "pad_rows", counting)
+    prompt = tokenizer("the good movie was great").input_ids
+    collectors = [Collector() for _ in range(3)]
+    pairs = [(Job(prompt, "alpha", Sampling(max_tokens=12, temperature=0.0), c), c) for c in collectors]
+    other = job(tokenizer, "dog", "alpha", max_tokens=12)
+    engine = Engine(model, tokenizer)
+    engine.submit(*(j for j, _ in pairs), other[0])
+    engine.start()
+    try:
+        got = finish([*pairs, other])
+    finally:
+        engine.stop()
+    assert rows == [2]  # the shared prompt once, "dog" once
+    want = generate_alone(model, tokenizer, "the good movie was great", "alpha", 12)
+    assert [g[0] for g in got[:3]] == [want] * 3
+    assert got[3][0] == generate_alone(model, tokenizer, "dog", "alpha", 12)

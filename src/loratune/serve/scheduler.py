@@ -42,6 +42,18 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens (for benchmarks), as vLLM's extension does
+    logprobs: int | None = None  # report each token's log-probability and this many most likely alternatives
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log_softmax of its logits, before temperature or
+    top_p), and the `top` most likely tokens with theirs."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int = 0  # characters of the answer's text before this token
 
 
 @dataclass
@@ -53,6 +65,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated since the last event
 
 
 @dataclass(eq=False)
@@ -66,6 +79,8 @@ class Job:
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    decoded_chars: int = 0  # length of the text decoded so far
+    scored: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet sent
     pad: int = 0  # left-padding columns of this row in the shared cache
     generator: torch.Generator = field(init=False)
 
@@ -109,11 +124,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs, all or none (a request's `n` choices)."""
         with self._wake:
-            if len(self._waiting) >= self.max_queued:
+            if len(self._waiting) + len(jobs) > self.max_queued:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (limit {self.max_queued})")
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._wake.notify()
 
     def cancel(self, job: Job) -> None:
@@ -233,7 +249,7 @@ class Engine:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         chosen = self._choose(out.logits[:, -1].float()[torch.tensor(source)], jobs)
-        live = [i for i, (job, token) in enumerate(zip(jobs, chosen)) if not self._advance(job, token)]
+        live = [i for i, (job, pick) in enumerate(zip(jobs, chosen)) if not self._advance(job, *pick)]
         if not live:
             return
         width = ids.shape[1]
@@ -272,12 +288,13 @@ class Engine:
                              past_key_values=self._cache, use_cache=True)
         self._length += 1
         chosen = self._choose(out.logits[:, -1].float(), rows)
-        finished = {id(job) for job, token in zip(rows, chosen) if self._advance(job, token)}
+        finished = {id(job) for job, pick in zip(rows, chosen) if self._advance(job, *pick)}
         self._drop(lambda job: id(job) in finished)
 
-    def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> list[int]:
-        """Greedy rows take the argmax; sampled rows draw from their own seeded generator. A row whose draw
-        fails is failed and cancelled alone (it leaves at `_advance`): one request never fails the batch."""
+    def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> list[tuple[int, TokenLogprob | None]]:
+        """Each row's next token, and its log-probabilities where the request asked for them. Greedy rows take
+        the argmax; sampled rows draw from their own seeded generator. A row whose draw fails is failed and
+        cancelled alone (it leaves at `_advance`): one request never fails the batch."""
         chosen = logits.argmax(dim=-1).tolist()
         for i, job in enumerate(jobs):
             if job.sampling.temperature > 0:
@@ -286,20 +303,26 @@ class Engine:
                 except Exception as exc:
                     job.emit(Event(error=f"sampling failed: {type(exc).__name__}: {exc}"))
                     job.cancelled = True
-        return chosen
+        return [(token, None if job.sampling.logprobs is None else _score(logits[i], token, job.sampling.logprobs))
+                for i, (job, token) in enumerate(zip(jobs, chosen))]
 
-    def _advance(self, job: Job, token: int) -> bool:
+    def _advance(self, job: Job, token: int, score: TokenLogprob | None = None) -> bool:
         """Record a token and emit the text it completes; True when the job is finished."""
         if job.cancelled:
             return True
         eos = token in self.eos_ids and not job.sampling.ignore_eos
         if not eos:
             job.generated.append(token)
+            if score is not None:
+                score.offset = job.decoded_chars
+                job.scored.append(score)
         with self.tokenizer_lock:
             text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+        job.decoded_chars = len(text)
         stop_at = _find_stop(text, job.sampling.stop, job.sent_chars)
         if stop_at is not None:
             reason, text = "stop", text[:stop_at]
+            job.scored = [s for s in job.scored if s.offset < stop_at]  # the stop string is not part of the answer
         elif eos:
             reason = "stop"
         elif len(job.generated) >= job.sampling.max_tokens:
@@ -309,9 +332,11 @@ class Engine:
         end = len(text) if reason else _safe_end(text, job.sampling.stop, job.sent_chars)
         delta, job.sent_chars = text[job.sent_chars:end], max(end, job.sent_chars)
         if reason:
-            job.emit(Event(delta, reason, len(job.prompt_ids), len(job.generated) + eos))
+            job.emit(Event(delta, reason, len(job.prompt_ids), len(job.generated) + eos, logprobs=job.scored))
         elif delta:
-            job.emit(Event(delta))
+            job.emit(Event(delta, logprobs=job.scored))
+        if reason or delta:
+            job.scored = []
         return reason is not None
 
     def _drop(self, leaving: Callable[[Job], bool]) -> None:
@@ -347,6 +372,13 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
         outside[0] = False  # the most likely token stays, however small top_p is
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _score(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits, dim=-1)
+    best = logprobs.topk(top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
