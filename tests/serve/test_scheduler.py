@@ -192,3 +192,75 @@ def test_one_rows_failed_draw_fails_that_request_alone(loaded, monkeypatch):
         assert wait_for(lambda: engine.stats() == {"running": 0, "queued": 0}, what="every row to leave")
     finally:
         engine.stop()
+
+
+def generate_alone(model, tokenizer, prompt: str, adapter, max_new_tokens: int = 24) -> list[int]:
+    """Greedy `model.generate` on one prompt (what `loratune generate` runs), the adapter set for its one row."""
+    import torch
+
+    import loratune as lt
+
+    ids = torch.tensor([tokenizer(prompt).input_ids])
+    with torch.no_grad(), lt.mixed_adapter_batch(model, [adapter]):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_token_id else tokens
+
+
+def test_prompts_arriving_together_are_prefilled_in_one_padded_forward_each_with_its_own_tokens(loaded, monkeypatch):
+    """Issue 25: the requests of one step share one left-padded prefill forward (mixed lengths and adapters, one
+    row finishing at its first token), and each still gets `generate`'s greedy tokens."""
+    model, tokenizer = loaded
+    cases = [(p, a) for p in PROMPTS for a in MODELS][:9]
+    assert len({len(tokenizer(p).input_ids) for p, _ in cases}) > 2 and len({a for _, a in cases}) == 3
+    expected = [generate_alone(model, tokenizer, *case) for case in cases]
+    sizes = []
+    real = Engine._prefill
+
+    def counting(self, jobs):
+        sizes.append(len(jobs))
+        return real(self, jobs)
+
+    monkeypatch.setattr(Engine, "_prefill", counting)
+    engine = Engine(model, tokenizer, max_batch=16)
+    pairs = [job(tokenizer, *case, max_tokens=1 if i == 4 else 24) for i, case in enumerate(cases)]
+    for j, _ in pairs:
+        engine.submit(j)
+    engine.start()
+    try:
+        got = finish(pairs)
+    finally:
+        engine.stop()
+    assert sizes == [len(cases)]  # one forward for all of them
+    for i, ((tokens, _, _), want) in enumerate(zip(got, expected)):
+        assert tokens == (want[:1] if i == 4 else want), cases[i]
+
+
+def test_choices_sharing_one_prompt_are_prefilled_once(loaded, monkeypatch):
+    """A request's `n` jobs share one prompt list: one prefill row, its cache row copied to each choice."""
+    import loratune.serve.scheduler as scheduler
+
+    model, tokenizer = loaded
+    real, rows = scheduler.pad_rows, []
+
+    def counting(prompts, *args, **options):
+        rows.append(len(prompts))
+        return real(prompts, *args, **options)
+
+    monkeypatch.setattr(scheduler, "pad_rows", counting)
+    prompt = tokenizer("the good movie was great").input_ids
+    collectors = [Collector() for _ in range(3)]
+    pairs = [(Job(prompt, "alpha", Sampling(max_tokens=12, temperature=0.0), c), c) for c in collectors]
+    other = job(tokenizer, "dog", "alpha", max_tokens=12)
+    engine = Engine(model, tokenizer)
+    engine.submit(*(j for j, _ in pairs), other[0])
+    engine.start()
+    try:
+        got = finish([*pairs, other])
+    finally:
+        engine.stop()
+    assert rows == [2]  # the shared prompt once, "dog" once
+    want = generate_alone(model, tokenizer, "the good movie was great", "alpha", 12)
+    assert [g[0] for g in got[:3]] == [want] * 3
+    assert got[3][0] == generate_alone(model, tokenizer, "dog", "alpha", 12)

@@ -137,8 +137,8 @@ def test_sampling_seed_stop_and_limits(client):
     assert reason == "length" and usage.completion_tokens == 50
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         complete(client, "nope", "hello")
-    with pytest.raises(openai.BadRequestError, match="n: only n=1"):
-        complete(client, "alpha", "hello", n=2)
+    with pytest.raises(openai.BadRequestError, match="n: from 1 to the server's --max-batch of 32"):
+        complete(client, "alpha", "hello", n=33)
     with pytest.raises(openai.BadRequestError, match="max_tokens: 65 is more than the server's limit of 64"):
         complete(client, "alpha", "hello", max_tokens=65)
     with pytest.raises(openai.BadRequestError, match="more than the server's limit of 40"):

@@ -8,42 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from jinja2 import TemplateError
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import AdapterFileError, AdapterNameError, LoratuneError
-from .bodies import (
-    AdapterRequest,
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    Generation,
-    error_body,
-    message_text,
-    refuse_unsupported,
-)
+from .bodies import AdapterRequest, APIError, ChatRequest, CompletionRequest, error_body
+from .completions import Limits, chat_ids, generate, single_prompt
 from .registry import AdapterLimitError, AdapterRegistry, check_name, resolve_under_root
-from .scheduler import Engine, Event, Job, QueueFull, Sampling
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_tokens: int = 2048
-    max_tokens: int = 512
-    max_body_bytes: int = 1 << 20
-    body_seconds: float = 30.0  # a body must arrive whole within this (uvicorn has no read timeout of its own)
-    max_positions: int | None = None  # the model's context length, when it has one
+from .scheduler import Engine
 
 
 @dataclass(frozen=True)
@@ -81,15 +60,15 @@ def create_app(engine: Engine, registry: AdapterRegistry, settings: Settings) ->
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest):
-        prompt = _single_prompt(body)
+        prompt = single_prompt(body)
         with engine.tokenizer_lock:
             ids = engine.tokenizer(prompt).input_ids
-        return await _generate(engine, registry, settings, body, ids, chat=False)
+        return await generate(engine, registry, settings.limits, body, ids, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: ChatRequest):
-        ids = _chat_ids(engine, body)
-        return await _generate(engine, registry, settings, body, ids, chat=True)
+        ids = chat_ids(engine, body)
+        return await generate(engine, registry, settings.limits, body, ids, chat=True)
 
     _add_adapter_routes(app, engine, registry, settings)
     return app
@@ -230,176 +209,3 @@ class BodyLimit:
             size += len(chunks[-1])
             if size > self.limit or not event.get("more_body", False):
                 return b"".join(chunks)
-
-
-# --- generation -----------------------------------------------------------------------------------------------
-def _single_prompt(body: CompletionRequest) -> str:
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(400, "prompt: this server takes one prompt per request", param="prompt")
-        prompt = prompt[0]
-    if body.echo:
-        raise APIError(400, "echo: not supported", param="echo")
-    return prompt
-
-
-def _chat_ids(engine: Engine, body: ChatRequest) -> list[int]:
-    tokenizer = engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "messages: this model's tokenizer has no chat template; use /v1/completions",
-                       param="messages")
-    messages = [{"role": m.role, "content": message_text(m.content, f"messages.{i}.content")}
-                for i, m in enumerate(body.messages)]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except TemplateError as exc:  # e.g. a template that refuses a role or an order of turns
-        raise APIError(400, f"messages: the chat template refused them ({exc})", param="messages") from None
-    with engine.tokenizer_lock:
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def _sampling(body: Generation, prompt_tokens: int, limits: Limits, chat: bool) -> Sampling:
-    if body.n != 1:
-        raise APIError(400, "n: only n=1 is supported", param="n")
-    if body.logprobs not in (None, False):
-        raise APIError(400, "logprobs: not supported", param="logprobs")
-    if prompt_tokens == 0:
-        raise APIError(400, "prompt: the prompt is empty", param="prompt")
-    if prompt_tokens > limits.max_prompt_tokens:
-        raise APIError(400, f"prompt: {prompt_tokens} tokens, more than the server's limit of "
-                            f"{limits.max_prompt_tokens}", param="messages" if chat else "prompt")
-    room = limits.max_tokens if limits.max_positions is None else min(limits.max_tokens,
-                                                                       limits.max_positions - prompt_tokens)
-    asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if asked is None:
-        asked = room if chat else min(16, room)  # OpenAI's completions default is 16 tokens
-    if asked > limits.max_tokens:
-        raise APIError(400, f"max_tokens: {asked} is more than the server's limit of {limits.max_tokens}",
-                       param="max_tokens")
-    if asked > room or room < 1:
-        raise APIError(400, f"max_tokens: the prompt ({prompt_tokens} tokens) plus {asked} new tokens exceed the "
-                            f"model's {limits.max_positions} positions", param="max_tokens")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if len(stop) > 4 or any(not s for s in stop):
-        raise APIError(400, "stop: up to 4 non-empty strings", param="stop")
-    return Sampling(max_tokens=asked, temperature=body.temperature, top_p=body.top_p, stop=tuple(stop),
-                    seed=body.seed, ignore_eos=body.ignore_eos)
-
-
-async def _generate(engine: Engine, registry: AdapterRegistry, settings: Settings, body: Generation,
-                    ids: list[int], chat: bool):
-    if body.model in registry.busy:
-        raise APIError(404, f"model {body.model!r} is being loaded or removed", param="model",
-                       code="model_not_found")
-    try:
-        adapter = registry.adapter_for(body.model)
-    except AdapterNameError as exc:
-        raise APIError(404, str(exc), "invalid_request_error", param="model", code="model_not_found") from None
-    refuse_unsupported(body)
-    sampling = _sampling(body, len(ids), settings.limits, chat)
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def emit(event: Event) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the event loop has closed: the server is stopping
-            pass
-
-    job = Job(ids, adapter, sampling, emit)
-    try:
-        engine.submit(job)
-    except QueueFull as exc:
-        raise APIError(429, f"the server is busy: {exc}; retry later", "rate_limit_error",
-                       code="queue_full") from None
-    shape = _ChatShape(body.model) if chat else _CompletionShape(body.model)
-    if body.stream:
-        return StreamingResponse(_stream(engine, job, events, shape), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    parts = []
-    try:
-        while True:
-            event = await events.get()
-            if event.error:
-                raise APIError(500, event.error, "server_error")
-            parts.append(event.text)
-            if event.finish_reason:
-                return shape.whole("".join(parts), event)
-    finally:
-        engine.cancel(job)  # no-op once finished; frees the row if this handler is cancelled
-
-
-async def _stream(engine: Engine, job: Job, events: asyncio.Queue, shape) -> AsyncIterator[str]:
-    try:
-        first = shape.first()
-        if first is not None:
-            yield _sse(first)
-        while True:
-            event = await events.get()
-            if event.error:
-                yield _sse(error_body(event.error, "server_error"))
-                break
-            if event.text or event.finish_reason:
-                yield _sse(shape.chunk(event))
-            if event.finish_reason:
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        engine.cancel(job)  # the client went away (or we are done): free the row
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _usage(event: Event) -> dict:
-    return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
-            "total_tokens": event.prompt_tokens + event.completion_tokens}
-
-
-class _CompletionShape:
-    def __init__(self, model: str) -> None:
-        self.id, self.model, self.created = f"cmpl-{uuid.uuid4().hex}", model, int(time.time())
-
-    def _envelope(self, choice: dict, event: Event) -> dict:
-        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [choice]}
-        if event.finish_reason:
-            body["usage"] = _usage(event)
-        return body
-
-    def whole(self, text: str, event: Event) -> dict:
-        return self._envelope({"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason},
-                              event)
-
-    def first(self) -> None:
-        return None
-
-    def chunk(self, event: Event) -> dict:
-        return self.whole(event.text, event)
-
-
-class _ChatShape:
-    def __init__(self, model: str) -> None:
-        self.id, self.model, self.created = f"chatcmpl-{uuid.uuid4().hex}", model, int(time.time())
-
-    def _envelope(self, kind: str, choice: dict, event: Event | None) -> dict:
-        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
-        if event is not None and event.finish_reason:
-            body["usage"] = _usage(event)
-        return body
-
-    def whole(self, text: str, event: Event) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": event.finish_reason}
-        return self._envelope("chat.completion", choice, event)
-
-    def first(self) -> dict:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return self._envelope("chat.completion.chunk", choice, None)
-
-    def chunk(self, event: Event) -> dict:
-        delta = {"content": event.text} if event.text else {}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
-        return self._envelope("chat.completion.chunk", choice, event)

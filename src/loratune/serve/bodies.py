@@ -83,6 +83,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = None
 
 
 class AdapterRequest(Body):

@@ -1,9 +1,10 @@
 """Continuous batching of one base model with many LoRA adapters.
 
-One engine thread owns the model. Each iteration it applies pending adapter loads and deletions, admits
-waiting requests (each prompt is prefilled alone, so its numbers match a single-request `generate`), and
-then runs one decode step for every running row together. Rows are left-padded in a shared `DynamicCache`
-and carry their own positions; the per-row adapters are applied in one batched computation by
+One engine thread owns the model. Each iteration it applies pending adapter loads and deletions, admits the
+requests that arrived since the last step (their prompts prefilled together in one left-padded forward, each
+row masked and positioned as if alone, so its greedy tokens are a single-request `generate`'s), and then runs
+one decode step for every running row together. Rows are left-padded in a shared `DynamicCache` and carry
+their own positions; the per-row adapters are applied in one batched computation by
 `lt.mixed_adapter_batch`. A row leaves as soon as it finishes, and padding no row needs is trimmed (the cache
 gains and loses rows through `batching.kv_cache`, where every cache edit lives).
 
@@ -24,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 import loratune as lt
-from loratune.batching import keep_rows, stack_rows
+from loratune.batching import keep_rows, pad_rows, stack_rows
 
 
 class QueueFull(Exception):
@@ -41,6 +42,18 @@ class Sampling:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens (for benchmarks), as vLLM's extension does
+    logprobs: int | None = None  # report each token's log-probability and this many most likely alternatives
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (log_softmax of its logits, before temperature or
+    top_p), and the `top` most likely tokens with theirs."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int = 0  # characters of the answer's text before this token
 
 
 @dataclass
@@ -52,6 +65,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens generated since the last event
 
 
 @dataclass(eq=False)
@@ -65,6 +79,8 @@ class Job:
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
     sent_chars: int = 0
+    decoded_chars: int = 0  # length of the text decoded so far
+    scored: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet sent
     pad: int = 0  # left-padding columns of this row in the shared cache
     generator: torch.Generator = field(init=False)
 
@@ -76,13 +92,14 @@ class Job:
 class Engine:
     """Runs jobs on `model` in a background thread; `submit`, `load_adapter` and `delete_adapter` are thread-safe."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 32, max_queued: int = 64, prefill_tokens: int = 512) -> None:
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_queued: int = 64, prefill_tokens: int = 2048) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tokenizer_lock = threading.Lock()  # a fast tokenizer must not be used by two threads at once
         self.max_batch = max_batch
         self.max_queued = max_queued
-        self.prefill_tokens = prefill_tokens  # prompt tokens prefilled per iteration before the next decode step
+        self.prefill_tokens = prefill_tokens  # padded prompt tokens prefilled per iteration before the next decode step
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked: any id will do
         eos = model.generation_config.eos_token_id
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -107,11 +124,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs, all or none (a request's `n` choices)."""
         with self._wake:
-            if len(self._waiting) >= self.max_queued:
+            if len(self._waiting) + len(jobs) > self.max_queued:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting (limit {self.max_queued})")
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._wake.notify()
 
     def cancel(self, job: Job) -> None:
@@ -196,44 +214,68 @@ class Engine:
         return any(job.adapter == name for job in [*self._running, *waiting])
 
     def _admit(self) -> None:
-        budget = self.prefill_tokens
-        while len(self._running) < self.max_batch and budget > 0:
-            with self._wake:
-                if not self._waiting:
-                    return
-                job = self._waiting.popleft()
-            if job.cancelled:
-                continue
-            budget -= len(job.prompt_ids)
-            try:
-                self._prefill(job)
-            except Exception as exc:  # this request alone fails
+        """Take the requests that arrived since the last step, up to `max_batch` rows and about `prefill_tokens`
+        padded prompt tokens (always at least one), and prefill them together."""
+        jobs: list[Job] = []
+        width = 0
+        with self._wake:
+            while self._waiting and len(self._running) + len(jobs) < self.max_batch:
+                job = self._waiting[0]
+                grown = max(width, len(job.prompt_ids))
+                if jobs and not job.cancelled and grown * (len(jobs) + 1) > self.prefill_tokens:
+                    break
+                self._waiting.popleft()
+                if not job.cancelled:
+                    jobs.append(job)
+                    width = grown
+        if not jobs:
+            return
+        try:
+            self._prefill(jobs)
+        except Exception as exc:  # these requests alone fail; the running rows go on
+            for job in jobs:
                 job.emit(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
 
-    def _prefill(self, job: Job) -> None:
-        ids = torch.tensor([job.prompt_ids])
+    def _prefill(self, jobs: list[Job]) -> None:
+        """One forward for every new prompt, left-padded (`batching.pad_rows`) so each row's last prompt token is
+        the last column, as in the shared cache, with a padding mask and each row's own positions from 0. Jobs
+        sharing one prompt list and adapter (a request's `n` choices) run as one row whose cache row is copied."""
+        unique: dict[tuple[int, str | None], int] = {}
+        source = [unique.setdefault((id(job.prompt_ids), job.adapter), len(unique)) for job in jobs]
+        firsts = [job for i, job in enumerate(jobs) if source[i] not in source[:i]]  # one job per row to run
+        ids, mask = pad_rows([job.prompt_ids for job in firsts], self.pad_id, left=True)
         cache = DynamicCache()
-        with lt.mixed_adapter_batch(self.model, [job.adapter]):
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)
-        token = self._choose(out.logits[:, -1].float(), [job])[0]
-        if self._advance(job, token):
+        with lt.mixed_adapter_batch(self.model, [job.adapter for job in firsts]):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        chosen = self._choose(out.logits[:, -1].float()[torch.tensor(source)], jobs)
+        live = [i for i, (job, pick) in enumerate(zip(jobs, chosen)) if not self._advance(job, *pick)]
+        if not live:
             return
-        self._join(job, cache, ids.shape[1])
+        width = ids.shape[1]
+        trim = min(width - len(jobs[i].prompt_ids) for i in live)
+        rows = [source[i] for i in live]
+        if trim or rows != list(range(len(firsts))):
+            cache = keep_rows(cache, torch.tensor(rows), trim)
+        for i in live:
+            jobs[i].pad = width - trim - len(jobs[i].prompt_ids)
+        self._join([jobs[i] for i in live], cache, width - trim)
 
-    def _join(self, job: Job, cache: DynamicCache, length: int) -> None:
-        """Add a prefilled row to the shared cache, left-padding whichever side is shorter."""
+    def _join(self, jobs: list[Job], cache: DynamicCache, length: int) -> None:
+        """Add prefilled rows (each `pad` set within `cache`) to the shared cache, left-padding whichever side is
+        shorter."""
         if self._cache is None or not self._running:
-            self._cache, self._length, job.pad = cache, length, 0
-            self._running = [job]
+            self._cache, self._length, self._running = cache, length, list(jobs)
             return
         grow = max(length - self._length, 0)
-        self._cache = stack_rows(self._cache, cache, grow, self._length + grow - length)
+        shift = self._length + grow - length
+        self._cache = stack_rows(self._cache, cache, grow, shift)
         for row in self._running:
             row.pad += grow
+        for job in jobs:
+            job.pad += shift
         self._length += grow
-        job.pad = self._length - length
-        self._running.append(job)
+        self._running.extend(jobs)
 
     def _decode_step(self) -> None:
         rows = self._running
@@ -246,12 +288,13 @@ class Engine:
                              past_key_values=self._cache, use_cache=True)
         self._length += 1
         chosen = self._choose(out.logits[:, -1].float(), rows)
-        finished = {id(job) for job, token in zip(rows, chosen) if self._advance(job, token)}
+        finished = {id(job) for job, pick in zip(rows, chosen) if self._advance(job, *pick)}
         self._drop(lambda job: id(job) in finished)
 
-    def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> list[int]:
-        """Greedy rows take the argmax; sampled rows draw from their own seeded generator. A row whose draw
-        fails is failed and cancelled alone (it leaves at `_advance`): one request never fails the batch."""
+    def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> list[tuple[int, TokenLogprob | None]]:
+        """Each row's next token, and its log-probabilities where the request asked for them. Greedy rows take
+        the argmax; sampled rows draw from their own seeded generator. A row whose draw fails is failed and
+        cancelled alone (it leaves at `_advance`): one request never fails the batch."""
         chosen = logits.argmax(dim=-1).tolist()
         for i, job in enumerate(jobs):
             if job.sampling.temperature > 0:
@@ -260,20 +303,26 @@ class Engine:
                 except Exception as exc:
                     job.emit(Event(error=f"sampling failed: {type(exc).__name__}: {exc}"))
                     job.cancelled = True
-        return chosen
+        return [(token, None if job.sampling.logprobs is None else _score(logits[i], token, job.sampling.logprobs))
+                for i, (job, token) in enumerate(zip(jobs, chosen))]
 
-    def _advance(self, job: Job, token: int) -> bool:
+    def _advance(self, job: Job, token: int, score: TokenLogprob | None = None) -> bool:
         """Record a token and emit the text it completes; True when the job is finished."""
         if job.cancelled:
             return True
         eos = token in self.eos_ids and not job.sampling.ignore_eos
         if not eos:
             job.generated.append(token)
+            if score is not None:
+                score.offset = job.decoded_chars
+                job.scored.append(score)
         with self.tokenizer_lock:
             text = self.tokenizer.decode(job.generated, skip_special_tokens=True)
+        job.decoded_chars = len(text)
         stop_at = _find_stop(text, job.sampling.stop, job.sent_chars)
         if stop_at is not None:
             reason, text = "stop", text[:stop_at]
+            job.scored = [s for s in job.scored if s.offset < stop_at]  # the stop string is not part of the answer
         elif eos:
             reason = "stop"
         elif len(job.generated) >= job.sampling.max_tokens:
@@ -283,9 +332,11 @@ class Engine:
         end = len(text) if reason else _safe_end(text, job.sampling.stop, job.sent_chars)
         delta, job.sent_chars = text[job.sent_chars:end], max(end, job.sent_chars)
         if reason:
-            job.emit(Event(delta, reason, len(job.prompt_ids), len(job.generated) + eos))
+            job.emit(Event(delta, reason, len(job.prompt_ids), len(job.generated) + eos, logprobs=job.scored))
         elif delta:
-            job.emit(Event(delta))
+            job.emit(Event(delta, logprobs=job.scored))
+        if reason or delta:
+            job.scored = []
         return reason is not None
 
     def _drop(self, leaving: Callable[[Job], bool]) -> None:
@@ -321,6 +372,13 @@ def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator
         outside[0] = False  # the most likely token stays, however small top_p is
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _score(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits, dim=-1)
+    best = logprobs.topk(top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
