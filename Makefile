@@ -66,9 +66,13 @@ bench: $(STAMP)
 
 # Exports checked by llama.cpp itself (benchmarks/runtimes.py); compiling llama-cpp-python takes about 15 minutes
 # on 2 cores the first time, the checks about 10.
+# llama-cpp-python's source distribution is kept in build/llama-cpp-source: the bindings are compiled from it and
+# the llama.cpp converter it vendors (convert_hf_to_gguf.py) is the yardstick for loratune's merged GGUF files.
+LLAMA_CPP_SOURCE := build/llama-cpp-source
 check-runtimes: $(STAMP)
-	$(PY) -m pip install -q -e '.[runtimes]'
-	$(PY) -m benchmarks.runtimes
+	$(PY) -m pip download -q --no-deps --no-binary llama-cpp-python -c constraints.txt -d $(LLAMA_CPP_SOURCE) llama-cpp-python
+	$(PY) -m pip install -q -c constraints.txt --find-links $(LLAMA_CPP_SOURCE) -e '.[runtimes]'
+	$(PY) -m benchmarks.runtimes --llama-cpp-source $(LLAMA_CPP_SOURCE)
 
 # The demo's whole job, loratune against TRL SFTTrainer + PEFT, one alternated round (TRL: the bench extra).
 race: $(STAMP)

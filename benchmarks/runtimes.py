@@ -6,10 +6,13 @@ position, loratune (fp32, adapter unmerged) against llama.cpp on
 - the merged GGUF (f32, f16, q8_0), and
 - a base GGUF (f32) with the GGUF LoRA (f32, f16, q8_0) loaded beside it.
 Token ids go in directly, so both sides see the same tokens. Exits non-zero when the f32 exports differ in any
-greedy token or beyond the logit tolerance, or when an f16/q8_0 export agrees on fewer than 95% of tokens.
+greedy token or beyond the logit tolerance, or when an f16/q8_0 export misses the floors below.
 The same f32/f16/q8_0 rows for a tiny random model of every family GGUF export supports (Mistral, Qwen2, Qwen3,
-Gemma 2, Gemma 3, Phi-3 besides Llama), and 20 chat conversations through llama.cpp's chat completion on the
-merged SmolLM2 export (benchmarks/runtime_chat.py). Results: benchmarks/results/runtimes.json.
+Gemma 2, Gemma 3, Phi-3 besides Llama), 20 chat conversations through llama.cpp's chat completion on the
+merged SmolLM2 export (benchmarks/runtime_chat.py), and llama.cpp's own converter as the yardstick for the
+merged SmolLM2 f16/q8_0 files (benchmarks/runtime_converter.py). SmolLM2's f16/q8_0 floor is 95% of greedy
+choices when fed loratune's tokens (free-running too for a GGUF LoRA); a merged file must also agree within one
+point of the converter's and equal its tensors byte for byte. Results: benchmarks/results/runtimes.json.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import loratune as lt  # noqa: E402
 from benchmarks.common import machine, write_result  # noqa: E402
 from benchmarks.runtime_chat import chat_failures, check_chat  # noqa: E402
+from benchmarks.runtime_converter import DEFAULT_SOURCE, check_converter, converter_failures  # noqa: E402
 from benchmarks.tiny_families import gguf_family_configs  # noqa: E402
 from loratune.export import export, gguf_source  # noqa: E402
 from loratune.export.gguf_model import write_model_gguf  # noqa: E402
@@ -144,7 +148,8 @@ def run_llama_cpp(path: Path, prompts, reference, lora: Path | None = None, kv_c
         llm.close()
 
 
-def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path, chat: bool = False) -> dict:
+def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path, chat: bool = False,
+                converter_source: Path | None = None) -> dict:
     base, tokenizer = load_model(model_name, "causal-lm")
     base_gguf = work / f"{label}-base-f32.gguf"
     write_model_gguf(base, tokenizer, layout_for(base.config), base_gguf, "f32", tokenizer_gguf=gguf_source(model_name))
@@ -160,22 +165,31 @@ def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path,
         export(adapter, model_name, "gguf-lora", lora, dtype)
         for kind, path, outputs in (("merged", merged, run_llama_cpp(merged, prompts, reference)),
                                     ("base+lora", lora, run_llama_cpp(base_gguf, prompts, reference, lora=lora))):
-            results[f"{kind} {dtype}"] = row = compare(reference, outputs) | {"file_bytes": path.stat().st_size}
-            diverged = ", ".join(f"{i}@{pos}" for i, pos in enumerate(row["first_divergence"]) if pos is not None)
-            print(f"{label:8s} {kind:9s} {dtype:5s} tokens {row['token_agreement']:7.2%} "
-                  f"({row['prompts_identical']}/{len(prompts)} prompts identical; {row['forced_token_agreement']:.2%} "
-                  f"fed loratune's tokens), last-position logits max "
-                  f"|diff| {row['max_abs_logit_diff']:.2e} (median {row['median_abs_logit_diff']:.2e}); "
-                  f"{path.stat().st_size / 1e6:.1f} MB; first divergence (prompt@token): {diverged or 'none'}",
-                  flush=True)
+            results[f"{kind} {dtype}"] = print_row(label, kind, dtype, compare(reference, outputs), path)
         if dtype == "f32":
             results["merged f32, f16 KV cache"] = row = compare(reference, run_llama_cpp(merged, prompts, reference,
                                                                                 kv_cache="f16"))
             print(f"{label:8s} merged f32 with llama.cpp's default f16 KV cache: tokens {row['token_agreement']:7.2%}, "
                   f"logits max |diff| {row['max_abs_logit_diff']:.2e}", flush=True)
+    if converter_source is not None:
+        results["converter"] = check_converter(
+            converter_source, adapter, model_name, lambda dtype: work / f"{label}-merged-{dtype}.gguf", work,
+            lambda dtype, path: print_row(label, "converter", dtype,
+                                          compare(reference, run_llama_cpp(path, prompts, reference)), path))
     if chat:
         results["chat"] = check_chat(base, tokenizer, work / f"{label}-merged-f32.gguf")
     return results
+
+
+def print_row(label: str, kind: str, dtype: str, row: dict, path: Path) -> dict:
+    """Print one llama.cpp agreement row; returns it with the file's size added."""
+    diverged = ", ".join(f"{i}@{pos}" for i, pos in enumerate(row["first_divergence"]) if pos is not None)
+    print(f"{label:8s} {kind:9s} {dtype:5s} tokens {row['token_agreement']:7.2%} "
+          f"({row['prompts_identical']}/{len(row['first_divergence'])} prompts identical; "
+          f"{row['forced_token_agreement']:.2%} fed loratune's tokens), last-position logits max "
+          f"|diff| {row['max_abs_logit_diff']:.2e} (median {row['median_abs_logit_diff']:.2e}); "
+          f"{path.stat().st_size / 1e6:.1f} MB; first divergence (prompt@token): {diverged or 'none'}", flush=True)
+    return row | {"file_bytes": path.stat().st_size}
 
 
 def family_configs() -> dict:
@@ -226,21 +240,36 @@ def vllm_check() -> dict:
 
 
 def failures(results: dict) -> list[str]:
-    """f32 exports must match exactly (tokens) and closely (logits) on both models. The 95% floor for f16 and
-    q8_0 applies to SmolLM2 with its trained adapter: a random tiny model's logits have near-ties everywhere,
-    so its low-precision figures are reported, not judged. The chat check must agree in every conversation."""
-    problems = chat_failures(results["smollm2"]["chat"]) if "chat" in results.get("smollm2", {}) else []
+    """f32 exports must match exactly (tokens) and closely (logits) on both models. The 95% floors for f16 and
+    q8_0 apply to SmolLM2 with its trained adapter (a random tiny model's logits have near-ties everywhere, so
+    its low-precision figures are reported, not judged): every such export at least 95% fed; a GGUF LoRA also
+    95% free-running; a merged file, whose q8_0 products llama.cpp rounds to 8-bit activations too, as good
+    as llama.cpp's own converter instead (runtime_converter.py). The chat check must agree in every conversation."""
+    smollm2 = results.get("smollm2", {})
+    problems = chat_failures(smollm2["chat"]) if "chat" in smollm2 else []
+    problems += converter_failures("smollm2", smollm2) if "converter" in smollm2 else []
     for model in [key for key in results if key.startswith("tiny-")] + ["smollm2"]:
         for name, row in results.get(model, {}).items():
-            if name == "chat":
-                continue
             if name in ("merged f32", "base+lora f32"):
                 if row["token_agreement"] < 1 or row["max_abs_logit_diff"] > F32_LOGIT_TOLERANCE:
                     problems.append(f"{model} {name}: {row['token_agreement']:.2%} tokens, max |logit diff| "
                                     f"{row['max_abs_logit_diff']:.2e} (tolerance {F32_LOGIT_TOLERANCE})")
-            elif model == "smollm2" and name.endswith(("f16", "q8_0")) \
-                    and row["token_agreement"] < MIN_LOW_PRECISION_AGREEMENT:
-                problems.append(f"{model} {name}: {row['token_agreement']:.2%} of greedy tokens agree (< 95%)")
+            elif model == "smollm2" and name.endswith(("f16", "q8_0")):
+                problems += low_precision_failures(name, row)
+    for dtype, row in smollm2.get("converter", {}).items():
+        if isinstance(row, dict) and "forced_token_agreement" in row:
+            problems += low_precision_failures(f"converter {dtype}", row)
+    return problems
+
+
+def low_precision_failures(name: str, row: dict) -> list[str]:
+    """SmolLM2's f16/q8_0 floors: 95% fed for every export, 95% free-running for a GGUF LoRA."""
+    problems = []
+    if row["forced_token_agreement"] < MIN_LOW_PRECISION_AGREEMENT:
+        problems.append(f"smollm2 {name}: {row['forced_token_agreement']:.2%} of greedy choices agree when fed "
+                        "loratune's tokens (< 95%)")
+    if name.startswith("base+lora") and row["token_agreement"] < MIN_LOW_PRECISION_AGREEMENT:
+        problems.append(f"smollm2 {name}: {row['token_agreement']:.2%} of free-running greedy tokens agree (< 95%)")
     return problems
 
 
@@ -250,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny-only", action="store_true", help="skip SmolLM2 (a quick smoke test)")
     parser.add_argument("--adapter", type=Path, help="a SmolLM2 adapter already trained (`loratune demo --set "
                         "train.max_steps=30` writes runs/demo/adapter) instead of training one")
+    parser.add_argument("--llama-cpp-source", type=Path, default=DEFAULT_SOURCE,
+                        help="llama-cpp-python's source distribution (.tar.gz, a folder holding it, or unpacked), "
+                        f"whose convert_hf_to_gguf.py is the yardstick for SmolLM2's merged files (default "
+                        f"{DEFAULT_SOURCE}, where `make check-runtimes` downloads it)")
     args = parser.parse_args(argv)
     import llama_cpp
 
@@ -274,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                          "accuracy_before": summary["before"].get("accuracy"),
                          "accuracy_after": summary["after"].get("accuracy")}
             results["smollm2"] = check_model("smollm2", "smollm2-135m-instruct", adapter,
-                                             smollm2_prompts(smol_tokenizer), work, chat=True)
+                                             smollm2_prompts(smol_tokenizer), work, chat=True,
+                                             converter_source=args.llama_cpp_source)
             results["smollm2"]["adapter"] = about
     results["vllm"] = vllm_check()
     problems = failures(results)
