@@ -77,12 +77,23 @@ def run_config(model: Path, data: Path, quantize: str, tokens: int, steps: int, 
 
 
 def rank_child(config: str, out: str) -> int:
-    """One rank: the real CLI, then this process's peak RSS into OUT/rank-R.json."""
+    """One rank: the real CLI, then this process's peak RSS into OUT/rank-R.json, with the peak it had reached
+    when training was about to start (model loaded and sharded, adapter and optimizer made)."""
+    import loratune.train.loop as loop
     from loratune.cli import main as cli
 
+    start_run, marks = loop.start_run, {}
+
+    def marked(*args, **kwargs):
+        run = start_run(*args, **kwargs)
+        marks["before_steps_mb"] = peak_rss_mb()
+        return run
+
+    loop.start_run = marked
     code = cli(["train", config, "--quiet"])
     rank = int(os.environ.get("RANK", 0))
-    Path(out, f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "code": code, "peak_rss_mb": peak_rss_mb()}))
+    Path(out, f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "code": code, "peak_rss_mb": peak_rss_mb(),
+                                                          **marks}))
     return code
 
 
@@ -104,24 +115,25 @@ def measure(model: Path, quantize: str, processes: int, args: argparse.Namespace
                        "-m", "benchmarks.fsdp_memory", "--rank-child", str(config), str(out)], args.timeout, **env)
     ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank-*.json")), key=lambda r: r["rank"])
     row = {"quantize": quantize, "processes": processes, "wall_s": round(child.wall_s, 1),
-           "peak_rss_mb": [round(r["peak_rss_mb"]) for r in ranks]}
+           "peak_rss_mb": [round(r["peak_rss_mb"]) for r in ranks],
+           "before_steps_mb": [round(r.get("before_steps_mb", 0)) for r in ranks]}
     if child.code or len(ranks) != processes or any(r["code"] for r in ranks):
         row["error"] = f"exit {child.code}: " + (child.output.strip().splitlines() or [""])[-1][:200]
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| base | processes | peak RSS per rank, MB (rank 0, 1, ...) | largest | vs 1 process | wall s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| base | processes | peak RSS per rank, MB (rank 0, 1, ...) | largest | vs 1 process "
+             "| peak before the first step, MB | wall s |", "|---|---|---|---|---|---|---|"]
     single = {r["quantize"]: max(r["peak_rss_mb"]) for r in rows if r["processes"] == 1 and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['quantize']} | {r['processes']} | {r['error']} | | | |")
+            lines.append(f"| {r['quantize']} | {r['processes']} | {r['error']} | | | | |")
             continue
         top, one = max(r["peak_rss_mb"]), single.get(r["quantize"])
         ratio = f"{top / one:.2f}x" if one else "-"
         lines.append(f"| {r['quantize']} | {r['processes']} | {', '.join(map(str, r['peak_rss_mb']))} | {top} | "
-                     f"{ratio} | {r['wall_s']:.0f} |")
+                     f"{ratio} | {', '.join(map(str, r['before_steps_mb']))} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
