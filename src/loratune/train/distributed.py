@@ -327,8 +327,8 @@ def shard_blocks(model: nn.Module, device: torch.device) -> None:
     model.to(device)
     for block in blocks:
         held = quantized_as_parameters(block)
-        fully_shard(block)
-        adopt_shards(held)
+        fully_shard(block, reshard_after_forward=True)  # each block is its own root, which FSDP2 would otherwise
+        adopt_shards(held)                              # keep whole from forward to backward: all at once
 
 
 def quantized_as_parameters(block: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
