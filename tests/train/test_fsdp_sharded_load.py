@@ -51,8 +51,8 @@ def test_each_rank_loads_its_rows_of_the_quantized_blocks(tiny_llama, quantize):
 
 # Under torchrun (2 ranks): a tiny Llama loaded whole and loaded as shards, both given the same adapter and
 # sharded with FSDP2, hold the same local tensors and give the same forward and adapter gradients; each rank's
-# quantized tensors are half the whole before and after sharding. Then `fit` with the shard loader and with the
-# whole load (today's path) train the same adapter. One line of JSON per rank.
+# quantized tensors are half the whole before and after sharding, and again between forward and backward. Then
+# `fit` with the shard loader and with the whole load (today's path) train the same adapter. One JSON line a rank.
 SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -84,23 +84,24 @@ def sharded(quantize, shard):
     shard_blocks(model, torch.device("cpu"))
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
     logits = model(input_ids=ids).logits
+    resharded = all(isinstance(getattr(m, "data"), DTensor) for m in model.modules() if isinstance(m, QuantLinear))
     logits.square().mean().backward()
     grads = {n: local(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
-    return model, before, logits.detach(), grads
+    return model, before, logits.detach(), grads, resharded
 
 calls = []
 keep_shard = QuantLinear.keep_shard
 QuantLinear.keep_shard = lambda self, *a: calls.append(1) or keep_shard(self, *a)
 report = {}
 for quantize in ("nf4", "int8"):
-    whole, whole_bytes, whole_logits, whole_grads = sharded(quantize, None)
-    part, part_bytes, part_logits, part_grads = sharded(quantize, (rank, world))
+    whole, whole_bytes, whole_logits, whole_grads, _ = sharded(quantize, None)
+    part, part_bytes, part_logits, part_grads, resharded = sharded(quantize, (rank, world))
     tensors = dict(whole.named_parameters())
     same = all(torch.equal(local(p), local(tensors[n])) for n, p in part.named_parameters())
     grad_diff = max((part_grads[n] - g).abs().max().item() for n, g in whole_grads.items())
     report[quantize] = {"whole_bytes": whole_bytes, "loaded_bytes": part_bytes, "held_bytes": quantized_bytes(part),
                         "same_shards": same, "logits_equal": torch.equal(part_logits, whole_logits),
-                        "grad_diff": grad_diff}
+                        "grad_diff": grad_diff, "resharded_after_forward": resharded}
 
 data = yaml.safe_load((job / "run.yaml").read_text())
 loaded = len(calls)
@@ -138,6 +139,7 @@ def test_shard_loaded_fsdp_equals_whole_load_and_holds_half(tmp_path, tiny_llama
         assert sum(r["loaded_bytes"] for r in ranks) == whole
         assert all(r["held_bytes"] == r["loaded_bytes"] <= 0.51 * whole for r in ranks), ranks
         assert all(r["same_shards"] and r["logits_equal"] and r["grad_diff"] <= 1e-6 for r in ranks), ranks
+        assert all(r["resharded_after_forward"] for r in ranks)  # between forward and backward a rank holds 1/2
     assert all(r["keep_shard_calls_in_fit"] > 0 for r in reports)  # the run went through the shard loader
     adapters = [loratune_adapter(tmp_path / name) for name in ("sharded", "whole")]
     assert adapters[0].keys() == adapters[1].keys()
