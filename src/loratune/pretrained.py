@@ -86,13 +86,16 @@ def load_model(
     cache_dir: Path | None = None,
     quantize: str = "none",
     double_quant: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[Any, Any]:
     """Return `(model, tokenizer)` for `task`, with a pad token set on both.
 
     `name_or_path` is a Hugging Face model folder, a `.gguf` file (dequantized once and cached as
     safetensors under `cache_dir`), a built-in name (see `builtin_models`) or a hub name.
     With `quantize` ("nf4" or "int8") the frozen linear layers are stored quantized (output heads stay in
-    `dtype`); a local safetensors model is then streamed in tensor by tensor, never whole in full precision.
+    `dtype`); a local safetensors model is then streamed in tensor by tensor, never whole in full precision,
+    and with `shard=(rank, world)` (FSDP2) keeps only this rank's rows of the blocks' quantized layers
+    (`quant.streaming.load_quantized`).
     """
     if task not in TASKS:
         raise ConfigError(f"task: unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -100,7 +103,8 @@ def load_model(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     source = _resolve_source(name_or_path, cache)
     tokenizer = _load_tokenizer(source, name_or_path, trust_remote_code)
-    model = _load_weights(source, name_or_path, task, num_labels, dtype, trust_remote_code, quantize, double_quant)
+    model = _load_weights(source, name_or_path, task, num_labels, dtype, trust_remote_code, quantize, double_quant,
+                          shard)
     _set_padding(model, tokenizer)
     if task == "classification":
         _set_label_maps(model, num_labels, label_names)
@@ -235,7 +239,7 @@ def _model_class(task: str) -> Any:
 
 def _load_weights(
     source: str, name: str, task: str, num_labels: int | None, dtype: torch.dtype, trust_remote_code: bool,
-    quantize: str = "none", double_quant: bool = True,
+    quantize: str = "none", double_quant: bool = True, shard: tuple[int, int] | None = None,
 ) -> Any:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if task == "classification":
@@ -247,7 +251,7 @@ def _load_weights(
             if quantize == "none":  # a head of another label count than the base's is a new head, not an error
                 return model_class.from_pretrained(source, dtype=dtype,
                                                    ignore_mismatched_sizes=task == "classification", **kwargs)
-            return _load_quantized(name, source, model_class, quantize, double_quant, dtype, kwargs)
+            return _load_quantized(name, source, model_class, quantize, double_quant, dtype, kwargs, shard)
         except SafetensorError as exc:
             raise _corrupt_weights_error(name, source, exc) from None
         except pickle.UnpicklingError:  # torch's weights-only unpickler met more than tensors
@@ -284,7 +288,7 @@ def will_stream(name_or_path: str, quantize: str, loftq_iterations: int = 0) -> 
 
 
 def _load_quantized(name: str, source: str, model_class: Any, quantize: str, double_quant: bool, dtype: torch.dtype,
-                    kwargs: dict[str, Any]) -> Any:
+                    kwargs: dict[str, Any], shard: tuple[int, int] | None = None) -> Any:
     """Stream a local safetensors model into quantized layers; otherwise load it whole, then quantize.
     Either way the layers are checked against the format before any weight is read."""
     from transformers import AutoConfig
@@ -294,7 +298,7 @@ def _load_quantized(name: str, source: str, model_class: Any, quantize: str, dou
     remote = kwargs["trust_remote_code"]
     if will_stream(name, quantize):
         try:
-            return load_quantized(Path(source), model_class, config, quantize, double_quant, dtype, remote)
+            return load_quantized(Path(source), model_class, config, quantize, double_quant, dtype, remote, shard)
         except NotStreamable as exc:
             warnings.warn(f"{source}: {exc}; loading in full precision, then quantizing", stacklevel=3)
     with torch.device("meta"):
@@ -314,18 +318,22 @@ def load_adapted_model(
     quantize: str = "none",
     double_quant: bool = True,
     loftq_iterations: int = 0,
+    shard: tuple[int, int] | None = None,
     **load_kwargs: Any,
 ) -> tuple[Any, Any]:
     """`(model, tokenizer)` with adapter `adapter_name` on a frozen base: a fresh one from `lora`, or the one
     saved in `adapter_dir`. The one place that orders loading, quantizing and LoftQ: plain quantization
     happens while loading; LoftQ needs the full-precision weights and the adapter, so it loads in full
     precision, adds the adapter, then quantizes base and adapter together (and then loads saved weights).
+    `shard=(rank, world)` (FSDP2) loads only this rank's rows of the quantized blocks, unless the adapter's
+    start reads the base (LoftQ, PiSSA, DoRA, a saved adapter): then the base loads whole, as without it.
     `load_kwargs` go to `load_model`."""
     loftq = quantize != "none" and loftq_iterations > 0
     if adapter_dir is not None:
         check_adapter_task(adapter_dir, task)
+    reads_base = loftq or adapter_dir is not None or lora.use_dora or lora.init_lora_weights == "pissa"
     model, tokenizer = load_model(name_or_path, task, quantize="none" if loftq else quantize,
-                                  double_quant=double_quant, **load_kwargs)
+                                  double_quant=double_quant, shard=None if reads_base else shard, **load_kwargs)
     if adapter_dir is not None and not loftq:
         load_adapter(model, adapter_dir, adapter_name)
     else:

@@ -47,6 +47,13 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def transformer_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The repeated blocks of a transformers model (its `_no_split_modules` classes), by path: the units FSDP2
+    shards (train.distributed), whose quantized layers `quant.streaming` can load as one rank's shard."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return {path: m for path, m in model.named_modules() if type(m).__name__ in names}
+
+
 def check_model_quantizable(model: nn.Module, format: str) -> dict[str, nn.Module]:
     """The layers `quantize_model` would convert; a clear error if none, or if one cannot take `format`."""
     layers = quantizable_layers(model)

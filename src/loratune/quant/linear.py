@@ -16,11 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.core.layers import Conv1D
+from loratune.errors import QuantizationError
 from loratune.quant.int8_compute import Int8Linear
 from loratune.quant.storage import QuantizedWeight, Workspace, check_quantizable, dequantize, int8_codes, quantize
 
 # Shared by the quantized layers of a thread: each dequantized weight is used by one matmul, then overwritten.
 _LOCAL = threading.local()
+
+
+def shard_rows(length: int, rank: int, world: int) -> slice:
+    """The rows of a tensor `length` rows long that FSDP2 (`Shard(0)`, cut as `torch.chunk` cuts) gives `rank`
+    of `world`: ceil(length / world) each, the last ranks fewer or none."""
+    size = -(-length // world)
+    start = min(rank * size, length)
+    return slice(start, min(start + size, length))
 
 
 def _workspace() -> Workspace:
@@ -68,6 +77,7 @@ class QuantLinear(nn.Linear):
         self.double_quant = q.scale_scales is not None
         for key, tensor in q.tensors().items():
             self.register_buffer(key, tensor)
+        self.full_shapes: dict[str, torch.Size] = {}  # set by `keep_shard`: the tensors holding only some rows
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
     @classmethod
@@ -87,8 +97,29 @@ class QuantLinear(nn.Linear):
         return cls.from_weight(layer.weight, layer.bias, format, double_quant, conv1d=isinstance(layer, Conv1D),
                                where=where)
 
+    def shardable(self) -> list[str]:
+        """The tensors FSDP2 shards (train.distributed): the codes and the per-block or per-row scales; the
+        scalar mean of double quantization stays whole."""
+        return [key for key in ("data", "scales", "scale_scales")
+                if getattr(self, key, None) is not None and getattr(self, key).dim() > 0]
+
+    def keep_shard(self, rank: int, world: int) -> None:
+        """Keep only `rank`'s rows (`shard_rows`) of each shardable tensor, for FSDP2 to adopt as that rank's
+        shard (`train.distributed.shard_blocks`), so the rank never holds the whole layer for long; the layer
+        cannot run or be written until then."""
+        for key in self.shardable():
+            whole = self._buffers[key]
+            self.full_shapes[key] = whole.shape
+            self._buffers[key] = whole[shard_rows(whole.shape[0], rank, world)].clone()
+
+    def _check_whole(self) -> None:
+        if self.full_shapes:
+            raise QuantizationError(f"a quantized layer ({self.out_features}x{self.in_features}) holds only this "
+                                    "process's rows of its codes until FSDP2 shards its block")
+
     @property
     def packed(self) -> QuantizedWeight:
+        self._check_whole()
         extra = (self.scale_scales, self.scale_mean) if self.double_quant else (None, None)
         return QuantizedWeight(self.format, (self.out_features, self.in_features), self.data, self.scales, *extra)
 
@@ -98,15 +129,21 @@ class QuantLinear(nn.Linear):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight in the dense layer's dtype, for model code that reads `layer.weight` (e.g. a
-        dtype check before a projection); a fresh tensor on each read, so costly in a loop."""
+        dtype check before a projection); a fresh tensor on each read, so costly in a loop. While the layer holds
+        only this process's rows (`keep_shard`), a stand-in of that shape and dtype on the meta device (model
+        init code reads it: GPT-2's scales `c_proj.weight` in place)."""
+        if self.full_shapes:
+            return torch.empty(self.out_features, self.in_features, dtype=self.dtype, device="meta")
         return self.dequantize(self.dtype)
 
     def store(self, weight: torch.Tensor) -> None:
         """Replace the stored weight with a new (out, in) matrix, quantized in this layer's format."""
+        self._check_whole()
         for key, tensor in quantize(weight, self.format, self.double_quant).tensors().items():
             setattr(self, key, tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_whole()
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         elif x.dtype not in (torch.float32, torch.bfloat16, torch.float16):

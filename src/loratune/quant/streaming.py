@@ -5,6 +5,11 @@ The model is built on the `meta` device (no storage), then each tensor of the sa
 with plain file reads (no memory map, whose touched pages would count towards the process's resident
 memory) and either quantized into a `QuantLinear` or kept, in the compute dtype. Peak memory is the
 quantized model plus about one full-precision tensor.
+
+For FSDP2 (`shard=(rank, world)`) each process reads the files itself and keeps, of every quantized layer
+inside a transformer block, only the rows of its codes and scales that FSDP2 will give it: its peak is then
+1/world of the quantized blocks, plus what lies outside the blocks (embeddings, head: whole on every rank,
+as FSDP2 keeps them), plus one full-precision tensor and its whole quantized form.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from loratune.core.adapters import output_head_paths, set_module
 from loratune.core.layers import Conv1D
 from loratune.errors import ModelLoadError
 from loratune.quant.allocator import release_free_memory
-from loratune.quant.convert import check_model_quantizable
+from loratune.quant.convert import check_model_quantizable, transformer_blocks
 from loratune.quant.linear import QuantLinear
 
 _DTYPES = {
@@ -108,8 +113,11 @@ class NotStreamable(Exception):
 
 
 def load_quantized(folder: Path, model_class: Any, config: Any, format: str, double_quant: bool = True,
-                   dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False) -> nn.Module:
-    """Build `model_class` from `config` with its linear layers in `format`, reading `folder`'s safetensors.
+                   dtype: torch.dtype = torch.bfloat16, trust_remote_code: bool = False,
+                   shard: tuple[int, int] | None = None) -> nn.Module:
+    """Build `model_class` from `config` with its linear layers in `format`, reading `folder`'s safetensors;
+    with `shard=(rank, world)` the quantized layers inside transformer blocks keep only `rank`'s rows
+    (`QuantLinear.keep_shard`) and run once FSDP2 has sharded their blocks.
 
     The file headers are checked against the model first: a missing weight or a shape mismatch is a
     `ModelLoadError`, and keys that need renaming raise `NotStreamable`, before any weight is read. Weights
@@ -123,13 +131,16 @@ def load_quantized(folder: Path, model_class: Any, config: Any, format: str, dou
         model = model_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     targets = check_model_quantizable(model, format)
     names = _plan(files, model)
+    blocks = tuple(path + "." for path in transformer_blocks(model)) if shard else ()
     for file in files:
         for key, tensor in read_tensors(file):
             if key not in names:
                 continue
             path, _, leaf = names[key].rpartition(".")
             if path in targets and leaf == "weight":
-                _place_quantized(model, path, targets[path], tensor, format, double_quant, dtype)
+                layer = _place_quantized(model, path, targets[path], tensor, format, double_quant, dtype)
+                if shard and path.startswith(blocks):
+                    layer.keep_shard(*shard)
             else:
                 _place_tensor(model, path, leaf, tensor, dtype)
             del tensor
@@ -180,12 +191,13 @@ def _model_key(key: str, known: set[str], prefix: str) -> str | None:
 
 
 def _place_quantized(model: nn.Module, path: str, meta_layer: nn.Module, weight: torch.Tensor, format: str,
-                     double_quant: bool, dtype: torch.dtype) -> None:
+                     double_quant: bool, dtype: torch.dtype) -> QuantLinear:
     layer = QuantLinear.from_weight(weight, None, format, double_quant, conv1d=isinstance(meta_layer, Conv1D),
                                     dtype=dtype, where=f"layer {path!r}")
     layer.bias = meta_layer.bias  # real if the file held it before the weight, else filled in later
     layer._is_hf_initialized = True  # transformers' init must not touch it
     set_module(model, path, layer)
+    return layer
 
 
 def _place_tensor(model: nn.Module, path: str, leaf: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:

@@ -307,18 +307,15 @@ def check_global_batch(saved: dict[str, Any], train: Any, processes: int, where:
 
 
 # --- FSDP2 ----------------------------------------------------------------------------------------------------
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model (its `_no_split_modules` classes): the units FSDP shards."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
 def shard_blocks(model: nn.Module, device: torch.device) -> None:
     """Shard each transformer block with FSDP2; everything outside the blocks (embeddings, head) stays whole
-    on every rank, so it must not train: its gradients would not be reduced."""
+    on every rank, so it must not train: its gradients would not be reduced. Quantized layers the loader
+    kept as this rank's rows only (`QuantLinear.keep_shard`) become their sharded parameters as they are."""
     from torch.distributed.fsdp import fully_shard
 
-    blocks = transformer_blocks(model)
+    from loratune.quant.convert import transformer_blocks
+
+    blocks = list(transformer_blocks(model).values())
     if not blocks:
         raise ConfigError(f"train.distributed: fsdp: {type(model).__name__} names no transformer blocks "
                           "(_no_split_modules); use ddp")
@@ -329,22 +326,45 @@ def shard_blocks(model: nn.Module, device: torch.device) -> None:
                           f"{outside[0]} is outside them (lora.target_modules / modules_to_save); use ddp")
     model.to(device)
     for block in blocks:
-        quantized_as_parameters(block)
-        fully_shard(block)
+        held = quantized_as_parameters(block)
+        fully_shard(block, reshard_after_forward=True)  # each block is its own root, which FSDP2 would otherwise
+        adopt_shards(held)                              # keep whole from forward to backward: all at once
 
 
-def quantized_as_parameters(block: nn.Module) -> None:
+def quantized_as_parameters(block: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """FSDP2 shards parameters, not buffers: a quantized layer's codes and scales become frozen parameters of
-    their block, so each rank holds its shard of the quantized base (the scalar `scale_mean` stays a buffer)."""
+    their block, so each rank holds its shard of the quantized base (the scalar `scale_mean` stays a buffer).
+
+    A tensor the loader kept as this rank's rows only is replaced by a stand-in of its full shape on the meta
+    device, which FSDP2 shards without storage; returned as (layer, name, rows) for `adopt_shards`."""
     from loratune.quant.linear import QuantLinear
 
+    held = []
     for layer in block.modules():
         if isinstance(layer, QuantLinear):
-            for key in ("data", "scales", "scale_scales"):
-                tensor = layer._buffers.get(key)
-                if tensor is not None and tensor.dim() > 0:
-                    del layer._buffers[key]
-                    layer.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
+            for key in layer.shardable():
+                tensor = layer._buffers.pop(key)
+                if key in layer.full_shapes:
+                    held.append((layer, key, tensor))
+                    tensor = torch.empty(layer.full_shapes[key], dtype=tensor.dtype, device="meta")
+                layer.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
+    return held
+
+
+def adopt_shards(held: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+    """Make each rank's loaded rows the local shard of the parameter FSDP2 made from its stand-in (through
+    `load_state_dict(assign=True)`, whose hook lets FSDP2 pad the last rank's shorter shard)."""
+    from torch.distributed.tensor import DTensor
+
+    for layer, key, rows in held:
+        stand_in = getattr(layer, key)
+        if stand_in.to_local().shape != rows.shape:
+            raise LoratuneError(f"FSDP2 cut a {tuple(stand_in.shape)} tensor into {tuple(stand_in.to_local().shape)} "
+                                f"on this rank, the loader kept {tuple(rows.shape)}")
+        shard = DTensor.from_local(rows, stand_in.device_mesh, stand_in.placements, run_check=False,
+                                   shape=stand_in.shape, stride=stand_in.stride())
+        layer.load_state_dict({key: shard}, strict=False, assign=True)
+        del layer.full_shapes[key]
 
 
 def fsdp_blocks(module: nn.Module) -> list[Any]:

@@ -162,7 +162,7 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
         checkpointing, note = _memory_plan(config, device, processes.is_main)
         model, tokenizer = load_for_method(  # config.method: an adapter, every weight, or the head
             config, ADAPTER, label_names, base_dtype(spec.dtype, precision), saved=adapter_dir,
-            quantize=spec.quantize)
+            quantize=spec.quantize, shard=_weight_shard(processes))
     except TargetError as exc:  # name the model the lora section does not fit
         raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
     limit = max_positions(model)
@@ -183,6 +183,12 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     if fallback and processes.is_main:
         print(f"loratune: warning: {fallback}", file=sys.stderr)
     return session
+
+
+def _weight_shard(processes: Processes) -> tuple[int, int] | None:
+    """(rank, world) when FSDP2 shards the base over several processes: the loader then keeps only this rank's
+    rows of a quantized base (one process loads it whole: it may run before it is wrapped, e.g. to pick a rate)."""
+    return (processes.rank, processes.world) if processes.sharded and processes.world > 1 else None
 
 
 def _set_gradient_checkpointing(model: torch.nn.Module, config: RunConfig, wanted: bool) -> bool:
