@@ -38,9 +38,13 @@ def finished(url):
 
 def finished_so_far(url) -> int:
     """Trials finished, 0 while the worker has made the database but not yet the study in it."""
+    from sqlalchemy.exc import OperationalError
+
     try:
         return len(finished(url))
     except KeyError:  # Optuna's "Record does not exist."
+        return 0
+    except OperationalError:  # this reader and the worker both creating the tables of a new database
         return 0
 
 
