@@ -5,8 +5,9 @@ Why successive halving rather than a range test: it ranks rates by the quantity 
 loss after real, if short, training with the run's own steps, batch order and schedule), where a range test
 reads the training loss of one run whose rate keeps changing. Candidates span the method's usual range; each
 round trains every survivor from the same start for twice the previous round's steps and keeps the better half,
-until one is left. Short rounds favour high rates somewhat (a high rate looks good early), which is why the last
-round is the longest. The model's start and the random streams are restored afterwards, so the run that follows
+until one is left. Short rounds favour high rates (a high rate looks good early), which is why the last
+round is the longest; it is not enough yet: on one seed of three a rate ranked first collapsed in the full run
+(docs/quality.md). The model's start and the random streams are restored afterwards, so the run that follows
 is the one a fixed `learning_rate` equal to the choice would give.
 """
 
