@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from loratune.train import fit
-from loratune.train.auto_lr import CANDIDATES, carve_validation
+from loratune.train.auto_lr import CANDIDATES, carve_validation, for_run_length
 from loratune.train.run_config import validate_config
 
 POSITIVE = ["good movie", "great film", "good acting", "great plot", "good review", "great acting"]
@@ -32,7 +32,7 @@ def test_the_choice_does_not_change_when_the_held_out_labels_are_poisoned(run_co
         summaries[name] = fit(validate_config(data, "test"), quiet=True)
     choices = [s["learning_rate_choice"] for s in summaries.values()]
     assert choices[0] == choices[1]  # the chosen rate and every round's validation losses
-    assert choices[0]["chosen"] in CANDIDATES["lora"]
+    assert choices[0]["chosen"] == for_run_length(choices[0]["round_winner"], 4, 20, CANDIDATES["lora"])
     assert [len(r["validation_loss"]) for r in choices[0]["rounds"]] == [6, 3]
     assert choices[0]["validation_examples"] == 3 and choices[0]["training_examples"] == 33
     # the poison reached the held-out split: its loss differs, so an evaluation that read it would differ too
@@ -53,6 +53,16 @@ def test_the_run_after_the_choice_is_the_run_with_that_rate_given(run_config, tm
     assert all(torch.equal(a[k], b[k]) for k in b)
     config = (tmp_path / "auto" / "config.yaml").read_text()
     assert f"learning_rate: {rate}" in config
+
+
+def test_the_last_rounds_winner_is_scaled_down_to_the_runs_length():
+    lora, full = CANDIDATES["lora"], CANDIDATES["full"]
+    assert for_run_length(2e-3, 36, 188, lora) == 1e-3  # x 0.44 = 8.8e-4
+    assert for_run_length(5e-3, 36, 188, lora) == 2e-3
+    assert for_run_length(2e-4, 36, 188, full) == 1e-4
+    assert for_run_length(5e-3, 20, 2000, lora) == 5e-4  # x 0.1: two candidates down for a long run
+    assert for_run_length(2e-3, 188, 188, lora) == 2e-3  # a round as long as the run: unchanged
+    assert for_run_length(1e-4, 36, 188, lora) == 1e-4  # never below the lowest candidate
 
 
 def test_the_carved_part_is_disjoint_seeded_and_a_tenth():

@@ -5,16 +5,21 @@ Why successive halving rather than a range test: it ranks rates by the quantity 
 loss after real, if short, training with the run's own steps, batch order and schedule), where a range test
 reads the training loss of one run whose rate keeps changing. Candidates span the method's usual range; each
 round trains every survivor from the same start for twice the previous round's steps and keeps the better half,
-until one is left. Short rounds favour high rates (a high rate looks good early), which is why the last
-round is the longest; it is not enough yet: on one seed of three a rate ranked first collapsed in the full run
-(docs/quality.md). The model's start and the random streams are restored afterwards, so the run that follows
-is the one a fixed `learning_rate` equal to the choice would give.
+until one is left.
+
+Short rounds favour high rates: the best peak rate falls as a run lengthens, and the last round is a fifth of
+the run. Taken as it was, the last round's winner collapsed a full run to chance on one seed of three
+(docs/quality.md). So the winner is scaled to the run's length, by the square root of (last round's steps /
+run's steps), and the nearest candidate to that is the choice: one candidate lower at the default lengths.
+The model's start and the random streams are restored afterwards, so the run that follows is the one a fixed
+`learning_rate` equal to the choice would give.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -114,11 +119,21 @@ def choose(session: Any, stopping: Callable[[], bool] = lambda: False) -> dict[s
         _restore(session.model, start)
         torch.set_rng_state(rng[0])
         random.setstate(rng[1])
-    chosen = survivors[0]
+    winner, last = survivors[0], rounds[-1]["steps"]
+    chosen = for_run_length(winner, last, tc.max_steps, CANDIDATES[method])
     return {"chosen": chosen, "how": "successive halving", "candidates": list(CANDIDATES[method]),
-            "validation_examples": len(val), "training_examples": len(train), "rounds": rounds,
-            "why": f"lowest loss on {len(val)} examples carved from the training split after the last round "
-                   f"({rounds[-1]['steps']} steps); the held-out split was not read"}
+            "round_winner": winner, "validation_examples": len(val), "training_examples": len(train),
+            "rounds": rounds,
+            "why": f"{winner:g} had the lowest loss on {len(val)} examples carved from the training split after "
+                   f"the last round ({last} steps; the held-out split was not read), scaled by "
+                   f"sqrt({last}/{tc.max_steps}) for the run's length to the nearest candidate"}
+
+
+def for_run_length(winner: float, round_steps: int, run_steps: int, candidates: tuple[float, ...]) -> float:
+    """The candidate nearest (on a log scale; the lower on a tie) to `winner` x sqrt(round_steps / run_steps):
+    a rate that won a round of `round_steps` steps, scaled for a run of `run_steps`."""
+    target = winner * math.sqrt(min(1.0, round_steps / max(1, run_steps)))
+    return min(candidates, key=lambda c: (round(abs(math.log(c / target)), 9), c))
 
 
 def train_and_validate(session: Any, train: list, val: list, rate: float, steps: int,
