@@ -242,7 +242,10 @@ class Engine:
         sharing one prompt list and adapter (a request's `n` choices) run as one row whose cache row is copied."""
         unique: dict[tuple[int, str | None], int] = {}
         source = [unique.setdefault((id(job.prompt_ids), job.adapter), len(unique)) for job in jobs]
-        firsts = [job for i, job in enumerate(jobs) if source[i] not in source[:i]]  # one job per row to run
+        firsts: list[Job] = []  # one job per row to run: rows are numbered in order of first appearance
+        for job, row in zip(jobs, source):
+            if row == len(firsts):
+                firsts.append(job)
         ids, mask = pad_rows([job.prompt_ids for job in firsts], self.pad_id, left=True)
         cache = DynamicCache()
         with lt.mixed_adapter_batch(self.model, [job.adapter for job in firsts]):
