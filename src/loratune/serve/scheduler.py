@@ -240,12 +240,15 @@ class Engine:
         """One forward for every new prompt, left-padded (`batching.pad_rows`) so each row's last prompt token is
         the last column, as in the shared cache, with a padding mask and each row's own positions from 0. Jobs
         sharing one prompt list and adapter (a request's `n` choices) run as one row whose cache row is copied."""
-        unique: dict[tuple[int, str | None], int] = {}
-        source = [unique.setdefault((id(job.prompt_ids), job.adapter), len(unique)) for job in jobs]
-        firsts: list[Job] = []  # one job per row to run: rows are numbered in order of first appearance
-        for job, row in zip(jobs, source):
-            if row == len(firsts):
+        row_of: dict[tuple[int, str | None], int] = {}
+        firsts: list[Job] = []  # one job per row to run
+        source: list[int] = []  # each job's row
+        for job in jobs:
+            key = (id(job.prompt_ids), job.adapter)
+            if key not in row_of:
+                row_of[key] = len(firsts)
                 firsts.append(job)
+            source.append(row_of[key])
         ids, mask = pad_rows([job.prompt_ids for job in firsts], self.pad_id, left=True)
         cache = DynamicCache()
         with lt.mixed_adapter_batch(self.model, [job.adapter for job in firsts]):
