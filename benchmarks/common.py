@@ -72,11 +72,11 @@ def run_child(argv: list[str], timeout: float = 7200, **env: str) -> ChildRun:
         return ChildRun(code, wall, cpu, peak, log.read_text(errors="replace"))
 
 
-def proc_status(field: str) -> int | None:
-    """Bytes of a memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak since start), or None
-    where there is no such file (not Linux)."""
+def proc_status(field: str, pid: int | str = "self") -> int | None:
+    """Bytes of a memory field of /proc/PID/status (VmRSS: resident now, VmHWM: peak since start), or None
+    where there is no such file (not Linux, or the process is gone)."""
     try:
-        lines = Path("/proc/self/status").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
         return None
     for line in lines:

@@ -4,22 +4,29 @@ The server runs in its own process (`loratune serve` on 127.0.0.1); the clients 
 Three runs of the same request list: concurrent with mixed adapters, concurrent with one adapter, and one at a
 time (a bounded prefix of the list). Every request asks for exactly --new-tokens tokens (`ignore_eos`) at
 temperature 0, so the runs do the same work. Every loop is bounded in count and in time.
+
+`--soak SECONDS` runs mixed traffic instead (every adapter and the base, chat and completions, streamed or not,
+`n` 1-2, log-probabilities, greedy and sampled) for that long and samples the server's resident memory: its
+peak after the first minute against its peak at the end is the soak's growth.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from benchmarks.common import machine, start_server, stop_server, write_result
+from benchmarks.common import machine, proc_status, start_server, stop_server, write_result
 
 PROMPTS = [
     "Explain what a LoRA adapter is to a new programmer.", "Write a short poem about the sea.",
@@ -101,6 +108,101 @@ async def run_load(url: str, requests: list[tuple[str, str]], clients: int, new_
     return summarise(results, len(requests), wall)
 
 
+SOAK_WINDOW_S = 60.0  # the soak's first minute: its peak is the baseline the growth is measured from
+SOAK_SAMPLE_S = 5.0
+
+
+def soak_traffic(models: list[str], new_tokens: int) -> Iterator[tuple[str, dict]]:
+    """An endless, fixed (seeded) mix of (endpoint, body): every model, chat and completions, streamed or not,
+    `n` 1-2, log-probabilities, greedy and sampled, 8 to `new_tokens` new tokens."""
+    rng = random.Random(0)
+    for i in itertools.count():
+        prompt = PROMPTS[i % len(PROMPTS)]
+        body = {"model": models[i % len(models)], "max_tokens": rng.randint(8, new_tokens), "n": rng.choice([1, 1, 2]),
+                "stream": rng.random() < 0.5, "temperature": rng.choice([0, 0.8]), "seed": i}
+        if rng.random() < 0.5:
+            body["messages"] = [{"role": "user", "content": prompt}]
+            if rng.random() < 0.3:
+                body.update(logprobs=True, top_logprobs=2)
+            yield "/v1/chat/completions", body
+        else:
+            body["prompt"] = prompt
+            if rng.random() < 0.3:
+                body["logprobs"] = 2
+            yield "/v1/completions", body
+
+
+async def soak_request(client: httpx.AsyncClient, url: str, path: str, body: dict) -> dict:
+    """One request of any shape; it succeeded if it was answered 200 with its usage."""
+    start = time.perf_counter()
+    usage = None
+    try:
+        if body["stream"]:
+            async with client.stream("POST", url + path, json=body) as response:
+                if response.status_code != 200:
+                    return {"ok": False, "error": f"HTTP {response.status_code}"}
+                async for line in response.aiter_lines():
+                    if line.startswith("data:") and line != "data: [DONE]":
+                        chunk = json.loads(line[5:])
+                        if "error" in chunk:
+                            return {"ok": False, "error": chunk["error"]["message"]}
+                        usage = chunk.get("usage") or usage
+        else:
+            response = await client.post(url + path, json=body)
+            if response.status_code != 200:
+                return {"ok": False, "error": f"HTTP {response.status_code}"}
+            usage = response.json().get("usage")
+    except httpx.HTTPError as exc:
+        return {"ok": False, "error": type(exc).__name__}
+    if usage is None:
+        return {"ok": False, "error": "no usage"}
+    return {"ok": True, "tokens": usage["completion_tokens"], "latency": time.perf_counter() - start}
+
+
+async def run_soak(url: str, pid: int, traffic: Iterator[tuple[str, dict]], clients: int,
+                   seconds: float) -> dict:
+    """`clients` workers send `traffic` for `seconds` while the server's VmRSS and VmHWM are sampled."""
+    results: list[dict] = []
+    samples: list[dict] = []
+    start = time.perf_counter()
+
+    def sample() -> None:
+        samples.append({"t_s": round(time.perf_counter() - start, 1), "rss_mb": proc_status("VmRSS", pid) / 2**20,
+                        "peak_mb": proc_status("VmHWM", pid) / 2**20, "requests": len(results)})
+
+    async def sampler() -> None:
+        while time.perf_counter() - start < seconds:
+            sample()
+            await asyncio.sleep(SOAK_SAMPLE_S)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while time.perf_counter() - start < seconds:
+            path, body = next(traffic)
+            results.append(await soak_request(client, url, path, body))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
+        await asyncio.gather(sampler(), *(worker(client) for _ in range(clients)))
+    sample()
+    baseline = max(s["peak_mb"] for s in samples if s["t_s"] <= SOAK_WINDOW_S)
+    done = [r for r in results if r["ok"]]
+    return {"seconds": seconds, "clients": clients, "requests": len(results), "completed": len(done),
+            "errors": sorted({r["error"] for r in results if not r["ok"]}),
+            "tokens": sum(r["tokens"] for r in done), "peak_after_first_minute_mb": baseline,
+            "peak_at_end_mb": samples[-1]["peak_mb"], "rss_at_end_mb": samples[-1]["rss_mb"],
+            "growth": samples[-1]["peak_mb"] / baseline - 1, "samples": samples}
+
+
+def soak_markdown(result: dict) -> str:
+    soak = result["soak"]
+    args = result["args"]
+    return (f"Soak: {soak['seconds']:.0f} s of mixed traffic from {soak['clients']} clients on {args['model']} "
+            f"and {args['adapters']} adapters: {soak['completed']} of {soak['requests']} requests answered "
+            f"({soak['tokens']} tokens); server peak RSS {soak['peak_after_first_minute_mb']:.0f} MB after the first "
+            f"minute, {soak['peak_at_end_mb']:.0f} MB at the end: **{100 * soak['growth']:+.2f}%** "
+            f"(resident at the end {soak['rss_at_end_mb']:.0f} MB).")
+
+
 def summarise(results: list[dict], asked: int, wall: float) -> dict:
     done = [r for r in results if r["ok"]]
     ttft = sorted(r["ttft"] for r in done)
@@ -145,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="how many of the requests to send one at a time (default 32, to bound the time)")
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds per run before no new request starts")
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="mixed traffic for SECONDS instead of the three runs; fails on peak RSS growth of 2%% "
+                             "or more after the first minute, or on any failed request")
     args = parser.parse_args(argv)
+    if args.soak:
+        return soak(args)
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         adapters = make_adapters(args.model, Path(tmp), args.adapters)
@@ -178,6 +285,24 @@ def main(argv: list[str] | None = None) -> int:
     print("wrote " + ", ".join(map(str, paths)), file=sys.stderr)
     failed = sum(run["failed"] + run["not_sent"] for run in runs.values())
     return 0 if failed == 0 else 1
+
+
+def soak(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="serve-soak-") as tmp:
+        adapters = make_adapters(args.model, Path(tmp), args.adapters)
+        argv = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queued", "1024"]
+        process, url = start_server(argv + [f"--adapter={name}={folder}" for name, folder in adapters])
+        try:
+            traffic = soak_traffic([args.model] + [name for name, _ in adapters], args.new_tokens)
+            print(f"soak: {args.soak:.0f} s, {args.clients} clients...", file=sys.stderr, flush=True)
+            result = {"machine": machine(), "args": vars(args),
+                      "soak": asyncio.run(run_soak(url, process.pid, traffic, args.clients, args.soak))}
+        finally:
+            stop_server(process)
+    paths = write_result(f"serve-soak-{result['machine']['date'][:10]}", result, soak_markdown(result))
+    print(soak_markdown(result))
+    print("wrote " + ", ".join(map(str, paths)), file=sys.stderr)
+    return 0 if result["soak"]["growth"] < 0.02 and not result["soak"]["errors"] else 1
 
 
 if __name__ == "__main__":

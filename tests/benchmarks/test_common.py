@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,19 @@ def test_this_process_reads_its_resident_and_peak_memory():
     assert peak_rss_mb() * 2**20 >= proc_status("VmRSS")
     assert proc_status("NoSuchField") is None
     del ballast
+
+
+def test_another_process_is_read_by_its_pid_until_it_exits():
+    code = "b = bytearray(64 * 2**20); b[::4096] = b'x' * len(b[::4096]); input()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while (proc_status("VmHWM", child.pid) or 0) < 64 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc_status("VmHWM", child.pid) >= 64 * 2**20
+    finally:
+        child.communicate(b"\n", timeout=30)
+    assert proc_status("VmRSS", child.pid) is None
 
 
 def test_a_failing_child_gives_its_exit_code_and_output():
