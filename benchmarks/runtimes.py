@@ -210,16 +210,19 @@ def tiny_model(work: Path, tokenizer, label: str, config) -> tuple[str, Path]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.config.architectures = [type(model).__name__]
-    model.save_pretrained(work / label)
-    tokenizer.save_pretrained(work / label)
+    # llama.cpp gives a GGUF whose name (the adapter's or model's folder) contains "phi3" Phi-3's special-token
+    # rules, which fail to load ("unordered_map::at") on a vocabulary without Phi-3's tokens, like SmolLM2's here
+    folder = work / label.replace("phi3", "phi-three")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     lt.add_adapter(model, lt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.1)
-    lt.save_adapter(model, work / f"{label}-adapter")
-    return str(work / label), work / f"{label}-adapter"
+    lt.save_adapter(model, folder.with_name(folder.name + "-adapter"))
+    return str(folder), folder.with_name(folder.name + "-adapter")
 
 
 def trained_adapter(work: Path, steps: int) -> tuple[Path, dict]:
