@@ -148,6 +148,24 @@ def run_llama_cpp(path: Path, prompts, reference, lora: Path | None = None, kv_c
         llm.close()
 
 
+class LlamaCppGelu(torch.nn.Module):
+    """GELU as llama.cpp's CPU backend computes it (GGML_GELU_FP16): the tanh GELU of the input rounded to f16,
+    looked up in a table of f16 results; 0 at or below -10, the input itself at or above 10."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = torch.nn.functional.gelu(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, 0.0, torch.where(x >= 10, x, table))
+
+
+def as_llama_cpp_computes(model: torch.nn.Module) -> None:
+    """Give a GELU family (Gemma) llama.cpp's f16-table GELU, so that the f32 rows measure the export alone:
+    that table alone moves a tiny random Gemma's last-position logits by about 2.5e-3."""
+    if getattr(model.config, "hidden_activation", None) == "gelu_pytorch_tanh":
+        for module in model.modules():
+            if hasattr(module, "act_fn"):
+                module.act_fn = LlamaCppGelu()
+
+
 def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path, chat: bool = False,
                 converter_source: Path | None = None) -> dict:
     base, tokenizer = load_model(model_name, "causal-lm")
@@ -155,6 +173,7 @@ def check_model(label: str, model_name: str, adapter: Path, prompts, work: Path,
     write_model_gguf(base, tokenizer, layout_for(base.config), base_gguf, "f32", tokenizer_gguf=gguf_source(model_name))
     lt.load_adapter(base, adapter)
     base.eval()
+    as_llama_cpp_computes(base)
     started = time.perf_counter()
     reference = [torch_greedy(base, p) for p in prompts]
     results = {"loratune_seconds": time.perf_counter() - started}
