@@ -118,7 +118,8 @@ def soak_traffic(models: list[str], new_tokens: int) -> Iterator[tuple[str, dict
     rng = random.Random(0)
     for i in itertools.count():
         prompt = PROMPTS[i % len(PROMPTS)]
-        body = {"model": models[i % len(models)], "max_tokens": rng.randint(8, new_tokens), "n": rng.choice([1, 1, 2]),
+        body = {"model": models[i % len(models)], "max_tokens": rng.randint(min(8, new_tokens), new_tokens),
+                "n": rng.choice([1, 1, 2]),
                 "stream": rng.random() < 0.5, "temperature": rng.choice([0, 0.8]), "seed": i}
         if rng.random() < 0.5:
             body["messages"] = [{"role": "user", "content": prompt}]
@@ -167,8 +168,11 @@ async def run_soak(url: str, pid: int, traffic: Iterator[tuple[str, dict]], clie
     start = time.perf_counter()
 
     def sample() -> None:
-        samples.append({"t_s": round(time.perf_counter() - start, 1), "rss_mb": proc_status("VmRSS", pid) / 2**20,
-                        "peak_mb": proc_status("VmHWM", pid) / 2**20, "requests": len(results)})
+        rss, peak = proc_status("VmRSS", pid), proc_status("VmHWM", pid)
+        if rss is None or peak is None:
+            raise SystemExit(f"soak: the server (pid {pid}) exited after {time.perf_counter() - start:.0f} s")
+        samples.append({"t_s": round(time.perf_counter() - start, 1), "rss_mb": rss / 2**20, "peak_mb": peak / 2**20,
+                        "requests": len(results)})
 
     async def sampler() -> None:
         while time.perf_counter() - start < seconds:
@@ -186,11 +190,20 @@ async def run_soak(url: str, pid: int, traffic: Iterator[tuple[str, dict]], clie
     sample()
     baseline = max(s["peak_mb"] for s in samples if s["t_s"] <= SOAK_WINDOW_S)
     done = [r for r in results if r["ok"]]
-    return {"seconds": seconds, "clients": clients, "requests": len(results), "completed": len(done),
-            "errors": sorted({r["error"] for r in results if not r["ok"]}),
+    return {"seconds": round(time.perf_counter() - start, 1), "clients": clients, "requests": len(results),
+            "completed": len(done), "errors": sorted({r["error"] for r in results if not r["ok"]}),
             "tokens": sum(r["tokens"] for r in done), "peak_after_first_minute_mb": baseline,
-            "peak_at_end_mb": samples[-1]["peak_mb"], "rss_at_end_mb": samples[-1]["rss_mb"],
-            "growth": samples[-1]["peak_mb"] / baseline - 1, "samples": samples}
+            "peak_at_end_mb": samples[-1]["peak_mb"], "growth": samples[-1]["peak_mb"] / baseline - 1,
+            **settled_growth(samples), "samples": samples}
+
+
+def settled_growth(samples: list[dict]) -> dict:
+    """Resident memory between bursts: the least VmRSS of the second minute against that of the last minute
+    (a peak is one burst; a leak shows in both)."""
+    end = samples[-1]["t_s"]
+    second = min(s["rss_mb"] for s in samples if SOAK_WINDOW_S <= s["t_s"] <= 2 * SOAK_WINDOW_S)
+    last = min(s["rss_mb"] for s in samples if s["t_s"] >= end - SOAK_WINDOW_S)
+    return {"settled_second_minute_mb": second, "settled_last_minute_mb": last, "settled_growth": last / second - 1}
 
 
 def soak_markdown(result: dict) -> str:
@@ -199,8 +212,9 @@ def soak_markdown(result: dict) -> str:
     return (f"Soak: {soak['seconds']:.0f} s of mixed traffic from {soak['clients']} clients on {args['model']} "
             f"and {args['adapters']} adapters: {soak['completed']} of {soak['requests']} requests answered "
             f"({soak['tokens']} tokens); server peak RSS {soak['peak_after_first_minute_mb']:.0f} MB after the first "
-            f"minute, {soak['peak_at_end_mb']:.0f} MB at the end: **{100 * soak['growth']:+.2f}%** "
-            f"(resident at the end {soak['rss_at_end_mb']:.0f} MB).")
+            f"minute, {soak['peak_at_end_mb']:.0f} MB at the end: **{100 * soak['growth']:+.2f}%**; resident between "
+            f"bursts {soak['settled_second_minute_mb']:.1f} MB in the second minute, "
+            f"{soak['settled_last_minute_mb']:.1f} MB in the last: {100 * soak['settled_growth']:+.2f}%.")
 
 
 def summarise(results: list[dict], asked: int, wall: float) -> dict:
@@ -248,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds per run before no new request starts")
     parser.add_argument("--soak", type=float, metavar="SECONDS",
-                        help="mixed traffic for SECONDS instead of the three runs; fails on peak RSS growth of 2%% "
-                             "or more after the first minute, or on any failed request")
+                        help="mixed traffic for SECONDS (at least 180) instead of the three runs; fails on peak RSS "
+                             "growth of 2%% or more after the first minute, or on any failed request")
     args = parser.parse_args(argv)
-    if args.soak:
+    if args.soak is not None:
+        if args.soak < 3 * SOAK_WINDOW_S:
+            parser.error(f"--soak: at least {3 * SOAK_WINDOW_S:.0f} seconds (the first minute is the baseline)")
         return soak(args)
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -293,7 +309,8 @@ def soak(args: argparse.Namespace) -> int:
         argv = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queued", "1024"]
         process, url = start_server(argv + [f"--adapter={name}={folder}" for name, folder in adapters])
         try:
-            traffic = soak_traffic([args.model] + [name for name, _ in adapters], args.new_tokens)
+            models = [entry["id"] for entry in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
+            traffic = soak_traffic(models, args.new_tokens)
             print(f"soak: {args.soak:.0f} s, {args.clients} clients...", file=sys.stderr, flush=True)
             result = {"machine": machine(), "args": vars(args),
                       "soak": asyncio.run(run_soak(url, process.pid, traffic, args.clients, args.soak))}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 
-from benchmarks.serve import soak_traffic
+from benchmarks.serve import settled_growth, soak_traffic
+from loratune.serve.bodies import ChatRequest, CompletionRequest
+from loratune.serve.completions import logprobs_asked
 
 
 def test_soak_traffic_mixes_every_model_endpoint_and_option_and_repeats_itself():
@@ -19,4 +21,15 @@ def test_soak_traffic_mixes_every_model_endpoint_and_option_and_repeats_itself()
     assert {body["temperature"] for body in bodies} == {0, 0.8}
     assert all(8 <= body["max_tokens"] <= 32 for body in bodies)
     assert any(body.get("top_logprobs") for body in bodies) and any(body.get("logprobs") == 2 for body in bodies)
-    assert all(("messages" in body) == (path == "/v1/chat/completions") for path, body in requests)
+    for path, body in requests:  # every body is one the server takes, log-probabilities in its endpoint's shape
+        chat = path == "/v1/chat/completions"
+        parsed = (ChatRequest if chat else CompletionRequest).model_validate(body)
+        assert logprobs_asked(parsed, chat) in (None, 2)
+
+
+def test_settled_growth_compares_the_quietest_moments_of_the_second_and_last_minutes():
+    rss = {0: 600, 60: 1000, 90: 1400, 120: 1010, 150: 1300, 170: 1020, 190: 1500, 200: 1030}
+    samples = [{"t_s": t, "rss_mb": mb} for t, mb in rss.items()]
+    got = settled_growth(samples)
+    assert (got["settled_second_minute_mb"], got["settled_last_minute_mb"]) == (1000, 1020)
+    assert abs(got["settled_growth"] - 0.02) < 1e-12
