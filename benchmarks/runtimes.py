@@ -240,8 +240,9 @@ def tiny_model(work: Path, tokenizer, label: str, config) -> tuple[str, Path]:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.1)
-    lt.save_adapter(model, folder.with_name(folder.name + "-adapter"))
-    return str(folder), folder.with_name(folder.name + "-adapter")
+    adapter = folder.with_name(folder.name + "-adapter")
+    lt.save_adapter(model, adapter)
+    return str(folder), adapter
 
 
 def trained_adapter(work: Path, steps: int) -> tuple[Path, dict]:

@@ -18,6 +18,7 @@ import itertools
 import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,32 +63,55 @@ def make_adapters(model_name: str, root: Path, count: int) -> list[tuple[str, st
     return adapters
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True}
+def serve_adapters(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Popen, str, list[str]]:
+    """`loratune serve` of `--model` with `--adapters` random adapters saved in `folder`: (process, URL, names)."""
+    adapters = make_adapters(args.model, folder, args.adapters)
+    argv = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queued", "1024"]
+    process, url = start_server(argv + [f"--adapter={name}={path}" for name, path in adapters])
+    return process, url, [name for name, _ in adapters]
+
+
+async def send(client: httpx.AsyncClient, url: str, path: str, body: dict) -> dict:
+    """One request, streamed or not. It succeeded if answered 200 with its usage; `ttft` is the time to the
+    first chunk with text (None if none came), `latency` to the end."""
     start = time.perf_counter()
-    first = None
-    tokens = 0
+    first = usage = None
     try:
-        async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        if body.get("stream"):
+            async with client.stream("POST", url + path, json=body) as response:
+                if response.status_code != 200:
+                    return {"ok": False, "error": f"HTTP {response.status_code}"}
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[5:])
+                    if "error" in chunk:
+                        return {"ok": False, "error": chunk["error"]["message"]}
+                    choice = (chunk.get("choices") or [{}])[0]
+                    if first is None and (choice.get("delta", {}).get("content") or choice.get("text")):
+                        first = time.perf_counter()
+                    usage = chunk.get("usage") or usage
+        else:
+            response = await client.post(url + path, json=body)
             if response.status_code != 200:
                 return {"ok": False, "error": f"HTTP {response.status_code}"}
-            async for line in response.aiter_lines():
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if "error" in chunk:
-                    return {"ok": False, "error": chunk["error"]["message"]}
-                if first is None and chunk["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter()
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
+            usage = response.json().get("usage")
     except httpx.HTTPError as exc:
         return {"ok": False, "error": type(exc).__name__}
-    end = time.perf_counter()
-    ok = tokens == new_tokens and first is not None
-    return {"ok": ok, "tokens": tokens, "ttft": (first or end) - start, "latency": end - start,
-            **({} if ok else {"error": f"{tokens} tokens"})}
+    if usage is None:
+        return {"ok": False, "error": "no usage"}
+    return {"ok": True, "tokens": usage["completion_tokens"], "ttft": None if first is None else first - start,
+            "latency": time.perf_counter() - start}
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, new_tokens: int) -> dict:
+    """A greedy streamed chat request for exactly `new_tokens` tokens; anything else counts as failed."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    result = await send(client, url, "/v1/chat/completions", body)
+    if result["ok"] and (result["tokens"] != new_tokens or result["ttft"] is None):
+        return {"ok": False, "error": f"{result['tokens']} tokens"}
+    return result
 
 
 async def run_load(url: str, requests: list[tuple[str, str]], clients: int, new_tokens: int, time_limit: float) -> dict:
@@ -133,33 +157,6 @@ def soak_traffic(models: list[str], new_tokens: int) -> Iterator[tuple[str, dict
             yield "/v1/completions", body
 
 
-async def soak_request(client: httpx.AsyncClient, url: str, path: str, body: dict) -> dict:
-    """One request of any shape; it succeeded if it was answered 200 with its usage."""
-    start = time.perf_counter()
-    usage = None
-    try:
-        if body["stream"]:
-            async with client.stream("POST", url + path, json=body) as response:
-                if response.status_code != 200:
-                    return {"ok": False, "error": f"HTTP {response.status_code}"}
-                async for line in response.aiter_lines():
-                    if line.startswith("data:") and line != "data: [DONE]":
-                        chunk = json.loads(line[5:])
-                        if "error" in chunk:
-                            return {"ok": False, "error": chunk["error"]["message"]}
-                        usage = chunk.get("usage") or usage
-        else:
-            response = await client.post(url + path, json=body)
-            if response.status_code != 200:
-                return {"ok": False, "error": f"HTTP {response.status_code}"}
-            usage = response.json().get("usage")
-    except httpx.HTTPError as exc:
-        return {"ok": False, "error": type(exc).__name__}
-    if usage is None:
-        return {"ok": False, "error": "no usage"}
-    return {"ok": True, "tokens": usage["completion_tokens"], "latency": time.perf_counter() - start}
-
-
 async def run_soak(url: str, pid: int, traffic: Iterator[tuple[str, dict]], clients: int,
                    seconds: float) -> dict:
     """`clients` workers send `traffic` for `seconds` while the server's VmRSS and VmHWM are sampled."""
@@ -182,7 +179,7 @@ async def run_soak(url: str, pid: int, traffic: Iterator[tuple[str, dict]], clie
     async def worker(client: httpx.AsyncClient) -> None:
         while time.perf_counter() - start < seconds:
             path, body = next(traffic)
-            results.append(await soak_request(client, url, path, body))
+            results.append(await send(client, url, path, body))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600), limits=limits) as client:
@@ -271,12 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         return soak(args)
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        adapters = make_adapters(args.model, Path(tmp), args.adapters)
-        names = [name for name, _ in adapters]
+        process, url, names = serve_adapters(args, Path(tmp))
         mixed = [(names[i % len(names)], PROMPTS[i % len(PROMPTS)]) for i in range(args.requests)]
         single = [(names[0], prompt) for _, prompt in mixed]
-        argv = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queued", "1024"]
-        process, url = start_server(argv + [f"--adapter={name}={folder}" for name, folder in adapters])
         try:
             warm = [(name, PROMPTS[0]) for name in names]
             asyncio.run(run_load(url, warm, len(warm), args.new_tokens, args.time_limit))
@@ -305,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def soak(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-soak-") as tmp:
-        adapters = make_adapters(args.model, Path(tmp), args.adapters)
-        argv = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queued", "1024"]
-        process, url = start_server(argv + [f"--adapter={name}={folder}" for name, folder in adapters])
+        process, url, _ = serve_adapters(args, Path(tmp))
         try:
             models = [entry["id"] for entry in httpx.get(url + "/v1/models", timeout=30).json()["data"]]
             traffic = soak_traffic(models, args.new_tokens)
