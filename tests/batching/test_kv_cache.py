@@ -7,7 +7,7 @@ from tiny_models import llama, mistral
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from loratune.batching import keep_rows, prefix_cache, stack_rows
+from loratune.batching import keep_rows, padding_first, prefix_cache, stack_rows
 
 PREFIX = torch.arange(3, 13)[None, :]  # ten tokens
 ROWS = torch.tensor([[20, 21, 22], [30, 31, 32], [40, 41, 42]])
@@ -92,3 +92,15 @@ def test_a_decode_step_on_stacked_rows_equals_each_row_alone():
     logits = model(input_ids=torch.tensor([[4], [4]]), attention_mask=mask, position_ids=torch.tensor([[5], [3]]),
                    past_key_values=both, use_cache=True).logits[:, -1]
     torch.testing.assert_close(logits, torch.stack(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_moves_from_after_the_prefix_to_the_front_of_each_row():
+    cache = random_cache(3, 7, seed=2)  # a prefix of 2 columns, then rows with 0, 1 and 3 columns of padding
+    pads = torch.tensor([0, 1, 3])
+    moved = padding_first(cache, 2, pads)
+    for before, after in zip(cache.layers, moved.layers):
+        for row, pad in enumerate(pads.tolist()):
+            for old, new in ((before.keys, after.keys), (before.values, after.values)):
+                assert torch.equal(new[row, :, pad:pad + 2], old[row, :, :2])  # the prefix, after the padding
+                assert torch.equal(new[row, :, pad + 2:], old[row, :, 2 + pad:])  # the row's own tokens, last
+                assert torch.equal(new[row, :, :pad], old[row, :, 2:2 + pad])  # the padding columns, first

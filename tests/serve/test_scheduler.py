@@ -264,3 +264,36 @@ def test_choices_sharing_one_prompt_are_prefilled_once(loaded, monkeypatch):
     want = generate_alone(model, tokenizer, "the good movie was great", "alpha", 12)
     assert [g[0] for g in got[:3]] == [want] * 3
     assert got[3][0] == generate_alone(model, tokenizer, "dog", "alpha", 12)
+
+
+def test_a_prefix_all_prompts_share_is_computed_once_per_adapter_and_each_row_keeps_its_tokens(loaded, monkeypatch):
+    """Issue 25: prompts arriving together that start alike (a chat template's system turn) run that start once
+    per adapter, not once per row, and each row still gets `generate`'s greedy tokens."""
+    import loratune.serve.scheduler as scheduler
+
+    model, tokenizer = loaded
+    system = "you are a helpful assistant and you answer about the cat and the dog : "
+    cases = [(system + p, a) for p in PROMPTS for a in MODELS]
+    prompts = [tokenizer(p).input_ids for p, _ in cases]
+    shared = len(tokenizer(system).input_ids) - 1
+    assert all(ids[:shared] == prompts[0][:shared] for ids in prompts) and shared >= 8
+    expected = [generate_alone(model, tokenizer, *case) for case in cases]
+    real, prefixes = scheduler.prefix_cache, []
+
+    def counting(body, prefix_ids, rows):
+        prefixes.append(prefix_ids.shape[1])
+        return real(body, prefix_ids, rows)
+
+    monkeypatch.setattr(scheduler, "prefix_cache", counting)
+    engine = Engine(model, tokenizer, max_batch=16)
+    pairs = [job(tokenizer, *case, max_tokens=1 if i == 4 else 24) for i, case in enumerate(cases)]
+    for j, _ in pairs:
+        engine.submit(j)
+    engine.start()
+    try:
+        got = finish(pairs)
+    finally:
+        engine.stop()
+    assert len(prefixes) == len(MODELS) and min(prefixes) >= shared  # once per adapter (and the base)
+    for i, ((tokens, _, _), want) in enumerate(zip(got, expected)):
+        assert tokens == (want[:1] if i == 4 else want), cases[i]

@@ -9,7 +9,8 @@
   demo's evaluation: 30 layers x 32 rows x ~130 tokens, 0.2 GB); in training autograd keeps them anyway.
   Layers of other kinds (sliding windows) keep storing.
 - `stack_rows` and `keep_rows`: the server's shared cache gains a prefilled row or loses finished ones; the
-  result is a new `DynamicCache` built from the tensors through its constructor.
+  result is a new `DynamicCache` built from the tensors through its constructor. `padding_first` moves the
+  padding of a prefill that ran after a shared prefix to the front of each row, where the server keeps it.
 
 The one write below transformers' public methods is `SharedPrefixCache.broadcast`, which replaces each
 layer's batch-1 keys and values by a broadcast view of themselves (`Cache.batch_repeat_interleave` would copy
@@ -86,6 +87,19 @@ def stack_rows(shared: DynamicCache, new: DynamicCache, shared_pad: int, new_pad
 def keep_rows(cache: DynamicCache, rows: torch.Tensor, trim: int) -> DynamicCache:
     """A cache of `cache`'s `rows` only, without its first `trim` columns (padding no kept row needs)."""
     return DynamicCache(ddp_cache_data=[(layer.keys[rows, :, trim:], layer.values[rows, :, trim:])
+                                        for layer in cache.layers])
+
+
+def padding_first(cache: DynamicCache, prefix: int, pads: torch.Tensor) -> DynamicCache:
+    """Rows laid out [prefix][pads][own tokens] (`pad_rows` with a prefix) rearranged as [pads][prefix][own
+    tokens], the server's left padding. Each key already carries its position (rotary embeddings are applied
+    before caching) and the mask hides padding wherever it sits, so only the columns move."""
+    width = cache.layers[0].keys.shape[2]
+    column, pad = torch.arange(width)[None, :], pads[:, None]
+    source = torch.where(column < pad, prefix + column, torch.where(column < pad + prefix, column - pad, column))
+    index = source[:, None, :, None]
+    return DynamicCache(ddp_cache_data=[(layer.keys.gather(2, index.expand_as(layer.keys)),
+                                         layer.values.gather(2, index.expand_as(layer.values)))
                                         for layer in cache.layers])
 
 

@@ -14,6 +14,7 @@ one flattened sequence, so there is no batch row to hang an adapter on; hence th
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 from collections import deque
@@ -25,7 +26,15 @@ import torch
 from transformers import DynamicCache
 
 import loratune as lt
-from loratune.batching import keep_rows, pad_rows, stack_rows
+from loratune.batching import (
+    common_prefix_length,
+    keep_rows,
+    packed_mask_obstacle,
+    pad_rows,
+    padding_first,
+    prefix_cache,
+    stack_rows,
+)
 
 
 class QueueFull(Exception):
@@ -249,11 +258,16 @@ class Engine:
                 row_of[key] = len(firsts)
                 firsts.append(job)
             source.append(row_of[key])
-        ids, mask = pad_rows([job.prompt_ids for job in firsts], self.pad_id, left=True)
-        cache = DynamicCache()
-        with lt.mixed_adapter_batch(self.model, [job.adapter for job in firsts]):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        prompts, adapters = [job.prompt_ids for job in firsts], [job.adapter for job in firsts]
+        prefix = self._shared_prefix(prompts, adapters)
+        ids, mask = pad_rows(prompts, self.pad_id, prefix, left=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._prefix_rows(ids[:1, :prefix], adapters) if prefix else DynamicCache()
+        with lt.mixed_adapter_batch(self.model, adapters):
+            out = self.model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions[:, prefix:],
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if prefix:
+            cache = padding_first(cache, prefix, (1 - mask).sum(-1))
         chosen = self._choose(out.logits[:, -1].float()[torch.tensor(source)], jobs)
         live = [i for i, (job, pick) in enumerate(zip(jobs, chosen)) if not self._advance(job, *pick)]
         if not live:
@@ -266,6 +280,29 @@ class Engine:
         for i in live:
             jobs[i].pad = width - trim - len(jobs[i].prompt_ids)
         self._join([jobs[i] for i in live], cache, width - trim)
+
+    def _shared_prefix(self, prompts: list[list[int]], adapters: list[str | None]) -> int:
+        """How many leading tokens every prompt shares (`batching.common_prefix_length`: a chat template's
+        system turn), worth computing once per adapter; 0 where that saves nothing (no more rows than
+        adapters) or where padding inside a row could mean something else (`packed_mask_obstacle`)."""
+        if len(prompts) <= len(set(adapters)):
+            return 0
+        prefix = common_prefix_length(prompts)
+        if prefix and packed_mask_obstacle(self.model.config, max(map(len, prompts))) is not None:
+            return 0
+        return prefix
+
+    def _prefix_rows(self, prefix_ids: torch.Tensor, adapters: list[str | None]) -> DynamicCache:
+        """The shared prefix's keys and values, computed once per adapter at batch 1 (`batching.prefix_cache`)
+        and copied to the rows that use that adapter."""
+        body = getattr(self.model, self.model.base_model_prefix)
+        distinct = list(dict.fromkeys(adapters))
+        caches = []
+        for adapter in distinct:
+            with lt.mixed_adapter_batch(self.model, [adapter]):
+                caches.append(prefix_cache(body, prefix_ids, 1)[1])
+        stacked = functools.reduce(lambda a, b: stack_rows(a, b, 0, 0), caches)
+        return keep_rows(stacked, torch.tensor([distinct.index(a) for a in adapters]), 0)
 
     def _join(self, jobs: list[Job], cache: DynamicCache, length: int) -> None:
         """Add prefilled rows (each `pad` set within `cache`) to the shared cache, left-padding whichever side is
