@@ -3,9 +3,10 @@
 
 Each run is a child process (its own peak RSS): the model is built with random weights layer by layer (a
 quantized layer never exists in full precision), gets a LoRA adapter (r=16, all-linear) and trains a few
-steps of batch 1 x `--tokens` with AdamW, as `loratune train` does (same loss, autocast and checkpointing
-decision). Useful work is 4 FLOPs per frozen linear weight per token (forward and input gradient), shown as a
-percentage of the fp32, bf16 and int8 product rates measured in the same run at 512 x 2048 by 2048 x 5632.
+steps of batch 1 x `--tokens` with AdamW, as `loratune train` does (same loss, autocast, checkpointing
+decision and, for a quantized base, the allocator setting `load_model` makes: `return_large_blocks`). Useful
+work is 4 FLOPs per frozen linear weight per token (forward and input gradient), shown as a percentage of the
+fp32, bf16 and int8 product rates measured in the same run at 512 x 2048 by 2048 x 5632.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def child(spec: dict) -> dict:
     from loratune.core.adapters import add_adapter
     from loratune.core.lora_config import LoraConfig
     from loratune.precision import cpu_choice
-    from loratune.quant.allocator import release_free_memory
+    from loratune.quant.allocator import release_free_memory, return_large_blocks
     from loratune.quant.linear import set_base_compute
     from loratune.train.optim import build_optimizer
     from loratune.train.step import causal_lm_loss
@@ -83,6 +84,8 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     # the CPU probe may run here (no cached rates yet): before the baseline, so its tensors are not counted
     int8_base = cpu_choice()["int8_base"] if spec["quantize"] == "int8" else None
+    if spec["quantize"] != "none":
+        return_large_blocks()  # as `load_model` does for a quantized base (memory before speed)
     release_free_memory()
     start_rss = proc_status("VmRSS")
     model = build_model(spec["shape"], spec["quantize"])
