@@ -2,11 +2,12 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from loratune.train import fit
-from loratune.train.auto_lr import CANDIDATES, carve_validation, for_run_length
+from loratune.train.auto_lr import CANDIDATES, carve_validation, for_run_length, range_choice
 from loratune.train.run_config import validate_config
 
 POSITIVE = ["good movie", "great film", "good acting", "great plot", "good review", "great acting"]
@@ -41,8 +42,9 @@ def test_the_choice_does_not_change_when_the_held_out_labels_are_poisoned(run_co
     assert f"train.learning_rate: auto chose {choices[0]['chosen']:g} by successive halving" in report
 
 
-def test_the_run_after_the_choice_is_the_run_with_that_rate_given(run_config, tmp_path):
-    auto = fit(validate_config(run_config(train={"learning_rate": "auto", "max_steps": 10},
+@pytest.mark.parametrize("search", ["halving", "range"])
+def test_the_run_after_the_choice_is_the_run_with_that_rate_given(run_config, tmp_path, search):
+    auto = fit(validate_config(run_config(train={"learning_rate": "auto", "max_steps": 10, "lr_search": search},
                                           output_dir=str(tmp_path / "auto")), "test"), quiet=True)
     rate = auto["learning_rate_choice"]["chosen"]
     fixed = fit(validate_config(run_config(train={"learning_rate": rate, "max_steps": 10},
@@ -53,6 +55,36 @@ def test_the_run_after_the_choice_is_the_run_with_that_rate_given(run_config, tm
     assert all(torch.equal(a[k], b[k]) for k in b)
     config = (tmp_path / "auto" / "config.yaml").read_text()
     assert f"learning_rate: {rate}" in config
+
+
+def test_the_range_test_reads_the_training_split_alone_and_chooses_a_tenth_of_its_lowest_loss(run_config, tmp_path):
+    rows = [{"text": f"the {t}", "label": "positive"} for t in POSITIVE] + \
+           [{"text": f"the {t}", "label": "negative"} for t in NEGATIVE]
+    train = write(tmp_path / "train.jsonl", rows * 3)
+    flipped = [{**r, "label": "negative" if r["label"] == "positive" else "positive"} for r in rows]
+    choices = []
+    for name, validation in (("clean", rows), ("poisoned", flipped)):
+        data = run_config(data={"train": train, "validation": write(tmp_path / f"{name}.jsonl", validation)},
+                          train={"learning_rate": "auto", "max_steps": 30, "lr_search": "range"},
+                          output_dir=str(tmp_path / name))
+        choices.append(fit(validate_config(data, "test"), quiet=True)["learning_rate_choice"])
+    assert choices[0] == choices[1]  # the rate and every point of the curve
+    curve = choices[0]["curve"]
+    rates = [rate for rate, _ in curve]
+    assert len(curve) <= 6 and rates[0] == pytest.approx(CANDIDATES["lora"][0] / 10)
+    assert all(later > earlier for earlier, later in zip(rates, rates[1:]))  # geometric growth
+    assert choices[0]["chosen"] == range_choice(curve, CANDIDATES["lora"])[0]
+    assert choices[0]["training_examples"] == 36  # the whole training split; no part carved
+    report = (tmp_path / "clean" / "report.md").read_text()
+    assert "by a range test" in report and "| step | rate | smoothed training loss |" in report
+
+
+def test_the_range_choice_is_the_candidate_nearest_a_tenth_of_the_rate_at_the_lowest_smoothed_loss():
+    lora = CANDIDATES["lora"]
+    curve = [[1e-5 * 1.5 ** k, 2.0 - 0.1 * k] for k in range(12)] + [[1.3e-3 * 1.5 ** k, 3.0 + k] for k in range(4)]
+    assert range_choice(curve, lora) == (1e-4, curve[11][0])  # lowest at 8.6e-4: a tenth is nearest 1e-4
+    assert range_choice([[2e-2, 1.0], [4e-2, 0.5], [5e-2, 0.7]], lora) == (5e-3, 4e-2)
+    assert range_choice([[1e-5, 1.0], [2e-5, 3.0]], lora) == (1e-4, 1e-5)  # never below the lowest candidate
 
 
 def test_the_last_rounds_winner_is_scaled_down_to_the_runs_length():

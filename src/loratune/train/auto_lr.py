@@ -1,18 +1,22 @@
-"""`train.learning_rate: auto`: the rate chosen by successive halving on a validation part carved from the
-training split; the held-out split is never read, so the run's reported metrics stay honest.
+"""`train.learning_rate: auto`: the rate chosen on the training split alone; the held-out split is never read,
+so the run's reported metrics stay honest. Two searches (`train.lr_search`):
 
-Why successive halving rather than a range test: it ranks rates by the quantity that matters (validation
-loss after real, if short, training with the run's own steps, batch order and schedule), where a range test
-reads the training loss of one run whose rate keeps changing. Candidates span the method's usual range; each
-round trains every survivor from the same start for twice the previous round's steps and keeps the better half,
-until one is left.
+- `halving` (the default): successive halving on a validation part carved from the training split. It ranks
+  rates by the quantity that matters (validation loss after real, if short, training with the run's own
+  steps, batch order and schedule). Candidates span the method's usual range; each round trains every
+  survivor from the same start for twice the previous round's steps and keeps the better half, until one is
+  left. Short rounds favour high rates: the best peak rate falls as a run lengthens, and the last round is a
+  fifth of the run. Taken as it was, the last round's winner collapsed a full run to chance on one seed of
+  three (docs/quality.md). So the winner is scaled to the run's length, by the square root of (last round's
+  steps / run's steps), and the nearest candidate to that is the choice: one candidate lower at the default
+  lengths. It costs about 1.2x the run's steps.
+- `range`: a range test (Leslie Smith's, as fastai runs it): one run of a fifth of the run's steps whose rate
+  grows geometrically from a tenth of the lowest candidate to ten times the highest, stopped once the smoothed
+  training loss passes four times its best; the choice is the candidate nearest a tenth of the rate at the
+  smoothed loss's minimum. It costs a fifth of the run's steps and reads no validation part.
 
-Short rounds favour high rates: the best peak rate falls as a run lengthens, and the last round is a fifth of
-the run. Taken as it was, the last round's winner collapsed a full run to chance on one seed of three
-(docs/quality.md). So the winner is scaled to the run's length, by the square root of (last round's steps /
-run's steps), and the nearest candidate to that is the choice: one candidate lower at the default lengths.
-The model's start and the random streams are restored afterwards, so the run that follows is the one a fixed
-`learning_rate` equal to the choice would give.
+Either way the model's start and the random streams are restored afterwards, so the run that follows is the
+one a fixed `learning_rate` equal to the choice would give. docs/quality.md compares the two.
 """
 
 from __future__ import annotations
@@ -93,32 +97,39 @@ def carve_validation(count: int, seed: int) -> tuple[list[int], list[int]]:
 
 
 def choose(session: Any, stopping: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
-    """Successive halving over the method's candidate rates; returns the choice with every round's losses
-    (None when `stopping()` said so between two candidates)."""
-    tc, method = session.config.train, session.config.method
-    train_idx, val_idx = carve_validation(len(session.data.train_examples), tc.seed)
-    examples = session.data.train_examples
-    train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+    """The rate `train.lr_search` finds, with what it measured (None when `stopping()` said so during the
+    search); the model and the random streams are as they were before it."""
     start = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
     rng = (torch.get_rng_state(), random.getstate())
-    survivors, steps, rounds = list(CANDIDATES[method]), max(1, tc.max_steps // 10), []
     try:
-        while True:
-            losses = {}
-            for rate in survivors:
-                if stopping():
-                    return None
-                _restore(session.model, start)
-                losses[rate] = train_and_validate(session, train, val, rate, steps)
-            rounds.append({"steps": steps, "validation_loss": {str(r): v for r, v in losses.items()}})
-            survivors = sorted(survivors, key=lambda r: losses[r])[:max(1, len(survivors) // 2)]
-            if len(survivors) == 1:
-                break
-            steps *= 2
+        search = range_test if session.config.train.lr_search == "range" else successive_halving
+        return search(session, start, stopping)
     finally:
         _restore(session.model, start)
         torch.set_rng_state(rng[0])
         random.setstate(rng[1])
+
+
+def successive_halving(session: Any, start: dict[str, torch.Tensor],
+                       stopping: Callable[[], bool]) -> dict[str, Any] | None:
+    """Successive halving over the method's candidate rates; returns the choice with every round's losses."""
+    tc, method = session.config.train, session.config.method
+    train_idx, val_idx = carve_validation(len(session.data.train_examples), tc.seed)
+    examples = session.data.train_examples
+    train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+    survivors, steps, rounds = list(CANDIDATES[method]), max(1, tc.max_steps // 10), []
+    while True:
+        losses = {}
+        for rate in survivors:
+            if stopping():
+                return None
+            _restore(session.model, start)
+            losses[rate] = train_and_validate(session, train, val, rate, steps)
+        rounds.append({"steps": steps, "validation_loss": {str(r): v for r, v in losses.items()}})
+        survivors = sorted(survivors, key=lambda r: losses[r])[:max(1, len(survivors) // 2)]
+        if len(survivors) == 1:
+            break
+        steps *= 2
     winner, last = survivors[0], rounds[-1]["steps"]
     chosen = for_run_length(winner, last, tc.max_steps, CANDIDATES[method])
     return {"chosen": chosen, "how": "successive halving", "candidates": list(CANDIDATES[method]),
@@ -130,10 +141,62 @@ def choose(session: Any, stopping: Callable[[], bool] = lambda: False) -> dict[s
 
 
 def for_run_length(winner: float, round_steps: int, run_steps: int, candidates: tuple[float, ...]) -> float:
-    """The candidate nearest (on a log scale; the lower on a tie) to `winner` x sqrt(round_steps / run_steps):
-    a rate that won a round of `round_steps` steps, scaled for a run of `run_steps`."""
-    target = winner * math.sqrt(min(1.0, round_steps / max(1, run_steps)))
-    return min(candidates, key=lambda c: (round(abs(math.log(c / target)), 9), c))
+    """The candidate nearest to `winner` x sqrt(round_steps / run_steps): a rate that won a round of
+    `round_steps` steps, scaled for a run of `run_steps`."""
+    return nearest(winner * math.sqrt(min(1.0, round_steps / max(1, run_steps))), candidates)
+
+
+def nearest(rate: float, candidates: tuple[float, ...]) -> float:
+    """The candidate nearest to `rate` on a log scale (the lower on a tie)."""
+    return min(candidates, key=lambda c: (round(abs(math.log(c / rate)), 9), c))
+
+
+RANGE_SPAN = 10.0  # the range test starts this far below the lowest candidate and ends this far above the highest
+RANGE_SMOOTHING = 0.9  # weight of the running mean in the smoothed loss (about ten steps at a fifth of 188)
+RANGE_STOP = 4.0  # the test ends once the smoothed loss passes this multiple of its best
+
+
+def range_test(session: Any, start: dict[str, torch.Tensor], stopping: Callable[[], bool]) -> dict[str, Any] | None:
+    """One run of a fifth of the run's steps whose rate grows geometrically over the method's candidates
+    (widened by `RANGE_SPAN` each way), reading the smoothed training loss; the choice is `range_choice`'s."""
+    tc, method = session.config.train, session.config.method
+    candidates = CANDIDATES[method]
+    low, high = candidates[0] / RANGE_SPAN, candidates[-1] * RANGE_SPAN
+    steps = max(2, tc.max_steps // 5)
+    growth = (high / low) ** (1 / (steps - 1))
+    optimizer = build_optimizer(session.model, low, tc.weight_decay, tc.lora_plus_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: growth ** step)
+    run = Run(session, Path(session.config.output_dir), optimizer, scheduler, RunState(), {}, [],
+              trainer=trainer_for(session))
+    order = batch_order(session)
+    torch.manual_seed(tc.seed)
+    session.model.train()
+    curve, mean, best = [], 0.0, float("inf")
+    while run.state.step < steps:
+        if stopping():
+            return None
+        try:
+            loss, _, rate = optimizer_step(run, order)
+        except TrainingDiverged:
+            break
+        mean = RANGE_SMOOTHING * mean + (1 - RANGE_SMOOTHING) * loss
+        smoothed = mean / (1 - RANGE_SMOOTHING ** run.state.step)
+        curve.append([rate, smoothed])
+        if not math.isfinite(smoothed) or smoothed > RANGE_STOP * best:
+            break
+        best = min(best, smoothed)
+    chosen, at_minimum = range_choice(curve, candidates)
+    return {"chosen": chosen, "how": "a range test", "candidates": list(candidates), "rounds": [],
+            "curve": curve, "training_examples": len(session.data.train_examples),
+            "why": f"the smoothed training loss of one {len(curve)}-step run, its rate growing from {low:g} to "
+                   f"{high:g}, was lowest at {at_minimum:.3g}; a tenth of that, to the nearest candidate (no "
+                   "validation part and not the held-out split was read)"}
+
+
+def range_choice(curve: list[list[float]], candidates: tuple[float, ...]) -> tuple[float, float]:
+    """(the candidate nearest a tenth of the rate where the smoothed loss was lowest, that rate)."""
+    at_minimum = min(curve, key=lambda point: point[1])[0] if curve else candidates[0] * RANGE_SPAN
+    return nearest(at_minimum / RANGE_SPAN, candidates), at_minimum
 
 
 def train_and_validate(session: Any, train: list, val: list, rate: float, steps: int,

@@ -100,16 +100,21 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
 
 
 def _learning_rate_lines(choice: dict[str, Any] | None) -> list[str]:
-    """What `train.learning_rate: auto` chose, and why, with every round's validation losses."""
+    """What `train.learning_rate: auto` chose, and why: every round's validation losses (successive halving)
+    or the smoothed loss at each step (a range test)."""
     if not choice:
         return []
     lines = ["", "## Learning rate", "", f"train.learning_rate: auto chose {choice['chosen']:g} by {choice['how']}: "
-             f"{choice['why']}.", "", "| steps | " + " | ".join(f"{float(r):g}" for r in choice["candidates"]) + " |",
-             "|---|" + "---|" * len(choice["candidates"])]
+             f"{choice['why']}.", ""]
+    if choice.get("curve"):
+        lines += ["| step | rate | smoothed training loss |", "|---|---|---|"]
+        return lines + [f"| {step} | {rate:.3g} | {loss:.4f} |" for step, (rate, loss) in enumerate(choice["curve"], 1)]
+    candidates = choice["candidates"]
+    lines += ["| steps | " + " | ".join(f"{float(r):g}" for r in candidates) + " |", "|---|" + "---|" * len(candidates)]
     for entry in choice["rounds"]:
         losses = entry["validation_loss"]
         lines.append(f"| {entry['steps']} | " + " | ".join(
-            f"{losses[str(r)]:.4f}" if str(r) in losses else "" for r in choice["candidates"]) + " |")
+            f"{losses[str(r)]:.4f}" if str(r) in losses else "" for r in candidates) + " |")
     return lines
 
 

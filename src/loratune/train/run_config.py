@@ -56,8 +56,10 @@ class TrainSpec(_Strict):
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     learning_rate: float | Literal["auto"] = Field(
-        2e-4, description="a rate, or auto: chosen by successive halving on a part carved from the training "
-                          "split (train/auto_lr.py)")
+        2e-4, description="a rate, or auto: chosen on the training split by train.lr_search (train/auto_lr.py)")
+    lr_search: Literal["halving", "range"] = Field(
+        "halving", description="how learning_rate: auto chooses: successive halving on a part carved from the "
+                               "training split, or a range test (a fifth of the run's steps; docs/quality.md)")
     lora_plus_ratio: float = Field(1.0, ge=1.0, description="LoRA+: learning-rate multiplier for B factors")
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
