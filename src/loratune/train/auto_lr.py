@@ -189,8 +189,8 @@ def range_test(session: Any, start: dict[str, torch.Tensor], stopping: Callable[
     return {"chosen": chosen, "how": "a range test", "candidates": list(candidates), "rounds": [],
             "curve": curve, "training_examples": len(session.data.train_examples),
             "why": f"the smoothed training loss of one {len(curve)}-step run, its rate growing from {low:g} to "
-                   f"{high:g}, was lowest at {at_minimum:.3g}; a tenth of that, to the nearest candidate (no "
-                   "validation part and not the held-out split was read)"}
+                   f"{high:g}, was lowest at {at_minimum:.3g}; a tenth of that, to the nearest candidate (only the "
+                   "training split was read)"}
 
 
 def range_choice(curve: list[list[float]], candidates: tuple[float, ...]) -> tuple[float, float]:
