@@ -66,7 +66,8 @@ def make_adapters(model_name: str, root: Path, count: int) -> list[tuple[str, st
 def serve_adapters(args: argparse.Namespace, folder: Path) -> tuple[subprocess.Popen, str, list[str]]:
     """`loratune serve` of `--model` with `--adapters` random adapters saved in `folder`: (process, URL, names)."""
     adapters = make_adapters(args.model, folder, args.adapters)
-    argv = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queued", "1024"]
+    argv = ["--model", args.model, "--max-batch", str(args.max_batch), "--max-queued", "1024",
+            "--precision", args.precision]
     process, url = start_server(argv + [f"--adapter={name}={path}" for name, path in adapters])
     return process, url, [name for name, _ in adapters]
 
@@ -234,7 +235,8 @@ def summarise(results: list[dict], asked: int, wall: float) -> dict:
 def markdown(result: dict) -> str:
     args = result["args"]
     lines = [f"{args['requests']} chat requests of {args['new_tokens']} new tokens on {args['model']}, greedy; "
-             f"server `--max-batch {args['max_batch']}`; {result['machine']['cpu_count']} CPUs.", "",
+             f"server `--max-batch {args['max_batch']} --precision {args.get('precision', 'fp32')}`; "
+             f"{result['machine']['cpu_count']} CPUs.", "",
              "| run | clients | requests done / failed / not sent | tokens/s | TTFT p50 / p99 (s) | "
              "latency p50 / p99 (s) | wall (s) |", "|---|---|---|---|---|---|---|"]
     for name, run in result["runs"].items():
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-at-a-time", type=int, default=32,
                         help="how many of the requests to send one at a time (default 32, to bound the time)")
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--precision", choices=["fp32", "auto", "bf16"], default="fp32",
+                        help="the server's --precision (default fp32, the server's default)")
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds per run before no new request starts")
     parser.add_argument("--soak", type=float, metavar="SECONDS",
                         help="mixed traffic for SECONDS (at least 180) instead of the three runs; fails on peak RSS "

@@ -246,3 +246,27 @@ def test_inspect_reports_an_adapter_made_for_another_model(tmp_path, capsys, tin
                                                                           "base_model_name_or_path": tiny_gpt2}))
     assert main(["inspect", "--model", tiny_gpt2, "--adapter", str(tmp_path / "adapter")]) == 0
     assert "adapter fits this model\n" in capsys.readouterr().out
+
+
+def test_generate_precision_picks_the_base_dtype_as_the_cpu_choice_says(monkeypatch, capsys, tiny_gpt2):
+    """`--precision` (generate and serve share it): fp32 by default, bf16 when asked, and `auto` as the CPU probe
+    chose (`precision.inference_dtype`)."""
+    import loratune.generate as generate
+    import loratune.precision as precision
+
+    loaded = []
+
+    def recording(*args, **kwargs):
+        loaded.append(kwargs["dtype"])
+        return real(*args, **kwargs)
+
+    real = generate.load_model
+    monkeypatch.setattr(generate, "load_model", recording)
+    for extra in ([], ["--precision", "bf16"]):
+        assert main(["generate", "--model", tiny_gpt2, "--prompt", "the good movie", "--max-new-tokens", "3",
+                     *extra]) == 0
+    assert loaded == [torch.float32, torch.bfloat16]
+    for chosen, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        monkeypatch.setattr(precision, "cpu_choice", lambda chosen=chosen: {"precision": chosen})
+        assert precision.inference_dtype("auto") == dtype
+        assert [precision.inference_dtype(p) for p in ("fp32", "bf16")] == [torch.float32, torch.bfloat16]

@@ -115,7 +115,8 @@ def _generate(args: argparse.Namespace) -> None:
     from loratune.generate import generate_stream
 
     generate_stream(args.model, args.prompt, adapter=args.adapter, chat=args.chat,
-                    max_new_tokens=args.max_new_tokens, out=sys.stdout, task=args.task, quantize=args.quantize)
+                    max_new_tokens=args.max_new_tokens, out=sys.stdout, task=args.task, quantize=args.quantize,
+                    precision=args.precision)
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -181,6 +182,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"loratune: error: {message}\n")
 
 
+def add_precision_option(command: argparse.ArgumentParser) -> None:
+    """`--precision` of `generate` and `serve`, one option so both choose the base's dtype alike."""
+    command.add_argument("--precision", choices=["fp32", "auto", "bf16"], default="fp32",
+                         help="the base model's weights: fp32 (the default: a request's greedy tokens are the same "
+                              "alone or batched), or bf16 where this CPU computes it natively (auto) or always "
+                              "(bf16): faster, but batching may then change a near-tie token")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loratune", description="LoRA fine-tuning of language models")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -188,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(commands)
     _add_model_commands(commands)
     from .serve.command import add_serve_parser  # light: the server's imports wait until it runs
-    add_serve_parser(commands)
+    add_precision_option(add_serve_parser(commands))
     return parser
 
 
@@ -252,6 +261,7 @@ def _add_model_commands(commands: Any) -> None:
     generate.add_argument("--max-new-tokens", type=_positive_int, default=64)
     generate.add_argument("--quantize", choices=["none", "nf4", "int8"], default="none",
                           help="store the base model's linear layers quantized, as `loratune serve --quantize` does")
+    add_precision_option(generate)
     generate.set_defaults(run=_generate)
 
     merge = commands.add_parser("merge", help="write a plain model folder with the adapter merged in")

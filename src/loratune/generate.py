@@ -7,6 +7,7 @@ from typing import TextIO
 import torch
 
 from loratune.core.peft_format import load_adapter, read_adapter_config
+from loratune.precision import inference_dtype
 from loratune.pretrained import load_model, max_positions
 
 
@@ -27,17 +28,18 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_stream(model_name: str, prompt: str, adapter: str | None, chat: bool, max_new_tokens: int,
-                    out: TextIO, task: str | None = None, quantize: str = "none") -> str:
+                    out: TextIO, task: str | None = None, quantize: str = "none", precision: str = "fp32") -> str:
     """Greedy generation; each new piece of text is written to `out` as soon as it is decoded.
 
     `task` (causal-lm or seq2seq) defaults to the adapter's task type, else causal-lm; `quantize` (nf4, int8)
-    stores the base's linear layers quantized, as `loratune serve --quantize` does.
+    stores the base's linear layers quantized and `precision` picks the base's dtype
+    (`precision.inference_dtype`), as `loratune serve --quantize --precision` do.
     """
     from transformers import TextStreamer
 
     if task is None:
         task = "seq2seq" if adapter and read_adapter_config(adapter).task_type == "SEQ_2_SEQ_LM" else "causal-lm"
-    model, tokenizer = load_model(model_name, task, quantize=quantize)
+    model, tokenizer = load_model(model_name, task, quantize=quantize, dtype=inference_dtype(precision))
     if adapter:
         load_adapter(model, adapter)
     model.eval()

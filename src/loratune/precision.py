@@ -51,6 +51,13 @@ def base_dtype(requested: str, precision: str) -> torch.dtype:
     return DTYPES[requested]
 
 
+def inference_dtype(requested: str) -> torch.dtype:
+    """The base model's dtype for `loratune generate` and `loratune serve` on the CPU: bf16 where `auto`
+    resolves to bf16 (the probe measured native bf16 products faster), else fp32; or as `requested`
+    ("bf16", "fp32"). Both commands take the same `--precision`, so their greedy tokens stay comparable."""
+    return base_dtype("auto", resolve_precision(requested, torch.device("cpu")))
+
+
 def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()

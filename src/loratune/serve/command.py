@@ -60,7 +60,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def add_serve_parser(commands) -> None:
+def add_serve_parser(commands) -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a base model and many adapters over an OpenAI-compatible API")
     serve.add_argument("--model", required=True, help="base model: folder, .gguf file, built-in or hub name")
     serve.add_argument("--adapter", action="append", default=[], type=_adapter_pair, metavar="NAME=DIR",
@@ -83,6 +83,7 @@ def add_serve_parser(commands) -> None:
                        help="seconds a request's headers may take to arrive whole before 408 (default: 10)")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run)
+    return serve
 
 
 def base_name(model: str) -> str:
@@ -152,13 +153,15 @@ def run(args: argparse.Namespace) -> None:
     require_extra("serve", "loratune serve")
     import uvicorn
 
+    from ..precision import inference_dtype
     from ..pretrained import load_model
     from .http import uvicorn_config
 
     api_key = args.api_key or os.environ.get("LORATUNE_API_KEY") or None
     check_api_key(api_key, "--api-key" if args.api_key else "LORATUNE_API_KEY")
     sock = listening_socket(args.host, args.port)
-    model, tokenizer = load_model(args.model, "causal-lm", quantize=args.quantize)
+    model, tokenizer = load_model(args.model, "causal-lm", quantize=args.quantize,
+                                  dtype=inference_dtype(args.precision))
     app, engine = build(model, tokenizer, base_name(args.model), args.adapter, api_key=api_key,
                         adapter_root=args.adapter_root, max_batch=args.max_batch, max_queued=args.max_queued,
                         max_adapters=args.max_adapters, max_prompt_tokens=args.max_prompt_tokens,
