@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import machine, proc_status, start_server, stop_server, write_result
+from loratune.cli import PRECISIONS
 
 PROMPTS = [
     "Explain what a LoRA adapter is to a new programmer.", "Write a short poem about the sea.",
@@ -259,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one-at-a-time", type=int, default=32,
                         help="how many of the requests to send one at a time (default 32, to bound the time)")
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--precision", choices=["fp32", "auto", "bf16"], default="fp32",
-                        help="the server's --precision (default fp32, the server's default)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                        help="the server's --precision (default: the server's default)")
     parser.add_argument("--time-limit", type=float, default=900.0, help="seconds per run before no new request starts")
     parser.add_argument("--soak", type=float, metavar="SECONDS",
                         help="mixed traffic for SECONDS (at least 180) instead of the three runs; fails on peak RSS "

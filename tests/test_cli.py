@@ -269,4 +269,8 @@ def test_generate_precision_picks_the_base_dtype_as_the_cpu_choice_says(monkeypa
     for chosen, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         monkeypatch.setattr(precision, "cpu_choice", lambda chosen=chosen: {"precision": chosen})
         assert precision.inference_dtype("auto") == dtype
-        assert [precision.inference_dtype(p) for p in ("fp32", "bf16")] == [torch.float32, torch.bfloat16]
+    assert [precision.inference_dtype(p) for p in ("fp32", "bf16")] == [torch.float32, torch.bfloat16]
+    from loratune.cli import build_parser
+
+    parsed = build_parser().parse_args(["serve", "--model", tiny_gpt2, "--precision", "auto"])
+    assert parsed.precision == "auto" and build_parser().parse_args(["serve", "--model", "m"]).precision == "fp32"

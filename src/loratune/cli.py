@@ -182,12 +182,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"loratune: error: {message}\n")
 
 
+PRECISIONS = ("fp32", "auto", "bf16")  # `--precision` of generate and serve; the first is the default
+
+
 def add_precision_option(command: argparse.ArgumentParser) -> None:
     """`--precision` of `generate` and `serve`, one option so both choose the base's dtype alike."""
-    command.add_argument("--precision", choices=["fp32", "auto", "bf16"], default="fp32",
+    command.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                          help="the base model's weights: fp32 (the default: a request's greedy tokens are the same "
-                              "alone or batched), or bf16 where this CPU computes it natively (auto) or always "
-                              "(bf16): faster, but batching may then change a near-tie token")
+                              "alone or batched), bf16 where the CPU probe measured native bf16 products faster "
+                              "(auto), or bf16 always: faster, but batching may then change a near-tie token")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -270,6 +270,7 @@ def test_a_prefix_all_prompts_share_is_computed_once_per_adapter_and_each_row_ke
     """Issue 25: prompts arriving together that start alike (a chat template's system turn) run that start once
     per adapter, not once per row, and each row still gets `generate`'s greedy tokens."""
     import loratune.serve.scheduler as scheduler
+    from loratune.batching import common_prefix_length
 
     model, tokenizer = loaded
     system = "you are a helpful assistant and you answer about the cat and the dog : "
@@ -281,7 +282,7 @@ def test_a_prefix_all_prompts_share_is_computed_once_per_adapter_and_each_row_ke
     real, prefixes = scheduler.prefix_cache, []
 
     def counting(body, prefix_ids, rows):
-        prefixes.append(prefix_ids.shape[1])
+        prefixes.append(tuple(prefix_ids.shape))
         return real(body, prefix_ids, rows)
 
     monkeypatch.setattr(scheduler, "prefix_cache", counting)
@@ -294,6 +295,34 @@ def test_a_prefix_all_prompts_share_is_computed_once_per_adapter_and_each_row_ke
         got = finish(pairs)
     finally:
         engine.stop()
-    assert len(prefixes) == len(MODELS) and min(prefixes) >= shared  # once per adapter (and the base)
+    assert prefixes == [(len(MODELS), common_prefix_length(prompts))]  # one forward, a row per adapter and the base
     for i, ((tokens, _, _), want) in enumerate(zip(got, expected)):
         assert tokens == (want[:1] if i == 4 else want), cases[i]
+
+
+def test_choices_and_a_second_wave_after_a_shared_prefix_keep_their_tokens(loaded):
+    """After a prefill that shared its prompts' prefix, a request's `n` choices get one prompt row each copied, and
+    rows that join later (left-padded against the moved cache) still decode `generate`'s greedy tokens."""
+    model, tokenizer = loaded
+    system = "you are a helpful assistant and you answer about the cat and the dog : "
+    first = [(system + p, a) for p in PROMPTS[:3] for a in MODELS[1:]]
+    later = [(system + "what about the plot", "alpha"), ("dog", "beta")]
+    engine = Engine(model, tokenizer, max_batch=16)
+    prompt = tokenizer(system + "the movie").input_ids
+    choices = [Collector() for _ in range(2)]
+    pairs = [(Job(prompt, "beta", Sampling(max_tokens=12, temperature=0.0), c), c) for c in choices]
+    wave = [job(tokenizer, *case, max_tokens=12) for case in first]
+    engine.submit(*(j for j, _ in pairs + wave))
+    engine.start()
+    try:
+        assert wait_for(lambda: wave[0][1].events, what="a first token")
+        joined = [job(tokenizer, *case, max_tokens=12) for case in later]
+        for j, _ in joined:
+            engine.submit(j)
+        got = finish(pairs + wave + joined)
+    finally:
+        engine.stop()
+    want = generate_alone(model, tokenizer, system + "the movie", "beta", 12)
+    assert [g[0] for g in got[:2]] == [want, want]
+    for (tokens, _, _), case in zip(got[2:], first + later):
+        assert tokens == generate_alone(model, tokenizer, *case, 12), case

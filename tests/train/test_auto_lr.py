@@ -1,6 +1,8 @@
 """train.learning_rate: auto: chosen on a part of the training split, never on the held-out split."""
 
 import json
+import math
+import types
 
 import pytest
 import torch
@@ -70,10 +72,14 @@ def test_the_range_test_reads_the_training_split_alone_and_chooses_a_tenth_of_it
         choices.append(fit(validate_config(data, "test"), quiet=True)["learning_rate_choice"])
     assert choices[0] == choices[1]  # the rate and every point of the curve
     curve = choices[0]["curve"]
-    rates = [rate for rate, _ in curve]
-    assert len(curve) <= 6 and rates[0] == pytest.approx(CANDIDATES["lora"][0] / 10)
-    assert all(later > earlier for earlier, later in zip(rates, rates[1:]))  # geometric growth
-    assert choices[0]["chosen"] == range_choice(curve, CANDIDATES["lora"])[0]
+    rates, losses = [rate for rate, _ in curve], [loss for _, loss in curve]
+    lowest, highest = CANDIDATES["lora"][0] / 10, CANDIDATES["lora"][-1] * 10
+    assert rates[0] == pytest.approx(lowest)  # 6 steps (a fifth of 30) from 1e-5 towards 5e-2, each x 5.5
+    assert [b / a for a, b in zip(rates, rates[1:])] == pytest.approx([(highest / lowest) ** 0.2] * (len(rates) - 1))
+    assert len(curve) == 6 or losses[-1] > 4 * min(losses[:-1])  # the whole test, or stopped where the loss blew up
+    at_minimum = rates[losses.index(min(losses))]
+    expected = min(CANDIDATES["lora"], key=lambda c: abs(math.log(c / (at_minimum / 10))))
+    assert choices[0]["chosen"] == expected
     assert choices[0]["training_examples"] == 36  # the whole training split; no part carved
     report = (tmp_path / "clean" / "report.md").read_text()
     assert "by a range test" in report and "| step | rate | smoothed training loss |" in report
@@ -85,6 +91,25 @@ def test_the_range_choice_is_the_candidate_nearest_a_tenth_of_the_rate_at_the_lo
     assert range_choice(curve, lora) == (1e-4, curve[11][0])  # lowest at 8.6e-4: a tenth is nearest 1e-4
     assert range_choice([[2e-2, 1.0], [4e-2, 0.5], [5e-2, 0.7]], lora) == (5e-3, 4e-2)
     assert range_choice([[1e-5, 1.0], [2e-5, 3.0]], lora) == (1e-4, 1e-5)  # never below the lowest candidate
+
+
+def test_a_saved_choice_is_reused_only_by_the_search_that_made_it(run_config, tmp_path, monkeypatch):
+    """A restarted run keeps its folder's choice; a run of the other `train.lr_search` searches again."""
+    import loratune.train.auto_lr as auto_lr
+
+    searches = []
+
+    def choose(session, stopping):
+        searches.append(session.config.train.lr_search)
+        return {"chosen": 5e-4, "how": auto_lr.SEARCHES[session.config.train.lr_search]}
+
+    monkeypatch.setattr(auto_lr, "choose", choose)
+    for search in ("halving", "halving", "range", "range"):
+        config = validate_config(run_config(train={"learning_rate": "auto", "lr_search": search}), "test")
+        session = types.SimpleNamespace(config=config, processes=types.SimpleNamespace(world=1))
+        assert auto_lr.resolve_learning_rate(session, tmp_path) and session.config.train.learning_rate == 5e-4
+    assert searches == ["halving", "range"]
+    assert json.loads((tmp_path / auto_lr.CHOICE_NAME).read_text())["how"] == "a range test"
 
 
 def test_the_last_rounds_winner_is_scaled_down_to_the_runs_length():

@@ -62,7 +62,9 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
 def packed_mask_obstacle(config: Any, length: int) -> str | None:
     """Why a 4D mask of our own would not reach the attention unchanged or would mean something else for rows
     of `length` tokens (None: it would not): FlashAttention takes none, a sliding window shorter than the rows
-    cuts it, and ALiBi models build their biases from a 2D mask instead of position ids."""
+    cuts it, and ALiBi models build their biases from a 2D mask instead of position ids. The server asks the
+    same of its 2D masks with padding inside a row (between a shared prefix and each row's rest), which the
+    same three would misread."""
     implementation = getattr(config, "_attn_implementation", None)
     window = getattr(config, "sliding_window", None)
     if implementation not in ("eager", "sdpa"):

@@ -2,7 +2,8 @@
 
 One engine thread owns the model. Each iteration it applies pending adapter loads and deletions, admits the
 requests that arrived since the last step (their prompts prefilled together in one left-padded forward, each
-row masked and positioned as if alone, so its greedy tokens are a single-request `generate`'s), and then runs
+row masked and positioned as if alone, so its greedy tokens are a single-request `generate`'s; a start all
+prompts share, such as a chat template's system turn, runs once per adapter before it), and then runs
 one decode step for every running row together. Rows are left-padded in a shared `DynamicCache` and carry
 their own positions; the per-row adapters are applied in one batched computation by
 `lt.mixed_adapter_batch`. A row leaves as soon as it finishes, and padding no row needs is trimmed (the cache
@@ -14,7 +15,6 @@ one flattened sequence, so there is no batch row to hang an adapter on; hence th
 
 from __future__ import annotations
 
-import functools
 import random
 import threading
 from collections import deque
@@ -248,7 +248,9 @@ class Engine:
     def _prefill(self, jobs: list[Job]) -> None:
         """One forward for every new prompt, left-padded (`batching.pad_rows`) so each row's last prompt token is
         the last column, as in the shared cache, with a padding mask and each row's own positions from 0. Jobs
-        sharing one prompt list and adapter (a request's `n` choices) run as one row whose cache row is copied."""
+        sharing one prompt list and adapter (a request's `n` choices) run as one row whose cache row is copied.
+        A prefix all prompts share runs first, once per adapter (`_prefix_rows`); the rows are then laid out
+        [prefix][pads][rest], and `padding_first` moves the pads to the front afterwards."""
         row_of: dict[tuple[int, str | None], int] = {}
         firsts: list[Job] = []  # one job per row to run
         source: list[int] = []  # each job's row
@@ -284,25 +286,31 @@ class Engine:
     def _shared_prefix(self, prompts: list[list[int]], adapters: list[str | None]) -> int:
         """How many leading tokens every prompt shares (`batching.common_prefix_length`: a chat template's
         system turn), worth computing once per adapter; 0 where that saves nothing (no more rows than
-        adapters) or where padding inside a row could mean something else (`packed_mask_obstacle`)."""
-        if len(prompts) <= len(set(adapters)):
+        adapters), where the model's decoder body cannot be found, or where padding inside a row could mean
+        something else (`packed_mask_obstacle`)."""
+        if len(prompts) <= len(set(adapters)) or self._body() is None:
             return 0
         prefix = common_prefix_length(prompts)
         if prefix and packed_mask_obstacle(self.model.config, max(map(len, prompts))) is not None:
             return 0
         return prefix
 
+    def _body(self) -> torch.nn.Module | None:
+        """The decoder body under the output head (transformers' `get_decoder`), or None where there is none
+        to tell apart (some multimodal models' lookup returns the whole model, or raises)."""
+        try:
+            body = self.model.get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            return None
+        return body if isinstance(body, torch.nn.Module) and body is not self.model else None
+
     def _prefix_rows(self, prefix_ids: torch.Tensor, adapters: list[str | None]) -> DynamicCache:
-        """The shared prefix's keys and values, computed once per adapter at batch 1 (`batching.prefix_cache`)
-        and copied to the rows that use that adapter."""
-        body = getattr(self.model, self.model.base_model_prefix)
+        """The shared prefix's keys and values: one forward (`batching.prefix_cache`) with one row per adapter
+        the batch uses, each row then copied to the batch rows using its adapter."""
         distinct = list(dict.fromkeys(adapters))
-        caches = []
-        for adapter in distinct:
-            with lt.mixed_adapter_batch(self.model, [adapter]):
-                caches.append(prefix_cache(body, prefix_ids, 1)[1])
-        stacked = functools.reduce(lambda a, b: stack_rows(a, b, 0, 0), caches)
-        return keep_rows(stacked, torch.tensor([distinct.index(a) for a in adapters]), 0)
+        with lt.mixed_adapter_batch(self.model, distinct):
+            _, cache = prefix_cache(self._body(), prefix_ids.expand(len(distinct), -1), len(distinct))
+        return keep_rows(cache, torch.tensor([distinct.index(a) for a in adapters]), 0)
 
     def _join(self, jobs: list[Job], cache: DynamicCache, length: int) -> None:
         """Add prefilled rows (each `pad` set within `cache`) to the shared cache, left-padding whichever side is

@@ -42,6 +42,7 @@ CHOICE_NAME = "learning_rate_choice.json"
 CANDIDATES = {"lora": (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3),
               "full": (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4),
               "head": (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)}
+SEARCHES = {"halving": "successive halving", "range": "a range test"}  # train.lr_search -> the choice's "how"
 VALIDATION_FRACTION = 0.1
 MAX_VALIDATION = 500
 
@@ -57,10 +58,13 @@ def resolve_learning_rate(session: Any, out: Path, stopping: Callable[[], bool] 
         raise ConfigError("train.learning_rate: auto chooses in one process; choose with `loratune train` first, "
                           "then set the rate for a torchrun run")
     saved = out / CHOICE_NAME
-    choice = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else choose(session, stopping)
-    if choice is None:
-        return False
-    if not saved.is_file():
+    earlier = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None
+    if earlier is not None and earlier.get("how") == SEARCHES[tc.lr_search]:
+        choice = earlier
+    else:  # none yet, or made by the other search
+        choice = choose(session, stopping)
+        if choice is None:
+            return False
         write_text_atomic(saved, json.dumps(choice, indent=2) + "\n")
     session.config = with_rate(session.config, choice["chosen"])
     return True
@@ -132,7 +136,7 @@ def successive_halving(session: Any, start: dict[str, torch.Tensor],
         steps *= 2
     winner, last = survivors[0], rounds[-1]["steps"]
     chosen = for_run_length(winner, last, tc.max_steps, CANDIDATES[method])
-    return {"chosen": chosen, "how": "successive halving", "candidates": list(CANDIDATES[method]),
+    return {"chosen": chosen, "how": SEARCHES["halving"], "candidates": list(CANDIDATES[method]),
             "round_winner": winner, "validation_examples": len(val), "training_examples": len(train),
             "rounds": rounds,
             "why": f"{winner:g} had the lowest loss on {len(val)} examples carved from the training split after "
@@ -158,19 +162,18 @@ RANGE_STOP = 4.0  # the test ends once the smoothed loss passes this multiple of
 
 def range_test(session: Any, start: dict[str, torch.Tensor], stopping: Callable[[], bool]) -> dict[str, Any] | None:
     """One run of a fifth of the run's steps whose rate grows geometrically over the method's candidates
-    (widened by `RANGE_SPAN` each way), reading the smoothed training loss; the choice is `range_choice`'s."""
+    (widened by `RANGE_SPAN` each way), reading the smoothed training loss; the choice is `range_choice`'s.
+
+    As in fastai's finder, each step's loss (computed before that step's update) is paired with the step's
+    rate, and the smoothing lags a few steps: both put the minimum at a higher rate than the one that caused
+    it, which the division by ten absorbs in part. docs/quality.md measures the result against halving."""
     tc, method = session.config.train, session.config.method
     candidates = CANDIDATES[method]
     low, high = candidates[0] / RANGE_SPAN, candidates[-1] * RANGE_SPAN
     steps = max(2, tc.max_steps // 5)
     growth = (high / low) ** (1 / (steps - 1))
     optimizer = build_optimizer(session.model, low, tc.weight_decay, tc.lora_plus_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: growth ** step)
-    run = Run(session, Path(session.config.output_dir), optimizer, scheduler, RunState(), {}, [],
-              trainer=trainer_for(session))
-    order = batch_order(session)
-    torch.manual_seed(tc.seed)
-    session.model.train()
+    run, order = _short_run(session, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: growth ** k))
     curve, mean, best = [], 0.0, float("inf")
     while run.state.step < steps:
         if stopping():
@@ -185,17 +188,22 @@ def range_test(session: Any, start: dict[str, torch.Tensor], stopping: Callable[
         if not math.isfinite(smoothed) or smoothed > RANGE_STOP * best:
             break
         best = min(best, smoothed)
+    choice = {"how": SEARCHES["range"], "candidates": list(candidates), "rounds": [], "curve": curve,
+              "training_examples": len(session.data.train_examples)}
+    if not curve:
+        return {**choice, "chosen": candidates[0],
+                "why": f"the loss diverged at the range test's first step (rate {low:g}), so the lowest candidate"}
     chosen, at_minimum = range_choice(curve, candidates)
-    return {"chosen": chosen, "how": "a range test", "candidates": list(candidates), "rounds": [],
-            "curve": curve, "training_examples": len(session.data.train_examples),
+    return {**choice, "chosen": chosen,
             "why": f"the smoothed training loss of one {len(curve)}-step run, its rate growing from {low:g} to "
                    f"{high:g}, was lowest at {at_minimum:.3g}; a tenth of that, to the nearest candidate (only the "
                    "training split was read)"}
 
 
 def range_choice(curve: list[list[float]], candidates: tuple[float, ...]) -> tuple[float, float]:
-    """(the candidate nearest a tenth of the rate where the smoothed loss was lowest, that rate)."""
-    at_minimum = min(curve, key=lambda point: point[1])[0] if curve else candidates[0] * RANGE_SPAN
+    """(the candidate nearest a tenth of the rate where the smoothed loss was lowest, that rate); `curve` holds
+    [rate, smoothed loss] pairs, at least one."""
+    at_minimum = min(curve, key=lambda point: point[1])[0]
     return nearest(at_minimum / RANGE_SPAN, candidates), at_minimum
 
 
@@ -208,13 +216,9 @@ def train_and_validate(session: Any, train: list, val: list, rate: float, steps:
     over `train`, as the run does over the whole training split, with the run's schedule shortened to `steps`."""
     tc = session.config.train
     part = dataclasses.replace(session, data=dataclasses.replace(session.data, train=DataSplit(examples=train)))
-    torch.manual_seed(tc.seed)  # every candidate sees the same dropout masks
     optimizer = build_optimizer(session.model, rate, tc.weight_decay, tc.lora_plus_ratio)
     scheduler = build_scheduler(optimizer, tc.warmup_steps * steps // tc.max_steps, steps, tc.schedule)
-    run = Run(part, Path(session.config.output_dir), optimizer, scheduler, RunState(), {}, [],
-              trainer=trainer_for(part))
-    order = batch_order(part)
-    session.model.train()
+    run, order = _short_run(part, optimizer, scheduler)
     try:
         while run.state.step < steps:
             optimizer_step(run, order)
@@ -224,6 +228,16 @@ def train_and_validate(session: Any, train: list, val: list, rate: float, steps:
     except TrainingDiverged:
         return float("inf")
     return validation_loss(session, val)
+
+
+def _short_run(session: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[Run, Any]:
+    """A search's run over `session`'s training examples through the run's own steps and batch order, writing
+    nothing; every search run starts from the same random streams (the same dropout masks)."""
+    run = Run(session, Path(session.config.output_dir), optimizer, scheduler, RunState(), {}, [],
+              trainer=trainer_for(session))
+    torch.manual_seed(session.config.train.seed)
+    session.model.train()
+    return run, batch_order(session)
 
 
 def validation_loss(session: Any, val: list) -> float:

@@ -106,7 +106,7 @@ def _learning_rate_lines(choice: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["", "## Learning rate", "", f"train.learning_rate: auto chose {choice['chosen']:g} by {choice['how']}: "
              f"{choice['why']}.", ""]
-    if choice.get("curve"):
+    if "curve" in choice:
         lines += ["| step | rate | smoothed training loss |", "|---|---|---|"]
         return lines + [f"| {step} | {rate:.3g} | {loss:.4f} |" for step, (rate, loss) in enumerate(choice["curve"], 1)]
     candidates = choice["candidates"]
