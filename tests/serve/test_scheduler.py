@@ -208,13 +208,28 @@ def generate_alone(model, tokenizer, prompt: str, adapter, max_new_tokens: int =
     return tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_token_id else tokens
 
 
+def burst_equals_alone(model, tokenizer, cases) -> None:
+    """Submit `cases` (prompt, adapter) at once, the fifth asking for one token only, and check each request's
+    greedy tokens against `generate` alone."""
+    expected = [generate_alone(model, tokenizer, *case) for case in cases]
+    engine = Engine(model, tokenizer, max_batch=16)
+    pairs = [job(tokenizer, *case, max_tokens=1 if i == 4 else 24) for i, case in enumerate(cases)]
+    engine.submit(*(j for j, _ in pairs))
+    engine.start()
+    try:
+        got = finish(pairs)
+    finally:
+        engine.stop()
+    for i, ((tokens, _, _), want) in enumerate(zip(got, expected)):
+        assert tokens == (want[:1] if i == 4 else want), cases[i]
+
+
 def test_prompts_arriving_together_are_prefilled_in_one_padded_forward_each_with_its_own_tokens(loaded, monkeypatch):
     """Issue 25: the requests of one step share one left-padded prefill forward (mixed lengths and adapters, one
     row finishing at its first token), and each still gets `generate`'s greedy tokens."""
     model, tokenizer = loaded
     cases = [(p, a) for p in PROMPTS for a in MODELS][:9]
     assert len({len(tokenizer(p).input_ids) for p, _ in cases}) > 2 and len({a for _, a in cases}) == 3
-    expected = [generate_alone(model, tokenizer, *case) for case in cases]
     sizes = []
     real = Engine._prefill
 
@@ -223,18 +238,8 @@ def test_prompts_arriving_together_are_prefilled_in_one_padded_forward_each_with
         return real(self, jobs)
 
     monkeypatch.setattr(Engine, "_prefill", counting)
-    engine = Engine(model, tokenizer, max_batch=16)
-    pairs = [job(tokenizer, *case, max_tokens=1 if i == 4 else 24) for i, case in enumerate(cases)]
-    for j, _ in pairs:
-        engine.submit(j)
-    engine.start()
-    try:
-        got = finish(pairs)
-    finally:
-        engine.stop()
+    burst_equals_alone(model, tokenizer, cases)
     assert sizes == [len(cases)]  # one forward for all of them
-    for i, ((tokens, _, _), want) in enumerate(zip(got, expected)):
-        assert tokens == (want[:1] if i == 4 else want), cases[i]
 
 
 def test_choices_sharing_one_prompt_are_prefilled_once(loaded, monkeypatch):
@@ -278,7 +283,6 @@ def test_a_prefix_all_prompts_share_is_computed_once_per_adapter_and_each_row_ke
     prompts = [tokenizer(p).input_ids for p, _ in cases]
     shared = len(tokenizer(system).input_ids) - 1
     assert all(ids[:shared] == prompts[0][:shared] for ids in prompts) and shared >= 8
-    expected = [generate_alone(model, tokenizer, *case) for case in cases]
     real, prefixes = scheduler.prefix_cache, []
 
     def counting(body, prefix_ids, rows):
@@ -286,18 +290,8 @@ def test_a_prefix_all_prompts_share_is_computed_once_per_adapter_and_each_row_ke
         return real(body, prefix_ids, rows)
 
     monkeypatch.setattr(scheduler, "prefix_cache", counting)
-    engine = Engine(model, tokenizer, max_batch=16)
-    pairs = [job(tokenizer, *case, max_tokens=1 if i == 4 else 24) for i, case in enumerate(cases)]
-    for j, _ in pairs:
-        engine.submit(j)
-    engine.start()
-    try:
-        got = finish(pairs)
-    finally:
-        engine.stop()
+    burst_equals_alone(model, tokenizer, cases)
     assert prefixes == [(len(MODELS), common_prefix_length(prompts))]  # one forward, a row per adapter and the base
-    for i, ((tokens, _, _), want) in enumerate(zip(got, expected)):
-        assert tokens == (want[:1] if i == 4 else want), cases[i]
 
 
 def test_choices_and_a_second_wave_after_a_shared_prefix_keep_their_tokens(loaded):
