@@ -320,3 +320,20 @@ def test_choices_and_a_second_wave_after_a_shared_prefix_keep_their_tokens(loade
     assert [g[0] for g in got[:2]] == [want, want]
     for (tokens, _, _), case in zip(got[2:], first + later):
         assert tokens == generate_alone(model, tokenizer, *case, 12), case
+
+
+def test_the_decoder_body_is_the_model_under_the_head_or_none(loaded):
+    """Where transformers' lookup gives the whole model back (or fails), prompts prefill whole: no shared prefix."""
+    from torch import nn
+
+    from loratune.serve.scheduler import decoder_body
+
+    model, _ = loaded
+    assert decoder_body(model) is model.model
+    assert decoder_body(nn.Linear(2, 2)) is None
+
+    class Whole(nn.Module):
+        def get_decoder(self):
+            return self
+
+    assert decoder_body(Whole()) is None

@@ -120,6 +120,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._body = decoder_body(model)  # None: prompts' shared prefixes are prefilled with the rest
 
     # --- called from other threads ------------------------------------------------------------------------
     def start(self) -> None:
@@ -288,28 +289,19 @@ class Engine:
         system turn), worth computing once per adapter; 0 where that saves nothing (no more rows than
         adapters), where the model's decoder body cannot be found, or where padding inside a row could mean
         something else (`packed_mask_obstacle`)."""
-        if len(prompts) <= len(set(adapters)) or self._body() is None:
+        if len(prompts) <= len(set(adapters)) or self._body is None:
             return 0
         prefix = common_prefix_length(prompts)
         if prefix and packed_mask_obstacle(self.model.config, max(map(len, prompts))) is not None:
             return 0
         return prefix
 
-    def _body(self) -> torch.nn.Module | None:
-        """The decoder body under the output head (transformers' `get_decoder`), or None where there is none
-        to tell apart (some multimodal models' lookup returns the whole model, or raises)."""
-        try:
-            body = self.model.get_decoder()
-        except (AttributeError, NotImplementedError, ValueError):
-            return None
-        return body if isinstance(body, torch.nn.Module) and body is not self.model else None
-
     def _prefix_rows(self, prefix_ids: torch.Tensor, adapters: list[str | None]) -> DynamicCache:
         """The shared prefix's keys and values: one forward (`batching.prefix_cache`) with one row per adapter
         the batch uses, each row then copied to the batch rows using its adapter."""
         distinct = list(dict.fromkeys(adapters))
         with lt.mixed_adapter_batch(self.model, distinct):
-            _, cache = prefix_cache(self._body(), prefix_ids.expand(len(distinct), -1), len(distinct))
+            _, cache = prefix_cache(self._body, prefix_ids.expand(len(distinct), -1), len(distinct))
         return keep_rows(cache, torch.tensor([distinct.index(a) for a in adapters]), 0)
 
     def _join(self, jobs: list[Job], cache: DynamicCache, length: int) -> None:
@@ -444,3 +436,13 @@ def _safe_end(text: str, stops: tuple[str, ...], sent: int) -> int:
     hold = max((size for stop in stops for size in range(1, min(len(stop), end + 1))
                 if text[end - size:end] == stop[:size]), default=0)
     return max(end - hold, sent)
+
+
+def decoder_body(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder body under the output head (transformers' `get_decoder`), or None where there is none to tell
+    apart (some multimodal models' lookup returns the whole model, or raises). Looked up once per engine."""
+    try:
+        body = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    return body if isinstance(body, torch.nn.Module) and body is not model else None
