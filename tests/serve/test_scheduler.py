@@ -294,9 +294,13 @@ def test_a_prefix_all_prompts_share_is_computed_once_per_adapter_and_each_row_ke
     assert prefixes == [(len(MODELS), common_prefix_length(prompts))]  # one forward, a row per adapter and the base
 
 
-def test_choices_and_a_second_wave_after_a_shared_prefix_keep_their_tokens(loaded):
+def test_choices_and_a_second_wave_after_a_shared_prefix_keep_their_tokens(loaded, monkeypatch):
     """After a prefill that shared its prompts' prefix, a request's `n` choices get one prompt row each copied, and
     rows that join later (left-padded against the moved cache) still decode `generate`'s greedy tokens."""
+    import loratune.serve.scheduler as scheduler
+
+    real, prefixes = scheduler.prefix_cache, []
+    monkeypatch.setattr(scheduler, "prefix_cache", lambda *args: prefixes.append(args[1].shape) or real(*args))
     model, tokenizer = loaded
     system = "you are a helpful assistant and you answer about the cat and the dog : "
     first = [(system + p, a) for p in PROMPTS[:3] for a in MODELS[1:]]
@@ -316,6 +320,7 @@ def test_choices_and_a_second_wave_after_a_shared_prefix_keep_their_tokens(loade
         got = finish(pairs + wave + joined)
     finally:
         engine.stop()
+    assert len(prefixes) == 1 and prefixes[0][0] == 2  # the first prefill shared its prefix over two adapters
     want = generate_alone(model, tokenizer, system + "the movie", "beta", 12)
     assert [g[0] for g in got[:2]] == [want, want]
     for (tokens, _, _), case in zip(got[2:], first + later):
