@@ -67,52 +67,83 @@ def build_model(shape: dict, quantize: str):
     return model
 
 
-def child(spec: dict) -> dict:
-    """One run: build, adapt, train `steps` steps; tokens/s of steps 2.. and the resident memory before and
-    after building (the peak is the runner's count, `run_spec`)."""
-    import torch
-    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline is read)
-
+def prepared(spec: dict, quantize: str):
+    """(model with a LoRA adapter, its optimizer) for one base, as `loratune train` sets them up."""
     from loratune.core.adapters import add_adapter
     from loratune.core.lora_config import LoraConfig
     from loratune.precision import cpu_choice
-    from loratune.quant.allocator import release_free_memory, return_large_blocks
     from loratune.quant.linear import set_base_compute
     from loratune.train.optim import build_optimizer
-    from loratune.train.step import causal_lm_loss
 
-    torch.set_num_threads(spec["threads"])
-    # the CPU probe may run here (no cached rates yet): before the baseline, so its tensors are not counted
-    int8_base = cpu_choice()["int8_base"] if spec["quantize"] == "int8" else None
-    if spec["quantize"] != "none":
-        return_large_blocks()  # as `load_model` does for a quantized base (memory before speed)
-    release_free_memory()
-    start_rss = proc_status("VmRSS")
-    model = build_model(spec["shape"], spec["quantize"])
-    if int8_base:
-        set_base_compute(model, int8_base)
+    model = build_model(spec["shape"], quantize)
+    if quantize == "int8" and cpu_choice().get("int8_base"):
+        set_base_compute(model, cpu_choice()["int8_base"])
     add_adapter(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                   task_type="CAUSAL_LM"))
     model.train()
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(model, 1e-4, 0.0, 1.0)
-    ids = torch.randint(0, model.config.vocab_size, (1, spec["tokens"]), generator=torch.Generator().manual_seed(1))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return model, build_optimizer(model, 1e-4, 0.0, 1.0)
+
+
+def timed_step(model, optimizer, batch: dict, precision: str) -> tuple[float, float]:
+    """(seconds, loss) of one training step."""
+    import torch
+
+    from loratune.train.step import causal_lm_loss
+
+    begin = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss, _, _ = causal_lm_loss(model, batch, 1024)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - begin, loss.item()
+
+
+def token_batch(spec: dict) -> dict:
+    import torch
+
+    ids = torch.randint(0, spec["shape"]["vocab_size"], (1, spec["tokens"]), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def child(spec: dict) -> dict:
+    """One run: build, adapt, train `steps` steps; tokens/s of steps 2.. and the resident memory before and
+    after building (the peak is the runner's count, `run_spec`). With `spec["bases"]`, every base in one
+    process instead, their steps alternating, so that each ratio to the plain base is read at the same CPU
+    speed (this CPU's product rate moves by 2-3x within minutes); no memory figures then."""
+    import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline is read)
+
+    from loratune.precision import cpu_choice
+    from loratune.quant.allocator import release_free_memory, return_large_blocks
+
+    torch.set_num_threads(spec["threads"])
+    bases = spec.get("bases") or [spec["quantize"]]
+    # the CPU probe may run here (no cached rates yet): before the baseline, so its tensors are not counted
+    cpu_choice()
+    if any(base != "none" for base in bases):
+        return_large_blocks()  # as `load_model` does for a quantized base (memory before speed)
     release_free_memory()
-    built_rss, times = proc_status("VmRSS"), []
+    start_rss = proc_status("VmRSS")
+    runs = {base: prepared(spec, base) for base in bases}
+    batch = token_batch(spec)
+    release_free_memory()
+    built_rss, times = proc_status("VmRSS"), {base: [] for base in bases}
     for _ in range(spec["steps"]):
-        begin = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
-            loss, _, _ = causal_lm_loss(model, batch, 1024)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - begin)
-    timed = times[1:] or times
-    return {"tokens": spec["tokens"], "step_s": statistics.median(timed), "step_range": [min(timed), max(timed)],
-            "tokens_per_s": spec["tokens"] / statistics.median(timed), "start_rss": start_rss,
-            "built_rss": built_rss, "loss": loss.item()}
+        for base in bases:
+            seconds, loss = timed_step(*runs[base], batch, spec["precision"])
+            times[base].append(seconds)
+    results = {}
+    for base in bases:
+        timed = times[base][1:] or times[base]
+        median = statistics.median(timed)
+        results[base] = {"tokens": spec["tokens"], "step_s": median, "step_range": [min(timed), max(timed)],
+                         "tokens_per_s": spec["tokens"] / median}
+    if "bases" in spec:
+        return {"interleaved": results}
+    return {**results[bases[0]], "start_rss": start_rss, "built_rss": built_rss, "loss": loss}
 
 
 def run_spec(spec: dict, timeout: float) -> dict:
@@ -184,16 +215,43 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                 row["vs_plain"] = row["tokens_per_s"] / plain if plain else None
             rows.append(row)
             print(table_line(row), file=sys.stderr, flush=True)
+        if args.interleave:
+            rows.append(interleaved(size, rows, args, available))
+            print(interleaved_line(rows[-1]), file=sys.stderr, flush=True)
     rates_after = product_rates(args.threads)
     print("product rates after (GOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates_after.items()), file=sys.stderr)
     return rows
 
 
+def interleaved(size: str, rows: list[dict], args: argparse.Namespace, available: int) -> dict:
+    """The plain, NF4 and int8 bases of `size` in one child, steps alternating (`child`), where all three fit."""
+    need = sum(r.get("peak_rss", 0) - r.get("start_rss", 0) for r in rows if r["size"] == size)
+    if any("error" in r for r in rows if r["size"] == size) or need > 0.85 * available:
+        return {"size": size, "interleaved": None}
+    spec = {"shape": SIZES[size], "bases": ["none", "nf4", "int8"], "tokens": args.tokens, "steps": args.steps + 1,
+            "precision": "bf16", "threads": args.threads, "checkpointing": False}
+    return {"size": size, "interleaved": run_spec(spec, args.timeout).get("interleaved")}
+
+
+def interleaved_line(row: dict) -> str:
+    runs = row["interleaved"]
+    if not runs:
+        return f"| {row['size']} | not run (all three bases do not fit at once, or one failed) | | |"
+    plain = runs["none"]["tokens_per_s"]
+    cells = [f"{runs[b]['tokens_per_s']:.1f}" + (f" ({runs[b]['tokens_per_s'] / plain:.2f}x)" if b != "none" else "")
+             for b in ("none", "nf4", "int8")]
+    return f"| {row['size']} | " + " | ".join(cells) + " |"
+
+
+INTERLEAVED_HEADER = ("| model | plain tokens/s | NF4 tokens/s (vs plain) | int8 tokens/s (vs plain) |\n"
+                      "|---|---|---|---|")
 HEADER = ("| model | base | ckpt | tokens/s (steps 2.., range) | vs plain | useful GFLOP/s | % fp32 / bf16 / int8 rate "
           "| peak RSS GB | training increment GB: measured / estimate |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def table_line(row: dict) -> str:
+    if "interleaved" in row:
+        return interleaved_line(row)
     if "error" in row:
         return f"| {row['size']} | {row['quantize']} | | {row['error']} | | | | | |"
     lo, hi = (row["tokens"] / t for t in reversed(row["step_range"])) if "tokens" in row else (0, 0)
@@ -212,13 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="steps per run; the first is not timed (default 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is abandoned")
+    parser.add_argument("--interleave", action="store_true",
+                        help="also run each size's three bases in one process, steps alternating, for ratios read "
+                             "at the same CPU speed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     rows = run_all(args)
-    print(HEADER + "\n" + "\n".join(table_line(r) for r in rows))
+    print(HEADER + "\n" + "\n".join(table_line(r) for r in rows if "interleaved" not in r))
+    if args.interleave:
+        print("\nSteps alternating in one process:\n\n" + INTERLEAVED_HEADER + "\n"
+              + "\n".join(interleaved_line(r) for r in rows if "interleaved" in r))
     return 0 if all("error" not in r or r["error"].startswith("not run") for r in rows) else 1
 
 

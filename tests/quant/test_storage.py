@@ -20,6 +20,14 @@ from loratune.quant.storage import (
 )
 
 
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def dequantization_path(request, monkeypatch):
+    """Every test runs with the compiled NF4 kernel (`quant.native`) and with the torch path."""
+    if request.param == "torch":
+        monkeypatch.setenv("LORATUNE_NATIVE", "0")
+    return request.param
+
+
 def seeded(shape=(512, 256), dtype=torch.bfloat16, seed=0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 

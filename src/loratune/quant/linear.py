@@ -2,9 +2,10 @@
 
 Forward and backward each rebuild the weight once, in the compute dtype (bf16 under autocast); autograd
 saves nothing of it, so a quantized layer costs its packed codes in memory, never a full-precision copy
-that outlives one matmul. An int8 weight is not dequantized at all: its codes are exact in bf16, and its
-per-row scales multiply the product's columns (forward) or the output gradient (backward), which costs
-a conversion and a scaling of an activation-sized tensor instead of a weight-sized one.
+that outlives one matmul. On the CPU the compiled kernels (`quant.native`) rebuild it in one pass. Without
+them an int8 weight is not dequantized at all: its codes are exact in bf16, and its per-row scales multiply
+the product's columns (forward) or the output gradient (backward), a conversion and a scaling of an
+activation-sized tensor instead of a weight-sized one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from loratune.core.layers import Conv1D
 from loratune.errors import QuantizationError
 from loratune.quant.int8_compute import Int8Linear
+from loratune.quant.native import dequant_kernels, kernels_for
 from loratune.quant.storage import QuantizedWeight, Workspace, check_quantizable, dequantize, int8_codes, quantize
 
 # Shared by the quantized layers of a thread: each dequantized weight is used by one matmul, then overwritten.
@@ -45,14 +47,14 @@ class _DequantizedMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
         q = layer.packed
-        if q.format == "int8":
+        if q.format == "int8" and kernels_for(x.device, x.dtype) is None:
             return F.linear(x, int8_codes(q, x.dtype, _workspace())).mul_(q.scales.to(x.dtype))
         return F.linear(x, dequantize(q, x.dtype, _workspace()))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         q = ctx.layer.packed
-        if q.format == "int8":
+        if q.format == "int8" and kernels_for(grad.device, grad.dtype) is None:
             return (grad * q.scales.to(grad.dtype)) @ int8_codes(q, grad.dtype, _workspace()), None
         return grad @ dequantize(q, grad.dtype, _workspace()), None
 
@@ -79,6 +81,8 @@ class QuantLinear(nn.Linear):
             self.register_buffer(key, tensor)
         self.full_shapes: dict[str, torch.Size] = {}  # set by `keep_shard`: the tensors holding only some rows
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        if q.data.device.type == "cpu":
+            dequant_kernels()  # built (once, about 25 s) while the model loads, not in the first training step
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, format: str, double_quant: bool = True,

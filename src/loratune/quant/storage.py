@@ -7,7 +7,8 @@ blocks), which takes the cost of the scales from 0.5 to about 0.127 bits per wei
 
 int8 stores each output row as int8 codes times one scale (row absmax / 127).
 
-Dequantization is the hot path (it runs in every forward and backward): a byte holds two codes, so a
+Dequantization is the hot path (it runs in every forward and backward). On the CPU compiled kernels
+(`quant.native`) do it in one pass; elsewhere, or where it cannot be built: a byte holds two codes, so a
 256-entry table of value pairs turns each byte into two values with one gather, then one multiply applies
 the block scales (for bf16 a 65536-entry table turns two bytes into four values). With a `Workspace`
 every step writes into buffers kept between calls: a fresh tensor of
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from loratune.errors import QuantizationError
+from loratune.quant.native import kernels_for
 
 FORMATS: tuple[str, ...] = ("nf4", "int8")
 
@@ -105,9 +107,18 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.bfloat16,
                workspace: Workspace | None = None) -> torch.Tensor:
     """The (out, in) weight in `dtype`; with a `workspace`, written into its buffers (see `Workspace`)."""
     space = workspace or Workspace()
-    if q.format == "int8":
-        return int8_codes(q, dtype, space).mul_(q.scales[:, None])
     device = q.data.device
+    kernels = kernels_for(device, dtype)
+    if q.format == "int8":
+        if kernels is None:
+            return int8_codes(q, dtype, space).mul_(q.scales[:, None])
+        out = space.get("values", q.data.numel(), dtype, device).view(q.shape)
+        kernels.int8_dequantize(q.data.contiguous(), q.scales.contiguous(), out)
+        return out
+    if kernels is not None:
+        out = space.get("values", q.data.numel() * 2, dtype, device)
+        kernels.nf4_dequantize(q.data.contiguous(), _block_scales(q, space).contiguous(), NF4_CODEBOOK, out)
+        return out.view(q.shape)
     table = _code_table(dtype, device)
     codes = q.data.view(torch.uint16) if table.numel() > 256 else q.data  # a gather per two bytes where it fits
     index = space.get("index", codes.numel(), torch.int32, device).copy_(codes)
