@@ -224,23 +224,34 @@ def run_all(args: argparse.Namespace) -> list[dict]:
 
 
 def interleaved(size: str, rows: list[dict], args: argparse.Namespace, available: int) -> dict:
-    """The plain, NF4 and int8 bases of `size` in one child, steps alternating (`child`), where all three fit."""
-    need = sum(r.get("peak_rss", 0) - r.get("start_rss", 0) for r in rows if r["size"] == size)
-    if any("error" in r for r in rows if r["size"] == size) or need > 0.85 * available:
-        return {"size": size, "interleaved": None}
-    spec = {"shape": SIZES[size], "bases": ["none", "nf4", "int8"], "tokens": args.tokens, "steps": args.steps + 1,
-            "precision": "bf16", "threads": args.threads, "checkpointing": False}
-    return {"size": size, "interleaved": run_spec(spec, args.timeout).get("interleaved")}
+    """The plain, NF4 and int8 bases of `size` in one child, steps alternating (`child`); where the three do not
+    fit at once, the plain base with each quantized one in turn. {"size", "pairs": [child results]}."""
+    runs = {r["quantize"]: r for r in rows if r["size"] == size}
+    if set(runs) != {"none", "nf4", "int8"} or any("error" in r for r in runs.values()):
+        return {"size": size, "pairs": []}
+    need = {base: r["peak_rss"] - r["start_rss"] for base, r in runs.items()}
+    fits = sum(need.values()) <= 0.85 * available
+    groups = [["none", "nf4", "int8"]] if fits else [["none", q] for q in ("nf4", "int8")
+                                                      if need["none"] + need[q] <= 0.85 * available]
+    pairs = []
+    for bases in groups:
+        spec = {"shape": SIZES[size], "bases": bases, "tokens": args.tokens, "steps": args.steps + 1,
+                "precision": "bf16", "threads": args.threads, "checkpointing": False}
+        pairs.append(run_spec(spec, args.timeout).get("interleaved") or {})
+    return {"size": size, "pairs": [p for p in pairs if "none" in p]}
 
 
 def interleaved_line(row: dict) -> str:
-    runs = row["interleaved"]
-    if not runs:
-        return f"| {row['size']} | not run (all three bases do not fit at once, or one failed) | | |"
-    plain = runs["none"]["tokens_per_s"]
-    cells = [f"{runs[b]['tokens_per_s']:.1f}" + (f" ({runs[b]['tokens_per_s'] / plain:.2f}x)" if b != "none" else "")
-             for b in ("none", "nf4", "int8")]
-    return f"| {row['size']} | " + " | ".join(cells) + " |"
+    """Plain tokens/s (one figure per child), then each quantized base with its ratio to its own child's plain."""
+    if not row["pairs"]:
+        return f"| {row['size']} | not run (the plain base and a quantized one do not fit at once) | | |"
+    plain = " / ".join(f"{runs['none']['tokens_per_s']:.1f}" for runs in row["pairs"])
+    cells = {}
+    for runs in row["pairs"]:
+        for base in set(runs) - {"none"}:
+            rate = runs[base]["tokens_per_s"]
+            cells[base] = f"{rate:.1f} ({rate / runs['none']['tokens_per_s']:.2f}x)"
+    return f"| {row['size']} | {plain} | {cells.get('nf4', '-')} | {cells.get('int8', '-')} |"
 
 
 INTERLEAVED_HEADER = ("| model | plain tokens/s | NF4 tokens/s (vs plain) | int8 tokens/s (vs plain) |\n"
@@ -250,7 +261,7 @@ HEADER = ("| model | base | ckpt | tokens/s (steps 2.., range) | vs plain | usef
 
 
 def table_line(row: dict) -> str:
-    if "interleaved" in row:
+    if "pairs" in row:
         return interleaved_line(row)
     if "error" in row:
         return f"| {row['size']} | {row['quantize']} | | {row['error']} | | | | | |"
@@ -271,18 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is abandoned")
     parser.add_argument("--interleave", action="store_true",
-                        help="also run each size's three bases in one process, steps alternating, for ratios read "
-                             "at the same CPU speed")
+                        help="also run each size's bases in one process, steps alternating (the plain base with each "
+                             "quantized one where the three do not fit), for ratios read at one CPU speed")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     rows = run_all(args)
-    print(HEADER + "\n" + "\n".join(table_line(r) for r in rows if "interleaved" not in r))
+    print(HEADER + "\n" + "\n".join(table_line(r) for r in rows if "pairs" not in r))
     if args.interleave:
         print("\nSteps alternating in one process:\n\n" + INTERLEAVED_HEADER + "\n"
-              + "\n".join(interleaved_line(r) for r in rows if "interleaved" in r))
+              + "\n".join(interleaved_line(r) for r in rows if "pairs" in r))
     return 0 if all("error" not in r or r["error"].startswith("not run") for r in rows) else 1
 
 

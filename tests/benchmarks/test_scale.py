@@ -1,4 +1,4 @@
-"""`python -m benchmarks scale` on a tiny Llama shape: one base per child, and the three bases interleaved."""
+"""`python -m benchmarks scale` on a tiny Llama shape: one base per child, and the bases interleaved."""
 
 import math
 
@@ -23,7 +23,29 @@ def test_one_base_per_child_reports_speed_memory_and_a_finite_loss():
 def test_interleaved_bases_each_train_and_read_as_ratios_to_plain():
     runs = scale.child(spec(bases=["none", "nf4", "int8"]))["interleaved"]
     assert set(runs) == {"none", "nf4", "int8"} and all(r["tokens_per_s"] > 0 for r in runs.values())
-    line = scale.interleaved_line({"size": "tiny", "interleaved": runs})
     plain, nf4, int8 = (runs[b]["tokens_per_s"] for b in ("none", "nf4", "int8"))
+    line = scale.interleaved_line({"size": "tiny", "pairs": [runs]})
     assert line == f"| tiny | {plain:.1f} | {nf4:.1f} ({nf4 / plain:.2f}x) | {int8:.1f} ({int8 / plain:.2f}x) |"
-    assert "not run" in scale.interleaved_line({"size": "7b", "interleaved": None})
+    assert "not run" in scale.interleaved_line({"size": "7b", "pairs": []})
+
+
+def test_where_the_three_bases_do_not_fit_each_quantized_one_runs_beside_the_plain_one(monkeypatch):
+    specs = []
+
+    def fake_run(spec, timeout):
+        specs.append(spec["bases"])
+        return {"interleaved": {b: {"tokens_per_s": 10.0 if b == "none" else 8.0} for b in spec["bases"]}}
+
+    monkeypatch.setattr(scale, "run_spec", fake_run)
+    rows = [{"size": "3b", "quantize": q, "start_rss": 0, "peak_rss": gb * 10**9}
+            for q, gb in (("none", 10), ("nf4", 6), ("int8", 7))]
+    args = type("Args", (), {"tokens": 32, "steps": 2, "threads": 1, "timeout": 60})()
+    row = scale.interleaved("3b", rows, args, available=23 * 10**9)  # 10 + 6 + 7 GB > 85% of 23; each pair fits
+    assert specs == [["none", "nf4"], ["none", "int8"]]
+    assert scale.interleaved_line(row) == "| 3b | 10.0 / 10.0 | 8.0 (0.80x) | 8.0 (0.80x) |"
+    specs.clear()
+    assert scale.interleaved("3b", rows, args, available=30 * 10**9)["pairs"] and specs == [["none", "nf4", "int8"]]
+    specs.clear()
+    assert scale.interleaved("3b", rows, args, available=12 * 10**9) == {"size": "3b", "pairs": []} and not specs
+    rows[0] = {"size": "3b", "quantize": "none", "error": "not run: estimate 20.1 GB of 23.0 GB"}
+    assert scale.interleaved("3b", rows, args, available=30 * 10**9) == {"size": "3b", "pairs": []} and not specs
