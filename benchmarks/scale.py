@@ -123,16 +123,17 @@ def child(spec: dict) -> dict:
     bases = spec.get("bases") or [spec["quantize"]]
     # the CPU probe may run here (no cached rates yet): before the baseline, so its tensors are not counted
     cpu_choice()
-    if any(base != "none" for base in bases):
-        return_large_blocks()  # as `load_model` does for a quantized base (memory before speed)
+    if "bases" not in spec and spec["quantize"] != "none":
+        return_large_blocks()  # as `load_model` does for a quantized base (memory before speed); interleaved
+        # bases share one process, so all of them run without it there, the plain base not handicapped
     release_free_memory()
     start_rss = proc_status("VmRSS")
     runs = {base: prepared(spec, base) for base in bases}
     batch = token_batch(spec)
     release_free_memory()
     built_rss, times = proc_status("VmRSS"), {base: [] for base in bases}
-    for _ in range(spec["steps"]):
-        for base in bases:
+    for step in range(spec["steps"]):
+        for base in bases[step % len(bases):] + bases[:step % len(bases)]:  # each base first in turn
             seconds, loss = timed_step(*runs[base], batch, spec["precision"])
             times[base].append(seconds)
     results = {}
@@ -227,8 +228,8 @@ def interleaved(size: str, rows: list[dict], args: argparse.Namespace, available
     """The plain, NF4 and int8 bases of `size` in one child, steps alternating (`child`); where the three do not
     fit at once, the plain base with each quantized one in turn. {"size", "pairs": [child results]}."""
     runs = {r["quantize"]: r for r in rows if r["size"] == size}
-    if set(runs) != {"none", "nf4", "int8"} or any("error" in r for r in runs.values()):
-        return {"size": size, "pairs": []}
+    if set(runs) != {"none", "nf4", "int8"} or any("error" in r or r["checkpointing"] for r in runs.values()):
+        return {"size": size, "pairs": []}  # a base that did not run, or needed checkpointing to fit
     need = {base: r["peak_rss"] - r["start_rss"] for base, r in runs.items()}
     fits = sum(need.values()) <= 0.85 * available
     groups = [["none", "nf4", "int8"]] if fits else [["none", q] for q in ("nf4", "int8")
@@ -237,14 +238,17 @@ def interleaved(size: str, rows: list[dict], args: argparse.Namespace, available
     for bases in groups:
         spec = {"shape": SIZES[size], "bases": bases, "tokens": args.tokens, "steps": args.steps + 1,
                 "precision": "bf16", "threads": args.threads, "checkpointing": False}
-        pairs.append(run_spec(spec, args.timeout).get("interleaved") or {})
-    return {"size": size, "pairs": [p for p in pairs if "none" in p]}
+        result = run_spec(spec, args.timeout)
+        pairs.append(result.get("interleaved") or {"error": result.get("error", "no result")})
+    return {"size": size, "pairs": pairs}
 
 
 def interleaved_line(row: dict) -> str:
     """Plain tokens/s (one figure per child), then each quantized base with its ratio to its own child's plain."""
     if not row["pairs"]:
-        return f"| {row['size']} | not run (the plain base and a quantized one do not fit at once) | | |"
+        return f"| {row['size']} | not run (no plain base beside a quantized one without checkpointing) | | |"
+    if any("error" in runs for runs in row["pairs"]):
+        return f"| {row['size']} | " + "; ".join(runs.get("error", "ran") for runs in row["pairs"]) + " | | |"
     plain = " / ".join(f"{runs['none']['tokens_per_s']:.1f}" for runs in row["pairs"])
     cells = {}
     for runs in row["pairs"]:
@@ -294,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.interleave:
         print("\nSteps alternating in one process:\n\n" + INTERLEAVED_HEADER + "\n"
               + "\n".join(interleaved_line(r) for r in rows if "pairs" in r))
-    return 0 if all("error" not in r or r["error"].startswith("not run") for r in rows) else 1
+    failed = [r for r in rows if "error" in r and not r["error"].startswith("not run")]
+    failed += [r for r in rows if any("error" in runs for runs in r.get("pairs", []))]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

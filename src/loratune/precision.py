@@ -24,7 +24,8 @@ from loratune.quant.linear import QuantLinear, set_base_compute
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: tokens x in x out of the probe's products: a small model's MLP at a short batch (1.5 GFLOP each)
 PROBE_SHAPE = (256, 1024, 2816)
-PROBE_VERSION = 3  # 2: measured on one thread, as measure_rates says; 3: layers timed forward and input gradient
+PROBE_VERSION = 4  # 2: measured on one thread, as measure_rates says; 3: layers timed forward and input gradient;
+# 4: an int8 layer's codes path dequantizes with the compiled kernels where they build (quant.native)
 #: How much faster than converting its codes an int8 x int8 layer must measure (on the probe's one thread) to be
 #: chosen. Besides its product it makes about ten passes over the activations (quantizing inputs and output
 #: gradients per token), which scale worse with threads than one product: at the probe's shape, forward and input

@@ -1,4 +1,5 @@
-"""`python -m benchmarks scale` on a tiny Llama shape: one base per child, and the bases interleaved."""
+"""`python -m benchmarks scale` on a tiny Llama shape, in child processes as the benchmark runs them: one base
+per child, and the bases interleaved; the pairing decision with the children faked."""
 
 import math
 
@@ -14,19 +15,23 @@ def spec(**extra) -> dict:
 
 
 def test_one_base_per_child_reports_speed_memory_and_a_finite_loss():
-    row = scale.child(spec())
-    assert row["tokens_per_s"] == 32 / row["step_s"] and row["step_range"][0] <= row["step_s"] <= row["step_range"][1]
-    assert row["built_rss"] >= row["start_rss"] > 0
+    row = scale.run_spec(spec(), timeout=300)
+    assert "error" not in row, row
+    assert math.isclose(row["tokens_per_s"], 32 / row["step_s"])
+    assert row["step_range"][0] <= row["step_s"] <= row["step_range"][1]
+    assert row["peak_rss"] >= row["built_rss"] >= row["start_rss"] > 0
     assert math.isfinite(row["loss"]) and 4.0 < row["loss"] < 7.0  # random weights: about ln(256) = 5.5
 
 
 def test_interleaved_bases_each_train_and_read_as_ratios_to_plain():
-    runs = scale.child(spec(bases=["none", "nf4", "int8"]))["interleaved"]
+    runs = scale.run_spec(spec(bases=["none", "nf4", "int8"]), timeout=300)["interleaved"]
     assert set(runs) == {"none", "nf4", "int8"} and all(r["tokens_per_s"] > 0 for r in runs.values())
     plain, nf4, int8 = (runs[b]["tokens_per_s"] for b in ("none", "nf4", "int8"))
     line = scale.interleaved_line({"size": "tiny", "pairs": [runs]})
     assert line == f"| tiny | {plain:.1f} | {nf4:.1f} ({nf4 / plain:.2f}x) | {int8:.1f} ({int8 / plain:.2f}x) |"
     assert "not run" in scale.interleaved_line({"size": "7b", "pairs": []})
+    assert scale.interleaved_line({"size": "3b", "pairs": [{"error": "timed out after 60 s"}]}) == (
+        "| 3b | timed out after 60 s | | |")
 
 
 def test_where_the_three_bases_do_not_fit_each_quantized_one_runs_beside_the_plain_one(monkeypatch):
@@ -37,7 +42,7 @@ def test_where_the_three_bases_do_not_fit_each_quantized_one_runs_beside_the_pla
         return {"interleaved": {b: {"tokens_per_s": 10.0 if b == "none" else 8.0} for b in spec["bases"]}}
 
     monkeypatch.setattr(scale, "run_spec", fake_run)
-    rows = [{"size": "3b", "quantize": q, "start_rss": 0, "peak_rss": gb * 10**9}
+    rows = [{"size": "3b", "quantize": q, "start_rss": 0, "peak_rss": gb * 10**9, "checkpointing": False}
             for q, gb in (("none", 10), ("nf4", 6), ("int8", 7))]
     args = type("Args", (), {"tokens": 32, "steps": 2, "threads": 1, "timeout": 60})()
     row = scale.interleaved("3b", rows, args, available=23 * 10**9)  # 10 + 6 + 7 GB > 85% of 23; each pair fits
@@ -47,5 +52,7 @@ def test_where_the_three_bases_do_not_fit_each_quantized_one_runs_beside_the_pla
     assert scale.interleaved("3b", rows, args, available=30 * 10**9)["pairs"] and specs == [["none", "nf4", "int8"]]
     specs.clear()
     assert scale.interleaved("3b", rows, args, available=12 * 10**9) == {"size": "3b", "pairs": []} and not specs
+    rows[1] = {**rows[1], "checkpointing": True}  # a base that needed checkpointing is not compared without it
+    assert scale.interleaved("3b", rows, args, available=30 * 10**9) == {"size": "3b", "pairs": []} and not specs
     rows[0] = {"size": "3b", "quantize": "none", "error": "not run: estimate 20.1 GB of 23.0 GB"}
     assert scale.interleaved("3b", rows, args, available=30 * 10**9) == {"size": "3b", "pairs": []} and not specs

@@ -27,7 +27,7 @@ def test_this_machine_builds_the_kernel_for_its_cpu():
 
 @pytest.mark.parametrize("scalar", [False, True])
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("shape", [(4, 64), (384, 640)])  # one block; 3840 blocks, several threads' chunks
+@pytest.mark.parametrize("shape", [(4, 64), (384, 640)])  # 4 blocks; 3840 blocks, several threads' chunks
 def test_kernel_equals_the_fp32_dequantization_rounded_once(monkeypatch, scalar, double_quant, shape):
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0])) * 0.05
     weight[0, :64] = 0  # a zero block
@@ -39,7 +39,7 @@ def test_kernel_equals_the_fp32_dequantization_rounded_once(monkeypatch, scalar,
         out = torch.full(shape, float("nan"), dtype=dtype)
         kernel.nf4_dequantize(q.data, scales, NF4_CODEBOOK, out)
         assert torch.equal(out, reference.to(dtype)), dtype
-    assert torch.equal(dequantize(q, torch.float32), reference)  # dequantize itself takes the kernel here
+    assert torch.equal(dequantize(q, torch.bfloat16), reference.to(torch.bfloat16))  # dequantize takes the kernel
 
 
 @pytest.mark.parametrize("scalar", [False, True])
@@ -64,6 +64,16 @@ def test_kernel_is_at_least_as_accurate_as_the_torch_path_in_bf16(monkeypatch):
     torch_error = (torch_path(monkeypatch, q, torch.bfloat16).float() - exact).abs()
     assert kernel_error.sum() <= torch_error.sum()
     assert (kernel_error <= exact.abs() * 2**-8).all()  # half a bf16 unit in the last place: rounded once
+
+
+@pytest.mark.parametrize("format,double_quant", [("nf4", False), ("nf4", True), ("int8", True)])
+def test_scales_cast_with_the_model_still_dequantize(monkeypatch, format, double_quant):
+    """`model.to(torch.bfloat16)` casts a quantized layer's float buffers, scales included."""
+    q = quantize(torch.randn(64, 128, generator=torch.Generator().manual_seed(3)), format, double_quant)
+    q.scales = q.scales.to(torch.bfloat16) if q.scales.is_floating_point() else q.scales
+    if q.scale_scales is not None:
+        q.scale_scales, q.scale_mean = q.scale_scales.to(torch.bfloat16), q.scale_mean.to(torch.bfloat16)
+    assert torch.equal(dequantize(q, torch.bfloat16), torch_path(monkeypatch, q, torch.float32).to(torch.bfloat16))
 
 
 def test_kernel_refuses_mismatched_sizes():

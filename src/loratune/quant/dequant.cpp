@@ -117,8 +117,8 @@ void int8_rows(const int8_t* codes, const float* scales, void* out, int64_t cols
 
 void int8_dequantize(const torch::Tensor& codes, const torch::Tensor& scales, torch::Tensor& out) {
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kChar && codes.dim() == 2 && codes.is_contiguous(), "codes: contiguous 2-D int8 on the CPU");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == codes.size(0), "scales: one fp32 per row");
-  TORCH_CHECK(out.numel() == codes.numel() && out.is_contiguous(), "sizes: out must hold every code");
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == codes.size(0), "scales: one fp32 per row");
+  TORCH_CHECK(out.device().is_cpu() && out.numel() == codes.numel() && out.is_contiguous(), "sizes: out must hold every code");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat, "out: bf16 or fp32");
   const int8_t* d = codes.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
@@ -137,10 +137,10 @@ void int8_dequantize(const torch::Tensor& codes, const torch::Tensor& scales, to
 void nf4_dequantize(const torch::Tensor& data, const torch::Tensor& scales, const torch::Tensor& codebook,
                     torch::Tensor& out) {
   TORCH_CHECK(data.device().is_cpu() && data.scalar_type() == at::kByte && data.is_contiguous(), "data: contiguous uint8 on the CPU");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: contiguous fp32");
-  TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.numel() == 16 && codebook.is_contiguous(), "codebook: 16 fp32 values");
+  TORCH_CHECK(scales.device().is_cpu() && scales.scalar_type() == at::kFloat && scales.is_contiguous(), "scales: contiguous fp32");
+  TORCH_CHECK(codebook.device().is_cpu() && codebook.scalar_type() == at::kFloat && codebook.numel() == 16 && codebook.is_contiguous(), "codebook: 16 fp32 values");
   const int64_t blocks = scales.numel();
-  TORCH_CHECK(data.numel() == 32 * blocks && out.numel() == 64 * blocks && out.is_contiguous(), "sizes: 32 bytes and 64 outputs per scale");
+  TORCH_CHECK(out.device().is_cpu() && data.numel() == 32 * blocks && out.numel() == 64 * blocks && out.is_contiguous(), "sizes: 32 bytes and 64 outputs per scale");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 || out.scalar_type() == at::kFloat, "out: bf16 or fp32");
   const uint8_t* d = data.data_ptr<uint8_t>();
   const float* s = scales.data_ptr<float>();

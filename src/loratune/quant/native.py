@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -62,16 +64,30 @@ def dequant_kernels(scalar: bool = False) -> ModuleType | None:
 
 
 def _build(scalar: bool) -> ModuleType | None:
-    from torch.utils import cpp_extension
-
     flags = ["-O3", "-march=native", "-fopenmp"] + (["-DLORATUNE_SCALAR"] if scalar else [])
     try:
+        from torch.utils import cpp_extension  # imports setuptools, which may be missing
+
         source = SOURCE.read_text()
-        digest = hashlib.sha256("\n".join([source, torch.__version__, cpu_flags(), str(scalar)]).encode()).hexdigest()
-        return cpp_extension.load(f"loratune_dequant_{digest[:16]}", [str(SOURCE)], extra_cflags=flags,
-                                  extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # no compiler, no ninja, an unsupported flag: the torch path still works
+        parts = [source, str(SOURCE), sys.prefix, torch.__version__, cpu_flags(), str(scalar)]
+        name = f"loratune_dequant_{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:16]}"
+        folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(folder / "lock")
+        return cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                                  build_directory=str(folder), verbose=False)
+    except Exception as exc:  # no compiler, no ninja, an unsupported flag, a read-only folder: torch's path works
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(f"loratune: the dequantization kernels could not be built ({reason[:200]}); quantized "
-                      "layers use torch's slower dequantization", stacklevel=3)
+                      "layers use torch's slower dequantization", stacklevel=4)
         return None
+
+
+def _clear_stale_lock(lock: Path, older_than_s: float = 600) -> None:
+    """torch's build waits without end for the lock file another build holds; a build killed midway leaves it
+    behind, so one older than any build takes (about 25 s here) is removed."""
+    try:
+        if time.time() - lock.stat().st_mtime > older_than_s:
+            lock.unlink()
+    except FileNotFoundError:
+        pass

@@ -113,11 +113,11 @@ def dequantize(q: QuantizedWeight, dtype: torch.dtype = torch.bfloat16,
         if kernels is None:
             return int8_codes(q, dtype, space).mul_(q.scales[:, None])
         out = space.get("values", q.data.numel(), dtype, device).view(q.shape)
-        kernels.int8_dequantize(q.data.contiguous(), q.scales.contiguous(), out)
+        kernels.int8_dequantize(q.data.contiguous(), q.scales.float().contiguous(), out)
         return out
     if kernels is not None:
         out = space.get("values", q.data.numel() * 2, dtype, device)
-        kernels.nf4_dequantize(q.data.contiguous(), _block_scales(q, space).contiguous(), NF4_CODEBOOK, out)
+        kernels.nf4_dequantize(q.data.contiguous(), _block_scales(q, space).float().contiguous(), NF4_CODEBOOK, out)
         return out.view(q.shape)
     table = _code_table(dtype, device)
     codes = q.data.view(torch.uint16) if table.numel() > 256 else q.data  # a gather per two bytes where it fits
