@@ -81,7 +81,7 @@ class QuantLinear(nn.Linear):
             self.register_buffer(key, tensor)
         self.full_shapes: dict[str, torch.Size] = {}  # set by `keep_shard`: the tensors holding only some rows
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
-        if q.data.device.type == "cpu":
+        if q.data.device.type == "cpu" and not torch.cuda.is_available():  # a GPU run builds them only if used
             dequant_kernels()  # built (once, about 25 s) while the model loads, not in the first training step
 
     @classmethod
