@@ -22,6 +22,15 @@ from transformers import (  # noqa: E402
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dequant_kernels_built():
+    """Build the quantized layers' kernels (about 25 s on a fresh machine) before any test, so that no test's
+    child process or time limit pays for it; the children find them built."""
+    from loratune.quant.native import dequant_kernels
+
+    return dequant_kernels()
+
+
 @pytest.fixture(scope="session")
 def model_cache(request, tmp_path_factory):
     """Where converted models go: .pytest_cache (kept between runs), also for code that reads LORATUNE_CACHE."""
