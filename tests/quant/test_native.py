@@ -110,3 +110,19 @@ def test_turned_off_it_is_never_built(monkeypatch):
     monkeypatch.setenv("LORATUNE_NATIVE", "0")
     assert native.dequant_kernels() is None and native._BUILT == {}
     assert native.kernels_for(torch.device("cpu"), torch.bfloat16) is None
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared_and_a_live_one_kept(tmp_path):
+    import os
+    import time
+
+    stale, live = tmp_path / "stale" / "lock", tmp_path / "live" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir()
+        lock.write_text("")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    native._clear_stale_lock(stale)
+    native._clear_stale_lock(live)
+    native._clear_stale_lock(tmp_path / "none" / "lock")  # no lock: nothing to do
+    assert not stale.exists() and live.exists()

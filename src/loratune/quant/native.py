@@ -70,7 +70,8 @@ def _build(scalar: bool) -> ModuleType | None:
 
         source = SOURCE.read_text()
         parts = [source, str(SOURCE), sys.prefix, torch.__version__, cpu_flags(), str(scalar)]
-        name = f"loratune_dequant_{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:16]}"
+        digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+        name = f"loratune_dequant_{digest[:16]}"
         folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
         folder.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(folder / "lock")
