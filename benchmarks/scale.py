@@ -76,8 +76,9 @@ def prepared(spec: dict, quantize: str):
     from loratune.train.optim import build_optimizer
 
     model = build_model(spec["shape"], quantize)
-    if quantize == "int8" and cpu_choice().get("int8_base"):
-        set_base_compute(model, cpu_choice()["int8_base"])
+    int8_base = cpu_choice().get("int8_base") if quantize == "int8" else None
+    if int8_base:
+        set_base_compute(model, int8_base)
     add_adapter(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                   task_type="CAUSAL_LM"))
     model.train()

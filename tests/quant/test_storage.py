@@ -22,7 +22,7 @@ from loratune.quant.storage import (
 
 @pytest.fixture(autouse=True, params=["kernel", "torch"])
 def dequantization_path(request, monkeypatch):
-    """Every test runs with the compiled NF4 kernel (`quant.native`) and with the torch path."""
+    """Every test runs with the compiled dequantization kernels (`quant.native`) and with the torch path."""
     if request.param == "torch":
         monkeypatch.setenv("LORATUNE_NATIVE", "0")
     return request.param

@@ -57,6 +57,8 @@ def dequant_kernels(scalar: bool = False) -> ModuleType | None:
     if os.environ.get("LORATUNE_NATIVE", "1") == "0":
         return None
     variant = "scalar" if scalar else "native"
+    if variant in _BUILT:  # every dequantization asks: no lock once the build is settled
+        return _BUILT[variant]
     with _LOCK:
         if variant not in _BUILT:
             _BUILT[variant] = _build(scalar)
