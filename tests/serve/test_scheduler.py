@@ -328,17 +328,17 @@ def test_choices_and_a_second_wave_after_a_shared_prefix_keep_their_tokens(loade
 
 
 def test_the_decoder_body_is_the_model_under_the_head_or_none(loaded):
-    """Where transformers' lookup gives the whole model back (or fails), prompts prefill whole: no shared prefix."""
+    """The one body lookup (training's loss and evaluation use it too); without a separate body, prompts
+    prefill whole: no shared prefix."""
     from torch import nn
 
-    from loratune.serve.scheduler import decoder_body
+    from loratune.batching import decoder_body
 
     model, _ = loaded
     assert decoder_body(model) is model.model
     assert decoder_body(nn.Linear(2, 2)) is None
 
-    class Whole(nn.Module):
-        def get_decoder(self):
-            return self
+    class Unnamed(nn.Module):
+        base_model_prefix = "transformer"  # naming no submodule
 
-    assert decoder_body(Whole()) is None
+    assert decoder_body(Unnamed()) is None

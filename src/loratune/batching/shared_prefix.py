@@ -36,6 +36,16 @@ from loratune.batching.kv_cache import prefix_cache
 ALIBI_MODEL_TYPES = ("bloom", "mpt")  # always ALiBi; Falcon says so in `config.alibi`
 
 
+def decoder_body(model: nn.Module) -> nn.Module | None:
+    """The decoder body under a transformers LM's output head (its `base_model_prefix` attribute; inside a
+    PEFT wrapper, its model's), or None where there is no separate body: the one lookup behind training's
+    loss, evaluation, label scoring and the server, so all share a prefix with the same module."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    body = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    return body if isinstance(body, nn.Module) and body is not model else None
+
+
 def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          prefix: int) -> torch.Tensor:
     """The body's last hidden states (B, L, H) for a right-padded batch whose rows share their first

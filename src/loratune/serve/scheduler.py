@@ -28,6 +28,7 @@ from transformers import DynamicCache
 import loratune as lt
 from loratune.batching import (
     common_prefix_length,
+    decoder_body,
     keep_rows,
     packed_mask_obstacle,
     pad_rows,
@@ -437,12 +438,3 @@ def _safe_end(text: str, stops: tuple[str, ...], sent: int) -> int:
                 if text[end - size:end] == stop[:size]), default=0)
     return max(end - hold, sent)
 
-
-def decoder_body(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The decoder body under the output head (transformers' `get_decoder`), or None where there is none to tell
-    apart (some multimodal models' lookup returns the whole model, or raises). Looked up once per engine."""
-    try:
-        body = model.get_decoder()
-    except (AttributeError, NotImplementedError, ValueError):
-        return None
-    return body if isinstance(body, torch.nn.Module) and body is not model else None

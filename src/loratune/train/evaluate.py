@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from loratune.batching import BatchMaker, common_prefix_length, pad_rows, prefix_cache
+from loratune.batching import BatchMaker, common_prefix_length, decoder_body, pad_rows, prefix_cache
 from loratune.train.step import batch_loss, head_loss, lm_hidden, split_lm
 
 
@@ -144,7 +144,7 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
     model.eval()
     pad_id = tokenizer.pad_token_id
     encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
-    body = _decoder_body(model) if share_prefix and not encoder_decoder else None
+    body = decoder_body(model) if share_prefix and not encoder_decoder else None
     texts: list[str] = []
     for chunk in progress(list(eval_batches(prompts, batch_size)), desc="generating"):
         prefix = common_prefix_length(chunk) if body is not None else 0
@@ -157,11 +157,6 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
         texts += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return texts
 
-
-def _decoder_body(model: nn.Module) -> nn.Module | None:
-    """The body whose cache `model.generate` continues (inside a PEFT wrapper, its model's body)."""
-    parts = split_lm(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    return parts[0] if parts else None
 
 
 def label_from_text(text: str, label_names: Sequence[str]) -> str | None:

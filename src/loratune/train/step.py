@@ -8,7 +8,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from loratune.batching import shared_prefix_hidden
+from loratune.batching import decoder_body, shared_prefix_hidden
 from loratune.tasks import IGNORE_INDEX
 
 
@@ -30,11 +30,11 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
 
 def split_lm(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(body, output head) of a transformers causal LM whose logits are plain `head(body(x))`, else None."""
-    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    body = decoder_body(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
     plain = not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None))
-    return (body, head) if isinstance(body, nn.Module) and head is not None and plain else None
+    return (body, head) if body is not None and head is not None and plain else None
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
