@@ -6,10 +6,17 @@ import torch
 from batching_tools import PAD, adapted, assert_same, examples, gpt2_without_dropout, loss_and_grads, with_attention
 from tiny_models import bloom, llama, mistral
 
+import loratune.batching.shared_prefix as shared_prefix
 from loratune.batching import BatchMaker, collate
 from loratune.train.step import causal_lm_loss
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def against_the_cache(monkeypatch):
+    """The prefix's forward, then the remainders against its cache (what batches beyond one row's cap run)."""
+    monkeypatch.setattr(shared_prefix, "ONE_ROW_TOKENS", 0)
 
 
 def shared(batch_examples):
@@ -21,7 +28,10 @@ def shared(batch_examples):
                          ids=["llama", "gpt2", "mistral-window-16", "bloom-alibi"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("answer_only", [True, False], ids=["answer", "every-token"])
-def test_a_shared_prefix_batch_gives_the_plain_batchs_loss_and_gradients(builder, attention, answer_only):
+@pytest.mark.parametrize("one_row", [512, 0], ids=["one-row", "prefix-cache"])
+def test_a_shared_prefix_batch_gives_the_plain_batchs_loss_and_gradients(builder, attention, answer_only, one_row,
+                                                                         monkeypatch):
+    monkeypatch.setattr(shared_prefix, "ONE_ROW_TOKENS", one_row)
     model = adapted(with_attention(builder, attention))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15), answer_only=answer_only))
     assert prefix >= 10  # the 10 shared tokens (a random next token may match too)
@@ -41,7 +51,17 @@ def body_input_shapes(model, batch, prefix):
     return shapes
 
 
-def test_the_rows_remainders_after_the_prefix_run_packed_into_fewer_rows():
+def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
+    model = adapted(with_attention(llama, "eager"))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    tokens = int(batch["attention_mask"].sum()) - 3 * prefix  # the prefix once, then every row's remainder
+    assert body_input_shapes(model, batch, prefix) == [(1, tokens)]
+    monkeypatch.setattr(shared_prefix, "ONE_ROW_TOKENS", tokens - 1)
+    first, rest = body_input_shapes(model, batch, prefix)  # one over the cap: the prefix, then against its cache
+    assert first == (1, prefix) and rest[0] < 4
+
+
+def test_the_rows_remainders_after_the_prefix_run_packed_into_fewer_rows(against_the_cache):
     model = adapted(with_attention(llama, "eager"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
     shapes = body_input_shapes(model, batch, prefix)
@@ -54,7 +74,7 @@ def test_the_rows_remainders_after_the_prefix_run_packed_into_fewer_rows():
 
 @pytest.mark.parametrize("builder, packs", [(mistral, False), (bloom, False), (llama, True)],
                          ids=["window-shorter-than-rows", "alibi", "rope"])
-def test_remainders_run_padded_where_a_packed_mask_would_mean_something_else(builder, packs):
+def test_remainders_run_padded_where_a_packed_mask_would_mean_something_else(builder, packs, against_the_cache):
     model = adapted(with_attention(builder, "eager"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))  # rows reach 24 > 16
     rows = body_input_shapes(model, batch, prefix)[1][0]
