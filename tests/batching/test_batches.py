@@ -67,6 +67,8 @@ def test_each_batch_gets_the_strategy_that_applies():
     assert maker.strategy(training=True) == "padded" and maker.make(batch, CPU)[1] == 0  # no cache to share
     assert maker.strategy(training=False) == "shared_prefix" and maker.make(batch, CPU, training=False)[1] >= 15
     assert BatchMaker("shared_prefix", "causal-lm", PAD).make(batch, CPU)[1] >= 15
+    fsdp = BatchMaker("shared_prefix", "causal-lm", PAD, sharded=True)  # ranks' batches differ in training only
+    assert fsdp.make(batch, CPU)[1] == 0 and fsdp.make(batch, CPU, training=False)[1] >= 15
 
 
 def model_config(builder, attention="eager"):
@@ -91,6 +93,9 @@ def test_one_warning_line_names_what_runs_where_shared_prefix_cannot(builder, at
     else:
         assert warning.startswith("train.batching: shared_prefix: ") and expected in warning and "\n" not in warning
     assert fallback_warning(BatchMaker("padded", "causal-lm", PAD, checkpointing=True), model_config(bloom), 64) is None
+    fsdp = fallback_warning(BatchMaker("shared_prefix", "causal-lm", PAD, sharded=True), model_config(llama), 64)
+    assert fsdp == ("train.batching: shared_prefix: training batches run padded under FSDP (each rank's batch would "
+                    "make its own number of body forwards; evaluation still shares the prefix)")
 
 
 def test_a_run_warns_once_when_gradient_checkpointing_turns_shared_prefix_off(run_config, capsys):

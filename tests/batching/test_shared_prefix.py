@@ -61,6 +61,14 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
     assert first == (1, prefix) and rest[0] < 4
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_one_row_within_a_sliding_window_gives_the_plain_batchs_loss_and_gradients(attention):
+    model = adapted(with_attention(mistral, attention))  # window 16: the one row (8 + 4 + 3 tokens) fits
+    batch, prefix = shared(examples([12, 11], prefix=range(5, 13)))
+    assert body_input_shapes(model, batch, prefix) == [(1, 23 - prefix)]
+    assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
+
+
 def test_the_rows_remainders_after_the_prefix_run_packed_into_fewer_rows(against_the_cache):
     model = adapted(with_attention(llama, "eager"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))

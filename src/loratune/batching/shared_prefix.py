@@ -22,8 +22,8 @@ few hundred values per token and layer); the prefix's matrix products, which dom
 
 Where the prefix and all the remainders fit in `ONE_ROW_TOKENS`, they run instead as one row of one forward
 (the prefix, then every remainder, each attending to the prefix and to its own earlier tokens): no cache,
-and half the operations of two forwards, which at a few hundred tokens cost more than the attention over the
-longer row. On the demo's batches (about 300 tokens in that row) a training step took 0.76x the time of the
+and half the operator calls of two forwards, which at a few hundred tokens cost more than the attention
+over the longer row. On the demo's batches (about 300 tokens in that row) a training step took 0.76x the time of the
 prefix-then-cache layout, with the same loss within bf16 rounding (docs/benchmarks.md).
 """
 
@@ -123,8 +123,10 @@ def fallback_warning(batches: BatchMaker, config: Any, max_length: int) -> str |
         return None
     found = []
     if batches.strategy(training=True) != batches.batching:
-        found.append(f"training batches run {batches.strategy(training=True)} under gradient checkpointing (a "
-                     "checkpointed layer keeps no cache; evaluation still shares the prefix)")
+        why = "gradient checkpointing (a checkpointed layer keeps no cache" if batches.checkpointing else \
+            "FSDP (each rank's batch would make its own number of body forwards"
+        found.append(f"training batches run {batches.strategy(training=True)} under {why}; evaluation still "
+                     "shares the prefix)")
     obstacle = packed_mask_obstacle(config, max_length)
     if obstacle is not None:
         found.append(f"the rows' remainders after the prefix run padded, not packed ({obstacle})")

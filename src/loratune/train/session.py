@@ -61,7 +61,7 @@ class Session:
     @functools.cached_property
     def batches(self) -> BatchMaker:  # one per run: the training step asks for it per micro-batch
         return BatchMaker(self.config.train.batching, self.config.model.task, self.tokenizer.pad_token_id,
-                          self.checkpointing)
+                          self.checkpointing, self.processes.sharded)
 
     @functools.cached_property
     def unpacked_batches(self) -> BatchMaker:  # a batch whose rows are its examples, for reading positions
