@@ -61,6 +61,22 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
     assert first == (1, prefix) and rest[0] < 4
 
 
+@pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
+def test_under_eager_attention_the_one_row_attends_block_by_block_and_restores_the_model(builder):
+    """Block by block: the attention weights of the prefix and of each packed row, never the row's square."""
+    model = adapted(with_attention(builder, "eager"))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    seen = []
+    attention = next(m for name, m in model.named_modules() if name.endswith(("self_attn", "attn")))
+    hook = attention.register_forward_pre_hook(lambda m, a: seen.append(model.config._attn_implementation))
+    try:
+        assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
+    finally:
+        hook.remove()
+    assert seen == [shared_prefix.BLOCK_ATTENTION, "eager"]  # the shared batch's forward, then the plain one
+    assert model.config._attn_implementation == "eager" and shared_prefix._BLOCKS.get() is None
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_one_row_within_a_sliding_window_gives_the_plain_batchs_loss_and_gradients(attention):
     model = adapted(with_attention(mistral, attention))  # window 16: the one row (8 + 4 + 3 tokens) fits

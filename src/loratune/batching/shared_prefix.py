@@ -29,12 +29,15 @@ prefix-then-cache layout, with the same loss within bf16 rounding (docs/benchmar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 
 from loratune.batching.batches import BatchMaker, first_fit_rows
 from loratune.batching.kv_cache import prefix_cache
@@ -42,6 +45,7 @@ from loratune.batching.kv_cache import prefix_cache
 ALIBI_MODEL_TYPES = ("bloom", "mpt")  # always ALiBi; Falcon says so in `config.alibi`
 #: The most tokens (prefix and every remainder) a shared-prefix batch runs as one row of one forward
 ONE_ROW_TOKENS = 512
+BLOCK_ATTENTION = "loratune_one_row_blocks"  # registered with transformers below
 
 
 def decoder_body(model: nn.Module) -> nn.Module | None:
@@ -84,16 +88,86 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
 def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remainders: list[int]) -> torch.Tensor:
     """The prefix and every row's remainder in one row of one forward: each remainder token attends to the
     prefix and its own remainder's earlier tokens. One forward instead of two (the prefix's, then the rest's
-    against its cache) halves the step's operations, which at a few hundred tokens cost more than the wider
-    attention this needs."""
+    against its cache) halves the step's operator calls, which at a few hundred tokens cost more than the
+    gathers this needs. Under eager attention the attention itself runs block by block (`_block_attention`),
+    so its weights take no more memory than the two-forward layout's."""
     rows = input_ids.shape[0]
-    packed = pack_remainders(input_ids[:, prefix:], remainders, prefix, width=sum(remainders))
-    device = input_ids.device
-    ids = torch.cat([input_ids[:1, :prefix], packed.ids], dim=1)
-    positions = torch.cat([torch.arange(prefix, device=device)[None], packed.positions], dim=1)
-    mask = packed.mask(prefix, _boolean_mask(body), body.get_input_embeddings().weight.dtype, prefix_rows=True)
-    hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
-    return torch.cat([hidden[:, :prefix].expand(rows, -1, -1), packed.unpack(hidden[:, prefix:], rows)], dim=1)
+    rest_ids = input_ids[:, prefix:]
+    one = pack_remainders(rest_ids, remainders, prefix, width=sum(remainders))
+    device, dtype = input_ids.device, body.get_input_embeddings().weight.dtype
+    ids = torch.cat([input_ids[:1, :prefix], one.ids], dim=1)
+    positions = torch.cat([torch.arange(prefix, device=device)[None], one.positions], dim=1)
+    mask = one.mask(prefix, _boolean_mask(body), dtype, prefix_rows=True)
+    eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
+    if body.config._attn_implementation != "eager" or eager is None:  # SDPA does not keep the weights
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    else:
+        blocks = _blocks(rest_ids, remainders, prefix, one, dtype, eager)
+        token = _BLOCKS.set(blocks)
+        config = body.config
+        config._attn_implementation_internal = BLOCK_ATTENTION
+        try:
+            hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          use_cache=False).last_hidden_state
+        finally:
+            config._attn_implementation_internal = "eager"
+            _BLOCKS.reset(token)
+    return torch.cat([hidden[:, :prefix].expand(rows, -1, -1), one.unpack(hidden[:, prefix:], rows)], dim=1)
+
+
+@dataclass
+class _Blocks:
+    """How one row's attention splits: the prefix's causal block, then the remainders packed as the
+    two-forward layout packs them (`pack_remainders`), each packed row against the prefix and itself."""
+
+    prefix: int
+    source: torch.Tensor  # (packed rows, width): the one row's remainder token each packed slot holds (padding: 0)
+    order: torch.Tensor  # the packed slot of each of the one row's remainder tokens, in the row's order
+    prefix_mask: torch.Tensor
+    rest_mask: torch.Tensor
+    eager: Callable
+
+
+_BLOCKS: contextvars.ContextVar[_Blocks | None] = contextvars.ContextVar("loratune_one_row_blocks", default=None)
+
+
+def _blocks(rest_ids: torch.Tensor, lengths: list[int], prefix: int, one: PackedRemainders, dtype: torch.dtype,
+            eager: Callable) -> _Blocks:
+    device = rest_ids.device
+    packed = pack_remainders(rest_ids, lengths, prefix)
+    valid = torch.arange(rest_ids.shape[1], device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+    in_row, in_packed = one.slots[valid], packed.slots[valid]
+    source = torch.zeros(packed.ids.numel(), dtype=torch.long, device=device)
+    source[in_packed] = in_row
+    order = torch.empty_like(in_row)
+    order[in_row] = in_packed
+    causal = torch.ones(prefix, prefix, dtype=torch.bool, device=device).tril()
+    prefix_mask = torch.zeros((1, 1, prefix, prefix), dtype=dtype, device=device)
+    prefix_mask.masked_fill_(~causal, torch.finfo(dtype).min)
+    return _Blocks(prefix, source.view(packed.ids.shape), order, prefix_mask,
+                   packed.mask(prefix, False, dtype), eager)
+
+
+def _block_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The model's own eager attention over the one row, in blocks: the prefix causally, then each packed row
+    of remainders against the prefix's keys and its own. The same result as the full row under its mask, with
+    attention weights the size of the two-forward layout's instead of the whole row's square."""
+    blocks = _BLOCKS.get()
+    if blocks is None:  # not inside `_one_row_hidden`
+        raise RuntimeError(f"{BLOCK_ATTENTION} attention runs only inside a shared-prefix batch's forward")
+    p, eager = blocks.prefix, blocks.eager
+    head, _ = eager(module, query[:, :, :p], key[:, :, :p], value[:, :, :p], blocks.prefix_mask, **kwargs)
+    rows = blocks.source.shape[0]
+
+    def packed(t: torch.Tensor) -> torch.Tensor:  # (1, heads, row, dim) -> (packed rows, heads, width, dim)
+        return t[0, :, p:][:, blocks.source].transpose(0, 1)
+
+    keys = torch.cat([key[:, :, :p].expand(rows, -1, -1, -1), packed(key)], dim=2)
+    values = torch.cat([value[:, :, :p].expand(rows, -1, -1, -1), packed(value)], dim=2)
+    rest, _ = eager(module, packed(query), keys, values, blocks.rest_mask, **kwargs)  # (rows, width, heads, dim)
+    rest = rest.reshape(-1, *rest.shape[2:])[blocks.order]
+    return torch.cat([head, rest[None]], dim=1), None
 
 
 def _boolean_mask(body: nn.Module) -> bool:
@@ -194,3 +268,6 @@ def pack_remainders(rest_ids: torch.Tensor, lengths: Sequence[int], prefix: int,
     device = rest_ids.device
     ids = rest_ids.reshape(-1)[source.to(device)]
     return PackedRemainders(ids, positions.to(device), segments.to(device), slots.to(device))
+
+
+AttentionInterface.register(BLOCK_ATTENTION, _block_attention)
