@@ -22,9 +22,12 @@ few hundred values per token and layer); the prefix's matrix products, which dom
 
 Where the prefix and all the remainders fit in `ONE_ROW_TOKENS`, they run instead as one row of one forward
 (the prefix, then every remainder, each attending to the prefix and to its own earlier tokens): no cache,
-and half the operator calls of two forwards, which at a few hundred tokens cost more than the attention
-over the longer row. On the demo's batches (about 300 tokens in that row) a training step took 0.76x the time of the
-prefix-then-cache layout, with the same loss within bf16 rounding (docs/benchmarks.md).
+and half the operator calls of two forwards, which at a few hundred tokens cost more than anything the one
+row adds. Under eager attention the row's attention runs block by block through a function registered
+with transformers (`BLOCK_ATTENTION`, the model's own eager attention called on the prefix and on each packed
+row), so that its weights take the two-forward layout's memory, not the row's square. On the demo's batches
+(about 300 tokens in that row) a training step's forward and backward took 0.76x the two-forward layout's
+time at its peak memory (docs/benchmarks.md, "One forward per shared-prefix batch").
 """
 
 from __future__ import annotations
