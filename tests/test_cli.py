@@ -274,3 +274,11 @@ def test_generate_precision_picks_the_base_dtype_as_the_cpu_choice_says(monkeypa
 
     parsed = build_parser().parse_args(["serve", "--model", tiny_gpt2, "--precision", "auto"])
     assert parsed.precision == "auto" and build_parser().parse_args(["serve", "--model", "m"]).precision == "fp32"
+
+
+def test_the_command_starts_without_transformers_modeling_code():
+    """Every process (each torchrun rank, each compared method) pays its imports: transformers' modeling module
+    (seconds, and logs about kernels this machine cannot load) comes in only with a model."""
+    probe = "import sys, loratune.cli, loratune.batching; print('transformers.modeling_utils' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

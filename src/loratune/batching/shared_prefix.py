@@ -33,6 +33,7 @@ time at its peak memory (docs/benchmarks.md, "One forward per shared-prefix batc
 from __future__ import annotations
 
 import contextvars
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 
 from loratune.batching.batches import BatchMaker, first_fit_rows
 from loratune.batching.kv_cache import prefix_cache
@@ -48,7 +48,7 @@ from loratune.batching.kv_cache import prefix_cache
 ALIBI_MODEL_TYPES = ("bloom", "mpt")  # always ALiBi; Falcon says so in `config.alibi`
 #: The most tokens (prefix and every remainder) a shared-prefix batch runs as one row of one forward
 ONE_ROW_TOKENS = 512
-BLOCK_ATTENTION = "loratune_one_row_blocks"  # registered with transformers below
+BLOCK_ATTENTION = "loratune_one_row_blocks"  # registered with transformers on first use
 
 
 def decoder_body(model: nn.Module) -> nn.Module | None:
@@ -105,6 +105,7 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     if body.config._attn_implementation != "eager" or eager is None:  # SDPA does not keep the weights
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     else:
+        _register_block_attention()
         blocks = _blocks(rest_ids, remainders, prefix, one, dtype, eager)
         token = _BLOCKS.set(blocks)
         config = body.config
@@ -273,4 +274,11 @@ def pack_remainders(rest_ids: torch.Tensor, lengths: Sequence[int], prefix: int,
     return PackedRemainders(ids, positions.to(device), segments.to(device), slots.to(device))
 
 
-AttentionInterface.register(BLOCK_ATTENTION, _block_attention)
+
+@functools.cache
+def _register_block_attention() -> None:
+    """Registered on first use, not at import: transformers' modeling module costs seconds to import, and a
+    model that reaches here has loaded it already."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(BLOCK_ATTENTION, _block_attention)
