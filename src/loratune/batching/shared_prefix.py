@@ -100,7 +100,7 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     device, dtype = input_ids.device, body.get_input_embeddings().weight.dtype
     ids = torch.cat([input_ids[:1, :prefix], one.ids], dim=1)
     positions = torch.cat([torch.arange(prefix, device=device)[None], one.positions], dim=1)
-    mask = one.mask(prefix, _boolean_mask(body), dtype, prefix_rows=True)
+    mask = one.mask(prefix, _boolean_mask(body), dtype, prefix_rows=True)  # the blocks below read their own
     eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
     if body.config._attn_implementation != "eager" or eager is None:  # SDPA does not keep the weights
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
