@@ -1,6 +1,8 @@
 """Shared-prefix batches against the plain padded batch: the same loss and adapter gradients, the prefix run
 once and the remainders packed where a mask of ours means the same."""
 
+import sys
+
 import pytest
 import torch
 from batching_tools import PAD, adapted, assert_same, examples, gpt2_without_dropout, loss_and_grads, with_attention
@@ -62,19 +64,57 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
-def test_under_eager_attention_the_one_row_attends_block_by_block_and_restores_the_model(builder):
+def test_under_eager_attention_the_one_row_attends_block_by_block_and_restores_the_model(builder, monkeypatch):
     """Block by block: the attention weights of the prefix and of each packed row, never the row's square."""
     model = adapted(with_attention(builder, "eager"))
-    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    lengths = [24, 15, 20, 12]
+    batch, prefix = shared(examples(lengths, prefix=range(5, 15)))
+    family = sys.modules[type(model.base_model).__module__]
+    keys, eager = [], family.eager_attention_forward
+
+    def spy(module, query, key, *args, **kwargs):  # the key length of every attention block
+        keys.append(key.shape[-2])
+        return eager(module, query, key, *args, **kwargs)
+
+    monkeypatch.setattr(family, "eager_attention_forward", spy)
     seen = []
     attention = next(m for name, m in model.named_modules() if name.endswith(("self_attn", "attn")))
     hook = attention.register_forward_pre_hook(lambda m, a: seen.append(model.config._attn_implementation))
     try:
+        shared_result = loss_and_grads(model, batch, prefix)
+    finally:
+        hook.remove()
+    assert seen == [shared_prefix.BLOCK_ATTENTION]
+    assert max(keys) == max(lengths) < sum(lengths) - 3 * prefix  # never the one row's length
+    assert model.config._attn_implementation == "eager" and shared_prefix._BLOCKS.get() is None
+    assert_same(shared_result, loss_and_grads(model, batch))
+
+
+def test_a_failing_forward_leaves_the_model_as_it_was():
+    model = adapted(with_attention(llama, "eager"))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    hook = model.model.layers[0].register_forward_pre_hook(lambda m, a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        causal_lm_loss(model, batch, prefix=prefix)
+    hook.remove()
+    assert model.config._attn_implementation == "eager" and shared_prefix._BLOCKS.get() is None
+    assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
+
+
+def test_gpt2_upcasting_its_scores_attends_over_the_full_row():
+    model = adapted(with_attention(gpt2_without_dropout, "eager"))
+    model.config.reorder_and_upcast_attn = True
+    for block in model.transformer.h:
+        block.attn.reorder_and_upcast_attn = True
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    seen = []
+    hook = model.transformer.h[0].attn.register_forward_pre_hook(
+        lambda m, a: seen.append(model.config._attn_implementation))
+    try:
         assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
     finally:
         hook.remove()
-    assert seen == [shared_prefix.BLOCK_ATTENTION, "eager"]  # the shared batch's forward, then the plain one
-    assert model.config._attn_implementation == "eager" and shared_prefix._BLOCKS.get() is None
+    assert seen == ["eager", "eager"]
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])

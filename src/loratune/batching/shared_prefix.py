@@ -102,7 +102,10 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     positions = torch.cat([torch.arange(prefix, device=device)[None], one.positions], dim=1)
     mask = one.mask(prefix, _boolean_mask(body), dtype, prefix_rows=True)  # the blocks below read their own
     eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
-    if body.config._attn_implementation != "eager" or eager is None:  # SDPA does not keep the weights
+    # SDPA keeps no weights; a family without a module-level eager function, or GPT-2 upcasting its scores to
+    # fp32 in its own eager path, attends over the full row under the mask
+    if body.config._attn_implementation != "eager" or eager is None or \
+            getattr(body.config, "reorder_and_upcast_attn", False):
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     else:
         _register_block_attention()
