@@ -3,8 +3,7 @@ trainer, the memory estimate and the benchmarks alike.
 
 On a CPU the choice is measured, not assumed: a short probe times the matrix products a training step is
 made of (fp32, bf16, int8, and an int8-stored frozen layer both ways) and the fastest wins. The probe runs
-once per CPU model, torch version and availability of the dequantization kernels; its rates are kept in
-`probe.json` in the loratune cache folder.
+once per CPU model and torch version; its rates are kept in `probe.json` in the loratune cache folder.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import torch
 from loratune.core.atomic_write import write_text_atomic
 from loratune.pretrained import default_cache_dir
 from loratune.quant.linear import QuantLinear, set_base_compute
-from loratune.quant.native import dequant_kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: tokens x in x out of the probe's products: a small model's MLP at a short batch (1.5 GFLOP each)
@@ -87,10 +85,8 @@ def choose(rates: dict[str, float], precision: str | None = None) -> dict[str, s
 
 
 def cpu_rates(measure: Callable[[bool], dict[str, float]] | None = None) -> dict[str, float]:
-    """GOP/s of each probed product on this CPU, from the cache or measured now (then cached). The key says
-    whether the dequantization kernels were there, since an int8 layer's codes path is timed through them."""
-    kernels = "built" if dequant_kernels() is not None else "none"
-    key = f"{cpu_model()} | torch {torch.__version__} | probe {PROBE_VERSION} | dequant kernels {kernels}"
+    """GOP/s of each probed product on this CPU, from the cache or measured now (then cached)."""
+    key = f"{cpu_model()} | torch {torch.__version__} | probe {PROBE_VERSION}"
     path = default_cache_dir() / "probe.json"
     try:
         cached = json.loads(path.read_text())

@@ -158,7 +158,6 @@ def generate_texts(model: nn.Module, tokenizer, prompts: Sequence[list[int]], ma
     return texts
 
 
-
 def label_from_text(text: str, label_names: Sequence[str]) -> str | None:
     """The label a generated answer names: the one it starts with (case-insensitive), else the first mentioned."""
     lowered = text.strip().lower()
