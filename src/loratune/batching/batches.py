@@ -132,21 +132,16 @@ class BatchMaker:
     task: str
     pad_id: int
     checkpointing: bool = False  # a checkpointed layer keeps no cache: training batches then run padded
-    sharded: bool = False  # FSDP: every rank must run as many body forwards, which shared prefixes vary
+    sharded: bool = False  # FSDP: ranks on their own batches would make one or two body forwards each, by its
+    # prefix and length, and so pair the wrong shard gathers: training batches then run padded
 
     def strategy(self, training: bool = True) -> str:
         """The strategy a batch gets: `batching` where it applies (causal LMs; shared prefixes not in training
         under gradient checkpointing or FSDP), else padded."""
-        if self.task != "causal-lm" or (self.batching == "shared_prefix" and training and self.unshared_training):
+        no_shared_training = training and (self.checkpointing or self.sharded)
+        if self.task != "causal-lm" or (self.batching == "shared_prefix" and no_shared_training):
             return "padded"
         return self.batching
-
-    @property
-    def unshared_training(self) -> bool:
-        """Whether training batches cannot share a prefix: a checkpointed layer keeps no cache, and FSDP's
-        ranks, each on its own batch, would make different numbers of body forwards (one or two per batch,
-        by its prefix and length) and so pair the wrong shard gathers."""
-        return self.checkpointing or self.sharded
 
     def make(self, examples: Sequence[dict[str, Any]], device: torch.device,
              training: bool = True) -> tuple[dict[str, torch.Tensor], int]:

@@ -100,7 +100,7 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     device, dtype = input_ids.device, body.get_input_embeddings().weight.dtype
     ids = torch.cat([input_ids[:1, :prefix], one.ids], dim=1)
     positions = torch.cat([torch.arange(prefix, device=device)[None], one.positions], dim=1)
-    mask = one.mask(prefix, _boolean_mask(body), dtype, prefix_rows=True)  # the blocks below read their own
+    mask = one.mask(prefix, _boolean_mask(body), dtype, prefix_rows=True)
     eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
     # SDPA keeps no weights; a family without a module-level eager function, or GPT-2 upcasting its scores to
     # fp32 in its own eager path, attends over the full row under the mask
@@ -109,7 +109,7 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     else:
         _register_block_attention()
-        blocks = _blocks(rest_ids, remainders, prefix, one, dtype, eager)
+        blocks = _blocks(rest_ids, remainders, prefix, one, mask, eager)
         token = _BLOCKS.set(blocks)
         config = body.config
         config._attn_implementation_internal = BLOCK_ATTENTION
@@ -138,8 +138,9 @@ class _Blocks:
 _BLOCKS: contextvars.ContextVar[_Blocks | None] = contextvars.ContextVar("loratune_one_row_blocks", default=None)
 
 
-def _blocks(rest_ids: torch.Tensor, lengths: list[int], prefix: int, one: PackedRemainders, dtype: torch.dtype,
+def _blocks(rest_ids: torch.Tensor, lengths: list[int], prefix: int, one: PackedRemainders, mask: torch.Tensor,
             eager: Callable) -> _Blocks:
+    """The one row's split (`mask` is its additive mask: the prefix's causal block is its corner)."""
     device = rest_ids.device
     packed = pack_remainders(rest_ids, lengths, prefix)
     valid = torch.arange(rest_ids.shape[1], device=device)[None] < torch.tensor(lengths, device=device)[:, None]
@@ -148,11 +149,8 @@ def _blocks(rest_ids: torch.Tensor, lengths: list[int], prefix: int, one: Packed
     source[in_packed] = in_row
     order = torch.empty_like(in_row)
     order[in_row] = in_packed
-    causal = torch.ones(prefix, prefix, dtype=torch.bool, device=device).tril()
-    prefix_mask = torch.zeros((1, 1, prefix, prefix), dtype=dtype, device=device)
-    prefix_mask.masked_fill_(~causal, torch.finfo(dtype).min)
-    return _Blocks(prefix, source.view(packed.ids.shape), order, prefix_mask,
-                   packed.mask(prefix, False, dtype), eager)
+    return _Blocks(prefix, source.view(packed.ids.shape), order, mask[:, :, :prefix, :prefix],
+                   packed.mask(prefix, False, mask.dtype), eager)
 
 
 def _block_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
