@@ -27,7 +27,7 @@ row adds. Under eager attention the row's attention runs block by block through 
 with transformers (`BLOCK_ATTENTION`, the model's own eager attention called on the prefix and on each packed
 row), so that its weights take the two-forward layout's memory, not the row's square. On the demo's batches
 (about 300 tokens in that row) a training step's forward and backward took 0.76x the two-forward layout's
-time at its peak memory (docs/benchmarks.md, "One forward per shared-prefix batch").
+time, its peak memory within 6 MiB of that layout's (docs/benchmarks.md, "One forward per shared-prefix batch").
 """
 
 from __future__ import annotations
