@@ -6,9 +6,10 @@ from typing import TextIO
 
 import torch
 
+from loratune.batching import max_positions
 from loratune.core.peft_format import load_adapter, read_adapter_config
 from loratune.precision import inference_dtype
-from loratune.pretrained import load_model, max_positions
+from loratune.pretrained import load_model
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:

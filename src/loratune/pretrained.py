@@ -440,13 +440,3 @@ def _set_label_maps(model: Any, num_labels: int, label_names: list[str] | None) 
     names = label_names if label_names is not None else [f"LABEL_{i}" for i in range(num_labels)]
     model.config.id2label = dict(enumerate(names))
     model.config.label2id = {label: i for i, label in enumerate(names)}
-
-
-def max_positions(model: Any) -> int | None:
-    """How many tokens the model's position embeddings allow, when its config says."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

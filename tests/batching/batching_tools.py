@@ -10,10 +10,10 @@ from loratune.train.step import causal_lm_loss
 PAD = 0
 
 
-def gpt2_without_dropout():
+def gpt2_without_dropout(**overrides):
     from tiny_models import gpt2
 
-    return gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return gpt2(**{"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, **overrides})
 
 
 def adapted(builder, dropout=0.0):
@@ -24,9 +24,12 @@ def adapted(builder, dropout=0.0):
     return model
 
 
+ROW_POSITIONS = 128  # room for a test batch's prefix and every remainder in one row (`max_positions` caps it)
+
+
 def with_attention(builder, implementation, **overrides):
     def build():
-        model = builder(**overrides)
+        model = builder(**{"max_position_embeddings": ROW_POSITIONS, **overrides})
         model.set_attn_implementation(implementation)
         return model
     return build

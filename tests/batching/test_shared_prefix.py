@@ -64,6 +64,20 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
+def test_a_row_longer_than_the_models_positions_runs_against_the_cache(builder):
+    """Some families size buffers by their positions (GPT-2's causal mask in older transformers releases):
+    the one row never exceeds them, though each row's own positions restart after the prefix."""
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    tokens = int(batch["attention_mask"].sum()) - 3 * prefix
+    model = adapted(with_attention(builder, "eager", max_position_embeddings=tokens - 1))
+    first, rest = body_input_shapes(model, batch, prefix)
+    assert first == (1, prefix) and rest[0] < 4
+    assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
+    model = adapted(with_attention(builder, "eager", max_position_embeddings=tokens))
+    assert body_input_shapes(model, batch, prefix) == [(1, tokens)]
+
+
+@pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
 def test_under_eager_attention_the_one_row_attends_block_by_block_and_restores_the_model(builder, monkeypatch):
     """Block by block: the attention weights of the prefix and of each packed row, never the row's square."""
     model = adapted(with_attention(builder, "eager"))

@@ -21,11 +21,17 @@ from loratune.batching.batches import (
     to_device,
 )
 from loratune.batching.kv_cache import SharedPrefixCache, keep_rows, padding_first, prefix_cache, stack_rows
-from loratune.batching.shared_prefix import decoder_body, fallback_warning, packed_mask_obstacle, shared_prefix_hidden
+from loratune.batching.shared_prefix import (
+    decoder_body,
+    fallback_warning,
+    max_positions,
+    packed_mask_obstacle,
+    shared_prefix_hidden,
+)
 
 __all__ = [
     "MIN_PREFIX", "BatchMaker", "BatchOrder", "SharedPrefixCache", "collate", "common_prefix_length",
-    "decoder_body", "fallback_warning", "first_fit_rows", "grouped_order", "keep_rows", "order_keys", "pack_batch",
-    "packed_mask_obstacle", "pad_rows", "padding_first", "prefix_cache", "shared_prefix_hidden", "stack_rows",
-    "to_device",
+    "decoder_body", "fallback_warning", "first_fit_rows", "grouped_order", "keep_rows", "max_positions", "order_keys",
+    "pack_batch", "packed_mask_obstacle", "pad_rows", "padding_first", "prefix_cache", "shared_prefix_hidden",
+    "stack_rows", "to_device",
 ]

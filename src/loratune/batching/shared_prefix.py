@@ -61,6 +61,17 @@ def decoder_body(model: nn.Module) -> nn.Module | None:
     return body if isinstance(body, nn.Module) and body is not model else None
 
 
+def max_positions(model: Any) -> int | None:
+    """How many tokens the model's position embeddings allow, when its config says: the longest row a
+    training batch, a prompt or the one row of a shared-prefix batch may have (some families size buffers by it)."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          prefix: int) -> torch.Tensor:
     """The body's last hidden states (B, L, H) for a right-padded batch whose rows share their first
@@ -70,7 +81,8 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     rows = input_ids.shape[0]
     remainders = (attention_mask.sum(1) - prefix).tolist()
     one_row = prefix + sum(remainders)
-    if one_row <= ONE_ROW_TOKENS and packed_mask_obstacle(body.config, one_row) is None:
+    if one_row <= min(ONE_ROW_TOKENS, max_positions(body) or ONE_ROW_TOKENS) and \
+            packed_mask_obstacle(body.config, one_row) is None:
         return _one_row_hidden(body, input_ids, prefix, remainders)
     packed = None
     if packed_mask_obstacle(body.config, prefix + max(remainders)) is None:

@@ -98,7 +98,7 @@ def build(model, tokenizer, name: str, adapters: list[tuple[str, str]], *, api_k
           body_timeout: float = 30.0):
     """Start the engine on a loaded model, load the start-up adapters, and return `(app, engine)`."""
     require_extra("serve", "loratune serve")
-    from ..pretrained import max_positions
+    from ..batching import max_positions
     from .app import Settings, create_app
     from .completions import Limits
     from .registry import AdapterRegistry, check_name, check_safetensors_folder
