@@ -63,9 +63,8 @@ def test_each_batch_gets_the_strategy_that_applies():
     batch = examples([24, 17, 20], prefix=range(5, 20))
     packed, prefix = BatchMaker("packed", "causal-lm", PAD).make(batch, CPU)
     assert "position_ids" in packed and prefix == 0  # a packed batch's rows are not its examples
-    maker = BatchMaker("shared_prefix", "causal-lm", PAD, checkpointing=True)
-    assert maker.strategy(training=True) == "padded" and maker.make(batch, CPU)[1] == 0  # no cache to share
-    assert maker.strategy(training=False) == "shared_prefix" and maker.make(batch, CPU, training=False)[1] >= 15
+    maker = BatchMaker("shared_prefix", "causal-lm", PAD, checkpointing=True)  # one row where it fits
+    assert maker.strategy(training=True) == "shared_prefix" and maker.make(batch, CPU)[1] >= 15
     assert BatchMaker("shared_prefix", "causal-lm", PAD).make(batch, CPU)[1] >= 15
     fsdp = BatchMaker("shared_prefix", "causal-lm", PAD, sharded=True)  # ranks' batches differ in training only
     assert fsdp.make(batch, CPU)[1] == 0 and fsdp.make(batch, CPU, training=False)[1] >= 15
@@ -79,7 +78,8 @@ def model_config(builder, attention="eager"):
 
 @pytest.mark.parametrize("builder, attention, max_length, checkpointing, expected", [
     (llama, "eager", 64, False, None),
-    (llama, "sdpa", 64, True, "training batches run padded under gradient checkpointing"),
+    (llama, "sdpa", 64, True, "under gradient checkpointing, training batches over 512 tokens (the prefix and "
+                              "every row's remainder) run padded"),
     (bloom, "eager", 64, False, "remainders after the prefix run padded, not packed (ALiBi"),
     (mistral, "eager", 32, False, "run padded, not packed (rows longer than the sliding window of 16 tokens)"),
     (mistral, "eager", 16, False, None),
@@ -98,15 +98,16 @@ def test_one_warning_line_names_what_runs_where_shared_prefix_cannot(builder, at
                     "make its own number of body forwards; evaluation still shares the prefix)")
 
 
-def test_a_run_warns_once_when_gradient_checkpointing_turns_shared_prefix_off(run_config, capsys):
+def test_a_run_warns_once_what_gradient_checkpointing_runs_padded(run_config, capsys):
     from loratune.train.session import prepare
 
     config = validate_config(run_config(train={"batching": "shared_prefix", "gradient_checkpointing": True}), "t")
     session = prepare(config, quiet=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if "train.batching" in line]
-    assert lines == ["loratune: warning: train.batching: shared_prefix: training batches run padded under gradient "
-                     "checkpointing (a checkpointed layer keeps no cache; evaluation still shares the prefix)"]
-    assert session.batches.strategy(training=True) == "padded"
+    assert lines == ["loratune: warning: train.batching: shared_prefix: under gradient checkpointing, training "
+                     "batches over 512 tokens (the prefix and every row's remainder) run padded (a checkpointed "
+                     "layer keeps no cache; evaluation still shares the prefix)"]
+    assert session.batches.strategy(training=True) == "shared_prefix" and session.batches.checkpointing
     prepare(validate_config(run_config(train={"batching": "shared_prefix"}), "t"), quiet=True)
     assert "train.batching" not in capsys.readouterr().err
 

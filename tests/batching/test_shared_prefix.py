@@ -64,6 +64,30 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("one_row", [512, 0], ids=["one-row", "over-the-cap"])
+def test_under_gradient_checkpointing_a_batch_runs_as_one_row_or_padded(builder, attention, one_row, monkeypatch):
+    """A checkpointed layer keeps no cache: a batch that fits runs as one row (its attention over the full row,
+    which the layer's recomputation repeats), one that does not as the padded batch."""
+    monkeypatch.setattr(shared_prefix, "ONE_ROW_TOKENS", one_row)
+    model = adapted(with_attention(builder, attention))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    tokens = int(batch["attention_mask"].sum()) - 3 * prefix
+    assert body_input_shapes(model, batch, prefix) == [(1, tokens)] if one_row else [tuple(batch["input_ids"].shape)]
+    attention_module = next(m for name, m in model.named_modules() if name.endswith(("self_attn", "attn")))
+    calls = []
+    hook = attention_module.register_forward_pre_hook(lambda m, a: calls.append(model.config._attn_implementation))
+    try:
+        shared_result = loss_and_grads(model, batch, prefix)
+    finally:
+        hook.remove()
+    assert calls == [attention, attention]  # the forward, then its recomputation in the backward pass
+    model.gradient_checkpointing_disable()
+    assert_same(shared_result, loss_and_grads(model, batch))
+
+
+@pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
 def test_a_row_longer_than_the_models_positions_runs_against_the_cache(builder):
     """Some families size buffers by their positions (GPT-2's causal mask in older transformers releases):
     the one row never exceeds them, though each row's own positions restart after the prefix."""

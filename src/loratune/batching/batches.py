@@ -131,15 +131,14 @@ class BatchMaker:
     batching: str
     task: str
     pad_id: int
-    checkpointing: bool = False  # a checkpointed layer keeps no cache: training batches then run padded
+    checkpointing: bool = False  # a checkpointed layer keeps no cache: only batches that fit one row share
     sharded: bool = False  # FSDP: ranks on their own batches would make one or two body forwards each, by its
     # prefix and length, and so pair the wrong shard gathers: training batches then run padded
 
     def strategy(self, training: bool = True) -> str:
         """The strategy a batch gets: `batching` where it applies (causal LMs; shared prefixes not in training
-        under gradient checkpointing or FSDP), else padded."""
-        no_shared_training = training and (self.checkpointing or self.sharded)
-        if self.task != "causal-lm" or (self.batching == "shared_prefix" and no_shared_training):
+        under FSDP), else padded."""
+        if self.task != "causal-lm" or (self.batching == "shared_prefix" and training and self.sharded):
             return "padded"
         return self.batching
 

@@ -14,8 +14,8 @@ earlier tokens through a 4D mask, so less compute goes to the padding of rows of
 demo's first 12 batches: 28% of the padded remainder slots are padding, 18% of the packed ones). Where a
 custom mask cannot reach the attention unchanged or would mean something else (FlashAttention, a sliding
 window shorter than the rows, ALiBi biases built from the mask) the remainders run padded, as rows of the
-batch; `fallback_warning` says so once per run, as it does when gradient checkpointing leaves no cache to
-share and training batches run padded.
+batch; `fallback_warning` says so once per run, as it does under gradient checkpointing, which leaves no cache
+to share: there a training batch runs as one row when it fits (below), else padded.
 
 The attention's concatenation of prefix and remainder keys materializes the broadcast keys per row (a
 few hundred values per token and layer); the prefix's matrix products, which dominate, run once.
@@ -81,9 +81,12 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     rows = input_ids.shape[0]
     remainders = (attention_mask.sum(1) - prefix).tolist()
     one_row = prefix + sum(remainders)
+    checkpointed = body.training and torch.is_grad_enabled() and getattr(body, "is_gradient_checkpointing", False)
     if one_row <= min(ONE_ROW_TOKENS, max_positions(body) or ONE_ROW_TOKENS) and \
             packed_mask_obstacle(body.config, one_row) is None:
-        return _one_row_hidden(body, input_ids, prefix, remainders)
+        return _one_row_hidden(body, input_ids, prefix, remainders, blocks=not checkpointed)
+    if checkpointed:  # a checkpointed layer keeps no cache to run the remainders against: the rows as they are
+        return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     packed = None
     if packed_mask_obstacle(body.config, prefix + max(remainders)) is None:
         packed = pack_remainders(input_ids[:, prefix:], remainders, prefix)
@@ -100,12 +103,16 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     return torch.cat([head_hidden.expand(rows, -1, -1), rest], dim=1)
 
 
-def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remainders: list[int]) -> torch.Tensor:
+def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remainders: list[int],
+                    blocks: bool = True) -> torch.Tensor:
     """The prefix and every row's remainder in one row of one forward: each remainder token attends to the
     prefix and its own remainder's earlier tokens. One forward instead of two (the prefix's, then the rest's
     against its cache) halves the step's operator calls, which at a few hundred tokens cost more than the
-    gathers this needs. Under eager attention the attention itself runs block by block (`_block_attention`),
-    so its weights take no more memory than the two-forward layout's."""
+    gathers this needs. Under eager attention and with `blocks` the attention itself runs block by block
+    (`_block_attention`), so its weights take no more memory than the two-forward layout's. Under gradient
+    checkpointing (`blocks` False) it attends over the full row: a layer's recomputation in the backward pass
+    runs outside this call, with the model's own attention, and must save what the forward saved; a
+    checkpointed layer keeps the row's square only while that layer's backward runs."""
     rows = input_ids.shape[0]
     rest_ids = input_ids[:, prefix:]
     one = pack_remainders(rest_ids, remainders, prefix, width=sum(remainders))
@@ -116,7 +123,7 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
     # SDPA keeps no weights; a family without a module-level eager function, or GPT-2 upcasting its scores to
     # fp32 in its own eager path, attends over the full row under the mask
-    if body.config._attn_implementation != "eager" or eager is None or \
+    if not blocks or body.config._attn_implementation != "eager" or eager is None or \
             getattr(body.config, "reorder_and_upcast_attn", False):
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     else:
@@ -214,9 +221,11 @@ def fallback_warning(batches: BatchMaker, config: Any, max_length: int) -> str |
         return None
     found = []
     if batches.strategy(training=True) != batches.batching:
-        why = "gradient checkpointing (a checkpointed layer keeps no cache" if batches.checkpointing else \
-            "FSDP (each rank's batch would make its own number of body forwards"
-        found.append(f"training batches run {batches.strategy(training=True)} under {why}; evaluation still "
+        found.append(f"training batches run {batches.strategy(training=True)} under FSDP (each rank's batch would "
+                     "make its own number of body forwards; evaluation still shares the prefix)")
+    elif batches.checkpointing:
+        found.append(f"under gradient checkpointing, training batches over {ONE_ROW_TOKENS} tokens (the prefix and "
+                     "every row's remainder) run padded (a checkpointed layer keeps no cache; evaluation still "
                      "shares the prefix)")
     obstacle = packed_mask_obstacle(config, max_length)
     if obstacle is not None:
