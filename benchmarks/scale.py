@@ -38,8 +38,9 @@ RATE_SHAPE = (512, 2048, 5632)
 GB = 1e9
 
 
-def build_model(shape: dict, quantize: str):
-    """Random bf16 Llama of `shape`, its block linears stored in `quantize` (built one layer at a time)."""
+def build_model(shape: dict, quantize: str, dtype):
+    """Random Llama of `shape` in `dtype` (the frozen weights' dtype `loratune train` picks), its block linears
+    stored in `quantize` (built one layer at a time)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -54,13 +55,13 @@ def build_model(shape: dict, quantize: str):
     if quantize != "none":
         for path, layer in quantizable_layers(model).items():
             weight = torch.randn(layer.weight.shape, generator=gen, dtype=torch.bfloat16).mul_(0.02)
-            set_module(model, path, QuantLinear.from_weight(weight, None, quantize, dtype=torch.bfloat16))
+            set_module(model, path, QuantLinear.from_weight(weight, None, quantize, dtype=dtype))
     for module in model.modules():
         if any(t.is_meta for t in module.parameters(recurse=False)):
             module.to_empty(device="cpu", recurse=False)
             for param in module.parameters(recurse=False):
                 param.requires_grad_(False)
-                param.data = param.data.to(torch.bfloat16)
+                param.data = param.data.to(dtype)
                 param.data.normal_(0, 0.02, generator=gen) if param.dim() > 1 else param.data.fill_(1.0)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffer was made on meta
     model.tie_weights()
@@ -71,11 +72,11 @@ def prepared(spec: dict, quantize: str):
     """(model with a LoRA adapter, its optimizer) for one base, as `loratune train` sets them up."""
     from loratune.core.adapters import add_adapter
     from loratune.core.lora_config import LoraConfig
-    from loratune.precision import cpu_choice
+    from loratune.precision import base_dtype, cpu_choice
     from loratune.quant.linear import set_base_compute
     from loratune.train.optim import build_optimizer
 
-    model = build_model(spec["shape"], quantize)
+    model = build_model(spec["shape"], quantize, base_dtype("auto", spec["precision"]))
     int8_base = cpu_choice().get("int8_base") if quantize == "int8" else None
     if int8_base:
         set_base_compute(model, int8_base)
@@ -183,6 +184,15 @@ def frozen_linear_weights(shape: dict) -> int:
     return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * shape["vocab_size"]
 
 
+def machine_precision() -> str:
+    """The precision `precision: auto` resolves to on this CPU (the probe's choice): what a run would use."""
+    import torch
+
+    from loratune.precision import resolve_precision
+
+    return resolve_precision("auto", torch.device("cpu"))
+
+
 def product_rates(threads: int) -> dict[str, float]:
     """GOP/s of fp32, bf16 and int8 (`torch._int_mm`) products at RATE_SHAPE with the runs' threads."""
     from loratune.precision import measure_rates
@@ -195,6 +205,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     from loratune.train.memory import machine_memory
 
     available, rows = machine_memory() or 0, []
+    precision = machine_precision()
     rates = product_rates(args.threads)
     print("product rates (GOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), file=sys.stderr)
     for size in args.sizes:
@@ -207,7 +218,8 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                              f" GB of {available / GB:.1f} GB"})
                 continue
             spec = {"shape": shape, "quantize": quantize, "tokens": args.tokens, "steps": args.steps,
-                    "precision": "bf16", "threads": args.threads, "checkpointing": "on" in est.setting.split(",")[-1]}
+                    "precision": precision, "threads": args.threads,
+                    "checkpointing": "on" in est.setting.split(",")[-1]}
             row = {"size": size, "quantize": quantize, "checkpointing": spec["checkpointing"],
                    "estimate": est.training - est.runtime, **run_spec(spec, args.timeout)}
             if "error" not in row:
@@ -218,14 +230,14 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             rows.append(row)
             print(table_line(row), file=sys.stderr, flush=True)
         if args.interleave:
-            rows.append(interleaved(size, rows, args, available))
+            rows.append(interleaved(size, rows, args, available, precision))
             print(interleaved_line(rows[-1]), file=sys.stderr, flush=True)
     rates_after = product_rates(args.threads)
     print("product rates after (GOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates_after.items()), file=sys.stderr)
     return rows
 
 
-def interleaved(size: str, rows: list[dict], args: argparse.Namespace, available: int) -> dict:
+def interleaved(size: str, rows: list[dict], args: argparse.Namespace, available: int, precision: str) -> dict:
     """The plain, NF4 and int8 bases of `size` in one child, steps alternating (`child`); where the three do not
     fit at once, the plain base with each quantized one in turn. {"size", "pairs": [child results]}."""
     runs = {r["quantize"]: r for r in rows if r["size"] == size}
@@ -238,7 +250,7 @@ def interleaved(size: str, rows: list[dict], args: argparse.Namespace, available
     pairs = []
     for bases in groups:
         spec = {"shape": SIZES[size], "bases": bases, "tokens": args.tokens, "steps": args.steps + 1,
-                "precision": "bf16", "threads": args.threads, "checkpointing": False}
+                "precision": precision, "threads": args.threads, "checkpointing": False}
         result = run_spec(spec, args.timeout)
         pairs.append(result.get("interleaved") or {"error": result.get("error", "no result")})
     return {"size": size, "pairs": pairs}

@@ -45,14 +45,18 @@ def test_where_the_three_bases_do_not_fit_each_quantized_one_runs_beside_the_pla
     rows = [{"size": "3b", "quantize": q, "start_rss": 0, "peak_rss": gb * 10**9, "checkpointing": False}
             for q, gb in (("none", 10), ("nf4", 6), ("int8", 7))]
     args = type("Args", (), {"tokens": 32, "steps": 2, "threads": 1, "timeout": 60})()
-    row = scale.interleaved("3b", rows, args, available=23 * 10**9)  # 10 + 6 + 7 GB > 85% of 23; each pair fits
+
+    def interleave(available_gb):
+        return scale.interleaved("3b", rows, args, available=available_gb * 10**9, precision="bf16")
+
+    row = interleave(23)  # 10 + 6 + 7 GB > 85% of 23; each pair fits
     assert specs == [["none", "nf4"], ["none", "int8"]]
     assert scale.interleaved_line(row) == "| 3b | 10.0 / 10.0 | 8.0 (0.80x) | 8.0 (0.80x) |"
     specs.clear()
-    assert scale.interleaved("3b", rows, args, available=30 * 10**9)["pairs"] and specs == [["none", "nf4", "int8"]]
+    assert interleave(30)["pairs"] and specs == [["none", "nf4", "int8"]]
     specs.clear()
-    assert scale.interleaved("3b", rows, args, available=12 * 10**9) == {"size": "3b", "pairs": []} and not specs
+    assert interleave(12) == {"size": "3b", "pairs": []} and not specs
     rows[1] = {**rows[1], "checkpointing": True}  # a base that needed checkpointing is not compared without it
-    assert scale.interleaved("3b", rows, args, available=30 * 10**9) == {"size": "3b", "pairs": []} and not specs
+    assert interleave(30) == {"size": "3b", "pairs": []} and not specs
     rows[0] = {"size": "3b", "quantize": "none", "error": "not run: estimate 20.1 GB of 23.0 GB"}
-    assert scale.interleaved("3b", rows, args, available=30 * 10**9) == {"size": "3b", "pairs": []} and not specs
+    assert interleave(30) == {"size": "3b", "pairs": []} and not specs

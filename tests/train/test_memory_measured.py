@@ -6,7 +6,7 @@ since the interpreter's own size depends on what else the process imported, not 
 
 import pytest
 
-from benchmarks.scale import estimate, run_spec
+from benchmarks.scale import estimate, machine_precision, run_spec
 
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
              num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=False)
@@ -20,7 +20,7 @@ TOKENS = 512
 def test_the_estimate_is_within_15_percent_of_a_measured_training_increment(quantize, checkpointing, tmp_path):
     expected = estimate(SHAPE, quantize, TOKENS, checkpointing, tmp_path)
     spec = {"shape": SHAPE, "quantize": quantize, "checkpointing": checkpointing, "tokens": TOKENS, "steps": 2,
-            "precision": "bf16" if "bf16" in expected.setting else "fp32", "threads": 1}
+            "precision": machine_precision(), "threads": 1}
     measured = run_spec(spec, timeout=600)
     assert "error" not in measured, measured
     increment = measured["peak_rss"] - measured["start_rss"]

@@ -3,9 +3,10 @@ not discovered minutes into a load.
 
 The estimate counts parameters exactly (on a `meta`-device copy of the model with the adapter added) and
 models activations and logits with per-token formulas: the tensors autograd saves per layer (counted with
-saved-tensor hooks: e * (10 h + 4 i) bytes per token), times the 1.27 that resident memory measured above
-them, plus a layer's backward buffers (24 e * i per token). Fitted on measured peaks of Llama-shaped runs
-(135M and smaller, plain / NF4 / int8, with and without checkpointing, 128-1024 tokens) to within 15% of
+saved-tensor hooks: 2 (10 h + 4 i) bytes per token in bf16, 4 (6 h + 4 i) in fp32), times the 1.27 that
+resident memory measured above them, plus a layer's backward buffers (`BACKWARD_BUFFERS` elements per
+intermediate unit and token). Fitted on measured peaks of Llama-shaped runs (135M and smaller, plain / NF4 /
+int8, with and without checkpointing, 128-1024 tokens; bf16 on an AMX CPU, fp32 on an AVX2 one) to within 15% of
 the increment over the interpreter's baseline; `tests/train/test_memory_measured.py` checks it on child
 processes and `python -m benchmarks scale` shows it beside each measured peak.
 """
@@ -39,7 +40,9 @@ ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two AdamW moments
 #: one (161-269 MB, 30-45 MB less with checkpointing): within 13% of both.
 KERNEL_BYTES = int(0.04 * GB)
 RESIDENT_PER_SAVED = 1.27  # resident bytes per byte of saved activations (allocator rounding, fragmentation)
-BACKWARD_BUFFERS = 24  # a layer's backward buffers: this many activation elements per intermediate unit
+#: A layer's backward buffers: this many activation elements per intermediate unit and token. bf16 fitted on an
+#: AMX CPU; fp32 on an AVX2 one (tests/train/test_memory_measured.py's runs: estimate / measured 0.90-1.10).
+BACKWARD_BUFFERS = {"bf16": 24, "fp32": 18}
 
 
 @dataclass
@@ -131,8 +134,10 @@ def estimate_memory(config: Any, checkpointing: bool | None = None) -> MemoryEst
     layers = text.num_hidden_layers
     inner = getattr(text, "intermediate_size", None) or 4 * hidden
     tokens = tc.batch_size * config.data.max_length
-    per_token_layer = activation_element * (10 * hidden + 4 * inner)
-    backward = BACKWARD_BUFFERS * activation_element * inner
+    # autocast saves a bf16 copy of each linear's input beside the fp32 tensors around it: 4 more h-sized
+    # tensors per layer than an fp32 run, which saves each once
+    per_token_layer = activation_element * ((10 if precision == "bf16" else 6) * hidden + 4 * inner)
+    backward = BACKWARD_BUFFERS[precision] * activation_element * inner
     saved = layers * hidden * activation_element + per_token_layer if checkpointing else layers * per_token_layer
     activations = int(tokens * (RESIDENT_PER_SAVED * saved + backward))
     # a quantized layer's weight is rebuilt into kept buffers: values in the compute dtype, and NF4's indices
