@@ -78,12 +78,15 @@ def model_config(builder, attention="eager"):
 
 @pytest.mark.parametrize("builder, attention, max_length, checkpointing, expected", [
     (llama, "eager", 64, False, None),
-    (llama, "sdpa", 64, True, "under gradient checkpointing, training batches over 512 tokens (the prefix and "
-                              "every row's remainder) run padded"),
+    (llama, "sdpa", 64, True, "under gradient checkpointing, training batches over 32 tokens (the prefix and "
+                              "every row's remainder) run padded"),  # the tiny Llama's 32 positions
+    (bloom, "eager", 64, True, "under gradient checkpointing, every training batch runs padded"),
+    (mistral, "eager", 64, True, "under gradient checkpointing, training batches over 16 tokens"),  # its window
     (bloom, "eager", 64, False, "remainders after the prefix run padded, not packed (ALiBi"),
     (mistral, "eager", 32, False, "run padded, not packed (rows longer than the sliding window of 16 tokens)"),
     (mistral, "eager", 16, False, None),
-], ids=["applies", "checkpointing", "alibi", "short-window", "window-longer-than-rows"])
+], ids=["applies", "checkpointing", "checkpointing-alibi", "checkpointing-window", "alibi", "short-window",
+        "window-longer-than-rows"])
 def test_one_warning_line_names_what_runs_where_shared_prefix_cannot(builder, attention, max_length, checkpointing,
                                                                       expected):
     maker = BatchMaker("shared_prefix", "causal-lm", PAD, checkpointing=checkpointing)
@@ -105,8 +108,8 @@ def test_a_run_warns_once_what_gradient_checkpointing_runs_padded(run_config, ca
     session = prepare(config, quiet=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if "train.batching" in line]
     assert lines == ["loratune: warning: train.batching: shared_prefix: under gradient checkpointing, training "
-                     "batches over 512 tokens (the prefix and every row's remainder) run padded (a checkpointed "
-                     "layer keeps no cache; evaluation still shares the prefix)"]
+                     "batches over 64 tokens (the prefix and every row's remainder) run padded (a checkpointed "
+                     "layer keeps no cache; evaluation still shares the prefix)"]  # the tiny GPT-2's 64 positions
     assert session.batches.strategy(training=True) == "shared_prefix" and session.batches.checkpointing
     prepare(validate_config(run_config(train={"batching": "shared_prefix"}), "t"), quiet=True)
     assert "train.batching" not in capsys.readouterr().err

@@ -74,7 +74,8 @@ def test_under_gradient_checkpointing_a_batch_runs_as_one_row_or_padded(builder,
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
     tokens = int(batch["attention_mask"].sum()) - 3 * prefix
-    assert body_input_shapes(model, batch, prefix) == [(1, tokens)] if one_row else [tuple(batch["input_ids"].shape)]
+    expected = [(1, tokens)] if one_row else [tuple(batch["input_ids"].shape)]
+    assert body_input_shapes(model, batch, prefix) == expected
     attention_module = next(m for name, m in model.named_modules() if name.endswith(("self_attn", "attn")))
     calls = []
     hook = attention_module.register_forward_pre_hook(lambda m, a: calls.append(model.config._attn_implementation))
@@ -83,8 +84,11 @@ def test_under_gradient_checkpointing_a_batch_runs_as_one_row_or_padded(builder,
     finally:
         hook.remove()
     assert calls == [attention, attention]  # the forward, then its recomputation in the backward pass
+    with torch.no_grad():  # still checkpointed for transformers (training mode), so still no cache
+        no_grad_loss = causal_lm_loss(model, batch, prefix=prefix)[0]
     model.gradient_checkpointing_disable()
     assert_same(shared_result, loss_and_grads(model, batch))
+    torch.testing.assert_close(no_grad_loss, shared_result[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])

@@ -62,9 +62,10 @@ def decoder_body(model: nn.Module) -> nn.Module | None:
 
 
 def max_positions(model: Any) -> int | None:
-    """How many tokens the model's position embeddings allow, when its config says: the longest row a
-    training batch, a prompt or the one row of a shared-prefix batch may have (some families size buffers by it)."""
-    config = getattr(model, "config", None)
+    """How many tokens the model's (or a config's) position embeddings allow, when its config says: the longest
+    row a training batch, a prompt or the one row of a shared-prefix batch may have (some families size buffers
+    by it)."""
+    config = getattr(model, "config", model)
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -76,14 +77,15 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
                          prefix: int) -> torch.Tensor:
     """The body's last hidden states (B, L, H) for a right-padded batch whose rows share their first
     `prefix` tokens, with the prefix computed once and, where the attention takes a custom mask, the rows'
-    remainders packed: behind the prefix in one row when all of it fits in `ONE_ROW_TOKENS`, else into
-    as few rows as the longest remainder allows, run against the prefix's cache."""
+    remainders packed: behind the prefix in one row when all of it fits (`one_row_limit`), else into as few
+    rows as the longest remainder allows, run against the prefix's cache (under gradient checkpointing, which
+    keeps no cache, the batch as it is)."""
     rows = input_ids.shape[0]
     remainders = (attention_mask.sum(1) - prefix).tolist()
     one_row = prefix + sum(remainders)
-    checkpointed = body.training and torch.is_grad_enabled() and getattr(body, "is_gradient_checkpointing", False)
-    if one_row <= min(ONE_ROW_TOKENS, max_positions(body) or ONE_ROW_TOKENS) and \
-            packed_mask_obstacle(body.config, one_row) is None:
+    # as transformers decides it: a layer is checkpointed in training mode, with or without gradients
+    checkpointed = body.training and any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
+    if one_row <= one_row_limit(body.config) and packed_mask_obstacle(body.config, one_row) is None:
         return _one_row_hidden(body, input_ids, prefix, remainders, blocks=not checkpointed)
     if checkpointed:  # a checkpointed layer keeps no cache to run the remainders against: the rows as they are
         return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -198,6 +200,17 @@ def _boolean_mask(body: nn.Module) -> bool:
     return body.config._attn_implementation == "sdpa"
 
 
+def one_row_limit(config: Any) -> int:
+    """The most tokens the one row of a shared-prefix batch may hold: `ONE_ROW_TOKENS`, or fewer where the
+    model's positions or its sliding window are shorter."""
+    return min(ONE_ROW_TOKENS, max_positions(config) or ONE_ROW_TOKENS, _sliding_window(config) or ONE_ROW_TOKENS)
+
+
+def _sliding_window(config: Any) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    return window if window is not None and getattr(config, "use_sliding_window", True) else None
+
+
 def packed_mask_obstacle(config: Any, length: int) -> str | None:
     """Why a 4D mask of our own would not reach the attention unchanged or would mean something else for rows
     of `length` tokens (None: it would not): FlashAttention takes none, a sliding window shorter than the rows
@@ -205,12 +218,12 @@ def packed_mask_obstacle(config: Any, length: int) -> str | None:
     same of its 2D masks with padding inside a row (between a shared prefix and each row's rest), which the
     same three would misread."""
     implementation = getattr(config, "_attn_implementation", None)
-    window = getattr(config, "sliding_window", None)
+    window = _sliding_window(config)
     if implementation not in ("eager", "sdpa"):
         return f"{implementation} attention takes no custom mask"
     if getattr(config, "alibi", False) or getattr(config, "model_type", None) in ALIBI_MODEL_TYPES:
         return "ALiBi biases are built from a 2D mask"
-    if window is not None and getattr(config, "use_sliding_window", True) and length > window:
+    if window is not None and length > window:
         return f"rows longer than the sliding window of {window} tokens"
     return None
 
@@ -224,9 +237,10 @@ def fallback_warning(batches: BatchMaker, config: Any, max_length: int) -> str |
         found.append(f"training batches run {batches.strategy(training=True)} under FSDP (each rank's batch would "
                      "make its own number of body forwards; evaluation still shares the prefix)")
     elif batches.checkpointing:
-        found.append(f"under gradient checkpointing, training batches over {ONE_ROW_TOKENS} tokens (the prefix and "
-                     "every row's remainder) run padded (a checkpointed layer keeps no cache; evaluation still "
-                     "shares the prefix)")
+        which = "every training batch runs" if packed_mask_obstacle(config, 1) is not None else \
+            f"training batches over {one_row_limit(config)} tokens (the prefix and every row's remainder) run"
+        found.append(f"under gradient checkpointing, {which} padded (a checkpointed layer keeps no cache; "
+                     "evaluation still shares the prefix)")
     obstacle = packed_mask_obstacle(config, max_length)
     if obstacle is not None:
         found.append(f"the rows' remainders after the prefix run padded, not packed ({obstacle})")
