@@ -35,6 +35,7 @@ SIZES = {
                num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
 RATE_SHAPE = (512, 2048, 5632)
+RATE_KINDS = ("fp32", "bf16", "int8")
 GB = 1e9
 
 
@@ -194,11 +195,12 @@ def machine_precision() -> str:
 
 
 def product_rates(threads: int) -> dict[str, float]:
-    """GOP/s of fp32, bf16 and int8 (`torch._int_mm`) products at RATE_SHAPE with the runs' threads."""
-    from loratune.precision import measure_rates
+    """GOP/s of fp32, bf16 (where the CPU has it natively; emulated, a product takes seconds) and int8
+    (`torch._int_mm`) products at RATE_SHAPE with the runs' threads."""
+    from loratune.precision import cpu_has_bf16, measure_rates
 
-    rates = measure_rates(True, RATE_SHAPE, repeats=3, threads=threads)
-    return {k: rates[k] for k in ("fp32", "bf16", "int8")}
+    rates = measure_rates(cpu_has_bf16(), RATE_SHAPE, repeats=3, threads=threads, layers=False)
+    return {k: rates[k] for k in RATE_KINDS if k in rates}
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:
@@ -287,7 +289,8 @@ def table_line(row: dict) -> str:
     inc = (row["peak_rss"] - row["start_rss"]) / GB
     return (f"| {row['size']} | {row['quantize']} | {'on' if row['checkpointing'] else 'off'} | "
             f"{row['tokens_per_s']:.1f} ({lo:.1f}-{hi:.1f}) | {vs} | {row['gflops']:.1f} | "
-            f"{row['pct_fp32']:.1f} / {row['pct_bf16']:.1f} / {row['pct_int8']:.1f}% | {row['peak_rss'] / GB:.2f} | "
+            f"{' / '.join(f'{row[k]:.1f}' if k in row else '-' for k in (f'pct_{r}' for r in RATE_KINDS))}% | "
+            f"{row['peak_rss'] / GB:.2f} | "
             f"{inc:.2f} / {row['estimate'] / GB:.2f} ({100 * (row['estimate'] / GB / inc - 1):+.0f}%) |")
 
 

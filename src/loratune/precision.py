@@ -120,11 +120,11 @@ def cpu_model() -> str:
 
 
 def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 5,
-                  threads: int = 1) -> dict[str, float]:
+                  threads: int = 1, layers: bool = True) -> dict[str, float]:
     """Best GOP/s of `repeats` interleaved rounds (best, not median: on shared cores a product is slowed by
     others, never sped up; bf16 only where the CPU has it natively: emulated bf16
     never wins, and would only make the probe slow). An int8-stored layer is timed as training uses it, forward
-    and input gradient (two products' operations)."""
+    and input gradient (two products' operations), unless `layers` is False (the products alone)."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k ** 0.5
@@ -136,7 +136,7 @@ def measure_rates(bf16: bool, shape: tuple[int, int, int] = PROBE_SHAPE, repeats
         xb, wb = x.bfloat16(), w.bfloat16()
         cases["bf16"] = lambda: xb @ wb.t()
         precisions["bf16"] = xb
-    for name, xp in precisions.items():
+    for name, xp in precisions.items() if layers else ():
         cases[f"codes_layer_{name}"] = _layer_case(layer, xp, "dequantize")
         cases[f"int8_layer_{name}"] = _layer_case(layer, xp, "int8")
     times: dict[str, list[float]] = {name: [] for name in cases}

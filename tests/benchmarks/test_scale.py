@@ -60,3 +60,11 @@ def test_where_the_three_bases_do_not_fit_each_quantized_one_runs_beside_the_pla
     assert interleave(30) == {"size": "3b", "pairs": []} and not specs
     rows[0] = {"size": "3b", "quantize": "none", "error": "not run: estimate 20.1 GB of 23.0 GB"}
     assert interleave(30) == {"size": "3b", "pairs": []} and not specs
+
+
+def test_a_rate_the_cpu_does_not_have_natively_reads_as_a_dash():
+    row = {"size": "135m", "quantize": "nf4", "checkpointing": False, "tokens": 512, "step_range": [2.0, 4.0],
+           "tokens_per_s": 200.0, "gflops": 80.0, "pct_fp32": 50.0, "pct_int8": 2.5, "peak_rss": 2e9,
+           "start_rss": 1e9, "estimate": 1.1e9, "vs_plain": 0.9}
+    assert scale.table_line(row) == ("| 135m | nf4 | off | 200.0 (128.0-256.0) | 0.90x | 80.0 | 50.0 / - / 2.5% | "
+                                     "2.00 | 1.00 / 1.10 (+10%) |")

@@ -94,3 +94,8 @@ def test_bf16_forward_and_input_gradient_stay_within_bf16_rounding_of_the_fp32_l
         # bf16 inputs, codes and scales: each product term off by a few units of 2^-8, accumulated in fp32
         assert ((got - exact).norm() / exact.norm()).item() < 1e-2
         assert (got - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_the_products_alone_are_measured_without_the_layer_cases():
+    assert set(precision.measure_rates(False, shape=(8, 16, 8), repeats=1, layers=False)) == {"fp32", "int8"}
+    assert {"codes_layer_fp32", "int8_layer_fp32"} <= set(precision.measure_rates(False, shape=(8, 16, 8), repeats=1))
