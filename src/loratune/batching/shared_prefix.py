@@ -83,8 +83,7 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     rows = input_ids.shape[0]
     remainders = (attention_mask.sum(1) - prefix).tolist()
     one_row = prefix + sum(remainders)
-    # as transformers decides it: a layer is checkpointed in training mode, with or without gradients
-    checkpointed = body.training and any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
+    checkpointed = _checkpointed(body)
     if one_row <= one_row_limit(body.config) and packed_mask_obstacle(body.config, one_row) is None:
         return _one_row_hidden(body, input_ids, prefix, remainders, blocks=not checkpointed)
     if checkpointed:  # a checkpointed layer keeps no cache to run the remainders against: the rows as they are
@@ -103,6 +102,14 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     if packed is not None:  # back to one row per example
         rest = packed.unpack(rest, rows)
     return torch.cat([head_hidden.expand(rows, -1, -1), rest], dim=1)
+
+
+def _checkpointed(body: nn.Module) -> bool:
+    """Whether the body's layers run checkpointed, as transformers decides it: in training mode, with or without
+    gradients. `gradient_checkpointing_enable` sets the flag on every module that has one, so the first such
+    module (the body itself, or its first layer) answers without a walk over every module each step."""
+    flag = next((m.gradient_checkpointing for m in body.modules() if hasattr(m, "gradient_checkpointing")), False)
+    return body.training and bool(flag)
 
 
 def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remainders: list[int],

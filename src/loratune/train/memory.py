@@ -40,8 +40,11 @@ ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two AdamW moments
 #: one (161-269 MB, 30-45 MB less with checkpointing): within 13% of both.
 KERNEL_BYTES = int(0.04 * GB)
 RESIDENT_PER_SAVED = 1.27  # resident bytes per byte of saved activations (allocator rounding, fragmentation)
+#: Saved activation elements per token and layer: SAVED_PER_HIDDEN[precision] h + 4 i. Autocast keeps a bf16 copy
+#: of each linear's input beside the fp32 tensors around it, so bf16 saves 4 more h-sized tensors than fp32.
+SAVED_PER_HIDDEN = {"bf16": 10, "fp32": 6}
 #: A layer's backward buffers: this many activation elements per intermediate unit and token. bf16 fitted on an
-#: AMX CPU; fp32 on an AVX2 one (tests/train/test_memory_measured.py's runs: estimate / measured 0.90-1.10).
+#: AMX CPU; fp32 on an AVX2 one (tests/train/test_memory_measured.py's runs: estimate / measured 0.96-1.08).
 BACKWARD_BUFFERS = {"bf16": 24, "fp32": 18}
 
 
@@ -134,9 +137,7 @@ def estimate_memory(config: Any, checkpointing: bool | None = None) -> MemoryEst
     layers = text.num_hidden_layers
     inner = getattr(text, "intermediate_size", None) or 4 * hidden
     tokens = tc.batch_size * config.data.max_length
-    # autocast saves a bf16 copy of each linear's input beside the fp32 tensors around it: 4 more h-sized
-    # tensors per layer than an fp32 run, which saves each once
-    per_token_layer = activation_element * ((10 if precision == "bf16" else 6) * hidden + 4 * inner)
+    per_token_layer = activation_element * (SAVED_PER_HIDDEN[precision] * hidden + 4 * inner)
     backward = BACKWARD_BUFFERS[precision] * activation_element * inner
     saved = layers * hidden * activation_element + per_token_layer if checkpointing else layers * per_token_layer
     activations = int(tokens * (RESIDENT_PER_SAVED * saved + backward))
