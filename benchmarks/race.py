@@ -92,7 +92,7 @@ def one_side(library: str, steps: int, eval_records: int, out: Path) -> dict:
 
 
 KEYS = [("job_s", "whole job (one process), s"), ("train_s", "training, s"),
-        ("job_cpu_s", "whole job, CPU s (all threads)"), ("peak_rss_mb", "peak RSS, MB"),
+        ("job_cpu_s", "whole job, CPU s (all threads)"), ("peak_rss_mb", "peak RSS, MiB"),
         ("common_accuracy", "accuracy, held-out reviews (`loratune eval` of each adapter)"),
         ("own_accuracy", "accuracy after training (the demo's own evaluation)")]
 

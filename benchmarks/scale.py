@@ -71,13 +71,20 @@ def build_model(shape: dict, quantize: str, dtype):
 
 def prepared(spec: dict, quantize: str):
     """(model with a LoRA adapter, its optimizer) for one base, as `loratune train` sets them up."""
+    import torch
+
     from loratune.core.adapters import add_adapter
     from loratune.core.lora_config import LoraConfig
     from loratune.precision import base_dtype, cpu_choice
     from loratune.quant.linear import set_base_compute
+    from loratune.quant.widen import widen_frozen_base
     from loratune.train.optim import build_optimizer
 
-    model = build_model(spec["shape"], quantize, base_dtype("auto", spec["precision"]))
+    # the random weights stand for a bf16 checkpoint: trained in fp32, a plain base keeps its linear weights in
+    # bf16 and the rest turns fp32, as `pretrained.load_model` does (`quant.widen`)
+    model = build_model(spec["shape"], quantize, base_dtype("auto", spec["precision"], torch.bfloat16))
+    if spec["precision"] == "fp32":
+        widen_frozen_base(model)
     int8_base = cpu_choice().get("int8_base") if quantize == "int8" else None
     if int8_base:
         set_base_compute(model, int8_base)
@@ -212,7 +219,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     print("product rates (GOP/s): " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()), file=sys.stderr)
     for size in args.sizes:
         shape, plain = SIZES[size], None
-        for quantize in ("none", "nf4", "int8"):
+        for quantize in args.bases:
             with tempfile.TemporaryDirectory() as folder:
                 est = estimate(shape, quantize, args.tokens, None, Path(folder))
             if quantize == "none" and est.training > 0.85 * available:
@@ -299,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["135m", "360m", "1.1b"])
     parser.add_argument("--tokens", type=int, default=512, help="tokens per step (batch 1; default 512)")
     parser.add_argument("--steps", type=int, default=4, help="steps per run; the first is not timed (default 4)")
+    parser.add_argument("--bases", nargs="+", choices=["none", "nf4", "int8"], default=["none", "nf4", "int8"],
+                        help="frozen bases to run: plain (none), NF4, int8 (default: all three)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per run (default 2)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run before it is abandoned")
     parser.add_argument("--interleave", action="store_true",

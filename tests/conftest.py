@@ -94,6 +94,16 @@ def tiny_llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_bf16(tmp_path_factory):
+    """The tiny Llama saved in bf16, as most checkpoints ship (with an untied head)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    return _save(tmp_path_factory.mktemp("llama-bf16"), LlamaForCausalLM(config).to(torch.bfloat16))
+
+
+@pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -64,7 +64,7 @@ def _resume_command(args: argparse.Namespace) -> str:
 def _print_summary(summary: dict, out: Path) -> None:
     before, after = summary["before"], summary["after"]
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.1f} s "
-          f"({summary['tokens_per_second']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MB, "
+          f"({summary['tokens_per_second']:.0f} tokens/s, peak RSS {summary['peak_rss_mb']:.0f} MiB, "
           f"gradient checkpointing {summary.get('gradient_checkpointing', 'off')})")
     for key in after:
         if isinstance(after[key], float):

@@ -60,12 +60,15 @@ def _zero_shot(method: str, config: Any) -> bool:
 def job_config(data: dict[str, Any], method: str, seed: int, output_dir: Path) -> Any:
     """The validated config of one comparison run: the user's, with the job's method, seed and folder. The
     zero-shot base of a causal LM keeps the config's own method (a fresh adapter adds nothing: B starts at 0);
-    a classifier's base is the head-only probe."""
+    a classifier's base is the head-only probe. `model.dtype` (the frozen base's storage) is the LoRA run's
+    alone: full fine-tuning and the probe keep float32 weights."""
     from loratune.train.run_config import validate_config
 
     zero_shot = method == "base" and data["model"]["task"] != "classification"
     run_method = data.get("method", "lora") if zero_shot else "head" if method == "base" else method
-    job = {**data, "method": run_method, "train": {**data["train"], "seed": seed}, "output_dir": str(output_dir)}
+    model = data["model"] if run_method == "lora" else {k: v for k, v in data["model"].items() if k != "dtype"}
+    job = {**data, "model": model, "method": run_method, "train": {**data["train"], "seed": seed},
+           "output_dir": str(output_dir)}
     return validate_config(job, f"compare --methods {method}")
 
 
@@ -181,7 +184,7 @@ def compare_markdown(results: dict[str, Any], plotted: bool = True) -> str:
              "train.seed each (the zero-shot base once); each run in its own process, so its peak memory is its "
              "own. Metric: held-out " + name + (" (mean ± sample sd over seeds)." if results["seeds"] > 1 else "."),
              "", f"| method | {name} | " + "".join(f"{k} | " for k in extras)
-             + "training time (s) | peak memory (MB RSS) | trainable parameters | output size (MB) |",
+             + "training time (s) | peak memory (MiB RSS) | trainable parameters | output size (MB) |",
              "|---|---|" + "---|" * len(extras) + "---|---|---|---|"]
     for row in rows:
         spread = f" ± {row['sd']:.4f}" if row["sd"] is not None else ""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from loratune.core.atomic_write import write_text_atomic
-from loratune.pretrained import default_cache_dir
+from loratune.pretrained import default_cache_dir, stored_dtype
 from loratune.quant.linear import QuantLinear, set_base_compute
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,12 +44,28 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return cpu_choice()["precision"]
 
 
-def base_dtype(requested: str, precision: str) -> torch.dtype:
-    """Frozen weights in bf16 when the matmuls run in bf16 anyway: autocast then has nothing to cast, and
-    the weights take half the memory. Adapter weights stay fp32 (they are created in fp32)."""
+def base_dtype(requested: str, precision: str, stored: torch.dtype | None = None) -> torch.dtype:
+    """The frozen weights' dtype. `auto`: bf16 when the matmuls run in bf16 anyway (autocast then has nothing
+    to cast, and the weights take half the memory); in fp32, the checkpoint's own dtype (`stored`) when it is
+    16-bit: `pretrained.load_model` then keeps the linear weights as stored and widens each for its product
+    (`quant.widen`), the same products at half the memory; else fp32. Adapter weights stay fp32."""
     if requested == "auto":
-        return torch.bfloat16 if precision == "bf16" else torch.float32
+        if precision == "bf16":
+            return torch.bfloat16
+        return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
     return DTYPES[requested]
+
+
+def model_base_dtype(requested: str, precision: str, name_or_path: str) -> torch.dtype:
+    """`base_dtype` for the model `name_or_path`, whose saved dtype is read (from its files' headers) only
+    where `auto` depends on it."""
+    needs_stored = requested == "auto" and precision != "bf16"
+    return base_dtype(requested, precision, stored_dtype(name_or_path) if needs_stored else None)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of a run's products and activations: bf16 autocast computes in bf16, else fp32."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def inference_dtype(requested: str) -> torch.dtype:

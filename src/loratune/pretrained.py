@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import warnings
@@ -34,13 +35,16 @@ from loratune.core.peft_format import (
 from loratune.errors import ModelLoadError
 from loratune.quant.allocator import release_free_memory, return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
-from loratune.quant.streaming import NotStreamable, load_quantized, safetensors_files
+from loratune.quant.streaming import NotStreamable, load_quantized, read_header, safetensors_files
+from loratune.quant.widen import NARROW_DTYPES, widen_frozen_base
 from loratune.tasks import TASK_TYPES, TASKS, Task
 
 #: The heads PEFT adds to `modules_to_save` for a SEQ_CLS adapter (a model has one of them).
 CLASSIFIER_HEADS = ("classifier", "score")
 #: Seed for randomly initialised heads (the classifier of an encoder), so runs are repeatable.
 HEAD_SEED = 0
+_FLOAT_NAMES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ def load_model(
     quantize: str = "none",
     double_quant: bool = True,
     shard: tuple[int, int] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Any, Any]:
     """Return `(model, tokenizer)` for `task`, with a pad token set on both.
 
@@ -95,7 +100,9 @@ def load_model(
     With `quantize` ("nf4" or "int8") the frozen linear layers are stored quantized (output heads stay in
     `dtype`); a local safetensors model is then streamed in tensor by tensor, never whole in full precision,
     and with `shard=(rank, world)` (FSDP2) keeps only this rank's rows of the blocks' quantized layers
-    (`quant.streaming.load_quantized`).
+    (`quant.streaming.load_quantized`). With a `compute_dtype` wider than a 16-bit `dtype`, the frozen linear
+    layers keep their 16-bit weights and widen them for each product, and the rest is cast to `compute_dtype`
+    (`quant.widen`).
     """
     if task not in TASKS:
         raise ConfigError(f"task: unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -105,6 +112,8 @@ def load_model(
     tokenizer = _load_tokenizer(source, name_or_path, trust_remote_code)
     model = _load_weights(source, name_or_path, task, num_labels, dtype, trust_remote_code, quantize, double_quant,
                           shard)
+    if compute_dtype == torch.float32 and dtype in NARROW_DTYPES:
+        widen_frozen_base(model, compute_dtype)
     _set_padding(model, tokenizer)
     if task == "classification":
         _set_label_maps(model, num_labels, label_names)
@@ -388,6 +397,32 @@ def adapter_task(adapter_dir: str | Path, model_name: str, task: Task | None = N
         return task, int(AutoConfig.from_pretrained(model_name).num_labels)
     except (OSError, ValueError, TypeError):
         return task, None  # load_model then says what is missing
+
+
+def stored_dtype(name_or_path: str, cache_dir: Path | None = None) -> torch.dtype | None:
+    """The dtype a local model's weights are saved in: the one floating dtype of its safetensors files'
+    tensors (read from their headers, no weight loaded), or without such files the dtype its config.json
+    names; None when the tensors mix dtypes or nothing local says."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        folder = Path(_resolve_source(name_or_path, cache))
+    except LoratuneError:
+        return None
+    files = safetensors_files(folder) if folder.is_dir() else []
+    found = set()
+    for path in files:
+        try:
+            found |= {info["dtype"] for info in read_header(path)[1].values() if info["dtype"] in _FLOAT_NAMES}
+        except (OSError, LoratuneError):
+            return None
+    if not files:
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        named = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+        return _CONFIG_DTYPES.get(named) if isinstance(named, str) else None
+    return _FLOAT_NAMES[found.pop()] if len(found) == 1 else None
 
 
 def model_skeleton(name_or_path: str, task: Task, *, num_labels: int = 2, trust_remote_code: bool = False,

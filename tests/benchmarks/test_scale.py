@@ -68,3 +68,16 @@ def test_a_rate_the_cpu_does_not_have_natively_reads_as_a_dash():
            "start_rss": 1e9, "estimate": 1.1e9, "vs_plain": 0.9}
     assert scale.table_line(row) == ("| 135m | nf4 | off | 200.0 (128.0-256.0) | 0.90x | 80.0 | 50.0 / - / 2.5% | "
                                      "2.00 | 1.00 / 1.10 (+10%) |")
+
+
+def test_the_plain_base_in_fp32_keeps_its_linear_weights_in_bf16_as_a_run_does():
+    import torch
+
+    from loratune.quant.widen import WidenedLinear
+
+    model, _ = scale.prepared(spec(quantize="none", precision="fp32"), "none")
+    widened = [m for m in model.modules() if isinstance(m, WidenedLinear)]
+    assert len(widened) == 2 * 7 and all(m.weight.dtype == torch.bfloat16 for m in widened)
+    assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.float32
+    quantized, _ = scale.prepared(spec(quantize="nf4", precision="fp32"), "nf4")
+    assert {p.dtype for p in quantized.parameters() if p.is_floating_point()} == {torch.float32}

@@ -34,7 +34,8 @@ def shard_rows(length: int, rank: int, world: int) -> slice:
     return slice(start, min(start + size, length))
 
 
-def _workspace() -> Workspace:
+def workspace() -> Workspace:
+    """This thread's reused buffers for rebuilt (dequantized or widened) weights."""
     if not hasattr(_LOCAL, "workspace"):
         _LOCAL.workspace = Workspace()
     return _LOCAL.workspace
@@ -48,15 +49,15 @@ class _DequantizedMatmul(torch.autograd.Function):
         ctx.layer = layer
         q = layer.packed
         if q.format == "int8" and kernels_for(x.device, x.dtype) is None:
-            return F.linear(x, int8_codes(q, x.dtype, _workspace())).mul_(q.scales.to(x.dtype))
-        return F.linear(x, dequantize(q, x.dtype, _workspace()))
+            return F.linear(x, int8_codes(q, x.dtype, workspace())).mul_(q.scales.to(x.dtype))
+        return F.linear(x, dequantize(q, x.dtype, workspace()))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         q = ctx.layer.packed
         if q.format == "int8" and kernels_for(grad.device, grad.dtype) is None:
-            return (grad * q.scales.to(grad.dtype)) @ int8_codes(q, grad.dtype, _workspace()), None
-        return grad @ dequantize(q, grad.dtype, _workspace()), None
+            return (grad * q.scales.to(grad.dtype)) @ int8_codes(q, grad.dtype, workspace()), None
+        return grad @ dequantize(q, grad.dtype, workspace()), None
 
 
 class QuantLinear(nn.Linear):

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from loratune.core.adapters import add_adapter, trainable_parameters
-from loratune.precision import base_dtype, resolve_precision
+from loratune.precision import model_base_dtype, resolve_precision
 from loratune.pretrained import model_skeleton, will_stream
 from loratune.quant.convert import quantizable_layers
 from loratune.quant.storage import bytes_per_weight
 from loratune.quant.streaming import safetensors_files
+from loratune.quant.widen import NARROW_DTYPES
 from loratune.tasks import TASK_TYPES
 from loratune.train.methods import mark_method_trainable
 from loratune.train.step import split_lm
@@ -107,14 +108,18 @@ def estimate_memory(config: Any, checkpointing: bool | None = None) -> MemoryEst
         checkpointing = checkpointing_decision(config, machine_memory())[0]
     spec, tc = config.model, config.train
     precision = resolve_precision(tc.precision, torch.device("cpu"))
-    element = torch.finfo(base_dtype(spec.dtype, precision)).bits // 8
+    storage = model_base_dtype(spec.dtype, precision, spec.name)
     activation_element = 2 if precision == "bf16" else 4
+    method = getattr(config, "method", "lora")
+    # 16-bit linear weights, the rest fp32 (`quant.widen`); other methods load float32 weights
+    widened = storage in NARROW_DTYPES and precision == "fp32" and method == "lora"
+    element = activation_element if widened else torch.finfo(storage).bits // 8
     model = model_skeleton(spec.name, spec.task, trust_remote_code=spec.trust_remote_code)
     quantized = spec.quantize != "none"
-    sizes = [_numel(m) for m in quantizable_layers(model).values()] if quantized else []
+    sizes = [_numel(m) for m in quantizable_layers(model).values()] if quantized or widened else []
     linear = sum(sizes)
+    per_linear_weight = bytes_per_weight(spec.quantize, spec.double_quant) if quantized else 2
     total = sum(p.numel() for p in model.parameters())
-    method = getattr(config, "method", "lora")
     if method == "lora":
         add_adapter(model, dataclasses.replace(  # PiSSA needs real weights; the size is the same
             config.lora, init_lora_weights=True, task_type=config.lora.task_type or TASK_TYPES[spec.task]))
@@ -124,13 +129,13 @@ def estimate_memory(config: Any, checkpointing: bool | None = None) -> MemoryEst
     trainable = trainable_parameters(model).trainable
 
     dense = (total - linear - (trainable if method != "lora" else 0)) * element
-    weights = dense + int(linear * bytes_per_weight(spec.quantize, spec.double_quant)) if quantized else dense
+    weights = dense + int(linear * per_linear_weight)
     largest = max(p.numel() for p in model.parameters()) * 4
     streaming = will_stream(spec.name, spec.quantize, spec.loftq_iterations)
     if streaming:
         loading = RUNTIME_BYTES + weights + 2 * largest
     else:  # transformers maps the files while loading, and their pages count as resident
-        loading = RUNTIME_BYTES + total * element + max(largest, _on_disk(spec.name))
+        loading = RUNTIME_BYTES + total * (2 if widened else element) + max(largest, _on_disk(spec.name))
 
     text = model.config.get_text_config()
     hidden = text.hidden_size
@@ -141,7 +146,8 @@ def estimate_memory(config: Any, checkpointing: bool | None = None) -> MemoryEst
     backward = BACKWARD_BUFFERS[precision] * activation_element * inner
     saved = layers * hidden * activation_element + per_token_layer if checkpointing else layers * per_token_layer
     activations = int(tokens * (RESIDENT_PER_SAVED * saved + backward))
-    # a quantized layer's weight is rebuilt into kept buffers: values in the compute dtype, and NF4's indices
+    # a quantized or widened layer's weight is rebuilt into kept buffers: values in the compute dtype, and NF4's
+    # indices
     rebuilt = max(sizes, default=0) * (activation_element + (1 if spec.quantize == "nf4" else 0))
     chunk = config.loss_chunk if spec.task == "causal-lm" and split_lm(model) is not None else 0  # as batch_loss
     vocab = getattr(text, "vocab_size", 0) if spec.task != "classification" else 0

@@ -36,17 +36,19 @@ def trained_folder(out: Path, method: str) -> Path:
 
 def load_for_method(config: Any, adapter: str, label_names: list[str] | None, dtype: torch.dtype,
                     saved: Path | None = None, quantize: str = "none",
-                    shard: tuple[int, int] | None = None) -> tuple[nn.Module, Any]:
+                    shard: tuple[int, int] | None = None,
+                    compute_dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """`(model, tokenizer)` ready to train as `config.method` says; `saved` is a finished run's result
     (`trained_folder`) to load instead of a fresh start; `shard=(rank, world)`: an FSDP2 rank's share of a
-    quantized base (`pretrained.load_adapted_model`). Full fine-tuning and the probe keep float32 weights:
-    AdamW updates of bf16 weights lose most of their bits."""
+    quantized base (`pretrained.load_adapted_model`); `compute_dtype`: the products' dtype, for a base kept in
+    16 bits (`pretrained.load_model`). Full fine-tuning and the probe keep float32 weights: AdamW updates of
+    bf16 weights lose most of their bits."""
     spec = config.model
     if config.method == "lora":
         return load_adapted_model(
             spec.name, spec.task, config.lora, adapter, adapter_dir=saved, quantize=quantize,
             double_quant=spec.double_quant, loftq_iterations=spec.loftq_iterations, label_names=label_names,
-            dtype=dtype, trust_remote_code=spec.trust_remote_code, shard=shard)
+            dtype=dtype, trust_remote_code=spec.trust_remote_code, shard=shard, compute_dtype=compute_dtype)
     source = str(saved) if saved is not None else spec.name
     model, tokenizer = load_model(source, spec.task, label_names=label_names, dtype=torch.float32,
                                   trust_remote_code=spec.trust_remote_code)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from loratune.batching import BatchMaker, fallback_warning, max_positions
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
-from loratune.precision import base_dtype, cpu_choice, resolve_precision
+from loratune.precision import base_dtype, compute_dtype, cpu_choice, model_base_dtype, resolve_precision
 from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
 from loratune.train.evaluate import (
@@ -144,6 +144,15 @@ class Session:
                 for p, o, r in zip(data.eval_prompts, answers, data.eval_references)][: self.config.train.num_samples]
 
 
+def attention_for(requested: str, device: torch.device, precision: str) -> str:
+    """`model.attn_implementation`, with `auto` resolved: eager on a CPU computing in bf16, else sdpa. Measured
+    on the demo (docs/benchmarks.md): eager trained faster on an AMX CPU in bf16; in fp32 on an AVX2 one, sdpa
+    was as fast and kept no attention weights for backward."""
+    if requested != "auto":
+        return requested
+    return "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+
+
 def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
             processes: Processes | None = None) -> Session:
     """Load model and data, then add a fresh adapter (or load `adapter_dir`); the base stays frozen (other
@@ -157,11 +166,14 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
         data_config = data_config.model_copy(update={"label_names": label_names})
     device = processes.device
     precision = resolve_precision(tc.precision, device)
+    # a base kept in 16 bits computes in fp32 through widened layers; FSDP2 shards one dtype: not there
+    widen = not processes.sharded
+    dtype = model_base_dtype(spec.dtype, precision, spec.name) if widen else base_dtype(spec.dtype, precision)
     try:  # the memory estimate applies the lora section first, on a skeleton of the model
         checkpointing, note = _memory_plan(config, device, processes.is_main)
         model, tokenizer = load_for_method(  # config.method: an adapter, every weight, or the head
-            config, ADAPTER, label_names, base_dtype(spec.dtype, precision), saved=adapter_dir,
-            quantize=spec.quantize, shard=_weight_shard(processes))
+            config, ADAPTER, label_names, dtype, saved=adapter_dir, quantize=spec.quantize,
+            shard=_weight_shard(processes), compute_dtype=compute_dtype(precision) if widen else None)
     except TargetError as exc:  # name the model the lora section does not fit
         raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
     limit = max_positions(model)
@@ -170,7 +182,7 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     if spec.quantize == "int8" and device.type == "cpu":  # int8 x int8 products where the probe found them faster
         set_base_compute(model, cpu_choice(precision)["int8_base"])
     if spec.attn_implementation:
-        model.set_attn_implementation(spec.attn_implementation)
+        model.set_attn_implementation(attention_for(spec.attn_implementation, device, precision))
     data = load_datasets(data_config, tokenizer, spec.task)
     model.to(device)
     if checkpointing and not _set_gradient_checkpointing(model, config, checkpointing):
