@@ -80,10 +80,12 @@ def prepared(spec: dict, quantize: str):
     from loratune.quant.widen import widen_frozen_base
     from loratune.train.optim import build_optimizer
 
-    # the random weights stand for a bf16 checkpoint: trained in fp32, a plain base keeps its linear weights in
-    # bf16 and the rest turns fp32, as `pretrained.load_model` does (`quant.widen`)
-    model = build_model(spec["shape"], quantize, base_dtype("auto", spec["precision"], torch.bfloat16))
-    if spec["precision"] == "fp32":
+    # the random weights stand for a bf16 checkpoint: trained in fp32 where fp32 weights would not fit, a plain
+    # base keeps its linear weights in bf16 and the rest turns fp32, as `loratune train` does (`quant.widen`)
+    widened = spec.get("widened", False)
+    model = build_model(spec["shape"], quantize, base_dtype("auto", spec["precision"], torch.bfloat16 if widened
+                                                            else None))
+    if widened:
         widen_frozen_base(model)
     int8_base = cpu_choice().get("int8_base") if quantize == "int8" else None
     if int8_base:
@@ -228,7 +230,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
                 continue
             spec = {"shape": shape, "quantize": quantize, "tokens": args.tokens, "steps": args.steps,
                     "precision": precision, "threads": args.threads,
-                    "checkpointing": "on" in est.setting.split(",")[-1]}
+                    "checkpointing": "on" in est.setting.split(",")[-1], "widened": "linear weights" in est.setting}
             row = {"size": size, "quantize": quantize, "checkpointing": spec["checkpointing"],
                    "estimate": est.training - est.runtime, **run_spec(spec, args.timeout)}
             if "error" not in row:

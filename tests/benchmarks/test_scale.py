@@ -70,14 +70,15 @@ def test_a_rate_the_cpu_does_not_have_natively_reads_as_a_dash():
                                      "2.00 | 1.00 / 1.10 (+10%) |")
 
 
-def test_the_plain_base_in_fp32_keeps_its_linear_weights_in_bf16_as_a_run_does():
+def test_a_plain_base_the_estimate_keeps_in_bf16_is_widened_as_a_run_widens_it():
     import torch
 
     from loratune.quant.widen import WidenedLinear
 
-    model, _ = scale.prepared(spec(quantize="none", precision="fp32"), "none")
+    model, _ = scale.prepared(spec(quantize="none", precision="fp32", widened=True), "none")
     widened = [m for m in model.modules() if isinstance(m, WidenedLinear)]
     assert len(widened) == 2 * 7 and all(m.weight.dtype == torch.bfloat16 for m in widened)
     assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.float32
-    quantized, _ = scale.prepared(spec(quantize="nf4", precision="fp32"), "nf4")
-    assert {p.dtype for p in quantized.parameters() if p.is_floating_point()} == {torch.float32}
+    plain, _ = scale.prepared(spec(quantize="none", precision="fp32"), "none")
+    assert not any(isinstance(m, WidenedLinear) for m in plain.modules())
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}

@@ -16,7 +16,7 @@ from loratune.pretrained import load_model, stored_dtype
 from loratune.quant.convert import quantizable_layers
 from loratune.quant.widen import WidenedLinear, widen_frozen_base
 from loratune.train import fit
-from loratune.train.memory import estimate_memory
+from loratune.train.memory import estimate_memory, frozen_dtype
 from loratune.train.run_config import validate_config
 from loratune.train.session import prepare
 
@@ -141,21 +141,39 @@ def losses(folder):
     return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
-def test_a_bf16_checkpoint_trains_in_fp32_as_a_float32_load_does_with_half_the_weight_memory(
-        run_config, tiny_llama_bf16, tmp_path):
+def squeezed(monkeypatch, config):
+    """This machine's memory as the run would see it: between the run's estimate with a 16-bit base and with
+    an fp32 one (both without checkpointing)."""
+    import loratune.train.session as session_module
+
+    bf16, fp32 = (estimate_memory(config, False, storage=d).training for d in (torch.bfloat16, torch.float32))
+    assert bf16 < fp32
+    monkeypatch.setattr(session_module, "machine_memory", lambda: (bf16 + fp32) // 2)
+    return (bf16 + fp32) // 2
+
+
+def test_auto_keeps_a_bf16_checkpoint_in_fp32_where_it_fits_else_in_16_bits_with_the_same_training(
+        run_config, tiny_llama_bf16, tmp_path, monkeypatch):
     def config(dtype, out):
         return validate_config(run_config(model={"name": tiny_llama_bf16, "dtype": dtype},
                                           lora={"target_modules": "all-linear", "lora_dropout": 0.0},
                                           output_dir=str(tmp_path / out)), "test")
 
-    auto, float32 = config("auto", "auto"), config("float32", "float32")
+    auto, float32, bfloat16 = config("auto", "auto"), config("float32", "float32"), config("bfloat16", "bf16")
+    roomy = prepare(auto, quiet=True)  # this machine holds the fp32 weights: no widening
+    assert not any(isinstance(m, WidenedLinear) for m in roomy.model.modules())
+    assert frozen_dtype(auto, None) == torch.float32 and frozen_dtype(bfloat16, 10**15) == torch.bfloat16
+    available = squeezed(monkeypatch, auto)
+    assert frozen_dtype(auto, available) == torch.bfloat16
     session = prepare(auto, quiet=True)
     widened = [m for m in session.model.modules() if isinstance(m, WidenedLinear)]
-    assert len(widened) == 2 * 7 and session.precision == "fp32"
-    fit(auto, quiet=True)
-    fit(float32, quiet=True)
+    assert len(widened) == 2 * 7 and session.precision == "fp32" and not session.checkpointing
+    summary = fit(auto, quiet=True)
+    assert summary["widened_from"] == "bfloat16"
+    assert "kept in bfloat16, widened" in (tmp_path / "auto" / "report.md").read_text()
+    assert fit(float32, quiet=True)["widened_from"] is None
     got, want = losses(tmp_path / "auto"), losses(tmp_path / "float32")
-    assert len(got) == 6 and got == pytest.approx(want, rel=1e-5)
+    assert len(got) == 6 and got == pytest.approx(want, rel=1e-5)  # the same products, bit for bit or nearly
     # the estimate counts the body's linear weights at 2 bytes instead of 4
     linear = sum(m.weight.numel() for m in widened)
-    assert estimate_memory(float32).weights - estimate_memory(auto).weights == 2 * linear
+    assert estimate_memory(float32).weights - estimate_memory(auto, storage=torch.bfloat16).weights == 2 * linear

@@ -80,3 +80,8 @@ def widen_frozen_base(model: nn.Module, compute_dtype: torch.dtype = torch.float
             if buffer.is_floating_point() and buffer.dtype != compute_dtype:
                 module._buffers[key] = buffer.to(compute_dtype)
     return widened
+
+
+def widened_dtype(model: nn.Module) -> torch.dtype | None:
+    """The 16-bit dtype `model`'s widened layers keep, or None when it has none (for the run's report)."""
+    return next((m.weight.dtype for m in model.modules() if isinstance(m, WidenedLinear)), None)

@@ -22,6 +22,7 @@ from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
 from loratune.core.errors import ConfigError, LoratuneError, WriteError
 from loratune.errors import ReportedByAnotherRank
+from loratune.quant.widen import widened_dtype
 from loratune.train.auto_lr import CHOICE_NAME, chosen_config, read_choice, resolve_learning_rate
 from loratune.train.checkpoint import (
     OPTIMIZER_SHARDS,
@@ -262,6 +263,7 @@ def run_summary(run: Run, after: Evaluation) -> dict[str, Any]:
     count = trainable_parameters(session.model)
     return {
         "model": config.model.name, "task": config.model.task, "precision": session.precision,
+        "widened_from": _dtype_name(widened_dtype(session.model)),
         "steps": state.step, "stopped_early": state.stopped_early,
         "global_batch": {"examples": global_batch(config.train, world), "per_process": config.train.batch_size,
                          "processes": world,
@@ -337,6 +339,10 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], where: Path, 
         elif a != b:
             raise LoratuneError(f"{where}: checkpoint was written with {prefix}{key}={a!r}, the config now says "
                                 f"{b!r}; resume with the same config or start a new output_dir")
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
 
 
 def peak_rss_mb() -> float:

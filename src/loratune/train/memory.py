@@ -86,13 +86,27 @@ class MemoryEstimate:
         ]
 
 
+def frozen_dtype(config: Any, available: int | None) -> torch.dtype:
+    """The frozen base's dtype on the CPU: `model.dtype` as `precision.model_base_dtype` resolves it, except
+    that `auto` keeps a 16-bit checkpoint trained in fp32 in fp32 where that fits in `available` bytes
+    without checkpointing: widening each weight for its product cost 4-9% of a 135M model's step (512
+    tokens, docs/benchmarks.md), so the 16-bit base is memory's choice, before checkpointing (about 30%)."""
+    spec, method = config.model, getattr(config, "method", "lora")
+    precision = resolve_precision(config.train.precision, torch.device("cpu"))
+    chosen = model_base_dtype(spec.dtype, precision, spec.name)
+    if spec.dtype != "auto" or chosen not in NARROW_DTYPES or precision != "fp32" or method != "lora":
+        return chosen
+    full = estimate_memory(config, checkpointing=False, storage=torch.float32).training
+    return torch.float32 if available is None or full <= available else chosen
+
+
 def checkpointing_decision(config: Any, available: int | None) -> tuple[bool, str]:
     """(gradient checkpointing on, why): `train.gradient_checkpointing` when set, else on only when the
     estimated training peak without it exceeds `available` bytes (the machine's memory)."""
     explicit = config.train.gradient_checkpointing
     if explicit is not None:
         return explicit, f"{'on' if explicit else 'off'} (train.gradient_checkpointing)"
-    peak = estimate_memory(config, checkpointing=False).training
+    peak = estimate_memory(config, checkpointing=False, storage=frozen_dtype(config, available)).training
     if available is None:
         return False, "off (machine memory unknown)"
     need = peak > available
@@ -101,14 +115,16 @@ def checkpointing_decision(config: Any, available: int | None) -> tuple[bool, st
                   f"{available / GB:.1f} GB)")
 
 
-def estimate_memory(config: Any, checkpointing: bool | None = None) -> MemoryEstimate:
+def estimate_memory(config: Any, checkpointing: bool | None = None,
+                    storage: torch.dtype | None = None) -> MemoryEstimate:
     """Peak memory of `loratune train` with this `RunConfig` on the CPU (weights, adapter, activations), with
-    gradient checkpointing as given, else as `checkpointing_decision` decides on this machine."""
+    gradient checkpointing and the frozen weights' dtype as given, else as `checkpointing_decision` and
+    `frozen_dtype` decide on this machine."""
     if checkpointing is None:
         checkpointing = checkpointing_decision(config, machine_memory())[0]
     spec, tc = config.model, config.train
     precision = resolve_precision(tc.precision, torch.device("cpu"))
-    storage = model_base_dtype(spec.dtype, precision, spec.name)
+    storage = storage or frozen_dtype(config, machine_memory())
     activation_element = 2 if precision == "bf16" else 4
     method = getattr(config, "method", "lora")
     # 16-bit linear weights, the rest fp32 (`quant.widen`); other methods load float32 weights
@@ -152,8 +168,9 @@ def estimate_memory(config: Any, checkpointing: bool | None = None) -> MemoryEst
     chunk = config.loss_chunk if spec.task == "causal-lm" and split_lm(model) is not None else 0  # as batch_loss
     vocab = getattr(text, "vocab_size", 0) if spec.task != "classification" else 0
     logits = min(tokens, chunk or tokens) * vocab * (activation_element + 8)
-    setting = (f"{spec.name}, quantize {spec.quantize}, {precision}, batch {tc.batch_size} x {config.data.max_length}"
-               f" tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
+    kept = f" (linear weights {str(storage).removeprefix('torch.')})" if widened else ""
+    setting = (f"{spec.name}, quantize {spec.quantize}, {precision}{kept}, batch {tc.batch_size} x "
+               f"{config.data.max_length} tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
     return MemoryEstimate(weights, trainable * ADAPTER_BYTES_PER_PARAM, activations, logits, RUNTIME_BYTES,
                           loading, trainable, setting, KERNEL_BYTES + rebuilt)
 

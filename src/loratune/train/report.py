@@ -83,7 +83,9 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
               f"- peak memory: {summary['peak_rss_mb']:.0f} MiB RSS"
               + (f", {summary['peak_cuda_mb']:.0f} MB CUDA" if summary.get("peak_cuda_mb") else "")
               + f"; gradient checkpointing {summary.get('gradient_checkpointing', 'off')}",
-              f"- precision: {summary['precision']}", "", "## Metrics", ""]
+              f"- precision: {summary['precision']}" + (
+                  f" (frozen linear weights kept in {summary['widened_from']}, widened for each product)"
+                  if summary.get("widened_from") else ""), "", "## Metrics", ""]
     lines += _metric_rows(summary["before"], summary["after"])
     lines += _learning_rate_lines(summary.get("learning_rate_choice"))
     for name in ("before", "after"):

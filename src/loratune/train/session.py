@@ -32,7 +32,13 @@ from loratune.train.evaluate import (
 )
 from loratune.train.forgetting import general_text_metrics
 from loratune.train.label_scoring import length_sensitive, scored_labels, scores_ride_on_loss
-from loratune.train.memory import checkpointing_decision, estimate_memory, machine_memory, memory_warning
+from loratune.train.memory import (
+    checkpointing_decision,
+    estimate_memory,
+    frozen_dtype,
+    machine_memory,
+    memory_warning,
+)
 from loratune.train.methods import load_for_method
 from loratune.train.processes import Processes
 from loratune.train.run_config import RunConfig
@@ -166,14 +172,17 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
         data_config = data_config.model_copy(update={"label_names": label_names})
     device = processes.device
     precision = resolve_precision(tc.precision, device)
-    # a base kept in 16 bits computes in fp32 through widened layers; FSDP2 shards one dtype: not there
-    widen = not processes.sharded
-    dtype = model_base_dtype(spec.dtype, precision, spec.name) if widen else base_dtype(spec.dtype, precision)
+    if processes.sharded:  # FSDP2 shards one dtype: no 16-bit base widened for fp32 products there
+        dtype, products = base_dtype(spec.dtype, precision), None
+    else:  # on a CPU, a 16-bit checkpoint stays 16-bit where fp32 weights would not fit (`memory.frozen_dtype`)
+        cpu = device.type == "cpu"
+        dtype = frozen_dtype(config, machine_memory()) if cpu else model_base_dtype(spec.dtype, precision, spec.name)
+        products = compute_dtype(precision)
     try:  # the memory estimate applies the lora section first, on a skeleton of the model
         checkpointing, note = _memory_plan(config, device, processes.is_main)
         model, tokenizer = load_for_method(  # config.method: an adapter, every weight, or the head
             config, ADAPTER, label_names, dtype, saved=adapter_dir, quantize=spec.quantize,
-            shard=_weight_shard(processes), compute_dtype=compute_dtype(precision) if widen else None)
+            shard=_weight_shard(processes), compute_dtype=products)
     except TargetError as exc:  # name the model the lora section does not fit
         raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
     limit = max_positions(model)
@@ -222,7 +231,7 @@ def _memory_plan(config: RunConfig, device: torch.device, warn: bool) -> tuple[b
     try:
         available = machine_memory()
         on, note = checkpointing_decision(config, available)
-        warning = memory_warning(estimate_memory(config, on), available)
+        warning = memory_warning(estimate_memory(config, on, frozen_dtype(config, available)), available)
     except LoratuneError:
         raise
     except Exception as exc:  # an estimate that cannot be made must not stop a run that can
