@@ -247,7 +247,7 @@ def run_variant(case: Case, variant: str, args: Any) -> dict[str, Any]:
 
 
 LABELS = {"tokens_per_s": ("tokens/s", 0), "step_s": ("train step (s)", 3), "peak_rss_mb": ("peak RSS (MiB)", 0),
-          "peak_cuda_mb": ("peak CUDA memory (MB)", 0), "step_gflop": ("matmul GFLOP per step", 1),
+          "peak_cuda_mb": ("peak CUDA memory (MiB)", 0), "step_gflop": ("matmul GFLOP per step", 1),
           "trainable_params": ("trainable params", 0), "fwd_base_s": ("forward, adapters off (s)", 3),
           "fwd_unmerged_s": ("forward, unmerged (s)", 3), "fwd_merged_s": ("forward, merged (s)", 3),
           "merge_s": ("merge (s)", 3), "unmerge_s": ("unmerge (s)", 3), "save_s": ("adapter save (s)", 3),

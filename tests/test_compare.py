@@ -98,7 +98,7 @@ def test_a_method_the_config_cannot_run_is_refused_before_any_run(run_config, tm
 def test_the_frozen_bases_dtype_stays_with_the_lora_run(run_config, tmp_path):
     from loratune.compare import job_config
 
-    data = run_config(model={"dtype": "bfloat16"})  # as the demo's config says
+    data = run_config(model={"dtype": "bfloat16"})  # a LoRA run's 16-bit base
     lora = job_config(data, "lora", 0, tmp_path / "lora")
     full = job_config(data, "full", 0, tmp_path / "full")
     assert lora.model.dtype == "bfloat16" and full.model.dtype == "auto" and full.method == "full"

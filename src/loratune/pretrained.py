@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import pickle
 import warnings
@@ -36,7 +37,7 @@ from loratune.errors import ModelLoadError
 from loratune.quant.allocator import release_free_memory, return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
 from loratune.quant.streaming import NotStreamable, load_quantized, read_header, safetensors_files
-from loratune.quant.widen import NARROW_DTYPES, widen_frozen_base
+from loratune.quant.widen import NARROW_DTYPES, unwiden_trainable, widen_frozen_base
 from loratune.tasks import TASK_TYPES, TASKS, Task
 
 #: The heads PEFT adds to `modules_to_save` for a SEQ_CLS adapter (a model has one of them).
@@ -354,6 +355,7 @@ def load_adapted_model(
         quantize_model(model, quantize, double_quant, loftq_iterations, adapter_name)
         if adapter_dir is not None:
             load_adapter_weights_into(model, adapter_dir, adapter_name)
+    unwiden_trainable(model)  # modules_to_save copies of widened layers train as fp32 `nn.Linear`s
     return model, tokenizer
 
 
@@ -400,29 +402,25 @@ def adapter_task(adapter_dir: str | Path, model_name: str, task: Task | None = N
 
 
 def stored_dtype(name_or_path: str, cache_dir: Path | None = None) -> torch.dtype | None:
-    """The dtype a local model's weights are saved in: the one floating dtype of its safetensors files'
-    tensors (read from their headers, no weight loaded), or without such files the dtype its config.json
-    names; None when the tensors mix dtypes or nothing local says."""
+    """The dtype a local model's weights are saved in: the floating dtype holding most of its safetensors
+    files' elements (read from their headers, no weight loaded; a few fp32 norms beside bf16 matrices still
+    read bf16), or without such files the dtype its config.json names; None when nothing local says."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
         folder = Path(_resolve_source(name_or_path, cache))
-    except LoratuneError:
+        files = safetensors_files(folder) if folder.is_dir() else []
+        counts: dict[str, int] = {}
+        for path in files:
+            for info in read_header(path)[1].values():
+                if info["dtype"] in _FLOAT_NAMES:
+                    counts[info["dtype"]] = counts.get(info["dtype"], 0) + math.prod(info["shape"])
+        if files:
+            return _FLOAT_NAMES[max(counts, key=counts.get)] if counts else None
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, LoratuneError):
         return None
-    files = safetensors_files(folder) if folder.is_dir() else []
-    found = set()
-    for path in files:
-        try:
-            found |= {info["dtype"] for info in read_header(path)[1].values() if info["dtype"] in _FLOAT_NAMES}
-        except (OSError, LoratuneError):
-            return None
-    if not files:
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        named = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
-        return _CONFIG_DTYPES.get(named) if isinstance(named, str) else None
-    return _FLOAT_NAMES[found.pop()] if len(found) == 1 else None
+    named = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    return _CONFIG_DTYPES.get(named) if isinstance(named, str) else None
 
 
 def model_skeleton(name_or_path: str, task: Task, *, num_labels: int = 2, trust_remote_code: bool = False,

@@ -12,7 +12,7 @@ from torch import nn
 from loratune import LoraConfig, add_adapter
 from loratune.core.adapters import merge
 from loratune.precision import base_dtype
-from loratune.pretrained import load_model, stored_dtype
+from loratune.pretrained import load_adapted_model, load_model, stored_dtype
 from loratune.quant.convert import quantizable_layers
 from loratune.quant.widen import WidenedLinear, widen_frozen_base
 from loratune.train import fit
@@ -177,3 +177,52 @@ def test_auto_keeps_a_bf16_checkpoint_in_fp32_where_it_fits_else_in_16_bits_with
     # the estimate counts the body's linear weights at 2 bytes instead of 4
     linear = sum(m.weight.numel() for m in widened)
     assert estimate_memory(float32).weights - estimate_memory(auto, storage=torch.bfloat16).weights == 2 * linear
+
+
+def test_a_widened_layer_given_its_own_16_bit_input_runs_in_16_bits_with_its_bias():
+    layer = WidenedLinear.from_linear(nn.Linear(16, 8).bfloat16(), torch.float32)
+    out = layer(torch.randn(2, 16).bfloat16())  # e.g. model code that casts to the weight's dtype first
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 8)
+
+
+def test_a_modules_to_save_copy_of_a_widened_layer_trains_in_fp32(tiny_llama_bf16):
+    model, _ = load_adapted_model(tiny_llama_bf16, "causal-lm", LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=["model.layers.0.mlp.down_proj"]), "default",
+        dtype=torch.bfloat16, compute_dtype=torch.float32)
+    saved = model.model.layers[0].mlp.down_proj
+    copy_ = saved.modules_to_save["default"]
+    assert type(copy_) is nn.Linear and copy_.weight.dtype == torch.float32 and copy_.weight.requires_grad
+    assert isinstance(saved.original_module, WidenedLinear)  # the frozen original stays 16-bit
+    ids = input_ids(vocab=20)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert copy_.weight.grad is not None and copy_.weight.grad.abs().sum() > 0
+
+
+def test_gpt2s_conv1d_layers_stay_in_the_compute_dtype_and_the_estimate_says_so(run_config, tiny_gpt2):
+    from loratune.quant.widen import widenable_layers
+
+    model, _ = load_model(tiny_gpt2, "causal-lm", dtype=torch.bfloat16, compute_dtype=torch.float32)
+    assert not widenable_layers(model) and {p.dtype for p in model.parameters()} == {torch.float32}
+    config = validate_config(run_config(model={"dtype": "bfloat16"}), "test")
+    assert estimate_memory(config, False, torch.bfloat16).weights == \
+        estimate_memory(config, False, torch.float32).weights
+
+
+def test_the_saved_dtype_is_the_one_holding_most_elements(tmp_path, tiny_llama_bf16):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(tiny_llama_bf16, folder)
+    tensors = load_file(folder / "model.safetensors")
+    norms = {k: v.float() if "norm" in k else v for k, v in tensors.items()}  # fp32 norms beside bf16 matrices
+    save_file(norms, folder / "model.safetensors", metadata={"format": "pt"})
+    assert stored_dtype(str(folder)) == torch.bfloat16
+    (folder / "model.safetensors.index.json").write_text("{not json")
+    assert stored_dtype(str(folder)) is None
+
+
+def test_full_fine_tuning_and_the_probe_always_load_float32(run_config, tiny_llama_bf16):
+    config = validate_config(run_config(model={"name": tiny_llama_bf16}, method="full"), "test")
+    assert frozen_dtype(config, 1) == torch.float32

@@ -52,13 +52,23 @@ class WidenedLinear(nn.Linear):
         new.weight = nn.Parameter(layer.weight.detach(), requires_grad=False)
         bias = layer.bias
         new.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        new.train(layer.training)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, bias)
         out = _WidenedMatmul.apply(x, self.weight)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return out if bias is None else out + bias
+
+
+def widenable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers `widen_frozen_base` widens, by path: the frozen body layers quantization would store
+    (`quant.convert.quantizable_layers`: no output heads) that are `nn.Linear`s (not transformers' `Conv1D`,
+    which stays in the compute dtype). For the memory estimate too."""
+    return {path: layer for path, layer in quantizable_layers(model).items()
+            if type(getattr(layer, "base_layer", layer)) in (nn.Linear, WidenedLinear)}
 
 
 def widen_frozen_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
@@ -67,7 +77,7 @@ def widen_frozen_base(model: nn.Module, compute_dtype: torch.dtype = torch.float
     embeddings excluded) keep their 16-bit weights as `WidenedLinear`s; every other parameter and buffer is
     cast to `compute_dtype`. Returns how many layers were widened."""
     widened = 0
-    for path, layer in quantizable_layers(model).items():
+    for path, layer in widenable_layers(model).items():
         if type(layer) is nn.Linear and layer.weight.dtype in NARROW_DTYPES:
             set_module(model, path, WidenedLinear.from_linear(layer, compute_dtype))
             widened += 1
@@ -85,3 +95,20 @@ def widen_frozen_base(model: nn.Module, compute_dtype: torch.dtype = torch.float
 def widened_dtype(model: nn.Module) -> torch.dtype | None:
     """The 16-bit dtype `model`'s widened layers keep, or None when it has none (for the run's report)."""
     return next((m.weight.dtype for m in model.modules() if isinstance(m, WidenedLinear)), None)
+
+
+def unwiden_trainable(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
+    """Turn every widened layer that trains (a `modules_to_save` copy made after widening) back into a plain
+    `nn.Linear` in `compute_dtype`: a widened product gives its weight no gradient, and AdamW needs fp32
+    weights. Returns how many layers changed."""
+    found = [(path, m) for path, m in model.named_modules() if isinstance(m, WidenedLinear) and m.weight.requires_grad]
+    for path, layer in found:
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=layer.weight.device, dtype=compute_dtype)
+        with torch.no_grad():
+            plain.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                plain.bias.copy_(layer.bias)
+        plain.train(layer.training)
+        set_module(model, path, plain)
+    return len(found)

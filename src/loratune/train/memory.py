@@ -22,12 +22,12 @@ from typing import Any
 import torch
 
 from loratune.core.adapters import add_adapter, trainable_parameters
-from loratune.precision import model_base_dtype, resolve_precision
+from loratune.precision import base_dtype, model_base_dtype, resolve_precision
 from loratune.pretrained import model_skeleton, will_stream
 from loratune.quant.convert import quantizable_layers
 from loratune.quant.storage import bytes_per_weight
 from loratune.quant.streaming import safetensors_files
-from loratune.quant.widen import NARROW_DTYPES
+from loratune.quant.widen import NARROW_DTYPES, widenable_layers
 from loratune.tasks import TASK_TYPES
 from loratune.train.methods import mark_method_trainable
 from loratune.train.step import split_lm
@@ -88,25 +88,33 @@ class MemoryEstimate:
 
 def frozen_dtype(config: Any, available: int | None) -> torch.dtype:
     """The frozen base's dtype on the CPU: `model.dtype` as `precision.model_base_dtype` resolves it, except
-    that `auto` keeps a 16-bit checkpoint trained in fp32 in fp32 where that fits in `available` bytes
-    without checkpointing: widening each weight for its product cost 4-9% of a 135M model's step (512
-    tokens, docs/benchmarks.md), so the 16-bit base is memory's choice, before checkpointing (about 30%)."""
-    spec, method = config.model, getattr(config, "method", "lora")
+    that `auto` keeps a 16-bit checkpoint trained in fp32 in fp32 where its peak fits in `available` bytes
+    (with checkpointing only if `train.gradient_checkpointing` asks): widening each weight for its product
+    cost 5-10% of a 135M model's step (512 tokens, docs/benchmarks.md), so the 16-bit base is memory's
+    choice, made before checkpointing (about 30%)."""
+    spec = config.model
+    if getattr(config, "method", "lora") != "lora":
+        return torch.float32  # full fine-tuning and the probe load float32 weights (`methods.load_for_method`)
     precision = resolve_precision(config.train.precision, torch.device("cpu"))
+    if spec.quantize != "none":  # the linear layers are stored quantized whatever the rest's dtype
+        return base_dtype(spec.dtype, precision)
     chosen = model_base_dtype(spec.dtype, precision, spec.name)
-    if spec.dtype != "auto" or chosen not in NARROW_DTYPES or precision != "fp32" or method != "lora":
+    if spec.dtype != "auto" or chosen not in NARROW_DTYPES or precision != "fp32":
         return chosen
-    full = estimate_memory(config, checkpointing=False, storage=torch.float32).training
+    full = estimate_memory(config, bool(config.train.gradient_checkpointing), storage=torch.float32).peak
     return torch.float32 if available is None or full <= available else chosen
 
 
-def checkpointing_decision(config: Any, available: int | None) -> tuple[bool, str]:
+def checkpointing_decision(config: Any, available: int | None,
+                           storage: torch.dtype | None = None) -> tuple[bool, str]:
     """(gradient checkpointing on, why): `train.gradient_checkpointing` when set, else on only when the
-    estimated training peak without it exceeds `available` bytes (the machine's memory)."""
+    estimated training peak without it exceeds `available` bytes (the machine's memory), with the frozen
+    weights in `storage` (default: as `frozen_dtype` decides)."""
     explicit = config.train.gradient_checkpointing
     if explicit is not None:
         return explicit, f"{'on' if explicit else 'off'} (train.gradient_checkpointing)"
-    peak = estimate_memory(config, checkpointing=False, storage=frozen_dtype(config, available)).training
+    storage = storage or frozen_dtype(config, available)
+    peak = estimate_memory(config, checkpointing=False, storage=storage).training
     if available is None:
         return False, "off (machine memory unknown)"
     need = peak > available
@@ -118,21 +126,23 @@ def checkpointing_decision(config: Any, available: int | None) -> tuple[bool, st
 def estimate_memory(config: Any, checkpointing: bool | None = None,
                     storage: torch.dtype | None = None) -> MemoryEstimate:
     """Peak memory of `loratune train` with this `RunConfig` on the CPU (weights, adapter, activations), with
-    gradient checkpointing and the frozen weights' dtype as given, else as `checkpointing_decision` and
-    `frozen_dtype` decide on this machine."""
+    the frozen weights' dtype and gradient checkpointing as given, else as `frozen_dtype` and
+    `checkpointing_decision` decide on this machine."""
+    storage = storage or frozen_dtype(config, machine_memory())
     if checkpointing is None:
-        checkpointing = checkpointing_decision(config, machine_memory())[0]
+        checkpointing = checkpointing_decision(config, machine_memory(), storage)[0]
     spec, tc = config.model, config.train
     precision = resolve_precision(tc.precision, torch.device("cpu"))
-    storage = storage or frozen_dtype(config, machine_memory())
     activation_element = 2 if precision == "bf16" else 4
     method = getattr(config, "method", "lora")
-    # 16-bit linear weights, the rest fp32 (`quant.widen`); other methods load float32 weights
-    widened = storage in NARROW_DTYPES and precision == "fp32" and method == "lora"
-    element = activation_element if widened else torch.finfo(storage).bits // 8
-    model = model_skeleton(spec.name, spec.task, trust_remote_code=spec.trust_remote_code)
     quantized = spec.quantize != "none"
-    sizes = [_numel(m) for m in quantizable_layers(model).values()] if quantized or widened else []
+    # a 16-bit base trained in fp32 is cast to fp32 but for its plain linear weights, kept in 16 bits (`quant.widen`)
+    narrow = storage in NARROW_DTYPES and precision == "fp32" and method == "lora"
+    widened = narrow and not quantized
+    element = activation_element if narrow else torch.finfo(storage).bits // 8
+    model = model_skeleton(spec.name, spec.task, trust_remote_code=spec.trust_remote_code)
+    stored = quantizable_layers(model) if quantized else widenable_layers(model) if widened else {}
+    sizes = [_numel(m) for m in stored.values()]
     linear = sum(sizes)
     per_linear_weight = bytes_per_weight(spec.quantize, spec.double_quant) if quantized else 2
     total = sum(p.numel() for p in model.parameters())

@@ -30,9 +30,10 @@ class ModelSpec(_Strict):
     name: str = Field(description="built-in name, local model folder, .gguf file, or hub id")
     task: Task = "causal-lm"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the frozen base weights (auto: bfloat16 when training in bf16, else the "
-                            "checkpoint's own when it is 16-bit, else float32). A 16-bit base trained in fp32 keeps "
-                            "its linear weights in 16 bits and widens each for its product; adapters stay float32")
+        "auto", description="dtype of the frozen base weights (auto: bfloat16 when training in bf16; in fp32, "
+                            "float32, or a 16-bit checkpoint's own dtype where float32 weights would not fit). A "
+                            "16-bit base trained in fp32 keeps its linear weights in 16 bits and widens each for its "
+                            "product; adapters stay float32")
     attn_implementation: Literal["auto", "eager", "sdpa"] | None = Field(
         None, description="attention kernel (default: transformers' choice); auto: eager where a CPU computes in "
                           "bf16 (faster there for rows of a few hundred tokens), else sdpa (as fast in fp32, leaner)")

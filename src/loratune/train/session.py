@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from loratune.batching import BatchMaker, fallback_warning, max_positions
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
-from loratune.precision import base_dtype, compute_dtype, cpu_choice, model_base_dtype, resolve_precision
+from loratune.precision import base_dtype, compute_dtype, cpu_choice, resolve_precision
 from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
 from loratune.train.evaluate import (
@@ -150,13 +150,13 @@ class Session:
                 for p, o, r in zip(data.eval_prompts, answers, data.eval_references)][: self.config.train.num_samples]
 
 
-def attention_for(requested: str, device: torch.device, precision: str) -> str:
-    """`model.attn_implementation`, with `auto` resolved: eager on a CPU computing in bf16, else sdpa. Measured
-    on the demo (docs/benchmarks.md): eager trained faster on an AMX CPU in bf16; in fp32 on an AVX2 one, sdpa
-    was as fast and kept no attention weights for backward."""
+def attention_for(requested: str, device: torch.device, precision: str, has_sdpa: bool = True) -> str:
+    """`model.attn_implementation`, with `auto` resolved: eager on a CPU computing in bf16, else sdpa where the
+    model has it (else eager). Measured on the demo (docs/benchmarks.md): eager trained faster on an AMX CPU in
+    bf16; in fp32 on an AVX2 one, sdpa was as fast and kept no attention weights for backward."""
     if requested != "auto":
         return requested
-    return "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+    return "eager" if (device.type == "cpu" and precision == "bf16") or not has_sdpa else "sdpa"
 
 
 def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
@@ -172,17 +172,11 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
         data_config = data_config.model_copy(update={"label_names": label_names})
     device = processes.device
     precision = resolve_precision(tc.precision, device)
-    if processes.sharded:  # FSDP2 shards one dtype: no 16-bit base widened for fp32 products there
-        dtype, products = base_dtype(spec.dtype, precision), None
-    else:  # on a CPU, a 16-bit checkpoint stays 16-bit where fp32 weights would not fit (`memory.frozen_dtype`)
-        cpu = device.type == "cpu"
-        dtype = frozen_dtype(config, machine_memory()) if cpu else model_base_dtype(spec.dtype, precision, spec.name)
-        products = compute_dtype(precision)
     try:  # the memory estimate applies the lora section first, on a skeleton of the model
-        checkpointing, note = _memory_plan(config, device, processes.is_main)
+        dtype, checkpointing, note = _memory_plan(config, device, precision, processes)
         model, tokenizer = load_for_method(  # config.method: an adapter, every weight, or the head
             config, ADAPTER, label_names, dtype, saved=adapter_dir, quantize=spec.quantize,
-            shard=_weight_shard(processes), compute_dtype=products)
+            shard=_weight_shard(processes), compute_dtype=None if processes.sharded else compute_dtype(precision))
     except TargetError as exc:  # name the model the lora section does not fit
         raise TargetError(f"model {spec.name!r}: lora: {exc}") from None
     limit = max_positions(model)
@@ -191,7 +185,8 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     if spec.quantize == "int8" and device.type == "cpu":  # int8 x int8 products where the probe found them faster
         set_base_compute(model, cpu_choice(precision)["int8_base"])
     if spec.attn_implementation:
-        model.set_attn_implementation(attention_for(spec.attn_implementation, device, precision))
+        has_sdpa = getattr(type(model), "_supports_sdpa", False)  # transformers' own flag
+        model.set_attn_implementation(attention_for(spec.attn_implementation, device, precision, has_sdpa))
     data = load_datasets(data_config, tokenizer, spec.task)
     model.to(device)
     if checkpointing and not _set_gradient_checkpointing(model, config, checkpointing):
@@ -220,26 +215,32 @@ def _set_gradient_checkpointing(model: torch.nn.Module, config: RunConfig, wante
     return wanted and supported
 
 
-def _memory_plan(config: RunConfig, device: torch.device, warn: bool) -> tuple[bool, str]:
-    """(gradient checkpointing on, why), decided before loading from the memory estimate on a CPU; and a
-    warning when even then the run is likely to exhaust the machine's memory. Every process decides alike."""
-    explicit = config.train.gradient_checkpointing
+def _memory_plan(config: RunConfig, device: torch.device, precision: str,
+                 processes: Processes) -> tuple[torch.dtype, bool, str]:
+    """(the frozen weights' dtype, gradient checkpointing on, why), decided before loading from the memory
+    estimate on a CPU: a 16-bit checkpoint trained in fp32 stays in 16 bits only where fp32 weights would not
+    fit (`memory.frozen_dtype`; not under FSDP2, which shards one dtype, nor on a GPU, whose memory the
+    estimate does not model), then checkpointing; and a warning when even then the run is likely to exhaust
+    the machine's memory. Every process decides alike."""
+    explicit, plain = config.train.gradient_checkpointing, base_dtype(config.model.dtype, precision)
     if device.type != "cpu":  # the estimate models a CPU process; on a GPU a quantized base checkpoints
         on = explicit if explicit is not None else config.model.quantize != "none"
-        return on, f"{'on' if on else 'off'} ({'train.gradient_checkpointing' if explicit is not None else 'GPU'})"
+        why = "train.gradient_checkpointing" if explicit is not None else "GPU"
+        return plain, on, f"{'on' if on else 'off'} ({why})"
     warning = None
     try:
         available = machine_memory()
-        on, note = checkpointing_decision(config, available)
-        warning = memory_warning(estimate_memory(config, on, frozen_dtype(config, available)), available)
+        dtype = plain if processes.sharded else frozen_dtype(config, available)
+        on, note = checkpointing_decision(config, available, dtype)
+        warning = memory_warning(estimate_memory(config, on, dtype), available)
     except LoratuneError:
         raise
     except Exception as exc:  # an estimate that cannot be made must not stop a run that can
-        on, note = bool(explicit), f"{'on' if explicit else 'off'} (memory not estimated)"
+        dtype, on, note = plain, bool(explicit), f"{'on' if explicit else 'off'} (memory not estimated)"
         warning = f"peak memory could not be estimated ({type(exc).__name__}: {exc})"
-    if warning and warn:
+    if warning and processes.is_main:
         print(f"loratune: warning: {warning}", file=sys.stderr)
-    return on, note
+    return dtype, on, note
 
 
 def seed_everything(seed: int) -> None:
