@@ -84,23 +84,23 @@ def tiny_gpt2(tmp_path_factory):
     return _save(tmp_path_factory.mktemp("gpt2"), GPT2LMHeadModel(config))
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
+def _tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    return _save(tmp_path_factory.mktemp("llama"), LlamaForCausalLM(config))
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("llama"), _tiny_llama())
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_bf16(tmp_path_factory):
     """The tiny Llama saved in bf16, as most checkpoints ship (with an untied head)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    return _save(tmp_path_factory.mktemp("llama-bf16"), LlamaForCausalLM(config).to(torch.bfloat16))
+    return _save(tmp_path_factory.mktemp("llama-bf16"), _tiny_llama().to(torch.bfloat16))
 
 
 @pytest.fixture(scope="session")
