@@ -44,15 +44,19 @@ def trl_worker(steps: int, eval_records: int, out: Path) -> int:
     from loratune.precision import resolve_precision
     from loratune.pretrained import load_model
     from loratune.train import demo_config
+    from loratune.train.session import attention_for
 
     config = demo_config(out, overrides(steps, eval_records))
     started = time.perf_counter()
     model, tokenizer = load_model(config.model.name, "causal-lm")
-    model.set_attn_implementation("eager")  # as the demo does: faster for short sequences on a CPU
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    precision = resolve_precision("auto", device)
+    bf16 = precision == "bf16"
+    # the attention the demo resolves its `auto` to here (eager on a CPU in bf16, else SDPA)
+    model.set_attn_implementation(attention_for(config.model.attn_implementation, device, precision))
     data = load_datasets(config.data, tokenizer, "causal-lm")  # the same split and the same prompt tokens
     rows = [{"prompt": tokenizer.decode(p), "completion": r} for p, r in zip(data.train.prompts, data.train.references)]
-    cuda = torch.cuda.is_available()
-    bf16 = resolve_precision("auto", torch.device("cuda" if cuda else "cpu")) == "bf16"
     args = SFTConfig(output_dir=str(out / "trl"), max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-4,
                      warmup_steps=10, lr_scheduler_type="cosine", bf16=bf16, max_length=256,
                      completion_only_loss=True, save_strategy="no", report_to=[], logging_steps=10, seed=0,
