@@ -94,7 +94,7 @@ def _compare(args: argparse.Namespace) -> None:
     for row in results["rows"]:
         spread = f" ± {row['sd']:.4f}" if row["sd"] is not None else ""
         print(f"{row['method']:>5}: {row['metric']} {row['mean']:.4f}{spread}, {row['train_seconds']:.1f} s, "
-              f"peak {row['peak_rss_mb']:.0f} MB, {row['trainable_parameters']:,} trainable")
+              f"peak {row['peak_rss_mb']:.0f} MiB, {row['trainable_parameters']:,} trainable")
     print(f"table: {Path(config.output_dir) / 'compare.md'}")
 
 

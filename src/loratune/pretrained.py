@@ -37,7 +37,7 @@ from loratune.errors import ModelLoadError
 from loratune.quant.allocator import release_free_memory, return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
 from loratune.quant.streaming import NotStreamable, load_quantized, read_header, safetensors_files
-from loratune.quant.widen import NARROW_DTYPES, unwiden_trainable, widen_frozen_base
+from loratune.quant.widen import NARROW_DTYPES, widen_frozen_base
 from loratune.tasks import TASK_TYPES, TASKS, Task
 
 #: The heads PEFT adds to `modules_to_save` for a SEQ_CLS adapter (a model has one of them).
@@ -355,7 +355,6 @@ def load_adapted_model(
         quantize_model(model, quantize, double_quant, loftq_iterations, adapter_name)
         if adapter_dir is not None:
             load_adapter_weights_into(model, adapter_dir, adapter_name)
-    unwiden_trainable(model)  # modules_to_save copies of widened layers train as fp32 `nn.Linear`s
     return model, tokenizer
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from loratune import LoraConfig, add_adapter
 from loratune.core.adapters import merge
+from loratune.core.peft_format import save_adapter
 from loratune.precision import base_dtype
 from loratune.pretrained import load_adapted_model, load_model, stored_dtype
 from loratune.quant.convert import quantizable_layers
@@ -185,10 +186,10 @@ def test_a_widened_layer_given_its_own_16_bit_input_runs_in_16_bits_with_its_bia
     assert out.dtype == torch.bfloat16 and out.shape == (2, 8)
 
 
-def test_a_modules_to_save_copy_of_a_widened_layer_trains_in_fp32(tiny_llama_bf16):
-    model, _ = load_adapted_model(tiny_llama_bf16, "causal-lm", LoraConfig(
-        r=4, target_modules=["q_proj"], modules_to_save=["model.layers.0.mlp.down_proj"]), "default",
-        dtype=torch.bfloat16, compute_dtype=torch.float32)
+def test_a_modules_to_save_copy_of_a_widened_layer_trains_in_fp32_and_reloads_exactly(tiny_llama_bf16, tmp_path):
+    lora = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["model.layers.0.mlp.down_proj"])
+    model, _ = load_adapted_model(tiny_llama_bf16, "causal-lm", lora, "default", dtype=torch.bfloat16,
+                                  compute_dtype=torch.float32)
     saved = model.model.layers[0].mlp.down_proj
     copy_ = saved.modules_to_save["default"]
     assert type(copy_) is nn.Linear and copy_.weight.dtype == torch.float32 and copy_.weight.requires_grad
@@ -196,6 +197,31 @@ def test_a_modules_to_save_copy_of_a_widened_layer_trains_in_fp32(tiny_llama_bf1
     ids = input_ids(vocab=20)
     model(input_ids=ids, labels=ids).loss.backward()
     assert copy_.weight.grad is not None and copy_.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        copy_.weight.add_(torch.randn_like(copy_.weight) * 1e-3)  # values no bf16 holds
+    save_adapter(model, tmp_path / "adapter")
+    again, _ = load_adapted_model(tiny_llama_bf16, "causal-lm", lora, "default", adapter_dir=tmp_path / "adapter",
+                                  dtype=torch.bfloat16, compute_dtype=torch.float32)
+    loaded = again.model.layers[0].mlp.down_proj.modules_to_save["default"]
+    assert loaded.weight.dtype == torch.float32 and torch.equal(loaded.weight, copy_.weight)
+
+
+def test_layers_a_model_keeps_in_fp32_are_not_widened(tiny_t5):
+    from loratune.quant.widen import widenable_layers
+
+    model, _ = load_model(tiny_t5, "seq2seq", dtype=torch.bfloat16, compute_dtype=torch.float32)
+    widened = {p for p, m in model.named_modules() if isinstance(m, WidenedLinear)}
+    assert widened and widened == set(widenable_layers(model))
+    assert not any(p.endswith(".wo") for p in widened)
+    assert all(m.weight.dtype == torch.float32 for p, m in model.named_modules() if p.endswith(".wo"))
+
+
+def test_unknown_machine_memory_or_dora_keeps_fp32_weights(run_config, tiny_llama_bf16):
+    lora = {"target_modules": "all-linear"}
+    auto = validate_config(run_config(model={"name": tiny_llama_bf16}, lora=lora), "test")
+    dora = validate_config(run_config(model={"name": tiny_llama_bf16}, lora={**lora, "use_dora": True}), "test")
+    assert frozen_dtype(auto, None) == torch.float32 and frozen_dtype(dora, 1) == torch.float32
+    assert frozen_dtype(auto, 1) == torch.bfloat16  # one byte of memory: nothing fits in fp32
 
 
 def test_gpt2s_conv1d_layers_stay_in_the_compute_dtype_and_the_estimate_says_so(run_config, tiny_gpt2):

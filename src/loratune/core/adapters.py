@@ -277,13 +277,26 @@ def inject(model: nn.Module, config: LoraConfig, name: str, initialize: bool) ->
             layer.enable_dora(name)
     saved_wrappers = {path: _saved_wrapper_for(model, path, module) for path, module in saved.items()}
     for wrapper in saved_wrappers.values():
-        wrapper.modules_to_save[name] = copy.deepcopy(wrapper.original_module)
+        wrapper.modules_to_save[name] = trainable_copy(wrapper.original_module)
 
     for path, layer in {**wrappers, **saved_wrappers}.items():
         layer.train(targets.get(path, saved.get(path)).training)  # an eval-mode model stays in eval mode
         if model.get_submodule(path) is not layer:
             set_module(model, path, layer)
     adapter_configs(model)[name] = resolve_target_names(model, config, targets)
+
+
+def trainable_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` to train in full (a `modules_to_save` copy). A layer whose stored form cannot train
+    (e.g. a frozen weight kept in 16 bits for fp32 products) says so by offering `as_trainable()`, a copy of
+    itself that can; it is used for that layer, alone or inside `module`."""
+    if hasattr(module, "as_trainable"):
+        return module.as_trainable()
+    copied = copy.deepcopy(module)
+    for path, sub in list(copied.named_modules()):
+        if path and hasattr(sub, "as_trainable"):
+            set_module(copied, path, sub.as_trainable())
+    return copied
 
 
 def _wrapper_for(model: nn.Module, path: str, module: nn.Module) -> LoraLayer:

@@ -55,6 +55,18 @@ class WidenedLinear(nn.Linear):
         new.train(layer.training)
         return new
 
+    def as_trainable(self) -> nn.Linear:
+        """A plain `nn.Linear` copy in the bias's (the compute) dtype, for `core.adapters.trainable_copy`: a
+        widened product gives its weight no gradient, and AdamW needs full-precision weights."""
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight.device, dtype=dtype)
+        with torch.no_grad():
+            plain.weight.copy_(self.weight)
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain.train(self.training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
@@ -66,9 +78,14 @@ class WidenedLinear(nn.Linear):
 def widenable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The layers `widen_frozen_base` widens, by path: the frozen body layers quantization would store
     (`quant.convert.quantizable_layers`: no output heads) that are `nn.Linear`s (not transformers' `Conv1D`,
-    which stays in the compute dtype). For the memory estimate too."""
+    which stays in the compute dtype), except those the model keeps in fp32 (transformers'
+    `_keep_in_fp32_modules`: T5's `wo`, whose input the model casts to its weight's dtype). For the memory
+    estimate too."""
+    kept = set(getattr(model, "_keep_in_fp32_modules", None) or []) | \
+        set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     return {path: layer for path, layer in quantizable_layers(model).items()
-            if type(getattr(layer, "base_layer", layer)) in (nn.Linear, WidenedLinear)}
+            if type(getattr(layer, "base_layer", layer)) in (nn.Linear, WidenedLinear)
+            and not kept & set(path.split("."))}
 
 
 def widen_frozen_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
@@ -95,20 +112,3 @@ def widen_frozen_base(model: nn.Module, compute_dtype: torch.dtype = torch.float
 def widened_dtype(model: nn.Module) -> torch.dtype | None:
     """The 16-bit dtype `model`'s widened layers keep, or None when it has none (for the run's report)."""
     return next((m.weight.dtype for m in model.modules() if isinstance(m, WidenedLinear)), None)
-
-
-def unwiden_trainable(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
-    """Turn every widened layer that trains (a `modules_to_save` copy made after widening) back into a plain
-    `nn.Linear` in `compute_dtype`: a widened product gives its weight no gradient, and AdamW needs fp32
-    weights. Returns how many layers changed."""
-    found = [(path, m) for path, m in model.named_modules() if isinstance(m, WidenedLinear) and m.weight.requires_grad]
-    for path, layer in found:
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          device=layer.weight.device, dtype=compute_dtype)
-        with torch.no_grad():
-            plain.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                plain.bias.copy_(layer.bias)
-        plain.train(layer.training)
-        set_module(model, path, plain)
-    return len(found)

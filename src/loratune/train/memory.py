@@ -88,21 +88,27 @@ class MemoryEstimate:
 
 def frozen_dtype(config: Any, available: int | None) -> torch.dtype:
     """The frozen base's dtype on the CPU: `model.dtype` as `precision.model_base_dtype` resolves it, except
-    that `auto` keeps a 16-bit checkpoint trained in fp32 in fp32 where its peak fits in `available` bytes
-    (with checkpointing only if `train.gradient_checkpointing` asks): widening each weight for its product
-    cost 5-10% of a 135M model's step (512 tokens, docs/benchmarks.md), so the 16-bit base is memory's
-    choice, made before checkpointing (about 30%)."""
+    that `auto` keeps a 16-bit checkpoint trained in fp32 in fp32 where the run's estimated peak with fp32
+    weights fits in `available` bytes (with checkpointing only if `train.gradient_checkpointing` asks), or
+    where the machine's memory is unknown, or with DoRA: widening each weight for its product cost 5-10% of a
+    135M model's step (512 tokens, docs/benchmarks.md), so the 16-bit base is memory's choice, made before
+    checkpointing (about 30%)."""
     spec = config.model
     if getattr(config, "method", "lora") != "lora":
         return torch.float32  # full fine-tuning and the probe load float32 weights (`methods.load_for_method`)
     precision = resolve_precision(config.train.precision, torch.device("cpu"))
     if spec.quantize != "none":  # the linear layers are stored quantized whatever the rest's dtype
         return base_dtype(spec.dtype, precision)
+    if spec.dtype != "auto" or precision != "fp32":
+        return model_base_dtype(spec.dtype, precision, spec.name)
+    # DoRA's base product under dropout, and its weight norms, read whole fp32 copies of a widened weight
+    if available is None or config.lora is None or config.lora.use_dora:
+        return torch.float32
     chosen = model_base_dtype(spec.dtype, precision, spec.name)
-    if spec.dtype != "auto" or chosen not in NARROW_DTYPES or precision != "fp32":
+    if chosen not in NARROW_DTYPES:
         return chosen
     full = estimate_memory(config, bool(config.train.gradient_checkpointing), storage=torch.float32).peak
-    return torch.float32 if available is None or full <= available else chosen
+    return torch.float32 if full <= available else chosen
 
 
 def checkpointing_decision(config: Any, available: int | None,

@@ -31,9 +31,9 @@ class ModelSpec(_Strict):
     task: Task = "causal-lm"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the frozen base weights (auto: bfloat16 when training in bf16; in fp32, "
-                            "float32, or a 16-bit checkpoint's own dtype where float32 weights would not fit). A "
-                            "16-bit base trained in fp32 keeps its linear weights in 16 bits and widens each for its "
-                            "product; adapters stay float32")
+                            "float32, or a local 16-bit checkpoint's own dtype where the run's estimated peak with "
+                            "float32 weights exceeds the machine's memory). A 16-bit base trained in fp32 keeps its "
+                            "Linear weights in 16 bits and widens each for its product; adapters stay float32")
     attn_implementation: Literal["auto", "eager", "sdpa"] | None = Field(
         None, description="attention kernel (default: transformers' choice); auto: eager where a CPU computes in "
                           "bf16 (faster there for rows of a few hundred tokens), else sdpa (as fast in fp32, leaner)")
