@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import mmap
 import subprocess
 import sys
 import time
@@ -30,12 +31,13 @@ def test_a_child_reports_its_own_peak_memory_not_the_parents():
 
 def test_this_process_reads_its_resident_and_peak_memory():
     before = proc_status("VmRSS")
-    ballast = bytearray(100 * 2**20)
+    # a fresh anonymous mapping: new pages whatever the allocator kept resident from earlier tests
+    ballast = mmap.mmap(-1, 100 * 2**20)
     ballast[::4096] = b"x" * len(ballast[::4096])  # touched, so resident
     assert proc_status("VmRSS") - before > 90 * 2**20
     assert peak_rss_mb() * 2**20 >= proc_status("VmRSS")
     assert proc_status("NoSuchField") is None
-    del ballast
+    ballast.close()
 
 
 def test_another_process_is_read_by_its_pid_until_it_exits():
