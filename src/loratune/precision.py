@@ -20,6 +20,7 @@ import torch
 from loratune.core.atomic_write import write_text_atomic
 from loratune.pretrained import default_cache_dir, stored_dtype
 from loratune.quant.linear import QuantLinear, set_base_compute
+from loratune.quant.widen import NARROW_DTYPES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: tokens x in x out of the probe's products: a small model's MLP at a short batch (1.5 GFLOP each)
@@ -46,13 +47,14 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 def base_dtype(requested: str, precision: str, stored: torch.dtype | None = None) -> torch.dtype:
     """The frozen weights' dtype. `auto`: bf16 when the matmuls run in bf16 anyway (autocast then has nothing
-    to cast, and the weights take half the memory); in fp32, the checkpoint's own dtype (`stored`) when it is
-    16-bit: `pretrained.load_model` then keeps the linear weights as stored and widens each for its product
-    (`quant.widen`), the same products at half the memory; else fp32. Adapter weights stay fp32."""
+    to cast, and the weights take half the memory); in fp32, the checkpoint's own dtype `stored` when given
+    and 16-bit (`train.memory.frozen_dtype` gives it only where fp32 weights would not fit; `pretrained.
+    load_model` then widens each linear weight for its product, `quant.widen`), else fp32. Adapter weights
+    stay fp32."""
     if requested == "auto":
         if precision == "bf16":
             return torch.bfloat16
-        return stored if stored in (torch.bfloat16, torch.float16) else torch.float32
+        return stored if stored in NARROW_DTYPES else torch.float32
     return DTYPES[requested]
 
 

@@ -89,13 +89,12 @@ def widenable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def widen_frozen_base(model: nn.Module, compute_dtype: torch.dtype = torch.float32) -> int:
-    """Turn a model loaded in 16 bits into one that computes in `compute_dtype`: its frozen `nn.Linear`
-    layers (the ones quantization would store: `quant.convert.quantizable_layers`, so output heads and
-    embeddings excluded) keep their 16-bit weights as `WidenedLinear`s; every other parameter and buffer is
-    cast to `compute_dtype`. Returns how many layers were widened."""
+    """Turn a model loaded in 16 bits into one that computes in `compute_dtype`: its `widenable_layers` keep
+    their 16-bit weights as `WidenedLinear`s; every other parameter and buffer is cast to `compute_dtype`.
+    Returns how many layers were widened."""
     widened = 0
     for path, layer in widenable_layers(model).items():
-        if type(layer) is nn.Linear and layer.weight.dtype in NARROW_DTYPES:
+        if type(layer) is nn.Linear and layer.weight.dtype in NARROW_DTYPES:  # not yet widened, not adapted
             set_module(model, path, WidenedLinear.from_linear(layer, compute_dtype))
             widened += 1
     kept = {id(m.weight) for m in model.modules() if isinstance(m, WidenedLinear)}
