@@ -78,6 +78,7 @@ def prepared(spec: dict, quantize: str):
     from loratune.precision import base_dtype, cpu_choice
     from loratune.quant.linear import set_base_compute
     from loratune.quant.widen import widen_frozen_base
+    from loratune.train.gated_mlp import save_less_in_gated_mlps
     from loratune.train.optim import build_optimizer
 
     # the random weights stand for a bf16 checkpoint: trained in fp32 where fp32 weights would not fit, a plain
@@ -90,6 +91,7 @@ def prepared(spec: dict, quantize: str):
     int8_base = cpu_choice().get("int8_base") if quantize == "int8" else None
     if int8_base:
         set_base_compute(model, int8_base)
+    save_less_in_gated_mlps(model)
     add_adapter(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                   task_type="CAUSAL_LM"))
     model.train()

@@ -63,6 +63,24 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
     assert first == (1, prefix) and rest[0] < 4
 
 
+def test_sdpa_on_the_cpu_keeps_one_mask_for_every_layer():
+    """torch's CPU kernel turns a boolean mask into a float one per call and saves each for the backward pass;
+    the one row's mask is float there, so every layer saves the same tensor."""
+    model = adapted(with_attention(llama, "sdpa"))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    row = int(batch["attention_mask"].sum()) - 3 * prefix
+    masks = {}
+
+    def pack(t):
+        if t.shape[-2:] == (row, row):
+            masks[t.untyped_storage().data_ptr()] = t.dtype
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, batch, prefix=prefix)
+    assert list(masks.values()) == [torch.float32]
+
+
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 @pytest.mark.parametrize("one_row", [512, 0], ids=["one-row", "over-the-cap"])

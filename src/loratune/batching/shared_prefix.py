@@ -204,7 +204,11 @@ def _block_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 def _boolean_mask(body: nn.Module) -> bool:
-    return body.config._attn_implementation == "sdpa"
+    """SDPA's mask is boolean off the CPU, else additive like eager's: torch's CPU kernel turns a boolean mask
+    into a float one on every call and keeps each layer's copy for the backward pass (13 MB per demo step);
+    a float mask is one tensor every layer shares."""
+    embeddings = body.get_input_embeddings().weight
+    return body.config._attn_implementation == "sdpa" and embeddings.device.type != "cpu"
 
 
 def one_row_limit(config: Any) -> int:

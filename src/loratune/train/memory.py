@@ -3,7 +3,8 @@ not discovered minutes into a load.
 
 The estimate counts parameters exactly (on a `meta`-device copy of the model with the adapter added) and
 models activations and logits with per-token formulas: the tensors autograd saves per layer (counted with
-saved-tensor hooks: 2 (10 h + 4 i) bytes per token in bf16, 4 (6 h + 4 i) in fp32), times the 1.27 that
+saved-tensor hooks: 2 (10 h + 4 i) bytes per token in bf16, 4 (6 h + 4 i) in fp32; 3 i where a gated MLP
+keeps two of its intermediates, `gated_mlp`), times the 1.27 that
 resident memory measured above them, plus a layer's backward buffers (`BACKWARD_BUFFERS` elements per
 intermediate unit and token). Fitted on measured peaks of Llama-shaped runs (135M and smaller, plain / NF4 /
 int8, with and without checkpointing, 128-1024 tokens; bf16 on an AMX CPU, fp32 on an AVX2 one) to within 15% of
@@ -29,6 +30,7 @@ from loratune.quant.storage import bytes_per_weight
 from loratune.quant.streaming import safetensors_files
 from loratune.quant.widen import NARROW_DTYPES, widenable_layers
 from loratune.tasks import TASK_TYPES
+from loratune.train.gated_mlp import save_less_in_gated_mlps
 from loratune.train.methods import mark_method_trainable
 from loratune.train.step import split_lm
 
@@ -41,8 +43,9 @@ ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two AdamW moments
 #: one (161-269 MB, 30-45 MB less with checkpointing): within 13% of both.
 KERNEL_BYTES = int(0.04 * GB)
 RESIDENT_PER_SAVED = 1.27  # resident bytes per byte of saved activations (allocator rounding, fragmentation)
-#: Saved activation elements per token and layer: SAVED_PER_HIDDEN[precision] h + 4 i. Autocast keeps a bf16 copy
-#: of each linear's input beside the fp32 tensors around it, so bf16 saves 4 more h-sized tensors than fp32.
+#: Saved activation elements per token and layer: SAVED_PER_HIDDEN[precision] h + 4 i (3 i in a gated MLP). Autocast
+#: keeps a bf16 copy of each linear's input beside the fp32 tensors around it, so bf16 saves 4 more h-sized tensors
+#: than fp32.
 SAVED_PER_HIDDEN = {"bf16": 10, "fp32": 6}
 #: A layer's backward buffers: this many activation elements per intermediate unit and token. bf16 fitted on an
 #: AMX CPU; fp32 on an AVX2 one (tests/train/test_memory_measured.py's runs: estimate / measured 0.96-1.08).
@@ -159,6 +162,7 @@ def estimate_memory(config: Any, checkpointing: bool | None = None,
         mark_method_trainable(model, method, spec.task)
         element = 4
     trainable = trainable_parameters(model).trainable
+    intermediates = 3 if save_less_in_gated_mlps(model) else 4  # as `session.prepare` does
 
     dense = (total - linear - (trainable if method != "lora" else 0)) * element
     weights = dense + int(linear * per_linear_weight)
@@ -174,7 +178,7 @@ def estimate_memory(config: Any, checkpointing: bool | None = None,
     layers = text.num_hidden_layers
     inner = getattr(text, "intermediate_size", None) or 4 * hidden
     tokens = tc.batch_size * config.data.max_length
-    per_token_layer = activation_element * (SAVED_PER_HIDDEN[precision] * hidden + 4 * inner)
+    per_token_layer = activation_element * (SAVED_PER_HIDDEN[precision] * hidden + intermediates * inner)
     backward = BACKWARD_BUFFERS[precision] * activation_element * inner
     saved = layers * hidden * activation_element + per_token_layer if checkpointing else layers * per_token_layer
     activations = int(tokens * (RESIDENT_PER_SAVED * saved + backward))

@@ -1,0 +1,83 @@
+"""Gated MLPs that keep two intermediates instead of four: the same values and gradients as the model's own
+forward, bit for bit with SiLU and within fp32 rounding for another activation, and less saved per layer."""
+
+import pytest
+import torch
+from tiny_models import gpt2, input_ids, llama
+
+from loratune.core.adapters import add_adapter
+from loratune.core.lora_config import LoraConfig
+from loratune.train.gated_mlp import GatedProduct, save_less_in_gated_mlps
+
+LAYERS = 2
+
+
+def adapted(**overrides):
+    model = llama(**overrides)
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    return model
+
+
+def loss_and_grads(model):
+    ids = input_ids(batch=2, length=12)
+    logits = model(input_ids=ids).logits
+    loss = logits.float().pow(2).mean()
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return logits.detach(), grads
+
+
+def saved_bytes(model):
+    """Bytes autograd keeps for one forward, each storage counted once, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=input_ids(batch=2, length=12)).logits.sum()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
+def test_the_patched_mlp_computes_the_same_values_and_gradients(act):
+    plain, patched = adapted(hidden_act=act), adapted(hidden_act=act)
+    assert save_less_in_gated_mlps(patched) == LAYERS
+    logits, grads = loss_and_grads(plain)
+    patched_logits, patched_grads = loss_and_grads(patched)
+    assert torch.equal(patched_logits, logits)
+    for name, grad in grads.items():
+        if act == "silu":  # the same aten kernels on the same inputs
+            assert torch.equal(patched_grads[name], grad), name
+        else:  # the activation's own backward, through autograd.grad
+            torch.testing.assert_close(patched_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_each_layer_keeps_one_intermediate_fewer():
+    config = llama().config
+    plain, patched = adapted(), adapted()
+    save_less_in_gated_mlps(patched)
+    tokens = 2 * 12
+    assert saved_bytes(plain) - saved_bytes(patched) == LAYERS * tokens * config.intermediate_size * 4
+
+
+def test_only_plain_gated_mlps_change_and_twice_changes_nothing():
+    model = adapted()
+    assert save_less_in_gated_mlps(model) == LAYERS
+    assert save_less_in_gated_mlps(model) == 0
+    assert save_less_in_gated_mlps(gpt2()) == 0  # its MLP is not gated
+    assert "forward" not in vars(llama().model.layers[0].mlp)  # the class and other models are left alone
+
+
+def test_only_the_inputs_that_need_a_gradient_get_one():
+    gate = torch.randn(3, 5, requires_grad=True)
+    up = torch.randn(3, 5)
+    out = GatedProduct.apply(gate, up, torch.nn.SiLU())
+    out.sum().backward()
+    expected = torch.func.grad(lambda g: (torch.nn.functional.silu(g) * up).sum())(gate.detach())
+    torch.testing.assert_close(gate.grad, expected)
+    assert up.grad is None
