@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from loratune.core.atomic_write import write_text_atomic
-from loratune.pretrained import default_cache_dir, stored_dtype
+from loratune.pretrained import DTYPE_NAMES, default_cache_dir, stored_dtype
 from loratune.quant.linear import QuantLinear, set_base_compute
 from loratune.quant.widen import NARROW_DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: tokens x in x out of the probe's products: a small model's MLP at a short batch (1.5 GFLOP each)
 PROBE_SHAPE = (256, 1024, 2816)
 PROBE_VERSION = 4  # 2: measured on one thread, as measure_rates says; 3: layers timed forward and input gradient;
@@ -55,7 +54,7 @@ def base_dtype(requested: str, precision: str, stored: torch.dtype | None = None
         if precision == "bf16":
             return torch.bfloat16
         return stored if stored in NARROW_DTYPES else torch.float32
-    return DTYPES[requested]
+    return DTYPE_NAMES[requested]
 
 
 def model_base_dtype(requested: str, precision: str, name_or_path: str) -> torch.dtype:

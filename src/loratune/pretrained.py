@@ -36,7 +36,7 @@ from loratune.core.peft_format import (
 from loratune.errors import ModelLoadError
 from loratune.quant.allocator import release_free_memory, return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
-from loratune.quant.streaming import NotStreamable, load_quantized, read_header, safetensors_files
+from loratune.quant.streaming import SAFETENSORS_DTYPES, NotStreamable, load_quantized, read_header, safetensors_files
 from loratune.quant.widen import NARROW_DTYPES, widen_frozen_base
 from loratune.tasks import TASK_TYPES, TASKS, Task
 
@@ -44,8 +44,8 @@ from loratune.tasks import TASK_TYPES, TASKS, Task
 CLASSIFIER_HEADS = ("classifier", "score")
 #: Seed for randomly initialised heads (the classifier of an encoder), so runs are repeatable.
 HEAD_SEED = 0
-_FLOAT_NAMES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The float dtypes a config names (config.json's `dtype`, `model.dtype`)
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -411,15 +411,16 @@ def stored_dtype(name_or_path: str, cache_dir: Path | None = None) -> torch.dtyp
         counts: dict[str, int] = {}
         for path in files:
             for info in read_header(path)[1].values():
-                if info["dtype"] in _FLOAT_NAMES:
-                    counts[info["dtype"]] = counts.get(info["dtype"], 0) + math.prod(info["shape"])
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is not None and dtype.is_floating_point:
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(info["shape"])
         if files:
-            return _FLOAT_NAMES[max(counts, key=counts.get)] if counts else None
+            return max(counts, key=counts.get) if counts else None
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, LoratuneError):
         return None
     named = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
-    return _CONFIG_DTYPES.get(named) if isinstance(named, str) else None
+    return DTYPE_NAMES.get(named) if isinstance(named, str) else None
 
 
 def model_skeleton(name_or_path: str, task: Task, *, num_labels: int = 2, trust_remote_code: bool = False,

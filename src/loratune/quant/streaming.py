@@ -30,7 +30,8 @@ from loratune.quant.allocator import release_free_memory
 from loratune.quant.convert import check_model_quantizable, transformer_blocks
 from loratune.quant.linear import QuantLinear
 
-_DTYPES = {
+#: safetensors' dtype names (the header's "dtype" field)
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
@@ -76,7 +77,7 @@ def read_header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
 
 def _check_entry(key: str, info: dict[str, Any]) -> int:
     """A tensor's dtype is known and its offsets and shape agree; returns where its data ends."""
-    if info["dtype"] not in _DTYPES:
+    if info["dtype"] not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {key!r} has unsupported dtype {info['dtype']}")
     start, end = info["data_offsets"]
     shape = info["shape"]
@@ -85,7 +86,7 @@ def _check_entry(key: str, info: dict[str, Any]) -> int:
     count = 1
     for size in shape:
         count *= size
-    if not start <= end or end - start != count * _DTYPES[info["dtype"]].itemsize:
+    if not start <= end or end - start != count * SAFETENSORS_DTYPES[info["dtype"]].itemsize:
         raise ValueError(f"tensor {key!r}: offsets {start}..{end} do not fit its shape {shape}")
     return end
 
@@ -100,7 +101,7 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raw = bytearray(end - start)
             if handle.readinto(raw) != len(raw):
                 raise ModelLoadError(f"{path}: file is truncated inside tensor {key!r}")
-            dtype = _DTYPES[info["dtype"]]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
             tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
             try:
                 yield key, tensor.view(info["shape"])
