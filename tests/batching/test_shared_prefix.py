@@ -63,9 +63,10 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
     assert first == (1, prefix) and rest[0] < 4
 
 
-def test_sdpa_on_the_cpu_keeps_one_mask_for_every_layer():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_sdpa_on_the_cpu_keeps_one_mask_for_every_layer(dtype):
     """torch's CPU kernel turns a boolean mask into a float one per call and saves each for the backward pass;
-    the one row's mask is float there, so every layer saves the same tensor."""
+    the one row's mask is float there, in the queries' dtype, so every layer saves the same tensor."""
     model = adapted(with_attention(llama, "sdpa"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
     row = int(batch["attention_mask"].sum()) - 3 * prefix
@@ -76,9 +77,10 @@ def test_sdpa_on_the_cpu_keeps_one_mask_for_every_layer():
             masks[t.untyped_storage().data_ptr()] = t.dtype
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         causal_lm_loss(model, batch, prefix=prefix)
-    assert list(masks.values()) == [torch.float32]
+    assert list(masks.values()) == [dtype]
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])

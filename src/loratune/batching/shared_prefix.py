@@ -92,7 +92,7 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     if packed_mask_obstacle(body.config, prefix + max(remainders)) is None:
         packed = pack_remainders(input_ids[:, prefix:], remainders, prefix)
         ids, positions = packed.ids, packed.positions
-        mask = packed.mask(prefix, _boolean_mask(body), body.get_input_embeddings().weight.dtype)
+        mask = packed.mask(prefix, _boolean_mask(body), _mask_dtype(body))
     else:  # the rows' remainders as they are, right-padded, positions from the mask
         ids, mask, positions = input_ids[:, prefix:], attention_mask, None
     head_hidden, cache = prefix_cache(body, input_ids[:1, :prefix], ids.shape[0])
@@ -125,7 +125,7 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     rows = input_ids.shape[0]
     rest_ids = input_ids[:, prefix:]
     one = pack_remainders(rest_ids, remainders, prefix, width=sum(remainders))
-    device, dtype = input_ids.device, body.get_input_embeddings().weight.dtype
+    device, dtype = input_ids.device, _mask_dtype(body)
     ids = torch.cat([input_ids[:1, :prefix], one.ids], dim=1)
     positions = torch.cat([torch.arange(prefix, device=device)[None], one.positions], dim=1)
     mask = one.mask(prefix, _boolean_mask(body), dtype, prefix_rows=True)
@@ -209,6 +209,16 @@ def _boolean_mask(body: nn.Module) -> bool:
     a float mask is one tensor every layer shares."""
     embeddings = body.get_input_embeddings().weight
     return body.config._attn_implementation == "sdpa" and embeddings.device.type != "cpu"
+
+
+def _mask_dtype(body: nn.Module) -> torch.dtype:
+    """An additive mask's dtype: the embeddings', or for SDPA under autocast the autocast dtype, which its
+    queries have (SDPA would cast another dtype's mask on every call)."""
+    embeddings = body.get_input_embeddings().weight
+    device = embeddings.device.type
+    if body.config._attn_implementation == "sdpa" and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return embeddings.dtype
 
 
 def one_row_limit(config: Any) -> int:

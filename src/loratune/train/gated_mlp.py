@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 
 import torch
 from torch import nn
@@ -30,7 +29,8 @@ class GatedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        ctx.act = act
+        device = gate.device.type  # the backward pass recomputes under the forward's autocast, if any
+        ctx.act, ctx.autocast = act, (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return act(gate) * up
 
     @staticmethod
@@ -39,7 +39,8 @@ class GatedProduct(torch.autograd.Function):
         if _is_silu(ctx.act):  # aten's fused derivative, as autograd's own SiluBackward computes it
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
             return grad_gate, grad * F.silu(gate) if ctx.needs_input_grad[1] else None, None
-        with torch.enable_grad():
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
             leaf = gate.detach().requires_grad_()
             activated = ctx.act(leaf)
         grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if ctx.needs_input_grad[0] else None
@@ -67,12 +68,13 @@ def _is_plain_gated(cls: type) -> bool:
 
 def save_less_in_gated_mlps(model: nn.Module) -> int:
     """Route every plain gated MLP of `model` through `GatedProduct` (in place); returns how many. Only the
-    instances change: their class, and other models of it, are left as they were."""
+    instances change: their class, and other models of it, are left as they were. An activation with
+    parameters of its own (PReLU) is left alone: `GatedProduct` gives it no gradient."""
     patched = 0
     for module in model.modules():
-        parts = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+        parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]
         plain = "forward" not in vars(module) and _is_plain_gated(type(module))
-        if plain and all(isinstance(part, nn.Module) for part in parts):
-            module.forward = types.MethodType(_gated_forward, module)
+        if plain and all(isinstance(part, nn.Module) for part in parts) and not any(parts[-1].parameters()):
+            module.forward = functools.partial(_gated_forward, module)  # (a partial pickles; a bound method not)
             patched += 1
     return patched
