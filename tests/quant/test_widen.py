@@ -15,7 +15,7 @@ from loratune.core.peft_format import save_adapter
 from loratune.precision import base_dtype
 from loratune.pretrained import load_adapted_model, load_model, stored_dtype
 from loratune.quant.convert import quantizable_layers
-from loratune.quant.widen import WidenedLinear, widen_frozen_base
+from loratune.quant.widen import WidenedLinear, widen_frozen_base, widenable_layers
 from loratune.train import fit
 from loratune.train.memory import estimate_memory, frozen_dtype
 from loratune.train.run_config import validate_config
@@ -207,8 +207,6 @@ def test_a_modules_to_save_copy_of_a_widened_layer_trains_in_fp32_and_reloads_ex
 
 
 def test_layers_a_model_keeps_in_fp32_are_not_widened(tiny_t5):
-    from loratune.quant.widen import widenable_layers
-
     model, _ = load_model(tiny_t5, "seq2seq", dtype=torch.bfloat16, compute_dtype=torch.float32)
     widened = {p for p, m in model.named_modules() if isinstance(m, WidenedLinear)}
     assert widened and widened == set(widenable_layers(model))
@@ -225,8 +223,6 @@ def test_unknown_machine_memory_or_dora_keeps_fp32_weights(run_config, tiny_llam
 
 
 def test_gpt2s_conv1d_layers_stay_in_the_compute_dtype_and_the_estimate_says_so(run_config, tiny_gpt2):
-    from loratune.quant.widen import widenable_layers
-
     model, _ = load_model(tiny_gpt2, "causal-lm", dtype=torch.bfloat16, compute_dtype=torch.float32)
     assert not widenable_layers(model) and {p.dtype for p in model.parameters()} == {torch.float32}
     config = validate_config(run_config(model={"dtype": "bfloat16"}), "test")

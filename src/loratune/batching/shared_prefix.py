@@ -92,7 +92,7 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     if packed_mask_obstacle(body.config, prefix + max(remainders)) is None:
         packed = pack_remainders(input_ids[:, prefix:], remainders, prefix)
         ids, positions = packed.ids, packed.positions
-        mask = packed.mask(prefix, _boolean_mask(body), _mask_dtype(body))
+        mask = packed.mask(prefix, *_mask_format(body))
     else:  # the rows' remainders as they are, right-padded, positions from the mask
         ids, mask, positions = input_ids[:, prefix:], attention_mask, None
     head_hidden, cache = prefix_cache(body, input_ids[:1, :prefix], ids.shape[0])
@@ -125,10 +125,10 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     rows = input_ids.shape[0]
     rest_ids = input_ids[:, prefix:]
     one = pack_remainders(rest_ids, remainders, prefix, width=sum(remainders))
-    device, dtype = input_ids.device, _mask_dtype(body)
+    device = input_ids.device
     ids = torch.cat([input_ids[:1, :prefix], one.ids], dim=1)
     positions = torch.cat([torch.arange(prefix, device=device)[None], one.positions], dim=1)
-    mask = one.mask(prefix, _boolean_mask(body), dtype, prefix_rows=True)
+    mask = one.mask(prefix, *_mask_format(body), prefix_rows=True)
     eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
     # SDPA keeps no weights; a family without a module-level eager function, or GPT-2 upcasting its scores to
     # fp32 in its own eager path, attends over the full row under the mask
@@ -203,22 +203,19 @@ def _block_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     return torch.cat([head, rest[None]], dim=1), None
 
 
-def _boolean_mask(body: nn.Module) -> bool:
-    """SDPA's mask is boolean off the CPU, else additive like eager's: torch's CPU kernel turns a boolean mask
-    into a float one on every call and keeps each layer's copy for the backward pass (13 MB per demo step);
-    a float mask is one tensor every layer shares."""
+def _mask_format(body: nn.Module) -> tuple[bool, torch.dtype]:
+    """(boolean, dtype) of our masks for `body`'s attention. SDPA's is boolean off the CPU; else additive like
+    eager's, in the embeddings' dtype, or under autocast SDPA's queries' dtype. On the CPU torch's SDPA kernel
+    turns a boolean mask (or one of another dtype) into a float one on every call and keeps each layer's copy
+    for the backward pass (13 MB per demo step); a float mask in the queries' dtype is one tensor every layer
+    shares."""
     embeddings = body.get_input_embeddings().weight
-    return body.config._attn_implementation == "sdpa" and embeddings.device.type != "cpu"
-
-
-def _mask_dtype(body: nn.Module) -> torch.dtype:
-    """An additive mask's dtype: the embeddings', or for SDPA under autocast the autocast dtype, which its
-    queries have (SDPA would cast another dtype's mask on every call)."""
-    embeddings = body.get_input_embeddings().weight
-    device = embeddings.device.type
-    if body.config._attn_implementation == "sdpa" and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return embeddings.dtype
+    device, sdpa = embeddings.device.type, body.config._attn_implementation == "sdpa"
+    if sdpa and device != "cpu":
+        return True, embeddings.dtype
+    if sdpa and torch.is_autocast_enabled(device):
+        return False, torch.get_autocast_dtype(device)
+    return False, embeddings.dtype
 
 
 def one_row_limit(config: Any) -> int:
