@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the program, as `loratune` runs: under the same malloc, and so are the competitors' children
+        from loratune.allocator import use_preferred_malloc
+
+        use_preferred_malloc()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["race"]:
         from benchmarks.race import main as race_main

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loratune.allocator import active_malloc
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -113,6 +115,7 @@ def machine() -> dict[str, Any]:
     fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
     info["cpu"] = fields.get("Model name", platform.processor() or "unknown")
     info["cpu_flags"] = fields.get("Flags", "unknown")
+    info["malloc"] = active_malloc()
     return info
 
 
@@ -126,7 +129,8 @@ def write_result(stem: str, result: dict[str, Any], table: str, docs_block: str 
     """`results/STEM.json` and `.md` (the table under the command, date and CPU), and, when given, the
     docs block `<!-- BEGIN docs_block -->` ... `<!-- END docs_block -->` of docs/benchmarks.md."""
     meta = result.get("machine", {})
-    header = f"`{meta.get('command', '')}`, {meta.get('date', '')}, {meta.get('cpu', '')}\n\n"
+    header = (f"`{meta.get('command', '')}`, {meta.get('date', '')}, {meta.get('cpu', '')}, "
+              f"{meta.get('malloc', 'system')} malloc\n\n")
     RESULTS.mkdir(exist_ok=True)
     paths = [RESULTS / f"{stem}.json", RESULTS / f"{stem}.md"]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")

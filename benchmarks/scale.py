@@ -130,8 +130,8 @@ def child(spec: dict) -> dict:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the baseline is read)
 
+    from loratune.allocator import release_free_memory, return_large_blocks
     from loratune.precision import cpu_choice
-    from loratune.quant.allocator import release_free_memory, return_large_blocks
 
     torch.set_num_threads(spec["threads"])
     bases = spec.get("bases") or [spec["quantize"]]

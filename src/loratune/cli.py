@@ -295,11 +295,21 @@ def _add_model_commands(commands: Any) -> None:
     inspect.set_defaults(run=_inspect)
 
 
+#: Commands that load a model: the program restarts itself under jemalloc for these (`allocator`).
+MODEL_COMMANDS = frozenset({"train", "eval", "compare", "sweep", "demo", "serve", "generate", "merge", "export"})
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The program's entry point; `argv` None reads the process's own arguments (and only then may the
+    process restart itself under another malloc)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
+        if argv is None and args.command in MODEL_COMMANDS:
+            from loratune.allocator import use_preferred_malloc
+
+            use_preferred_malloc()
         code = args.run(args)
     except LoratuneError as exc:
         from loratune.train.stop_signals import RunStopped  # imported already when one was raised

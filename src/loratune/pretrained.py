@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from loratune.allocator import release_free_memory, return_large_blocks
 from loratune.core.adapters import add_adapter
 from loratune.core.atomic_write import atomic_folder
 from loratune.core.errors import ConfigError, LoratuneError
@@ -34,7 +35,6 @@ from loratune.core.peft_format import (
     read_adapter_weights,
 )
 from loratune.errors import ModelLoadError
-from loratune.quant.allocator import release_free_memory, return_large_blocks
 from loratune.quant.convert import check_model_quantizable, quantize_model
 from loratune.quant.streaming import SAFETENSORS_DTYPES, NotStreamable, load_quantized, read_header, safetensors_files
 from loratune.quant.widen import NARROW_DTYPES, widen_frozen_base

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from loratune.allocator import release_free_memory
 from loratune.core.adapters import output_head_paths, set_module
 from loratune.core.layers import Conv1D
 from loratune.errors import ModelLoadError
-from loratune.quant.allocator import release_free_memory
 from loratune.quant.convert import check_model_quantizable, transformer_blocks
 from loratune.quant.linear import QuantLinear
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from loratune.allocator import active_malloc
 from loratune.batching import BatchOrder
 from loratune.core.adapters import trainable_parameters
 from loratune.core.atomic_write import write_text_atomic
@@ -271,7 +272,7 @@ def run_summary(run: Run, after: Evaluation) -> dict[str, Any]:
         "trainable_parameters": count.trainable, "total_parameters": count.total,
         "trainable_fraction": count.fraction,
         "train_seconds": state.seconds, "tokens_per_second": state.tokens / max(state.seconds, 1e-9),
-        "peak_rss_mb": peak_rss_mb(), "gradient_checkpointing": session.checkpointing_note,
+        "peak_rss_mb": peak_rss_mb(), "malloc": active_malloc(), "gradient_checkpointing": session.checkpointing_note,
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "data": {"train": config.data.train, **session.data.info},
         "before": run.before, "after": after.metrics, "samples_before": run.samples_before,

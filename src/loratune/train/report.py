@@ -80,7 +80,7 @@ def write_report(path: Path, summary: dict[str, Any], config_yaml: str) -> None:
               _global_batch_line(summary),
               f"- steps: {summary['steps']}{' (stopped early)' if summary.get('stopped_early') else ''}, "
               f"training time {summary['train_seconds']:.1f} s, {summary['tokens_per_second']:.0f} tokens/s",
-              f"- peak memory: {summary['peak_rss_mb']:.0f} MiB RSS"
+              f"- peak memory: {summary['peak_rss_mb']:.0f} MiB RSS ({summary.get('malloc', 'system')} malloc)"
               + (f", {summary['peak_cuda_mb']:.0f} MiB CUDA" if summary.get("peak_cuda_mb") else "")
               + f"; gradient checkpointing {summary.get('gradient_checkpointing', 'off')}",
               f"- precision: {summary['precision']}" + (

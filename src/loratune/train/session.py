@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from loratune.allocator import release_free_memory
 from loratune.batching import BatchMaker, fallback_warning, max_positions
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
 from loratune.precision import base_dtype, compute_dtype, cpu_choice, resolve_precision
-from loratune.quant.allocator import release_free_memory
 from loratune.quant.linear import set_base_compute
 from loratune.train.evaluate import (
     Evaluation,
