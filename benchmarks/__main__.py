@@ -34,10 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the program, as `loratune` runs: under the same malloc, and so are the competitors' children
-        from loratune.allocator import use_preferred_malloc
-
-        use_preferred_malloc()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["race"]:
         from benchmarks.race import main as race_main
@@ -63,5 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+def program() -> int:
+    """`python -m benchmarks`: under the malloc the `loratune` program takes (`allocator`), which the
+    competitors' child processes inherit, then `main`."""
+    from loratune.allocator import use_preferred_malloc
+    from loratune.core.errors import ConfigError
+
+    try:
+        use_preferred_malloc()
+    except ConfigError as exc:
+        print(f"python -m benchmarks: {exc}", file=sys.stderr)
+        return 2
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

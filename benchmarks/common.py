@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loratune.allocator import active_malloc
+from loratune.allocator import MALLOC_VARIABLE, active_malloc
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -28,9 +28,13 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child: this interpreter's import path (the worktree's `src` first), offline."""
+    """The environment of a child: this interpreter's import path (the worktree's `src` first), offline, and
+    this process's malloc."""
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT), *sys.path])
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    if active_malloc() == "system":  # a `loratune` child runs under the malloc this process records
+        env.setdefault(MALLOC_VARIABLE, "system")
+    return env
 
 
 @dataclass

@@ -4,7 +4,8 @@
 Each run is a child process (its own peak RSS): the model is built with random weights layer by layer (a
 quantized layer never exists in full precision), gets a LoRA adapter (r=16, all-linear) and trains a few
 steps of batch 1 x `--tokens` with AdamW, as `loratune train` does (same loss, autocast, checkpointing
-decision and, for a quantized base, the allocator setting `load_model` makes: `return_large_blocks`). Useful
+decision and, for a quantized base under glibc, the allocator setting `load_model` makes: `return_large_blocks`;
+under `python -m benchmarks`, the malloc the `loratune` program takes, recorded with the result). Useful
 work is 4 FLOPs per frozen linear weight per token (forward and input gradient), shown as a percentage of the
 fp32, bf16 and int8 product rates measured in the same run at 512 x 2048 by 2048 x 5632.
 """

@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub
+# `loratune` children keep the system's malloc whether or not the machine has jemalloc (tests/test_allocator.py
+# runs the restart on purpose), so they start once and behave alike everywhere
+os.environ.setdefault("LORATUNE_MALLOC", "system")
 
 import json  # noqa: E402
 

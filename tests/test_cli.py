@@ -13,6 +13,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import loratune as lt
+from loratune.allocator import active_malloc
 from loratune.cli import main
 from loratune.generate import generate_stream
 
@@ -43,6 +44,9 @@ def test_train_with_overrides_then_eval_inspect_merge_generate(config_file, caps
     assert saved["train"]["max_steps"] == 4 and saved["lora"]["r"] == 2
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 2
     assert "adapter:" in capsys.readouterr().out
+    malloc = active_malloc()  # this process's: the run's summary and report name it
+    assert json.loads((out / "metrics.json").read_text())["malloc"] == malloc
+    assert f"MiB RSS ({malloc} malloc)" in (out / "report.md").read_text()
 
     assert main(["eval", path, "--quiet"]) == 0
     assert "accuracy:" in capsys.readouterr().out

@@ -2,6 +2,6 @@
 
 import sys
 
-from loratune.cli import main
+from loratune.cli import program
 
-sys.exit(main())
+sys.exit(program())

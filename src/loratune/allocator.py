@@ -3,11 +3,13 @@ memory otherwise, with the CPU's kernel caches bounded, so a run's RSS is its re
 
 A training step allocates and frees a few hundred activation-sized blocks (0.5-4 MB); glibc's heap leaves
 holes between the ones that stay, so the demo's peak sat 250 MB above what was live (14,000 free fragments
-at the end of a forward pass). jemalloc's size classes do not fragment so: the demo's peak RSS measured
-1421 against 1727 MiB, no slower (docs/benchmarks.md). A library cannot change its process's allocator, so
-the `loratune` program does (`use_preferred_malloc`): before a command that loads a model it restarts itself
-once with the library in `LD_PRELOAD`. `LORATUNE_MALLOC` picks: unset or `jemalloc` (use it where the system
-has it, e.g. Debian's `libjemalloc2`), `system` (never restart), or the path of a malloc library to preload.
+at the end of a forward pass). jemalloc's size classes do not fragment so: the whole demo's peak RSS measured
+1468-1474 against 1730-1780 MiB, training time within the runs' spread (docs/benchmarks.md). A library cannot
+change its process's allocator, so the `loratune` program does (`use_preferred_malloc`, from `cli.program`):
+before a command that loads a model it restarts itself once with the library in `LD_PRELOAD` (a second start-up
+of the interpreter and torch, a few seconds). `LORATUNE_MALLOC` picks: unset or `jemalloc` (use it where the
+system has it, e.g. Debian's `libjemalloc2`, unless the user preloads libraries of their own), `system` (never
+restart), or the path of a malloc library to preload.
 
 Under glibc, reading and quantizing a model, converting a GGUF file, evaluating free many blocks of a few
 megabytes between tensors that stay; glibc keeps those pages resident unless told otherwise. Every run trims
@@ -36,56 +38,84 @@ from typing import Any
 from loratune.core.errors import ConfigError
 
 MALLOC_VARIABLE = "LORATUNE_MALLOC"
+_RESTARTED_VARIABLE = "LORATUNE_MALLOC_RESTARTED"  # set for the restarted process: the library it preloaded
 
 
 def preferred_malloc(environ: Mapping[str, str] = os.environ) -> str | None:
-    """The malloc library the `loratune` program should run under (a path or a soname for `LD_PRELOAD`), or
-    None to keep the process's own: jemalloc where the system has one, unless `LORATUNE_MALLOC` says otherwise.
-    Raises ConfigError for a `LORATUNE_MALLOC` path that does not exist."""
+    """The malloc library the `loratune` program should run under (an absolute path, or a soname the loader
+    finds), or None to keep the process's own: jemalloc where the system has one, unless `LORATUNE_MALLOC`
+    says otherwise, and nothing when the user preloads libraries of their own without naming one."""
     choice = environ.get(MALLOC_VARIABLE, "").strip()
     if choice == "system" or not sys.platform.startswith("linux"):
         return None
     if choice in ("", "jemalloc"):
-        return ctypes.util.find_library("jemalloc")
-    if not Path(choice).is_file():
+        return None if environ.get("LD_PRELOAD", "").strip() else ctypes.util.find_library("jemalloc")
+    path = Path(choice).resolve()
+    if not path.is_file():
         raise ConfigError(f"{MALLOC_VARIABLE}={choice}: no such file (give a malloc library's path, "
                           "`jemalloc` or `system`)")
-    return choice
+    if any(c in str(path) for c in " :\t"):
+        raise ConfigError(f"{MALLOC_VARIABLE}={choice}: LD_PRELOAD cannot take a path with a space or a colon")
+    return str(path)
 
 
 def use_preferred_malloc() -> None:
-    """Restart this process (same PID, arguments and environment) with `preferred_malloc()` preloaded, unless
-    there is none or the process has it already; returns only when it does not restart."""
+    """Restart this process (same PID and arguments) with `preferred_malloc()` appended to `LD_PRELOAD`, once:
+    not when there is none, when the process has it already, or when it has restarted before (a loader that
+    drops `LD_PRELOAD`, as for a setuid interpreter, would otherwise restart it forever). Returns only when it
+    does not restart; its children inherit the preload."""
+    if os.environ.get(_RESTARTED_VARIABLE) is not None:
+        return
     library = preferred_malloc()
-    preloaded = os.environ.get("LD_PRELOAD", "")
-    if library is None or Path(library).name in {Path(p).name for p in preloaded.replace(":", " ").split()}:
+    preloaded = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    if library is None or Path(library).name in {Path(p).name for p in preloaded}:
         return
-    if _JEMALLOC is not None and "jemalloc" in Path(library).name:  # preloaded under another name, or linked in
+    if _JEMALLOC is not None and "jemalloc" in Path(library).name:  # linked in, or preloaded under another name
         return
-    os.environ["LD_PRELOAD"] = f"{library} {preloaded}".strip()
+    previous = os.environ.get("LD_PRELOAD")
+    os.environ["LD_PRELOAD"] = " ".join([*preloaded, library])
+    os.environ[_RESTARTED_VARIABLE] = library
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     except OSError:  # carry on under the allocator the process has
-        os.environ["LD_PRELOAD"] = preloaded
+        del os.environ[_RESTARTED_VARIABLE]
+        if previous is None:
+            del os.environ["LD_PRELOAD"]
+        else:
+            os.environ["LD_PRELOAD"] = previous
 
 
 def active_malloc() -> str:
-    """"jemalloc" when the process allocates through jemalloc, else "system" (glibc's or the platform's)."""
-    return "jemalloc" if _JEMALLOC is not None else "system"
+    """The malloc this process allocates through, as runs and benchmarks record it: "jemalloc", the file name
+    of the library `LORATUNE_MALLOC` named, or "system" (glibc's or the platform's)."""
+    if _JEMALLOC is not None:
+        return "jemalloc"
+    restarted = os.environ.get(_RESTARTED_VARIABLE)
+    return Path(restarted).name if restarted else "system"
 
 
 def release_free_memory() -> None:
-    """Hand freed heap pages back to the system (glibc's `malloc_trim`, or jemalloc's purge of every arena).
+    """Hand freed heap pages back to the system: glibc's `malloc_trim`, or jemalloc's purge of every arena.
 
     Reading and quantizing leaves freed blocks of tens of megabytes between the small quantized tensors
     that stay; glibc keeps such pages resident, which measured 0.7 GB of a 1.1B model's 2.1 GB after loading.
     """
     if _JEMALLOC is not None:
-        _JEMALLOC.mallctl(b"arena.4096.purge", None, None, None, 0)  # 4096: MALLCTL_ARENAS_ALL
+        _purge_jemalloc(_JEMALLOC)
     elif _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def _purge_jemalloc(process: Any) -> bool:
+    """Purge every jemalloc arena: index 4096 means all of them in jemalloc 5, index `arenas.narenas` in 3 and 4."""
+    if process.mallctl(b"arena.4096.purge", None, None, None, 0) == 0:
+        return True
+    count, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
+    if process.mallctl(b"arenas.narenas", ctypes.byref(count), ctypes.byref(size), None, 0) != 0:
+        return False
+    return process.mallctl(f"arena.{count.value}.purge".encode(), None, None, None, 0) == 0
 
 
 def return_large_blocks(threshold: int = 4 << 20) -> bool:
@@ -131,7 +161,11 @@ def _jemalloc() -> Any:
         process = ctypes.CDLL(None)
     except OSError:
         return None
-    return process if hasattr(process, "mallctl") else None
+    if not hasattr(process, "mallctl"):
+        return None
+    process.mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    process.mallctl.restype = ctypes.c_int
+    return process
 
 
 _LIBC = _glibc()

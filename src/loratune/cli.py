@@ -295,21 +295,31 @@ def _add_model_commands(commands: Any) -> None:
     inspect.set_defaults(run=_inspect)
 
 
-#: Commands that load a model: the program restarts itself under jemalloc for these (`allocator`).
-MODEL_COMMANDS = frozenset({"train", "eval", "compare", "sweep", "demo", "serve", "generate", "merge", "export"})
+#: Commands that run a model for long (train, evaluate, serve, convert): the program restarts itself under
+#: jemalloc for these (`allocator`); `inspect` and `--help` start once.
+LONG_COMMANDS = frozenset({"train", "eval", "compare", "sweep", "demo", "serve", "generate", "merge", "export"})
+
+
+def program() -> int:
+    """The `loratune` program (console script, `python -m loratune`): first, for a long command, the process's
+    preferred malloc (which may restart it), then `main` on its own arguments."""
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command in LONG_COMMANDS:
+        from loratune.allocator import use_preferred_malloc
+
+        try:
+            use_preferred_malloc()
+        except LoratuneError as exc:
+            print(f"loratune: error: {exc}", file=sys.stderr)
+            return 2
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The program's entry point; `argv` None reads the process's own arguments (and only then may the
-    process restart itself under another malloc)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
-        if argv is None and args.command in MODEL_COMMANDS:
-            from loratune.allocator import use_preferred_malloc
-
-            use_preferred_malloc()
         code = args.run(args)
     except LoratuneError as exc:
         from loratune.train.stop_signals import RunStopped  # imported already when one was raised
@@ -334,4 +344,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())
