@@ -63,14 +63,8 @@ def program() -> int:
     """`python -m benchmarks`: under the malloc the `loratune` program takes (`allocator`), which the
     competitors' child processes inherit, then `main`."""
     from loratune.allocator import use_preferred_malloc
-    from loratune.core.errors import ConfigError
 
-    try:
-        use_preferred_malloc()
-    except ConfigError as exc:
-        print(f"python -m benchmarks: {exc}", file=sys.stderr)
-        return 2
-    return main()
+    return main() if use_preferred_malloc("python -m benchmarks") else 2
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ RESTARTED = "LORATUNE_MALLOC_RESTARTED"
 
 # Prints one line per start of the process, then the libraries it preloads.
 RESTARTING = ("import os, sys; print('start', flush=True); from loratune.allocator import use_preferred_malloc; "
-              "use_preferred_malloc(); print(os.environ.get('LD_PRELOAD', '-'))")
+              "assert use_preferred_malloc('test'); print(os.environ.get('LD_PRELOAD', '-'))")
 
 
 def _mapped_library(prefix: str) -> str:

@@ -59,19 +59,24 @@ def preferred_malloc(environ: Mapping[str, str] = os.environ) -> str | None:
     return str(path)
 
 
-def use_preferred_malloc() -> None:
+def use_preferred_malloc(program: str) -> bool:
     """Restart this process (same PID and arguments) with `preferred_malloc()` appended to `LD_PRELOAD`, once:
     not when there is none, when the process has it already, or when it has restarted before (a loader that
     drops `LD_PRELOAD`, as for a setuid interpreter, would otherwise restart it forever). Returns only when it
-    does not restart; its children inherit the preload."""
+    does not restart (its children inherit the preload): False after one line on stderr, prefixed `program`,
+    when `LORATUNE_MALLOC` names no usable library."""
     if os.environ.get(_RESTARTED_VARIABLE) is not None:
-        return
-    library = preferred_malloc()
+        return True
+    try:
+        library = preferred_malloc()
+    except ConfigError as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return False
     preloaded = os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
     if library is None or Path(library).name in {Path(p).name for p in preloaded}:
-        return
+        return True
     if _JEMALLOC is not None and "jemalloc" in Path(library).name:  # linked in, or preloaded under another name
-        return
+        return True
     previous = os.environ.get("LD_PRELOAD")
     os.environ["LD_PRELOAD"] = " ".join([*preloaded, library])
     os.environ[_RESTARTED_VARIABLE] = library
@@ -85,6 +90,7 @@ def use_preferred_malloc() -> None:
             del os.environ["LD_PRELOAD"]
         else:
             os.environ["LD_PRELOAD"] = previous
+    return True
 
 
 def active_malloc() -> str:

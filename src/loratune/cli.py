@@ -307,10 +307,7 @@ def program() -> int:
     if command in LONG_COMMANDS:
         from loratune.allocator import use_preferred_malloc
 
-        try:
-            use_preferred_malloc()
-        except LoratuneError as exc:
-            print(f"loratune: error: {exc}", file=sys.stderr)
+        if not use_preferred_malloc("loratune"):
             return 2
     return main()
 
