@@ -37,7 +37,9 @@ def _mapped_library(prefix: str) -> str:
 
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in (MALLOC_VARIABLE, "LD_PRELOAD", RESTARTED)}
+    """A Python child, with none of the settings these tests are about except those given."""
+    ours = (MALLOC_VARIABLE, "LD_PRELOAD", RESTARTED, "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    clean = {k: v for k, v in os.environ.items() if k not in ours}
     return subprocess.run([sys.executable, *args], env={**clean, "PYTHONPATH": os.pathsep.join(sys.path), **env},
                           capture_output=True, text=True, timeout=300)
 
@@ -122,9 +124,8 @@ READ = ("import os, loratune.pretrained; "
 
 
 def _capacities(**env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
-    done = subprocess.run([sys.executable, "-c", READ], env={**clean, **env}, capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = _run(["-c", READ], **env)
+    assert done.returncode == 0, done.stderr
     return done.stdout.split()
 
 

@@ -77,19 +77,13 @@ def use_preferred_malloc(program: str) -> bool:
         return True
     if _JEMALLOC is not None and "jemalloc" in Path(library).name:  # linked in, or preloaded under another name
         return True
-    previous = os.environ.get("LD_PRELOAD")
-    os.environ["LD_PRELOAD"] = " ".join([*preloaded, library])
-    os.environ[_RESTARTED_VARIABLE] = library
+    env = {**os.environ, "LD_PRELOAD": " ".join([*preloaded, library]), _RESTARTED_VARIABLE: library}
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:  # carry on under the allocator the process has
-        del os.environ[_RESTARTED_VARIABLE]
-        if previous is None:
-            del os.environ["LD_PRELOAD"]
-        else:
-            os.environ["LD_PRELOAD"] = previous
+        pass
     return True
 
 
@@ -114,14 +108,13 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _purge_jemalloc(process: Any) -> bool:
+def _purge_jemalloc(process: Any) -> None:
     """Purge every jemalloc arena: index 4096 means all of them in jemalloc 5, index `arenas.narenas` in 3 and 4."""
     if process.mallctl(b"arena.4096.purge", None, None, None, 0) == 0:
-        return True
+        return
     count, size = ctypes.c_uint(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint))
-    if process.mallctl(b"arenas.narenas", ctypes.byref(count), ctypes.byref(size), None, 0) != 0:
-        return False
-    return process.mallctl(f"arena.{count.value}.purge".encode(), None, None, None, 0) == 0
+    if process.mallctl(b"arenas.narenas", ctypes.byref(count), ctypes.byref(size), None, 0) == 0:
+        process.mallctl(f"arena.{count.value}.purge".encode(), None, None, None, 0)
 
 
 def return_large_blocks(threshold: int = 4 << 20) -> bool:
