@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loratune.core.dropout_branch import dropout_branch
 from loratune.core.errors import AdapterNameError, MergeError, TargetError
+from loratune.core.lora_branch import add_lora_branch
 
 try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -304,11 +304,9 @@ class LoraLinear(LoraLayer):
             if name in self.lora_magnitude_vector:
                 h = dropout(lora_input(x, lora_a.weight))
                 result = result + self._dora_delta(h, result, name).to(result.dtype)
-            elif isinstance(dropout, nn.Dropout) and dropout.training:  # keeps x, not a dropped-out copy
-                delta = dropout_branch(x, lora_a.weight, lora_b.weight, dropout.p, self.scaling[name])
-                result = result + delta.to(result.dtype)
-            else:  # scaling the r-wide intermediate is cheaper than scaling the output
-                result = result + lora_b(lora_a(lora_input(x, lora_a.weight)) * self.scaling[name]).to(result.dtype)
+            else:
+                p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+                result = add_lora_branch(result, x, lora_a.weight, lora_b.weight, self.scaling[name], p)
         return result
 
     def _dora_delta(self, h: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:

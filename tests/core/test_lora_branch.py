@@ -1,4 +1,5 @@
-"""The fused LoRA dropout branch: gradients, the mask's statistics, and the layer using it in training."""
+"""The LoRA branch as one autograd function: gradients with and without dropout, the in-place sum, the mask's
+statistics, and the layer using it."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-import loratune.core.dropout_branch as fused
-from loratune.core.dropout_branch import dropout_branch, keep_mask
+import loratune.core.lora_branch as fused
 from loratune.core.layers import LoraLinear
+from loratune.core.lora_branch import add_lora_branch, keep_mask, lora_branch
 
 
 def _reference(x, a, b, mask, keep_scale, scaling):
@@ -21,9 +22,9 @@ def test_gradients_match_autograd_of_the_formula_in_double():
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(2, 5, 6) > 0.3
-    assert torch.autograd.gradcheck(lambda x, a, b: dropout_branch(x, a, b, 0.3, 0.7, keep=(mask, 1 / 0.7)),
+    assert torch.autograd.gradcheck(lambda x, a, b: lora_branch(x, a, b, 0.7, keep=(mask, 1 / 0.7)),
                                     (x, a, b))
-    out = dropout_branch(x, a, b, 0.3, 0.7, keep=(mask, 1 / 0.7))
+    out = lora_branch(x, a, b, 0.7, keep=(mask, 1 / 0.7))
     expected = _reference(x, a, b, mask, 1 / 0.7, 0.7)
     assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
     grads = torch.autograd.grad(out.square().sum(), (x, a, b))
@@ -114,22 +115,51 @@ def test_autocast_runs_the_branch_in_bf16_close_to_fp32(monkeypatch):
         assert g16.dtype == torch.float32 and torch.allclose(g16, g32, rtol=3e-2, atol=3e-2)
 
 
-def test_eval_identity_dropout_and_dora_keep_the_plain_branch(monkeypatch):
+def test_without_dropout_the_branch_and_its_in_place_sum_match_the_formula_in_double():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)  # a base weight that trains, to see its gradient
+    assert torch.autograd.gradcheck(lambda x, a, b: lora_branch(x, a, b, 0.7), (x, a, b))
+    assert torch.autograd.gradcheck(lambda x, a, b, w: add_lora_branch(x @ w.t(), x, a, b, 0.7), (x, a, b, w))
+    expected = x @ w.t() + 0.7 * (x @ a.t()) @ b.t()
+    base = x @ w.t()
+    out = add_lora_branch(base, x, a, b, 0.7)
+    assert out is base  # the layer's fresh output took the sum in place
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (x, a, b, w))
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (x, a, b, w))):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_a_result_of_another_dtype_or_layout_is_summed_out_of_place():
+    torch.manual_seed(0)
+    x, a, b = torch.randn(5, 6), torch.randn(3, 6), torch.randn(4, 3)
+    wide = torch.randn(4, 5).t()  # not contiguous
+    low = torch.randn(5, 4, dtype=torch.bfloat16)  # the base's dtype, not the adapter's
+    for result in (wide, low):
+        before = result.clone()
+        out = add_lora_branch(result, x, a, b, 0.5)
+        assert torch.equal(result, before) and out.dtype == result.dtype
+        assert torch.allclose(out.float(), before.float() + 0.5 * (x @ a.t()) @ b.t(), rtol=1e-2, atol=1e-2)
+
+
+def test_every_layer_but_dora_runs_the_branch(monkeypatch):
     import loratune.core.layers as layers
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the fused dropout branch ran")
-
+    calls = []
+    monkeypatch.setattr(layers, "add_lora_branch", lambda result, x, a, b, scaling, p: calls.append(p) or result)
     x = torch.randn(3, 6)
     layer = _layer(0.25)
-    monkeypatch.setattr(layers, "dropout_branch", refuse)
     layer.eval()(x)
-    _layer(0.0)(x)  # nn.Identity: no dropout to fuse
+    _layer(0.0)(x)  # nn.Identity: no dropout
+    _layer(0.25)(x)
+    assert calls == [0.0, 0.0, 0.25]
     dora = _layer(0.25)
     dora.enable_dora("a")
     dora(x)
-    with pytest.raises(AssertionError, match="fused"):
-        _layer(0.25)(x)
+    assert len(calls) == 3
 
 
 def test_bf16_input_gives_the_fp32_reference_values(monkeypatch):
@@ -138,7 +168,7 @@ def test_bf16_input_gives_the_fp32_reference_values(monkeypatch):
     mask = torch.rand(4, 6) > 0.2
     monkeypatch.setattr(fused, "keep_mask", lambda shape, p, device: (mask, 1 / 0.8))
     a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
-    out = dropout_branch(x, a, b, 0.2, 0.5)
+    out = lora_branch(x, a, b, 0.5, 0.2)
     x32 = x.detach().float().requires_grad_()
     expected = _reference(x32, a, b, mask, 1 / 0.8, 0.5)
     assert out.dtype == torch.float32  # computed in the adapter's dtype; the layer casts to the base's
