@@ -66,21 +66,24 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_sdpa_on_the_cpu_keeps_one_mask_for_every_layer(dtype):
     """torch's CPU kernel turns a boolean mask into a float one per call and saves each for the backward pass;
-    the one row's mask is float there, in the queries' dtype, so every layer saves the same tensor."""
+    the one row's block masks are float there, in the queries' dtype, so every layer saves the same two
+    tensors (the prefix's block, a view of the row's mask, and the packed rows')."""
     model = adapted(with_attention(llama, "sdpa"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
-    row = int(batch["attention_mask"].sum()) - 3 * prefix
     masks = {}
 
     def pack(t):
-        if t.shape[-2:] == (row, row):
-            masks[t.untyped_storage().data_ptr()] = t.dtype
+        is_mask = t.dim() == 4 and t.shape[1] == 1 and t.is_floating_point() and (t == torch.finfo(t.dtype).min).any()
+        if is_mask:  # (rows, 1, queries, keys), the dtype's minimum where not attended: broadcast over the heads
+            masks.setdefault(t.untyped_storage().data_ptr(), set()).add((t.dtype, t.shape[-2:]))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         causal_lm_loss(model, batch, prefix=prefix)
-    assert list(masks.values()) == [dtype]
+    assert len(masks) == 2 and all(len(seen) == 1 for seen in masks.values())  # one shape each: shared by layers
+    assert {dt for seen in masks.values() for dt, _ in seen} == {dtype}
+    assert (dtype, (prefix, prefix)) in set.union(*masks.values())
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])

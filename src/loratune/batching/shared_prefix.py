@@ -23,11 +23,12 @@ few hundred values per token and layer); the prefix's matrix products, which dom
 Where the prefix and all the remainders fit in `ONE_ROW_TOKENS`, they run instead as one row of one forward
 (the prefix, then every remainder, each attending to the prefix and to its own earlier tokens): no cache,
 and half the operator calls of two forwards, which at a few hundred tokens cost more than anything the one
-row adds. Under eager attention the row's attention runs block by block through a function registered
-with transformers (`BLOCK_ATTENTION`, the model's own eager attention called on the prefix and on each packed
-row), so that its weights take the two-forward layout's memory, not the row's square. On the demo's batches
-(about 300 tokens in that row) a training step's forward and backward took 0.76x the two-forward layout's
-time, its peak memory within 6 MiB of that layout's (docs/benchmarks.md, "One forward per shared-prefix batch").
+row adds. Under eager or SDPA attention the row's attention runs block by block through a function
+registered with transformers (`BLOCK_ATTENTION`, the model's own eager attention or transformers' SDPA one
+called on the prefix and on each packed row), so that it computes the blocks the mask lets through, not the
+row's square, and eager's weights take the two-forward layout's memory. On the demo's batches (about 300 tokens
+in that row) a training step's forward and backward took 0.76x the two-forward layout's time, its peak memory
+within 6 MiB of that layout's (docs/benchmarks.md, "One forward per shared-prefix batch").
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     """The prefix and every row's remainder in one row of one forward: each remainder token attends to the
     prefix and its own remainder's earlier tokens. One forward instead of two (the prefix's, then the rest's
     against its cache) halves the step's operator calls, which at a few hundred tokens cost more than the
-    gathers this needs. Under eager attention and with `blocks` the attention itself runs block by block
-    (`_block_attention`), so its weights take no more memory than the two-forward layout's. Under gradient
+    gathers this needs. Under eager or SDPA attention and with `blocks` the attention itself runs block by
+    block (`_block_attention`): it computes what the mask lets through, about a fifth of the row's square on
+    the demo's batches, and eager's weights take no more memory than the two-forward layout's. Under gradient
     checkpointing (`blocks` False) it attends over the full row: a layer's recomputation in the backward pass
     runs outside this call, with the model's own attention, and must save what the forward saved; a
     checkpointed layer keeps the row's square only while that layer's backward runs."""
@@ -129,25 +131,37 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     ids = torch.cat([input_ids[:1, :prefix], one.ids], dim=1)
     positions = torch.cat([torch.arange(prefix, device=device)[None], one.positions], dim=1)
     mask = one.mask(prefix, *_mask_format(body), prefix_rows=True)
-    eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
-    # SDPA keeps no weights; a family without a module-level eager function, or GPT-2 upcasting its scores to
-    # fp32 in its own eager path, attends over the full row under the mask
-    if not blocks or body.config._attn_implementation != "eager" or eager is None or \
-            getattr(body.config, "reorder_and_upcast_attn", False):
+    config = body.config
+    implementation = config._attn_implementation
+    attend = _block_function(body) if blocks else None
+    if attend is None:
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     else:
         _register_block_attention()
-        blocks = _blocks(rest_ids, remainders, prefix, one, mask, eager)
-        token = _BLOCKS.set(blocks)
-        config = body.config
+        token = _BLOCKS.set(_blocks(rest_ids, remainders, prefix, one, mask, attend))
         config._attn_implementation_internal = BLOCK_ATTENTION
         try:
             hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions,
                           use_cache=False).last_hidden_state
         finally:
-            config._attn_implementation_internal = "eager"
+            config._attn_implementation_internal = implementation
             _BLOCKS.reset(token)
     return torch.cat([hidden[:, :prefix].expand(rows, -1, -1), one.unpack(hidden[:, prefix:], rows)], dim=1)
+
+
+def _block_function(body: nn.Module) -> Callable | None:
+    """The attention `_block_attention` calls per block: the family's module-level eager function, or
+    transformers' SDPA one. None (the full row under its mask) for other implementations, for a family
+    without a module-level eager function, and for GPT-2 upcasting its scores to fp32 in its own eager path."""
+    implementation = body.config._attn_implementation
+    if implementation == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward
+    eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
+    if implementation != "eager" or getattr(body.config, "reorder_and_upcast_attn", False):
+        return None
+    return eager
 
 
 @dataclass
@@ -160,15 +174,15 @@ class _Blocks:
     order: torch.Tensor  # the packed slot of each of the one row's remainder tokens, in the row's order
     prefix_mask: torch.Tensor
     rest_mask: torch.Tensor
-    eager: Callable
+    attend: Callable  # transformers' attention signature: (module, query, key, value, mask, **kwargs)
 
 
 _BLOCKS: contextvars.ContextVar[_Blocks | None] = contextvars.ContextVar("loratune_one_row_blocks", default=None)
 
 
 def _blocks(rest_ids: torch.Tensor, lengths: list[int], prefix: int, one: PackedRemainders, mask: torch.Tensor,
-            eager: Callable) -> _Blocks:
-    """The one row's split (`mask` is its additive mask: the prefix's causal block is its corner)."""
+            attend: Callable) -> _Blocks:
+    """The one row's split (`mask` is its mask, boolean or additive: the prefix's causal block is its corner)."""
     device = rest_ids.device
     packed = pack_remainders(rest_ids, lengths, prefix)
     valid = torch.arange(rest_ids.shape[1], device=device)[None] < torch.tensor(lengths, device=device)[:, None]
@@ -178,19 +192,19 @@ def _blocks(rest_ids: torch.Tensor, lengths: list[int], prefix: int, one: Packed
     order = torch.empty_like(in_row)
     order[in_row] = in_packed
     return _Blocks(prefix, source.view(packed.ids.shape), order, mask[:, :, :prefix, :prefix],
-                   packed.mask(prefix, False, mask.dtype), eager)
+                   packed.mask(prefix, mask.dtype == torch.bool, mask.dtype), attend)
 
 
 def _block_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """The model's own eager attention over the one row, in blocks: the prefix causally, then each packed row
-    of remainders against the prefix's keys and its own. The same result as the full row under its mask, with
-    attention weights the size of the two-forward layout's instead of the whole row's square."""
+    """The model's attention over the one row, in blocks: the prefix causally, then each packed row of
+    remainders against the prefix's keys and its own. The same result as the full row under its mask, for the
+    blocks' work instead of the whole row's square (and, under eager, weights of the blocks' size)."""
     blocks = _BLOCKS.get()
     if blocks is None:  # not inside `_one_row_hidden`
         raise RuntimeError(f"{BLOCK_ATTENTION} attention runs only inside a shared-prefix batch's forward")
-    p, eager = blocks.prefix, blocks.eager
-    head, _ = eager(module, query[:, :, :p], key[:, :, :p], value[:, :, :p], blocks.prefix_mask, **kwargs)
+    p, attend = blocks.prefix, blocks.attend
+    head, _ = attend(module, query[:, :, :p], key[:, :, :p], value[:, :, :p], blocks.prefix_mask, **kwargs)
     rows = blocks.source.shape[0]
 
     def packed(t: torch.Tensor) -> torch.Tensor:  # (1, heads, row, dim) -> (packed rows, heads, width, dim)
@@ -198,7 +212,7 @@ def _block_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
     keys = torch.cat([key[:, :, :p].expand(rows, -1, -1, -1), packed(key)], dim=2)
     values = torch.cat([value[:, :, :p].expand(rows, -1, -1, -1), packed(value)], dim=2)
-    rest, _ = eager(module, packed(query), keys, values, blocks.rest_mask, **kwargs)  # (rows, width, heads, dim)
+    rest, _ = attend(module, packed(query), keys, values, blocks.rest_mask, **kwargs)  # (rows, width, heads, dim)
     rest = rest.reshape(-1, *rest.shape[2:])[blocks.order]
     return torch.cat([head, rest[None]], dim=1), None
 
