@@ -67,7 +67,7 @@ def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
 def test_sdpa_on_the_cpu_keeps_one_mask_for_every_layer(dtype):
     """torch's CPU kernel turns a boolean mask into a float one per call and saves each for the backward pass;
     the one row's block masks are float there, in the queries' dtype, so every layer saves the same two
-    tensors (the prefix's block, a view of the row's mask, and the packed rows')."""
+    tensors (the prefix's block and the packed rows', each repeated for the query heads sharing a key head)."""
     model = adapted(with_attention(llama, "sdpa"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
     masks = {}
@@ -83,7 +83,9 @@ def test_sdpa_on_the_cpu_keeps_one_mask_for_every_layer(dtype):
         causal_lm_loss(model, batch, prefix=prefix)
     assert len(masks) == 2 and all(len(seen) == 1 for seen in masks.values())  # one shape each: shared by layers
     assert {dt for seen in masks.values() for dt, _ in seen} == {dtype}
-    assert (dtype, (prefix, prefix)) in set.union(*masks.values())
+    config = model.config
+    groups = config.num_attention_heads // config.num_key_value_heads  # each folded into its key/value head's rows
+    assert groups > 1 and (dtype, (groups * prefix, prefix)) in set.union(*masks.values())
 
 
 @pytest.mark.parametrize("builder", [llama, gpt2_without_dropout], ids=["llama", "gpt2"])
