@@ -156,6 +156,29 @@ def test_lora_plus_gives_b_factors_a_higher_learning_rate(run_config):
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == b_params
 
 
+def test_the_optimizer_is_torchs_fused_adamw_and_steps_as_the_plain_one_does(run_config):
+    from loratune.train.optim import build_optimizer
+    from loratune.train.session import prepare
+
+    session = prepare(validate_config(run_config(), "test"), quiet=True)
+    optimizer = build_optimizer(session.model, 1e-3, 0.01, 4.0)
+    assert optimizer.defaults["fused"] is True
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    plain = torch.optim.AdamW([{"params": copies[:len(optimizer.param_groups[0]["params"])], "lr": 1e-3},
+                               {"params": copies[len(optimizer.param_groups[0]["params"]):], "lr": 4e-3}],
+                              weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, copy in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=generator)
+            copy.grad = p.grad.clone()
+        optimizer.step()
+        plain.step()
+    for p, copy in zip(params, copies):
+        torch.testing.assert_close(p, copy, rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_training_keeps_the_base_in_bf16_and_the_adapter_in_fp32(run_config):
     from loratune.train.session import prepare
 
