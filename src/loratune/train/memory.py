@@ -4,12 +4,12 @@ not discovered minutes into a load.
 The estimate counts parameters exactly (on a `meta`-device copy of the model with the adapter added) and
 models activations and logits with per-token formulas: the tensors autograd saves per layer (counted with
 saved-tensor hooks: 2 (10 h + 4 i) bytes per token in bf16, 4 (6 h + 4 i) in fp32; 3 i where a gated MLP
-keeps two of its intermediates, `gated_mlp`), times the 1.27 that
-resident memory measured above them, plus a layer's backward buffers (`BACKWARD_BUFFERS` elements per
+keeps two of its intermediates, `gated_mlp`), times the resident memory measured per saved byte (which depends
+on the process's malloc: `RESIDENT_PER_SAVED`), plus a layer's backward buffers (`BACKWARD_BUFFERS` elements per
 intermediate unit and token). Fitted on measured peaks of Llama-shaped runs (135M and smaller, plain / NF4 /
 int8, with and without checkpointing, 128-1024 tokens; bf16 on an AMX CPU, fp32 on an AVX2 one) to within 15% of
 the increment over the interpreter's baseline; `tests/train/test_memory_measured.py` checks it on child
-processes and `python -m benchmarks scale` shows it beside each measured peak.
+processes (under the system malloc) and `python -m benchmarks scale` shows it beside each measured peak.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from loratune.allocator import active_malloc
 from loratune.core.adapters import add_adapter, trainable_parameters
 from loratune.precision import base_dtype, model_base_dtype, resolve_precision
 from loratune.pretrained import model_skeleton, will_stream
@@ -42,7 +43,11 @@ ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two AdamW moments
 #: increments measured on a busy machine (tests/train/test_memory_measured.py's runs: 199-278 MB) and on a quiet
 #: one (161-269 MB, 30-45 MB less with checkpointing): within 13% of both.
 KERNEL_BYTES = int(0.04 * GB)
-RESIDENT_PER_SAVED = 1.27  # resident bytes per byte of saved activations (allocator rounding, fragmentation)
+#: Resident bytes per byte of saved activations (allocator rounding, fragmentation), by `allocator.active_malloc()`.
+#: glibc keeps freed blocks of a step's sizes in fragments; jemalloc's size classes reuse them, and the factor fitted
+#: on the scale table's jemalloc runs (135M and 360M, plain / NF4 / int8, fp32, 512 tokens, 2026-12-07) puts all six
+#: estimates within 0-4% of their measured increments, where glibc's factor overshot them by 12-21%.
+RESIDENT_PER_SAVED = {"system": 1.27, "jemalloc": 0.9}
 #: Saved activation elements per token and layer: SAVED_PER_HIDDEN[precision] h + 4 i (3 i in a gated MLP). Autocast
 #: keeps a bf16 copy of each linear's input beside the fp32 tensors around it, so bf16 saves 4 more h-sized tensors
 #: than fp32.
@@ -181,7 +186,7 @@ def estimate_memory(config: Any, checkpointing: bool | None = None,
     per_token_layer = activation_element * (SAVED_PER_HIDDEN[precision] * hidden + intermediates * inner)
     backward = BACKWARD_BUFFERS[precision] * activation_element * inner
     saved = layers * hidden * activation_element + per_token_layer if checkpointing else layers * per_token_layer
-    activations = int(tokens * (RESIDENT_PER_SAVED * saved + backward))
+    activations = int(tokens * (resident_per_saved() * saved + backward))
     # a quantized or widened layer's weight is rebuilt into kept buffers: values in the compute dtype, and NF4's
     # indices
     rebuilt = max(sizes, default=0) * (activation_element + (1 if spec.quantize == "nf4" else 0))
@@ -193,6 +198,11 @@ def estimate_memory(config: Any, checkpointing: bool | None = None,
                f"{config.data.max_length} tokens, gradient checkpointing {'on' if checkpointing else 'off'}")
     return MemoryEstimate(weights, trainable * ADAPTER_BYTES_PER_PARAM, activations, logits, RUNTIME_BYTES,
                           loading, trainable, setting, KERNEL_BYTES + rebuilt)
+
+
+def resident_per_saved() -> float:
+    """`RESIDENT_PER_SAVED` for this process's malloc; another library than jemalloc counts as glibc (the larger)."""
+    return RESIDENT_PER_SAVED.get(active_malloc(), RESIDENT_PER_SAVED["system"])
 
 
 def _on_disk(name: str) -> int:
