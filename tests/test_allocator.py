@@ -88,6 +88,8 @@ def test_long_commands_restart_and_a_missing_library_is_one_line_error(tmp_path)
                           "path, `jemalloc` or `system`)\n"
     done = _run(["-m", "loratune", "inspect", "--adapter", str(tmp_path / "none")], **{MALLOC_VARIABLE: missing})
     assert done.returncode == 2 and MALLOC_VARIABLE not in done.stderr  # inspect starts once
+    done = _run(["-m", "loratune", "inspect", "--memory", "--config", "run.yaml"], **{MALLOC_VARIABLE: missing})
+    assert done.returncode == 2 and MALLOC_VARIABLE in done.stderr  # but estimates under train's malloc
 
 
 class _FakeJemalloc:

@@ -6,10 +6,10 @@ holes between the ones that stay, so the demo's peak sat 250 MB above what was l
 at the end of a forward pass). jemalloc's size classes do not fragment so: the whole demo's peak RSS measured
 1468-1474 against 1730-1780 MiB, training time within the runs' spread (docs/benchmarks.md). A library cannot
 change its process's allocator, so the `loratune` program does (`use_preferred_malloc`, from `cli.program`):
-before a long command (`cli.LONG_COMMANDS`) it restarts itself once with the library in `LD_PRELOAD` (a second start-up
-of the interpreter and torch, a few seconds). `LORATUNE_MALLOC` picks: unset or `jemalloc` (use it where the
-system has it, e.g. Debian's `libjemalloc2`, unless the user preloads libraries of their own), `system` (never
-restart), or the path of a malloc library to preload.
+before a long command (`cli.LONG_COMMANDS`, and `inspect --memory`) it restarts itself once with the library
+in `LD_PRELOAD` (a second start-up of the interpreter and torch, a few seconds). `LORATUNE_MALLOC` picks:
+unset or `jemalloc` (use it where the system has it, e.g. Debian's `libjemalloc2`, unless the user preloads
+libraries of their own), `system` (never restart), or the path of a malloc library to preload.
 
 Under glibc, reading and quantizing a model, converting a GGUF file, evaluating free many blocks of a few
 megabytes between tensors that stay; glibc keeps those pages resident unless told otherwise. Every run trims

@@ -296,7 +296,8 @@ def _add_model_commands(commands: Any) -> None:
 
 
 #: Commands that run a model for long (train, evaluate, serve, convert): the program restarts itself under
-#: jemalloc for these (`allocator`); `inspect` and `--help` start once.
+#: jemalloc for these (`allocator`), and for `inspect --memory`, whose estimate must be the one `train` makes
+#: (it depends on the malloc); other `inspect`s and `--help` start once.
 LONG_COMMANDS = frozenset({"train", "eval", "compare", "sweep", "demo", "serve", "generate", "merge", "export"})
 
 
@@ -304,7 +305,7 @@ def program() -> int:
     """The `loratune` program (console script, `python -m loratune`): first, for a long command, the process's
     preferred malloc (which may restart it), then `main` on its own arguments."""
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    if command in LONG_COMMANDS:
+    if command in LONG_COMMANDS or (command == "inspect" and "--memory" in sys.argv):
         from loratune.allocator import use_preferred_malloc
 
         if not use_preferred_malloc("loratune"):
