@@ -1,26 +1,37 @@
-"""loratune: LoRA fine-tuning with a small core and PEFT-compatible adapter files."""
+"""loratune: LoRA fine-tuning with a small core and PEFT-compatible adapter files.
 
-from loratune.core.adapters import (
-    ParamCount,
-    active_adapters,
-    add_adapter,
-    delete_adapter,
-    disable_adapters,
-    merge,
-    set_active_adapters,
-    trainable_parameters,
-    unload,
-    unmerge,
-)
-from loratune.core.combining import add_weighted_adapter, mixed_adapter_batch
-from loratune.core.errors import AdapterFileError, AdapterNameError, ConfigError, LoratuneError, MergeError, TargetError
-from loratune.core.lora_config import LoraConfig
-from loratune.core.peft_format import load_adapter, save_adapter
-from loratune.errors import DataError, ModelLoadError, QuantizationError
+The public names load on first use (PEP 562): `import loratune.cli` imports no torch, so the `loratune`
+program can restart itself under its malloc (`allocator`) before paying for torch's start-up once.
+"""
 
-__all__ = [
-    "AdapterFileError", "AdapterNameError", "ConfigError", "DataError", "LoraConfig", "LoratuneError",
-    "MergeError", "ModelLoadError", "ParamCount", "QuantizationError", "TargetError", "active_adapters", "add_adapter",
-    "add_weighted_adapter", "delete_adapter", "disable_adapters", "load_adapter", "merge", "mixed_adapter_batch",
-    "save_adapter", "set_active_adapters", "trainable_parameters", "unload", "unmerge",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Where each public name lives.
+_PUBLIC = {
+    "loratune.core.adapters": ("ParamCount", "active_adapters", "add_adapter", "delete_adapter", "disable_adapters",
+                               "merge", "set_active_adapters", "trainable_parameters", "unload", "unmerge"),
+    "loratune.core.combining": ("add_weighted_adapter", "mixed_adapter_batch"),
+    "loratune.core.errors": ("AdapterFileError", "AdapterNameError", "ConfigError", "LoratuneError", "MergeError",
+                             "TargetError"),
+    "loratune.core.lora_config": ("LoraConfig",),
+    "loratune.core.peft_format": ("load_adapter", "save_adapter"),
+    "loratune.errors": ("DataError", "ModelLoadError", "QuantizationError"),
+}
+_HOME = {name: module for module, names in _PUBLIC.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'loratune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value  # found once, then an ordinary attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
