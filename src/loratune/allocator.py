@@ -7,7 +7,7 @@ at the end of a forward pass). jemalloc's size classes do not fragment so: the w
 1468-1474 against 1730-1780 MiB, training time within the runs' spread (docs/benchmarks.md). A library cannot
 change its process's allocator, so the `loratune` program does (`use_preferred_malloc`, from `cli.program`):
 before a long command (`cli.LONG_COMMANDS`, and `inspect --memory`) it restarts itself once with the library
-in `LD_PRELOAD` (a second start-up of the interpreter and torch, a few seconds). `LORATUNE_MALLOC` picks:
+in `LD_PRELOAD` (a second start of the interpreter; `import loratune.cli` imports no torch). `LORATUNE_MALLOC` picks:
 unset or `jemalloc` (use it where the system has it, e.g. Debian's `libjemalloc2`, unless the user preloads
 libraries of their own), `system` (never restart), or the path of a malloc library to preload.
 
