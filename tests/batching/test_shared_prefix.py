@@ -157,6 +157,15 @@ def test_under_eager_attention_the_one_row_attends_block_by_block_and_restores_t
     assert_same(shared_result, loss_and_grads(model, batch))
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_one_row_blocks_over_several_key_value_heads_give_the_plain_batchs_loss_and_gradients(attention):
+    """Four query heads on two key/value heads: each query head must read its own key/value head (SDPA's blocks
+    fold the query heads of a key/value head into its rows)."""
+    model = adapted(with_attention(llama, attention, num_attention_heads=4, num_key_value_heads=2))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
+
+
 def test_a_failing_forward_leaves_the_model_as_it_was():
     model = adapted(with_attention(llama, "eager"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))

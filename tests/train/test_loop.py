@@ -14,7 +14,7 @@ from loratune.train import fit
 from loratune.train.checkpoint import complete_checkpoints
 from loratune.train.run_config import validate_config
 
-# tiny GPT-2, seed 0, fp32 CPU (LoRA masks from loratune.core.dropout_branch)
+# tiny GPT-2, seed 0, fp32 CPU (LoRA masks from loratune.core.lora_branch)
 PINNED_LOSSES = [3.66918, 3.55851, 3.68762]
 
 

@@ -157,11 +157,14 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
 def _block_function(body: nn.Module) -> Callable | None:
     """The attention `_block_attention` calls per block: the family's module-level eager function, or
     `_grouped_sdpa`. None (the full row under its mask) for other implementations, for a family without a
-    module-level eager function, and for GPT-2 upcasting its scores to fp32 in its own eager path."""
+    module-level eager function (a sign its attention does not go through transformers' attention functions,
+    so it would not call ours), and for GPT-2 upcasting its scores to fp32 in its own eager path."""
     implementation = body.config._attn_implementation
+    eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
+    if eager is None:
+        return None
     if implementation == "sdpa":
         return _grouped_sdpa
-    eager = getattr(sys.modules[type(body).__module__], "eager_attention_forward", None)
     if implementation != "eager" or getattr(body.config, "reorder_and_upcast_attn", False):
         return None
     return eager
@@ -229,8 +232,9 @@ def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     are neither repeated per query head nor saved so for the backward pass (transformers' SDPA function
     repeats them where the mask rules out torch's own grouping). The same products; on the demo's blocks
     0.6-0.75x the time of the repeated form, a third of its keys and values kept."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("sdpa attention does not support softcap; use eager attention")
+    for unsupported in ("softcap", "position_bias"):  # transformers' SDPA function refuses one, adds the other
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"{BLOCK_ATTENTION}: SDPA blocks do not take {unsupported}; use eager attention")
     rows, heads, length, dim = query.shape
     groups = heads // key.shape[1]
     folded = query.reshape(rows, key.shape[1], groups * length, dim)  # head h reads key/value head h // groups
@@ -238,7 +242,8 @@ def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         attention_mask = attention_mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling)
-    return out.view(rows, heads, length, dim).transpose(1, 2).contiguous(), None
+    # reshape, not view: a GPU kernel may lay the output out as (rows, length, heads, dim) in memory
+    return out.reshape(rows, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
 def _mask_format(body: nn.Module) -> tuple[bool, torch.dtype]:
