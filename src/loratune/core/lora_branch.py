@@ -3,10 +3,11 @@
 Two things autograd's own graph of two `F.linear` calls does worse:
 
 - **Layouts.** The factors are thin (r is 8-64), and a BLAS computes a thin product far faster in one layout
-  than another: the gradient of B as `(A x)^T-rows @ grad` rather than `grad^T @ (A x)`, and the gradient of the
-  r-wide intermediate as `B^T @ grad^T` rather than `grad @ B`, measured 4x and 2.7x faster for 340 tokens and a
-  1536-wide output (2-core AVX2 CPU, fp32, MKL). So the intermediate is kept as (r, tokens) and every product is
-  taken in the layout that is fast (docs/benchmarks.md: the branch is 0.42-0.87x autograd's time).
+  than another: the gradient of B as `((A x) @ grad)^T` with `A x` kept as (r, tokens) rather than
+  `grad^T @ (A x)`, and the gradient of the r-wide intermediate as `B^T @ grad^T` rather than `grad @ B`,
+  measured 4x and 2.7x faster for 340 tokens and a 1536-wide output (2-core AVX2 CPU, fp32, MKL). So the
+  intermediate is kept as (r, tokens) and every product is taken in the layout that is fast (docs/benchmarks.md:
+  forward and backward 0.42-1.00x autograd's time by shape, a demo step 0.97x).
 - **Dropout.** Autograd keeps, per adapted layer, the dropped-out copy of the input (for A's gradient) and the
   mask; q, k and v read the same input yet keep three copies. This function keeps the input itself, which
   layers reading the same tensor share, plus a one-byte mask, and rebuilds the dropped-out input in backward.
