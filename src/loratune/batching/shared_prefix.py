@@ -24,8 +24,8 @@ Where the prefix and all the remainders fit in `ONE_ROW_TOKENS`, they run instea
 (the prefix, then every remainder, each attending to the prefix and to its own earlier tokens): no cache,
 and half the operator calls of two forwards, which at a few hundred tokens cost more than anything the one
 row adds. Under eager or SDPA attention the row's attention runs block by block through a function
-registered with transformers (`BLOCK_ATTENTION`, the model's own eager attention or transformers' SDPA one
-called on the prefix and on each packed row), so that it computes the blocks the mask lets through, not the
+registered with transformers (`BLOCK_ATTENTION`, the model's own eager attention or `_grouped_sdpa` called
+on the prefix and on each packed row), so that it computes the blocks the mask lets through, not the
 row's square, and eager's weights take the two-forward layout's memory. On the demo's batches (about 300 tokens
 in that row) a training step's forward and backward took 0.76x the two-forward layout's time, its peak memory
 within 6 MiB of that layout's (docs/benchmarks.md, "One forward per shared-prefix batch").
