@@ -79,8 +79,8 @@ def prepared(spec: dict, quantize: str):
     from loratune.precision import base_dtype, cpu_choice
     from loratune.quant.linear import set_base_compute
     from loratune.quant.widen import widen_frozen_base
-    from loratune.train.gated_mlp import save_less_in_gated_mlps
     from loratune.train.optim import build_optimizer
+    from loratune.train.saved_activations import save_less
 
     # the random weights stand for a bf16 checkpoint: trained in fp32 where fp32 weights would not fit, a plain
     # base keeps its linear weights in bf16 and the rest turns fp32, as `loratune train` does (`quant.widen`)
@@ -92,7 +92,7 @@ def prepared(spec: dict, quantize: str):
     int8_base = cpu_choice().get("int8_base") if quantize == "int8" else None
     if int8_base:
         set_base_compute(model, int8_base)
-    save_less_in_gated_mlps(model)
+    save_less(model)
     add_adapter(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                   task_type="CAUSAL_LM"))
     model.train()
@@ -105,11 +105,11 @@ def timed_step(model, optimizer, batch: dict, precision: str) -> tuple[float, fl
     """(seconds, loss) of one training step."""
     import torch
 
-    from loratune.train.step import causal_lm_loss
+    from loratune.train.step import batch_loss
 
     begin = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        loss, _, _ = causal_lm_loss(model, batch, 1024)
+        loss, _, _ = batch_loss(model, batch, "causal-lm", 1024)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

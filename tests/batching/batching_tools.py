@@ -5,7 +5,7 @@ import torch
 from loratune.core.adapters import add_adapter
 from loratune.core.lora_config import LoraConfig
 from loratune.tasks import IGNORE_INDEX
-from loratune.train.step import causal_lm_loss
+from loratune.train.step import batch_loss
 
 PAD = 0
 
@@ -47,8 +47,9 @@ def examples(lengths, prefix=(), seed=0, answer_only=True):
 
 
 def loss_and_grads(model, batch, prefix=0):
+    """Through the training loss (so with its recipes for saved activations, `loratune.recompute`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    loss, _, weight = causal_lm_loss(model, batch, prefix=prefix)
+    loss, _, weight = batch_loss(model, batch, "causal-lm", prefix=prefix)
     return loss, weight, torch.autograd.grad(loss, params)
 
 

@@ -1,7 +1,10 @@
 """Shared-prefix batches against the plain padded batch: the same loss and adapter gradients, the prefix run
 once and the remainders packed where a mask of ours means the same."""
 
+import contextlib
 import sys
+import unittest.mock
+import weakref
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from tiny_models import bloom, llama, mistral
 
 import loratune.batching.shared_prefix as shared_prefix
 from loratune.batching import BatchMaker, collate
-from loratune.train.step import causal_lm_loss
+from loratune.train.step import batch_loss, causal_lm_loss
 
 CPU = torch.device("cpu")
 
@@ -164,6 +167,42 @@ def test_one_row_blocks_over_several_key_value_heads_give_the_plain_batchs_loss_
     model = adapted(with_attention(llama, attention, num_attention_heads=4, num_key_value_heads=2))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
     assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_sdpa_blocks_keep_neither_the_packed_keys_and_values_nor_the_output_projections_input(attention, monkeypatch):
+    """Under SDPA the packed rows' keys and values (copies of the prefix's and the row's own) and the attention
+    output the output projection's LoRA saves are kept as recipes inside the training loss: none outlives the
+    forward (without the recipes, or under eager attention, which keeps its own copies, all do), and the loss
+    and gradients are bit for bit the same."""
+    model = adapted(with_attention(llama, attention, num_attention_heads=4, num_key_value_heads=2))
+    batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    kept = []
+
+    def watched_sdpa(query, key, value, **kwargs):
+        if key.shape[0] > 1:  # the packed rows' block
+            kept.extend([weakref.ref(key), weakref.ref(value)])
+        return sdpa(query, key, value, **kwargs)
+
+    monkeypatch.setattr(shared_prefix.F, "scaled_dot_product_attention", watched_sdpa)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: kept.append(weakref.ref(args[0])))
+
+    def run():
+        kept.clear()
+        loss, _, _ = batch_loss(model, batch, "causal-lm", prefix=prefix)
+        alive = sum(ref() is not None for ref in kept)  # while the graph is
+        return (loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])), alive
+
+    recomputed, alive = run()
+    with unittest.mock.patch("loratune.train.step.recomputing_saves", contextlib.nullcontext):
+        kept_all, alive_without = run()
+    layers = len(model.model.layers)
+    assert alive_without == (3 if attention == "sdpa" else 1) * layers
+    assert alive == (0 if attention == "sdpa" else layers)
+    assert torch.equal(recomputed[0], kept_all[0])
+    assert all(torch.equal(g, r) for g, r in zip(recomputed[1], kept_all[1]))
 
 
 def test_a_failing_forward_leaves_the_model_as_it_was():

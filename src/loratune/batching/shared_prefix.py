@@ -46,6 +46,7 @@ from torch.nn import functional as F
 
 from loratune.batching.batches import BatchMaker, first_fit_rows
 from loratune.batching.kv_cache import prefix_cache
+from loratune.recompute import recompute_when_saved
 
 ALIBI_MODEL_TYPES = ("bloom", "mpt")  # always ALiBi; Falcon says so in `config.alibi`
 #: The most tokens (prefix and every remainder) a shared-prefix batch runs as one row of one forward
@@ -218,11 +219,26 @@ def _block_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     def packed(t: torch.Tensor) -> torch.Tensor:  # (1, heads, row, dim) -> (packed rows, heads, width, dim)
         return t[0, :, p:][:, blocks.source].transpose(0, 1)
 
-    keys = torch.cat([key[:, :, :p].expand(rows, -1, -1, -1), packed(key)], dim=2)
-    values = torch.cat([value[:, :, :p].expand(rows, -1, -1, -1), packed(value)], dim=2)
+    def with_prefix(t: torch.Tensor) -> torch.Tensor:  # (packed rows, kv heads, prefix + width, dim)
+        return torch.cat([t[:, :, :p].expand(rows, -1, -1, -1), packed(t)], dim=2)
+
+    keys, values = with_prefix(key), with_prefix(value)
+    recompute = attend is _grouped_sdpa  # SDPA keeps the prefix's keys, values and outputs: the rest is remade
+    if recompute:  # the packed rows' keys and values, copies of the prefix's and of the row's own
+        key, value = key.detach(), value.detach()
+        recompute_when_saved(keys, lambda: with_prefix(key))
+        recompute_when_saved(values, lambda: with_prefix(value))
     rest, _ = attend(module, packed(query), keys, values, blocks.rest_mask, **kwargs)  # (rows, width, heads, dim)
-    rest = rest.reshape(-1, *rest.shape[2:])[blocks.order]
-    return torch.cat([head, rest[None]], dim=1), None
+    output = _row_output(head, rest, blocks.order)
+    if recompute:  # the output projection's LoRA saves its input, a copy of SDPA's outputs
+        head, rest = head.detach(), rest.detach()
+        recompute_when_saved(output, lambda: _row_output(head, rest, blocks.order))
+    return output, None
+
+
+def _row_output(head: torch.Tensor, rest: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(1, row, heads, dim): the prefix block's output, then the packed rows' outputs in the row's order."""
+    return torch.cat([head, rest.reshape(-1, *rest.shape[2:])[order][None]], dim=1)
 
 
 def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -242,8 +258,9 @@ def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         attention_mask = attention_mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling)
-    # reshape, not view: a GPU kernel may lay the output out as (rows, length, heads, dim) in memory
-    return out.reshape(rows, heads, length, dim).transpose(1, 2).contiguous(), None
+    # reshape, not view: a GPU kernel may lay the output out as (rows, length, heads, dim) in memory. Not made
+    # contiguous: `_row_output` copies it once, and this view of SDPA's saved output is what it recomputes from
+    return out.reshape(rows, heads, length, dim).transpose(1, 2), None
 
 
 def _mask_format(body: nn.Module) -> tuple[bool, torch.dtype]:

@@ -1,15 +1,15 @@
 """Estimate a training run's peak memory before any weight loads, so running out of memory is foreseen,
 not discovered minutes into a load.
 
-The estimate counts parameters exactly (on a `meta`-device copy of the model with the adapter added) and
-models activations and logits with per-token formulas: the tensors autograd saves per layer (counted with
-saved-tensor hooks: 2 (10 h + 4 i) bytes per token in bf16, 4 (6 h + 4 i) in fp32; 3 i where a gated MLP
-keeps two of its intermediates, `gated_mlp`), times the resident memory measured per saved byte (which depends
-on the process's malloc: `RESIDENT_PER_SAVED`), plus a layer's backward buffers (`BACKWARD_BUFFERS` elements per
-intermediate unit and token). Fitted on measured peaks of Llama-shaped runs (135M and smaller, plain / NF4 /
-int8, with and without checkpointing, 128-1024 tokens; bf16 on an AMX CPU, fp32 on an AVX2 one) to within 15% of
-the increment over the interpreter's baseline; `tests/train/test_memory_measured.py` checks it on child
-processes (under the system malloc) and `python -m benchmarks scale` shows it beside each measured peak.
+The estimate counts parameters exactly (on a `meta`-device copy of the model with the adapter added) and models
+activations and logits with per-token formulas: the tensors autograd saves per layer (counted with saved-tensor
+hooks: 2 (10 h + 4 i) bytes per token in bf16, 4 (4.5 h + 4 i) in fp32; 2 i where a gated MLP keeps two of its
+intermediates and its product as a recipe, `saved_activations`), times the resident memory measured per saved byte
+(which depends on the process's malloc: `RESIDENT_PER_SAVED`), plus a layer's backward buffers (`BACKWARD_BUFFERS`
+elements per intermediate unit and token). Fitted on measured peaks of Llama-shaped runs (135M and smaller, plain /
+NF4 / int8, with and without checkpointing, 128-1024 tokens; bf16 on an AMX CPU, fp32 on an AVX2 one) to within 15%
+of the increment over the interpreter's baseline; `tests/train/test_memory_measured.py` checks it on child processes
+(under the system malloc) and `python -m benchmarks scale` shows it beside each measured peak.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from loratune.quant.storage import bytes_per_weight
 from loratune.quant.streaming import safetensors_files
 from loratune.quant.widen import NARROW_DTYPES, widenable_layers
 from loratune.tasks import TASK_TYPES
-from loratune.train.gated_mlp import save_less_in_gated_mlps
 from loratune.train.methods import mark_method_trainable
+from loratune.train.saved_activations import save_less
 from loratune.train.step import split_lm
 
 GB = 1e9
@@ -50,10 +50,11 @@ KERNEL_BYTES = int(0.04 * GB)
 #: 0-4% of their measured increments; glibc's on the same 135M runs and test_memory_measured's model, -11% to +13%
 #: (1.27 before, which now overshot that model by up to 17%).
 RESIDENT_PER_SAVED = {"system": 1.15, "jemalloc": 0.9}
-#: Saved activation elements per token and layer: SAVED_PER_HIDDEN[precision] h + 4 i (3 i in a gated MLP). Autocast
-#: keeps a bf16 copy of each linear's input beside the fp32 tensors around it, so bf16 saves 4 more h-sized tensors
-#: than fp32.
-SAVED_PER_HIDDEN = {"bf16": 10, "fp32": 6}
+#: Saved activation elements per token and layer: SAVED_PER_HIDDEN[precision] h + 4 i (2 i in a gated MLP). Autocast
+#: keeps a bf16 copy of each linear's input beside the fp32 tensors around it, where fp32 keeps the norms' outputs
+#: as recipes (`saved_activations`), so bf16 saves more h-sized tensors than fp32. Counted in fp32 on 2026-12-07:
+#: 5.5 h + 2 i at h = 512, 4.8 h + 2 i at h = 1024 (7.5 h + 3 i and 6.8 h + 3 i before the recipes, when this was 6).
+SAVED_PER_HIDDEN = {"bf16": 10, "fp32": 4.5}
 #: A layer's backward buffers: this many activation elements per intermediate unit and token. bf16 fitted on an
 #: AMX CPU; fp32 on an AVX2 one (tests/train/test_memory_measured.py's runs: estimate / measured 0.96-1.08).
 BACKWARD_BUFFERS = {"bf16": 24, "fp32": 18}
@@ -169,7 +170,8 @@ def estimate_memory(config: Any, checkpointing: bool | None = None,
         mark_method_trainable(model, method, spec.task)
         element = 4
     trainable = trainable_parameters(model).trainable
-    intermediates = 3 if save_less_in_gated_mlps(model) else 4  # as `session.prepare` does
+    less = save_less(model)  # as `session.prepare` does
+    intermediates = 2 if less.gated_mlps else 4
 
     dense = (total - linear - (trainable if method != "lora" else 0)) * element
     weights = dense + int(linear * per_linear_weight)

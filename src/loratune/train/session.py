@@ -31,7 +31,6 @@ from loratune.train.evaluate import (
     loss_totals,
 )
 from loratune.train.forgetting import general_text_metrics
-from loratune.train.gated_mlp import save_less_in_gated_mlps
 from loratune.train.label_scoring import length_sensitive, scored_labels, scores_ride_on_loss
 from loratune.train.memory import (
     checkpointing_decision,
@@ -43,6 +42,7 @@ from loratune.train.memory import (
 from loratune.train.methods import load_for_method
 from loratune.train.processes import Processes
 from loratune.train.run_config import RunConfig
+from loratune.train.saved_activations import save_less
 from loratune.train.step import split_lm
 
 ADAPTER = "default"
@@ -188,7 +188,7 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
     if spec.attn_implementation:
         has_sdpa = getattr(type(model), "_supports_sdpa", False)  # transformers' own flag
         model.set_attn_implementation(attention_for(spec.attn_implementation, device, precision, has_sdpa))
-    save_less_in_gated_mlps(model)  # the same values and gradients, a quarter fewer MLP activations kept
+    save_less(model)  # the same values and gradients; the widest activations kept as their recipes
     data = load_datasets(data_config, tokenizer, spec.task)
     model.to(device)
     if checkpointing and not _set_gradient_checkpointing(model, config, checkpointing):

@@ -9,6 +9,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from loratune.batching import decoder_body, shared_prefix_hidden
+from loratune.recompute import recomputing_saves
 from loratune.tasks import IGNORE_INDEX
 
 
@@ -19,6 +20,12 @@ def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str,
     With `loss_chunk`, a causal LM's head and loss run that many tokens at a time and logits are None;
     with `prefix`, a causal LM's rows share their first `prefix` tokens, computed once.
     """
+    with recomputing_saves():  # a few saved activations kept as the recipe that remakes them (`recompute`)
+        return _batch_loss(model, batch, task, loss_chunk, prefix)
+
+
+def _batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], task: str, loss_chunk: int,
+                prefix: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     if task == "classification":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return F.cross_entropy(logits.float(), batch["labels"]), logits, batch["labels"].numel()

@@ -1,22 +1,29 @@
-"""A gated MLP (`down(act(gate(x)) * up(x))`, Llama's and most recent families') that keeps two of its four
-intermediates for the backward pass instead of four.
+"""Less kept for the backward pass: what a training forward saves and what it remakes instead.
 
-Autograd saves the activation's input `gate(x)`, its output `act(gate(x))`, `up(x)` and (for the LoRA on the
-down projection) the product; each is `intermediate_size` wide, the widest activations of a layer. `GatedProduct`
-saves `gate(x)` and `up(x)` only and recomputes `act(gate(x))` in the backward pass, one elementwise pass over
-a tensor the backward reads anyway. Forward values and gradients are the same operations on the same inputs,
-so bit for bit those of the unpatched module (tested); the demo's saved activations go from 447 to 385 MB per
-step (docs/benchmarks.md).
+- **Gated MLPs** (`down(act(gate(x)) * up(x))`, Llama's and most recent families'). Autograd saves the
+  activation's input `gate(x)`, its output `act(gate(x))`, `up(x)` and (for the LoRA on the down projection) the
+  product; each is `intermediate_size` wide, the widest activations of a layer. `GatedProduct` saves `gate(x)`
+  and `up(x)` only and recomputes `act(gate(x))` in the backward pass, and the product is kept as its recipe
+  (`loratune.recompute`): one elementwise pass each over tensors the backward reads anyway.
+- **Norms.** Their output is what the next attention's or MLP's LoRA layers save as their input, while the norm
+  keeps its own input for its backward: the output is kept as the recipe `norm(input)`.
+
+Values and gradients are the same operations on the same inputs, so bit for bit those of the unpatched model
+(tested); the demo's saved activations per step: 447 MB, 385 MB with `GatedProduct`, and with the recipes
+(these and the shared-prefix attention's) 243 MB (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from loratune.recompute import recompute_outputs, recompute_when_saved
 
 #: The forward body this patch replaces, whitespace removed: a class whose forward differs is left alone.
 _GATED_FORWARD = ("down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
@@ -52,7 +59,11 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(GatedProduct.apply(self.gate_proj(x), self.up_proj(x), self.act_fn))
+    gate, up, act = self.gate_proj(x), self.up_proj(x), self.act_fn
+    product = GatedProduct.apply(gate, up, act)
+    gate, up = gate.detach(), up.detach()  # what GatedProduct saves; the recipe holds no graph
+    recompute_when_saved(product, lambda: act(gate) * up)  # the down projection's LoRA keeps the recipe
+    return self.down_proj(product)
 
 
 @functools.cache
@@ -66,10 +77,21 @@ def _is_plain_gated(cls: type) -> bool:
     return body in _GATED_FORWARD
 
 
-def save_less_in_gated_mlps(model: nn.Module) -> int:
-    """Route every plain gated MLP of `model` through `GatedProduct` (in place); returns how many. Only the
-    instances change: their class, and other models of it, are left as they were. An activation with
-    parameters of its own (PReLU) is left alone: `GatedProduct` gives it no gradient."""
+class SavedLess(NamedTuple):
+    gated_mlps: int
+    norms: int
+
+
+def save_less(model: nn.Module) -> SavedLess:
+    """Route every plain gated MLP of `model` through `GatedProduct` and keep every norm's output as its
+    recipe (in place); returns how many of each changed. Only the instances change: their class, and other
+    models of it, are left as they were. An activation with parameters of its own (PReLU) is left alone:
+    `GatedProduct` gives it no gradient."""
+    norms = sum(recompute_outputs(module) for module in model.modules() if type(module).__name__.endswith("Norm"))
+    return SavedLess(_route_gated_mlps(model), norms)
+
+
+def _route_gated_mlps(model: nn.Module) -> int:
     patched = 0
     for module in model.modules():
         parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")]

@@ -1,7 +1,11 @@
-"""Gated MLPs that keep two intermediates instead of four: the same values and gradients as the model's own
-forward, bit for bit with SiLU and within fp32 rounding for another activation, and less saved per layer."""
+"""Gated MLPs that keep two intermediates instead of four, and norms' outputs kept as recipes: the same values and
+gradients as the model's own forward, bit for bit with SiLU and within fp32 rounding for another activation, and
+less saved per layer."""
 
+import contextlib
 import io
+import unittest.mock
+import weakref
 
 import pytest
 import torch
@@ -9,7 +13,8 @@ from tiny_models import gpt2, input_ids, llama, mistral
 
 from loratune.core.adapters import add_adapter
 from loratune.core.lora_config import LoraConfig
-from loratune.train.gated_mlp import GatedProduct, save_less_in_gated_mlps
+from loratune.train.saved_activations import GatedProduct, save_less
+from loratune.train.step import batch_loss
 
 LAYERS = 2
 
@@ -50,7 +55,7 @@ def saved_bytes(model):
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
 def test_the_patched_mlp_computes_the_same_values_and_gradients(act, autocast):
     plain, patched = adapted(hidden_act=act), adapted(hidden_act=act)
-    assert save_less_in_gated_mlps(patched) == LAYERS
+    assert save_less(patched).gated_mlps == LAYERS
     logits, grads = loss_and_grads(plain, autocast)
     patched_logits, patched_grads = loss_and_grads(patched, autocast)
     assert torch.equal(patched_logits, logits)
@@ -64,24 +69,25 @@ def test_the_patched_mlp_computes_the_same_values_and_gradients(act, autocast):
 def test_each_layer_keeps_one_intermediate_fewer():
     config = llama().config
     plain, patched = adapted(), adapted()
-    save_less_in_gated_mlps(patched)
+    save_less(patched)
     tokens = 2 * 12
     assert saved_bytes(plain) - saved_bytes(patched) == LAYERS * tokens * config.intermediate_size * 4
 
 
 def test_only_plain_gated_mlps_change_and_twice_changes_nothing():
     model = adapted()
-    assert save_less_in_gated_mlps(model) == LAYERS
-    assert save_less_in_gated_mlps(model) == 0
-    assert save_less_in_gated_mlps(mistral()) == LAYERS  # another family's class, the same forward
-    assert save_less_in_gated_mlps(gpt2()) == 0  # its MLP is not gated
-    assert save_less_in_gated_mlps(llama(hidden_act="prelu")) == 0  # an activation with a parameter to train
+    norms = 2 * LAYERS + 1  # two per layer and the final one
+    assert save_less(model) == (LAYERS, norms)
+    assert save_less(model) == (0, 0)
+    assert save_less(mistral()).gated_mlps == LAYERS  # another family's class, the same forward
+    assert save_less(gpt2()) == (0, norms)  # its MLP is not gated; its norms are LayerNorms
+    assert save_less(llama(hidden_act="prelu")).gated_mlps == 0  # an activation with a parameter to train
     assert saved_bytes(adapted()) > saved_bytes(model)  # the class, and so a model built after, left alone
 
 
 def test_a_patched_model_pickles_and_still_saves_less():
     model = adapted()
-    save_less_in_gated_mlps(model)
+    save_less(model)
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
@@ -105,3 +111,34 @@ def test_each_input_gets_the_gradient_autograd_would_give(act, trained):
         assert (mine is not None) == needed
         if needed:
             torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_through_the_training_loss_products_and_norm_outputs_are_not_kept_and_gradients_are_bit_for_bit():
+    """Inside `batch_loss` the gated products and the layers' norm outputs (the inputs the LoRA layers after them
+    save) are kept as recipes: none outlives the forward while the graph does (outside it, all do), and the
+    gradients are those of the model without recipes, bit for bit."""
+    model = adapted()
+    save_less(model)
+    batch = {"input_ids": input_ids(batch=2, length=12)}
+    batch["attention_mask"], batch["labels"] = torch.ones_like(batch["input_ids"]), batch["input_ids"]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(loss_fn):
+        kept = []
+        hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: kept.append(weakref.ref(args[0])))
+                 for layer in model.model.layers]
+        hooks += [norm.register_forward_hook(lambda m, args, out: kept.append(weakref.ref(out)))
+                  for layer in model.model.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        loss = loss_fn()
+        alive = sum(ref() is not None for ref in kept)
+        for hook in hooks:
+            hook.remove()
+        return loss, alive, torch.autograd.grad(loss, params)
+
+    loss, alive, grads = run(lambda: batch_loss(model, batch, "causal-lm")[0])
+    with unittest.mock.patch("loratune.train.step.recomputing_saves", contextlib.nullcontext):
+        loss_kept, alive_kept, grads_kept = run(lambda: batch_loss(model, batch, "causal-lm")[0])
+    assert (alive, alive_kept) == (0, 3 * LAYERS)
+    assert torch.equal(loss, loss_kept)
+    for mine, reference in zip(grads, grads_kept):
+        assert torch.equal(mine, reference)
