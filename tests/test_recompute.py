@@ -132,3 +132,23 @@ def test_a_modules_output_is_remade_by_its_forward_and_registered_once():
     assert ref() is None
     loss.backward()
     torch.testing.assert_close(w.grad, expected, rtol=0, atol=0)
+
+
+def test_a_remade_value_is_freed_once_the_nodes_that_saved_it_have_run():
+    a, w = leaves()
+    remade = []
+    source = a.detach()
+
+    def remake():
+        remade.append(weakref.ref(value := source.exp()))
+        return value
+
+    with recomputing_saves():
+        h = a.exp()  # its node saves `h` itself (before the registration) and runs after the product's
+        recompute_when_saved(h, remake)
+        loss = (h * w).sum()  # the product's node saves `h` as the recipe
+    freed = []
+    h.register_hook(lambda grad: freed.append(remade[0]() is None))  # between the two nodes
+    del h
+    loss.backward()
+    assert freed == [True]

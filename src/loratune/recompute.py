@@ -87,6 +87,7 @@ def recomputing_saves() -> Iterator[None]:
             yield
     finally:
         _REGISTRY.reset(token)
+        registry.clear()  # every saved tensor's hooks hold `_pack`, so this dict: its recipes must not outlive here
 
 
 class _Recipe:
