@@ -39,10 +39,12 @@ GB = 1e9
 #: The Python process itself: torch, transformers, tokenizer and data, measured at about 0.5 GB here.
 RUNTIME_BYTES = int(0.6 * GB)
 ADAPTER_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two AdamW moments
-#: The first step's kernel workspaces, thread pools and allocator arenas. 40 MB centres the estimate between the
+#: The first step's kernel workspaces, thread pools and allocator arenas. 40 MB centred the estimate between the
 #: increments measured on a busy machine (tests/train/test_memory_measured.py's runs: 199-278 MB) and on a quiet
-#: one (161-269 MB, 30-45 MB less with checkpointing): within 13% of both.
-KERNEL_BYTES = int(0.04 * GB)
+#: one (161-269 MB, 30-45 MB less with checkpointing); since saved activations became recipes (2026-12-07, AVX2,
+#: fp32) 40 MB put that test's runs at +4% to +16% (245-298 MB measured) and the scale table's 135M under glibc at
+#: -10% to -3%, under jemalloc +3% to +6%: 25 MB centres the first two.
+KERNEL_BYTES = int(0.025 * GB)
 #: Resident bytes per byte of saved activations (allocator rounding, fragmentation), by `allocator.active_malloc()`.
 #: glibc keeps freed blocks of a step's sizes in fragments; jemalloc's size classes reuse them. Refitted on
 #: 2026-12-07 after the LoRA branch began adding into the base output in place (fewer output-sized blocks freed
