@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 import torch
+from storage_refs import storage_ref
 from torch.utils.checkpoint import checkpoint
 
 from loratune import recompute
@@ -20,14 +21,12 @@ def forward(a, w, register=True, calls=None):
     """`((a * 3) * w).sum()` with `a * 3` registered: the product's node saves it for `w`'s gradient."""
     h = a * 3
     if register:
-        source = a.detach()
-
-        def remake():
+        def remake(source):
             if calls is not None:
                 calls.append(1)
             return source * 3
 
-        recompute_when_saved(h, remake)
+        recompute_when_saved(h, remake, a)
     return h, (h * w).sum()
 
 
@@ -35,9 +34,9 @@ def test_a_registered_tensor_is_not_kept_and_its_gradient_is_the_same():
     a, w = leaves()
     with recomputing_saves():
         h, loss = forward(a, w)
-    ref = weakref.ref(h)
+    ref = storage_ref(h)
     del h
-    assert ref() is None  # the graph holds the recipe, not the tensor
+    assert ref.expired()  # the graph holds the recipe, not the tensor
     loss.backward()
     torch.testing.assert_close(w.grad, a.detach() * 3, rtol=0, atol=0)
 
@@ -50,17 +49,16 @@ def test_outside_the_context_or_unregistered_the_tensor_is_kept(context):
             h, _loss = forward(a, w, register=False)
     else:
         h, _loss = forward(a, w)
-    ref = weakref.ref(h)
+    ref = storage_ref(h)
     del h
-    assert ref() is not None
+    assert not ref.expired()
 
 
 def test_a_saved_view_of_a_registered_tensor_is_remade_as_that_view():
     a, w = leaves()
     with recomputing_saves():
         h = a * 3
-        source = a.detach()
-        recompute_when_saved(h, lambda: source * 3)
+        recompute_when_saved(h, lambda source: source * 3, a)
         loss = (h[1:, 2:].t() @ w[1:, 2:]).trace()  # mm saves the transposed slice of `h`
     del h
     loss.backward()
@@ -86,10 +84,9 @@ def test_a_dead_registration_is_not_matched_to_a_tensor_at_its_address():
     ref = weakref.ref(gone)
     del gone
     saved = torch.zeros(3)
-    registry = {saved.untyped_storage().data_ptr(): (ref, recompute._Source(lambda: torch.ones(3), ("cpu", False,
-                                                                                                 torch.bfloat16)))}
-    assert recompute._pack(registry, saved) is saved
-    assert registry == {}
+    registry = {saved.untyped_storage().data_ptr(): (ref, 0, recompute._Source(torch.ones_like, (saved,), saved))}
+    kept, version = recompute._pack(registry, saved)
+    assert kept.data_ptr() == saved.data_ptr() and version == saved._version
 
 
 def test_the_recipe_runs_under_the_forwards_autocast():
@@ -101,8 +98,7 @@ def test_the_recipe_runs_under_the_forwards_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with recomputing_saves() if recipes else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 h = a @ b  # bf16 under autocast
-                source = a.detach()
-                recompute_when_saved(h, lambda source=source: source @ b)
+                recompute_when_saved(h, lambda source: source @ b, a)
                 loss = (h * w).float().sum()
         del h
         loss.backward()  # outside autocast
@@ -127,9 +123,9 @@ def test_a_modules_output_is_remade_by_its_forward_and_registered_once():
         h = norm(a)
         loss = (h * w).sum()
     expected = h.detach().clone()
-    ref = weakref.ref(h)
+    ref = storage_ref(h)
     del h
-    assert ref() is None
+    assert ref.expired()
     loss.backward()
     torch.testing.assert_close(w.grad, expected, rtol=0, atol=0)
 
@@ -137,18 +133,90 @@ def test_a_modules_output_is_remade_by_its_forward_and_registered_once():
 def test_a_remade_value_is_freed_once_the_nodes_that_saved_it_have_run():
     a, w = leaves()
     remade = []
-    source = a.detach()
 
-    def remake():
-        remade.append(weakref.ref(value := source.exp()))
+    def remake(source):
+        remade.append(storage_ref(value := source.exp()))
         return value
 
     with recomputing_saves():
         h = a.exp()  # its node saves `h` itself (before the registration) and runs after the product's
-        recompute_when_saved(h, remake)
+        recompute_when_saved(h, remake, a)
         loss = (h * w).sum()  # the product's node saves `h` as the recipe
     freed = []
-    h.register_hook(lambda grad: freed.append(remade[0]() is None))  # between the two nodes
+    h.register_hook(lambda grad: freed.append(remade[0].expired()))  # between the two nodes
     del h
     loss.backward()
     assert freed == [True]
+
+
+def test_a_registration_ends_with_its_tensor_so_its_recipes_inputs_are_not_held():
+    """Under non-reentrant checkpointing (whose hooks, inside ours, save nothing) the registered tensor and its
+    recipe's input die with the checkpointed function's locals, before the training loss's context ends."""
+    a, w = leaves()
+    inputs = []
+
+    def layer(a, w):
+        g = a * 2
+        inputs.append(storage_ref(g))
+        h = g * 3
+        recompute_when_saved(h, lambda g: g * 3, g)
+        return (h * w).sum()
+
+    with recomputing_saves():
+        loss = checkpoint(layer, a, w, use_reentrant=False)
+        assert inputs[0].expired()
+    loss.backward()
+    torch.testing.assert_close(w.grad, a.detach() * 6, rtol=0, atol=0)
+
+
+def test_a_graph_dropped_without_a_backward_pass_is_freed():
+    a, _ = leaves()
+    with recomputing_saves():
+        y = a.exp()  # its node saves its own output
+        loss = y.sum()
+    ref = storage_ref(y)
+    del y, loss
+    assert ref.expired()
+
+
+def test_a_registered_tensor_changed_in_place_is_saved_as_it_is():
+    a, w = leaves()
+    with recomputing_saves():
+        h = a * 3
+        recompute_when_saved(h, lambda source: source * 3, a)
+        h = h.mul_(2)  # the recipe would remake the value before this
+        loss = (h * w).sum()
+    loss.backward()
+    torch.testing.assert_close(w.grad, a.detach() * 6, rtol=0, atol=0)
+
+
+def test_changing_a_saved_tensor_or_a_recipes_input_before_the_backward_pass_is_an_error():
+    a, w = leaves()
+    with recomputing_saves():
+        y = a.exp()
+        loss = (y * w).sum()
+    y.add_(1)  # saved by exp's node and the product's: autograd's own check, which saved-tensor hooks turn off
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    a, w = leaves()
+    with recomputing_saves():
+        g = a * 2
+        h = g * 3
+        recompute_when_saved(h, lambda g: g * 3, g)
+        loss = (h * w).sum()
+    g.add_(1)  # the recipe's input
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_only_a_childless_module_called_on_one_tensor_gets_its_output_registered():
+    assert not recompute_outputs(torch.nn.Sequential(torch.nn.LayerNorm(5)))
+    norm = torch.nn.LayerNorm(5)
+    assert recompute_outputs(norm)
+    a, w = leaves()
+    with recomputing_saves():
+        h = norm(input=a)  # a keyword call: not registered
+        _loss = (h * w).sum()
+    ref = storage_ref(h)
+    del h
+    assert not ref.expired()

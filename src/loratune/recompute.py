@@ -2,17 +2,19 @@
 inputs are kept anyway.
 
 A training forward saves some tensors twice over: a gated MLP's product `act(gate) * up` is saved (for the LoRA
-on the down projection) beside `gate` and `up`, which the MLP keeps for its own backward; the shared-prefix
-blocks' attention output is saved (for the LoRA on the output projection) beside the SDPA outputs it is copied
-from. Where such a tensor is made, `recompute_when_saved` names it and how to remake it; inside
-`recomputing_saves()`, the training forward's context, any autograd node saving it (or a view of it) stores
-the recipe instead and runs it when the backward pass asks (one elementwise pass or copy). Outside that
+on the down projection) beside `gate` and `up`, which the MLP keeps for its own backward; a norm's output is
+saved by the LoRA layers it feeds while the norm keeps its input. Where such a tensor is made,
+`recompute_when_saved` names it, the function that remakes it and that function's inputs; inside
+`recomputing_saves()`, the training loss's context, any autograd node saving it (or a view of it) stores the
+recipe instead and runs it when the backward pass asks, once for all the nodes that saved it. Outside that
 context, and inside another mechanism's saved-tensor hooks (gradient checkpointing's), everything is saved as
 usual.
 
-A registration lives as long as the tensor's Python object: a node saves the recipe only while that object is
-alive, so a later tensor at a reused address can never be mistaken for it. Recomputed values go through no
-autograd graph: a second-order backward through them is not supported.
+A registration lives exactly as long as its tensor, so a later tensor at a reused address is never mistaken for
+it and the recipe's inputs are not held past it. A tensor changed in place after its registration is saved as
+usual; an input changed in place before its recipe runs, or any saved tensor changed before the backward pass
+reads it, is autograd's usual error (saved-tensor hooks turn autograd's own check off, so it is done here).
+Remade values go through no autograd graph: a second-order backward through them is not supported.
 """
 
 from __future__ import annotations
@@ -27,54 +29,83 @@ from typing import Any
 import torch
 from torch import nn
 
+AutocastState = tuple[str, bool, torch.dtype]
+
+
+def autocast_state(device: str) -> AutocastState:
+    """The autocast setting in force for `device`, to run a recomputation under the forward's own."""
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def under(state: AutocastState) -> torch.autocast:
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
 
 class _Source:
-    """A registered tensor's recipe; its value, once remade, is shared by every node that saved the tensor (q,
-    k and v's LoRA all save the same normed input) until the last of them lets it go."""
+    """A registered tensor's recipe. Its value, once remade, is shared by every node that saved the tensor (q, k
+    and v's LoRA all save the same normed input) until the last of them lets it go."""
 
-    __slots__ = ("recompute", "autocast", "value", "__weakref__")
+    __slots__ = ("function", "inputs", "versions", "autocast", "layout", "value", "__weakref__")
 
-    def __init__(self, recompute: Callable[[], torch.Tensor], autocast: tuple) -> None:
-        self.recompute, self.autocast, self.value = recompute, autocast, None
+    def __init__(self, function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                 tensor: torch.Tensor) -> None:
+        self.function, self.inputs = function, tuple(t.detach() for t in inputs)
+        self.versions = tuple(t._version for t in inputs)
+        self.autocast = autocast_state(tensor.device.type)
+        self.layout, self.value = (tensor.shape, tensor.dtype), None
 
     def remade(self) -> torch.Tensor:
         if self.value is None:
-            device, enabled, dtype = self.autocast
-            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                self.value = self.recompute()
+            if tuple(t._version for t in self.inputs) != self.versions:
+                raise RuntimeError(_MODIFIED)
+            with torch.no_grad(), under(self.autocast):
+                value = self.function(*self.inputs)
+            if (value.shape, value.dtype) != self.layout or not value.is_contiguous():
+                raise RuntimeError(f"a recipe remade {tuple(value.shape)} {value.dtype}, not {self.layout}")
+            self.value = value
         return self.value
 
 
-_Registry = dict[int, tuple[weakref.ref, _Source]]
+_MODIFIED = ("one of the variables needed for gradient computation has been modified by an inplace operation "
+             "(a saved activation or the input of its recipe, loratune.recompute)")
+_Registry = dict[int, tuple[weakref.ref, int, _Source]]
 _REGISTRY: contextvars.ContextVar[_Registry | None] = contextvars.ContextVar("loratune_recompute", default=None)
 
 
-def recompute_when_saved(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> None:
-    """Inside `recomputing_saves()`, store `tensor` for backward as `recompute` (which must return the same
-    values, contiguous, from tensors the graph keeps anyway); elsewhere do nothing."""
+def recompute_when_saved(tensor: torch.Tensor, function: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
+    """Inside `recomputing_saves()`, store `tensor` for backward as `function(*inputs)`, which must return the
+    same values, contiguous, from inputs the graph keeps anyway (detached here); elsewhere do nothing."""
     registry = _REGISTRY.get()
-    if registry is None or not torch.is_grad_enabled() or tensor.numel() == 0:
+    if registry is None or not torch.is_grad_enabled() or tensor.numel() == 0 or not tensor.is_contiguous():
         return
-    if not tensor.is_contiguous() or tensor.storage_offset() != 0:
-        return  # a view into a larger storage: the recipe would not describe that storage
-    device = tensor.device.type
-    autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-    registry[tensor.untyped_storage().data_ptr()] = (weakref.ref(tensor), _Source(recompute, autocast))
+    storage = tensor.untyped_storage()
+    if tensor.storage_offset() != 0 or storage.nbytes() != tensor.numel() * tensor.element_size():
+        return  # not the whole of its storage: the recipe would not describe the rest
+    key = storage.data_ptr()
+
+    def forget(ref: weakref.ref) -> None:  # the tensor is gone: so is its registration
+        if registry.get(key, (None,))[0] is ref:
+            del registry[key]
+
+    registry[key] = (weakref.ref(tensor, forget), tensor._version, _Source(function, inputs, tensor))
 
 
 def recompute_outputs(module: nn.Module) -> bool:
-    """Register `module`'s output, whenever it runs, with the recipe `module.forward(input)`: for a module
-    called with one input that its own backward keeps (a norm). False if it was so already."""
-    if _register_output in module._forward_hooks.values():
+    """Register `module`'s output, whenever it runs on one tensor and no keywords, with the recipe
+    `module.forward(input)`: for a module without children whose backward keeps its input (a norm). False if it
+    has children or was so already."""
+    if any(True for _ in module.children()) or _register_output in module._forward_hooks.values():
         return False
-    module.register_forward_hook(_register_output)
+    module.register_forward_hook(_register_output, with_kwargs=True)
     return True
 
 
-def _register_output(module: nn.Module, args: tuple, output: Any) -> None:
-    if _REGISTRY.get() is not None and len(args) == 1 and isinstance(output, torch.Tensor):
-        source = args[0].detach()
-        recompute_when_saved(output, lambda: module.forward(source))
+def _register_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    if _REGISTRY.get() is None or kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        return
+    if isinstance(output, torch.Tensor):
+        recompute_when_saved(output, module.forward, args[0])
 
 
 @contextlib.contextmanager
@@ -91,6 +122,8 @@ def recomputing_saves() -> Iterator[None]:
 
 
 class _Recipe:
+    """What a node keeps instead of a registered tensor (or its view): the shared source, and where the view sits."""
+
     __slots__ = ("source", "shape", "stride", "offset")
 
     def __init__(self, source: _Source, saved: torch.Tensor) -> None:
@@ -100,21 +133,26 @@ class _Recipe:
         return self.source.remade().as_strided(self.shape, self.stride, self.offset)
 
 
-def _pack(registry: _Registry, saved: torch.Tensor) -> torch.Tensor | _Recipe:
+def _pack(registry: _Registry, saved: torch.Tensor) -> tuple[torch.Tensor, int] | _Recipe:
+    # Detached: a node saving its own output hands over a tensor whose grad_fn is that node, and keeping it would
+    # be a reference cycle that outlives a graph dropped without a backward pass; unpacking restores the grad_fn.
+    kept = (saved.detach(), saved._version)
     if saved.layout is not torch.strided or saved.numel() == 0:
-        return saved
-    key = saved.untyped_storage().data_ptr()
-    entry = registry.get(key)
+        return kept
+    entry = registry.get(saved.untyped_storage().data_ptr())
     if entry is None:
-        return saved
-    owner = entry[0]()
-    if owner is None:  # the registered tensor is gone: its address may now hold another tensor
-        del registry[key]
-        return saved
-    if owner.dtype != saved.dtype or owner.untyped_storage().data_ptr() != key:
-        return saved
-    return _Recipe(entry[1], saved)
+        return kept
+    ref, version, source = entry
+    owner = ref()
+    if owner is None or owner.dtype != saved.dtype or saved._version != version:  # changed in place: as it is
+        return kept
+    return _Recipe(source, saved)
 
 
-def _unpack(packed: torch.Tensor | _Recipe) -> torch.Tensor:
-    return packed.value() if isinstance(packed, _Recipe) else packed
+def _unpack(packed: tuple[torch.Tensor, int] | _Recipe) -> torch.Tensor:
+    if isinstance(packed, _Recipe):
+        return packed.value()
+    tensor, version = packed
+    if tensor._version != version:
+        raise RuntimeError(_MODIFIED)
+    return tensor

@@ -4,11 +4,11 @@ once and the remainders packed where a mask of ours means the same."""
 import contextlib
 import sys
 import unittest.mock
-import weakref
 
 import pytest
 import torch
 from batching_tools import PAD, adapted, assert_same, examples, gpt2_without_dropout, loss_and_grads, with_attention
+from storage_refs import held, storage_ref
 from tiny_models import bloom, llama, mistral
 
 import loratune.batching.shared_prefix as shared_prefix
@@ -182,17 +182,17 @@ def test_sdpa_blocks_keep_neither_the_packed_keys_and_values_nor_the_output_proj
 
     def watched_sdpa(query, key, value, **kwargs):
         if key.shape[0] > 1:  # the packed rows' block
-            kept.extend([weakref.ref(key), weakref.ref(value)])
+            kept.extend([storage_ref(key), storage_ref(value)])
         return sdpa(query, key, value, **kwargs)
 
     monkeypatch.setattr(shared_prefix.F, "scaled_dot_product_attention", watched_sdpa)
     for layer in model.model.layers:
-        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: kept.append(weakref.ref(args[0])))
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: kept.append(storage_ref(args[0])))
 
     def run():
         kept.clear()
         loss, _, _ = batch_loss(model, batch, "causal-lm", prefix=prefix)
-        alive = sum(ref() is not None for ref in kept)  # while the graph is
+        alive = held(kept)  # while the graph is
         return (loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])), alive
 
     recomputed, alive = run()

@@ -5,10 +5,10 @@ less saved per layer."""
 import contextlib
 import io
 import unittest.mock
-import weakref
 
 import pytest
 import torch
+from storage_refs import held, storage_ref
 from tiny_models import gpt2, input_ids, llama, mistral
 
 from loratune.core.adapters import add_adapter
@@ -113,32 +113,49 @@ def test_each_input_gets_the_gradient_autograd_would_give(act, trained):
             torch.testing.assert_close(mine, reference, rtol=1e-6, atol=1e-7)
 
 
-def test_through_the_training_loss_products_and_norm_outputs_are_not_kept_and_gradients_are_bit_for_bit():
+def watched(model):
+    """Modules whose input (a gated MLP's down projection) or output (a norm) the LoRA layers would save."""
+    layers = model.model.layers if hasattr(model, "model") else model.transformer.h
+    if hasattr(model, "model"):
+        return [layer.mlp.down_proj for layer in layers], [m for layer in layers for m in
+                                                           (layer.input_layernorm, layer.post_attention_layernorm)]
+    return [], [m for layer in layers for m in (layer.ln_1, layer.ln_2)]
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("family", ["llama-silu", "llama-gelu", "gpt2"])
+def test_through_the_training_loss_products_and_norm_outputs_are_not_kept_and_gradients_are_bit_for_bit(family,
+                                                                                                         autocast):
     """Inside `batch_loss` the gated products and the layers' norm outputs (the inputs the LoRA layers after them
-    save) are kept as recipes: none outlives the forward while the graph does (outside it, all do), and the
-    gradients are those of the model without recipes, bit for bit."""
-    model = adapted()
+    save) are kept as recipes: in fp32 none outlives the forward while the graph does (outside it, all do), and
+    the loss and gradients are those of the model without recipes, bit for bit."""
+    if family == "gpt2":
+        model = gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    else:
+        model = adapted(hidden_act="silu" if family == "llama-silu" else "gelu_pytorch_tanh")
     save_less(model)
     batch = {"input_ids": input_ids(batch=2, length=12)}
     batch["attention_mask"], batch["labels"] = torch.ones_like(batch["input_ids"]), batch["input_ids"]
     params = [p for p in model.parameters() if p.requires_grad]
+    downs, norms = watched(model)
 
-    def run(loss_fn):
+    def run():
         kept = []
-        hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: kept.append(weakref.ref(args[0])))
-                 for layer in model.model.layers]
-        hooks += [norm.register_forward_hook(lambda m, args, out: kept.append(weakref.ref(out)))
-                  for layer in model.model.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        loss = loss_fn()
-        alive = sum(ref() is not None for ref in kept)
+        hooks = [down.register_forward_pre_hook(lambda m, args: kept.append(storage_ref(args[0]))) for down in downs]
+        hooks += [norm.register_forward_hook(lambda m, args, out: kept.append(storage_ref(out))) for norm in norms]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = batch_loss(model, batch, "causal-lm")[0]
+        alive = held(kept)
         for hook in hooks:
             hook.remove()
         return loss, alive, torch.autograd.grad(loss, params)
 
-    loss, alive, grads = run(lambda: batch_loss(model, batch, "causal-lm")[0])
+    loss, alive, grads = run()
     with unittest.mock.patch("loratune.train.step.recomputing_saves", contextlib.nullcontext):
-        loss_kept, alive_kept, grads_kept = run(lambda: batch_loss(model, batch, "causal-lm")[0])
-    assert (alive, alive_kept) == (0, 3 * LAYERS)
+        loss_kept, alive_kept, grads_kept = run()
+    if not autocast:  # (under autocast the LoRA layers save bf16 copies of their inputs instead)
+        assert (alive, alive_kept) == (0, len(downs) + len(norms))
     assert torch.equal(loss, loss_kept)
     for mine, reference in zip(grads, grads_kept):
         assert torch.equal(mine, reference)

@@ -225,20 +225,21 @@ def _block_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     keys, values = with_prefix(key), with_prefix(value)
     recompute = attend is _grouped_sdpa  # SDPA keeps the prefix's keys, values and outputs: the rest is remade
     if recompute:  # the packed rows' keys and values, copies of the prefix's and of the row's own
-        key, value = key.detach(), value.detach()
-        recompute_when_saved(keys, lambda: with_prefix(key))
-        recompute_when_saved(values, lambda: with_prefix(value))
-    rest, _ = attend(module, packed(query), keys, values, blocks.rest_mask, **kwargs)  # (rows, width, heads, dim)
+        recompute_when_saved(keys, with_prefix, key)
+        recompute_when_saved(values, with_prefix, value)
+    rest, _ = attend(module, packed(query), keys, values, blocks.rest_mask, **kwargs)  # (rows, width, heads..., dim)
     output = _row_output(head, rest, blocks.order)
     if recompute:  # the output projection's LoRA saves its input, a copy of SDPA's outputs
-        head, rest = head.detach(), rest.detach()
-        recompute_when_saved(output, lambda: _row_output(head, rest, blocks.order))
+        recompute_when_saved(output, lambda head, rest: _row_output(head, rest, blocks.order), head, rest)
     return output, None
 
 
 def _row_output(head: torch.Tensor, rest: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """(1, row, heads, dim): the prefix block's output, then the packed rows' outputs in the row's order."""
-    return torch.cat([head, rest.reshape(-1, *rest.shape[2:])[order][None]], dim=1)
+    """(1, row, heads, dim): the prefix block's output, then the packed rows' outputs in the row's order (the
+    blocks' outputs as (rows, length, heads, dim), or as `_grouped_sdpa` gives them)."""
+    width, dim = rest.shape[1], rest.shape[-1]
+    picked = rest[order // width, order % width]  # (remainder tokens, heads..., dim), one copy
+    return torch.cat([head.reshape(1, head.shape[1], -1, dim), picked.reshape(1, picked.shape[0], -1, dim)], dim=1)
 
 
 def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -247,7 +248,8 @@ def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
     """SDPA with the query heads that share a key/value head folded into its query rows, so keys and values
     are neither repeated per query head nor saved so for the backward pass (transformers' SDPA function
     repeats them where the mask rules out torch's own grouping). The same products; on the demo's blocks
-    0.6-0.75x the time of the repeated form, a third of its keys and values kept."""
+    0.6-0.75x the time of the repeated form, a third of its keys and values kept. Its output's heads are two
+    axes, (key/value head, query head within it), which `_row_output` merges."""
     for unsupported in ("softcap", "position_bias"):  # transformers' SDPA function refuses one, adds the other
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"{BLOCK_ATTENTION}: SDPA blocks do not take {unsupported}; use eager attention")
@@ -258,9 +260,9 @@ def _grouped_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         attention_mask = attention_mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                          scale=scaling)
-    # reshape, not view: a GPU kernel may lay the output out as (rows, length, heads, dim) in memory. Not made
-    # contiguous: `_row_output` copies it once, and this view of SDPA's saved output is what it recomputes from
-    return out.reshape(rows, heads, length, dim).transpose(1, 2), None
+    # (rows, length, kv heads, groups, dim): a view of SDPA's output whatever its memory layout (a GPU kernel's
+    # may be (rows, length, heads, dim)), so what `_row_output` remakes the attention output from is kept anyway
+    return out.unflatten(2, (groups, length)).permute(0, 3, 1, 2, 4), None
 
 
 def _mask_format(body: nn.Module) -> tuple[bool, torch.dtype]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from loratune.recompute import recompute_outputs, recompute_when_saved
+from loratune.recompute import autocast_state, recompute_outputs, recompute_when_saved, under
 
 #: The forward body this patch replaces, whitespace removed: a class whose forward differs is left alone.
 _GATED_FORWARD = ("down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))returndown_proj",
@@ -36,8 +36,7 @@ class GatedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        device = gate.device.type  # the backward pass recomputes under the forward's autocast, if any
-        ctx.act, ctx.autocast = act, (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.act, ctx.autocast = act, autocast_state(gate.device.type)  # the backward recomputes under it
         return act(gate) * up
 
     @staticmethod
@@ -46,8 +45,7 @@ class GatedProduct(torch.autograd.Function):
         if _is_silu(ctx.act):  # aten's fused derivative, as autograd's own SiluBackward computes it
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
             return grad_gate, grad * F.silu(gate) if ctx.needs_input_grad[1] else None, None
-        device, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), under(ctx.autocast):
             leaf = gate.detach().requires_grad_()
             activated = ctx.act(leaf)
         grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if ctx.needs_input_grad[0] else None
@@ -61,8 +59,7 @@ def _is_silu(act: nn.Module) -> bool:
 def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up, act = self.gate_proj(x), self.up_proj(x), self.act_fn
     product = GatedProduct.apply(gate, up, act)
-    gate, up = gate.detach(), up.detach()  # what GatedProduct saves; the recipe holds no graph
-    recompute_when_saved(product, lambda: act(gate) * up)  # the down projection's LoRA keeps the recipe
+    recompute_when_saved(product, lambda gate, up: act(gate) * up, gate, up)  # what down's LoRA would keep
     return self.down_proj(product)
 
 
