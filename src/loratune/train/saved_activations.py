@@ -10,7 +10,7 @@
 
 Values and gradients are the same operations on the same inputs, so bit for bit those of the unpatched model
 (tested); the demo's saved activations per step: 447 MB, 385 MB with `GatedProduct`, and with the recipes
-(these and the shared-prefix attention's) 243 MB (docs/benchmarks.md).
+(these and the shared-prefix attention's) 245 MB (docs/benchmarks.md).
 """
 
 from __future__ import annotations
