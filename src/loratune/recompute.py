@@ -12,8 +12,10 @@ usual.
 
 A registration lives exactly as long as its tensor, so a later tensor at a reused address is never mistaken for
 it and the recipe's inputs are not held past it. A tensor changed in place after its registration is saved as
-usual; an input changed in place before its recipe runs, or any saved tensor changed before the backward pass
-reads it, is autograd's usual error (saved-tensor hooks turn autograd's own check off, so it is done here).
+usual. An input changed in place before its recipe runs, or a tensor saved as it is and changed before the
+backward pass reads it, is autograd's usual error (saved-tensor hooks turn autograd's own check off, so it is
+done here); a tensor saved as its recipe and changed afterwards is remade as it was when saved, which is what
+the backward pass needs, where autograd would have refused.
 Remade values go through no autograd graph: a second-order backward through them is not supported.
 """
 
@@ -139,12 +141,15 @@ def _pack(registry: _Registry, saved: torch.Tensor) -> tuple[torch.Tensor, int] 
     kept = (saved.detach(), saved._version)
     if saved.layout is not torch.strided or saved.numel() == 0:
         return kept
-    entry = registry.get(saved.untyped_storage().data_ptr())
+    key = saved.untyped_storage().data_ptr()
+    entry = registry.get(key)
     if entry is None:
         return kept
     ref, version, source = entry
     owner = ref()
-    if owner is None or owner.dtype != saved.dtype or saved._version != version:  # changed in place: as it is
+    if owner is None or owner.dtype != saved.dtype or owner.untyped_storage().data_ptr() != key:
+        return kept  # gone, or another storage now (`set_`, `resize_`)
+    if saved._version != version:  # changed in place since its registration: the recipe would remake the old value
         return kept
     return _Recipe(source, saved)
 

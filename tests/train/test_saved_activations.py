@@ -81,6 +81,7 @@ def test_only_plain_gated_mlps_change_and_twice_changes_nothing():
     assert save_less(model) == (0, 0)
     assert save_less(mistral()).gated_mlps == LAYERS  # another family's class, the same forward
     assert save_less(gpt2()) == (0, norms)  # its MLP is not gated; its norms are LayerNorms
+    assert save_less(torch.nn.Sequential(torch.nn.BatchNorm1d(4))) == (0, 0)  # running statistics: state
     assert save_less(llama(hidden_act="prelu")).gated_mlps == 0  # an activation with a parameter to train
     assert saved_bytes(adapted()) > saved_bytes(model)  # the class, and so a model built after, left alone
 

@@ -5,8 +5,10 @@
   product; each is `intermediate_size` wide, the widest activations of a layer. `GatedProduct` saves `gate(x)`
   and `up(x)` only and recomputes `act(gate(x))` in the backward pass, and the product is kept as its recipe
   (`loratune.recompute`): one elementwise pass each over tensors the backward reads anyway.
-- **Norms.** Their output is what the next attention's or MLP's LoRA layers save as their input, while the norm
-  keeps its own input for its backward: the output is kept as the recipe `norm(input)`.
+- **Norms** (childless modules named `...Norm`, without running statistics). Their output is what the next
+  attention's or MLP's LoRA layers save as their input, while the norm keeps its own input for its backward:
+  the output is kept as the recipe `norm(input)` where a node saves it as it is (not under autocast, whose LoRA
+  layers save a bf16 copy).
 
 Values and gradients are the same operations on the same inputs, so bit for bit those of the unpatched model
 (tested); the demo's saved activations per step: 447 MB, 385 MB with `GatedProduct`, and with the recipes
@@ -80,11 +82,13 @@ class SavedLess(NamedTuple):
 
 
 def save_less(model: nn.Module) -> SavedLess:
-    """Route every plain gated MLP of `model` through `GatedProduct` and keep every norm's output as its
-    recipe (in place); returns how many of each changed. Only the instances change: their class, and other
+    """Route every plain gated MLP of `model` through `GatedProduct` and keep its norms' outputs as their
+    recipes (in place); returns how many of each changed. Only the instances change: their class, and other
     models of it, are left as they were. An activation with parameters of its own (PReLU) is left alone:
-    `GatedProduct` gives it no gradient."""
-    norms = sum(recompute_outputs(module) for module in model.modules() if type(module).__name__.endswith("Norm"))
+    `GatedProduct` gives it no gradient; so is a norm with running statistics (batch norms), whose forward
+    changes its state."""
+    norms = sum(recompute_outputs(module) for module in model.modules()
+                if type(module).__name__.endswith("Norm") and not hasattr(module, "running_mean"))
     return SavedLess(_route_gated_mlps(model), norms)
 
 
