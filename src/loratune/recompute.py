@@ -48,7 +48,7 @@ class _Source:
     """A registered tensor's recipe. Its value, once remade, is shared by every node that saved the tensor (q, k
     and v's LoRA all save the same normed input) until the last of them lets it go."""
 
-    __slots__ = ("function", "inputs", "versions", "autocast", "layout", "value", "__weakref__")
+    __slots__ = ("function", "inputs", "versions", "autocast", "layout", "value")
 
     def __init__(self, function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...],
                  tensor: torch.Tensor) -> None:
@@ -112,7 +112,11 @@ def _register_output(module: nn.Module, args: tuple, kwargs: dict, output: Any) 
 
 @contextlib.contextmanager
 def recomputing_saves() -> Iterator[None]:
-    """The context of a training forward in which `recompute_when_saved` takes effect."""
+    """The context of a training forward in which `recompute_when_saved` takes effect; nothing under no_grad
+    (evaluation calls the same loss), where nothing is saved."""
+    if not torch.is_grad_enabled():
+        yield
+        return
     registry: _Registry = {}
     token = _REGISTRY.set(registry)
     try:
