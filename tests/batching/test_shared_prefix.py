@@ -59,7 +59,8 @@ def body_input_shapes(model, batch, prefix):
 def test_a_batch_within_the_cap_runs_as_one_row_of_one_forward(monkeypatch):
     model = adapted(with_attention(llama, "eager"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
-    tokens = int(batch["attention_mask"].sum()) - 3 * prefix  # the prefix once, then every row's remainder
+    # the prefix once, then every row's remainder but its last token, which no label reads (`read_part`)
+    tokens = int(batch["attention_mask"].sum()) - 3 * prefix - 4
     assert body_input_shapes(model, batch, prefix) == [(1, tokens)]
     monkeypatch.setattr(shared_prefix, "ONE_ROW_TOKENS", tokens - 1)
     first, rest = body_input_shapes(model, batch, prefix)  # one over the cap: the prefix, then against its cache
@@ -101,8 +102,8 @@ def test_under_gradient_checkpointing_a_batch_runs_as_one_row_or_padded(builder,
     model = adapted(with_attention(builder, attention))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
-    tokens = int(batch["attention_mask"].sum()) - 3 * prefix
-    expected = [(1, tokens)] if one_row else [tuple(batch["input_ids"].shape)]
+    tokens = int(batch["attention_mask"].sum()) - 3 * prefix - 4  # (each row's last token is read by no label)
+    expected = [(1, tokens)] if one_row else [(4, batch["input_ids"].shape[1] - 1)]
     assert body_input_shapes(model, batch, prefix) == expected
     attention_module = next(m for name, m in model.named_modules() if name.endswith(("self_attn", "attn")))
     calls = []
@@ -124,7 +125,7 @@ def test_a_row_longer_than_the_models_positions_runs_against_the_cache(builder):
     """Some families size buffers by their positions (GPT-2's causal mask in older transformers releases):
     the one row never exceeds them, though each row's own positions restart after the prefix."""
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
-    tokens = int(batch["attention_mask"].sum()) - 3 * prefix
+    tokens = int(batch["attention_mask"].sum()) - 3 * prefix - 4  # (each row's last token is read by no label)
     model = adapted(with_attention(builder, "eager", max_position_embeddings=tokens - 1))
     first, rest = body_input_shapes(model, batch, prefix)
     assert first == (1, prefix) and rest[0] < 4
@@ -155,7 +156,7 @@ def test_under_eager_attention_the_one_row_attends_block_by_block_and_restores_t
     finally:
         hook.remove()
     assert seen == [shared_prefix.BLOCK_ATTENTION]
-    assert max(keys) == max(lengths) < sum(lengths) - 3 * prefix  # never the one row's length
+    assert max(keys) == max(lengths) - 1 < sum(lengths) - 3 * prefix  # never the one row's (nor a last token)
     assert model.config._attn_implementation == "eager" and shared_prefix._BLOCKS.get() is None
     assert_same(shared_result, loss_and_grads(model, batch))
 
@@ -234,9 +235,9 @@ def test_gpt2_upcasting_its_scores_attends_over_the_full_row():
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_one_row_within_a_sliding_window_gives_the_plain_batchs_loss_and_gradients(attention):
-    model = adapted(with_attention(mistral, attention))  # window 16: the one row (8 + 4 + 3 tokens) fits
+    model = adapted(with_attention(mistral, attention))  # window 16: the one row (8 + 3 + 2 tokens) fits
     batch, prefix = shared(examples([12, 11], prefix=range(5, 13)))
-    assert body_input_shapes(model, batch, prefix) == [(1, 23 - prefix)]
+    assert body_input_shapes(model, batch, prefix) == [(1, 21 - prefix)]  # (no row's last token: `read_part`)
     assert_same(loss_and_grads(model, batch, prefix), loss_and_grads(model, batch))
 
 
@@ -244,7 +245,7 @@ def test_the_rows_remainders_after_the_prefix_run_packed_into_fewer_rows(against
     model = adapted(with_attention(llama, "eager"))
     batch, prefix = shared(examples([24, 15, 20, 12], prefix=range(5, 15)))
     shapes = body_input_shapes(model, batch, prefix)
-    remainders = sorted(n - prefix for n in (24, 15, 20, 12))
+    remainders = sorted(n - prefix - 1 for n in (24, 15, 20, 12))  # (no row's last token: `read_part`)
     assert shapes[0] == (1, prefix)  # the prefix, once
     rows, width = shapes[1]
     assert width == remainders[-1] and rows < 4  # packed into fewer rows than the batch has

@@ -34,7 +34,8 @@ def test_a_causal_run_reports_general_perplexity_before_and_after(run_config, tm
     assert len(blocks) == 3  # 78 tokens in blocks of data.max_length (32)
     expected = plain_perplexity(model, blocks)
     assert summary["before"]["general_perplexity"] == pytest.approx(expected, rel=1e-4)
-    assert summary["after"]["general_perplexity"] != pytest.approx(expected, rel=1e-3)  # training moved it
+    # training moved it (by how much depends on the run's dropout draws: 0.09% and 0.8% seen)
+    assert summary["after"]["general_perplexity"] != pytest.approx(expected, rel=1e-4)
     assert "| general_perplexity |" in (tmp_path / "run" / "report.md").read_text()
 
 

@@ -160,3 +160,31 @@ def test_through_the_training_loss_products_and_norm_outputs_are_not_kept_and_gr
     assert torch.equal(loss, loss_kept)
     for mine, reference in zip(grads, grads_kept):
         assert torch.equal(mine, reference)
+
+
+def test_the_remade_product_leaves_its_activation_for_the_mlps_backward():
+    """Inside the training loss the down projection's LoRA remakes `act(gate) * up` just before the MLP's backward
+    pass needs `act(gate)`: it is computed once there, not twice (forward and backward: two per layer)."""
+    model = adapted()
+    save_less(model)
+    batch = {"input_ids": input_ids(batch=2, length=12)}
+    batch["attention_mask"], batch["labels"] = torch.ones_like(batch["input_ids"]), batch["input_ids"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    silu, calls = torch.nn.functional.silu, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return silu(*args, **kwargs)
+
+    def run():
+        calls.clear()
+        with unittest.mock.patch("torch.nn.functional.silu", counted):
+            loss = batch_loss(model, batch, "causal-lm")[0]
+            grads = torch.autograd.grad(loss, params)
+        return len(calls), loss, grads
+
+    count, loss, grads = run()
+    with unittest.mock.patch("loratune.train.step.recomputing_saves", contextlib.nullcontext):
+        count_kept, loss_kept, grads_kept = run()
+    assert count == count_kept == 2 * LAYERS
+    assert torch.equal(loss, loss_kept) and all(torch.equal(a, b) for a, b in zip(grads, grads_kept))

@@ -1,11 +1,20 @@
-"""The chunked output-head loss (train/step.py), against the whole cross-entropy."""
+"""The training loss (train/step.py): the chunked output-head loss against the whole cross-entropy, and the
+tokens no label reads left out with the same loss and gradients."""
+
+import unittest.mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import gpt2, llama
 from torch import nn
 
-from loratune.train.step import chunked_head_loss
+import loratune.train.step as step
+from loratune.batching import BatchMaker
+from loratune.core.adapters import add_adapter
+from loratune.core.lora_config import LoraConfig
+from loratune.tasks import IGNORE_INDEX as X
+from loratune.train.step import batch_loss, chunked_head_loss, read_part
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
@@ -52,3 +61,60 @@ def test_a_chunked_loss_over_no_labelled_tokens_still_backpropagates():
     F.cross_entropy(head(hidden), targets, reduction="sum").backward()  # the unchunked loss can
     chunked_head_loss(head, hidden, targets, 3).backward()
     assert head.weight.grad.abs().max() == 0
+
+
+def test_read_part_drops_each_rows_tokens_after_its_last_read_position():
+    ids = torch.arange(1, 25).view(4, 6)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    labels = torch.tensor([[X, X, X, X, 5, 6],  # read at 3 and 4: token 5 is read by nothing
+                           [X, X, 9, X, X, X],  # read at 1 only
+                           [X, X, X, X, X, X],  # no label: kept whole (label scoring reads its prompt's end)
+                           [X, 20, X, X, X, X]])  # read at 0
+    trimmed = read_part({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert trimmed["input_ids"].tolist() == ids.tolist()  # the unlabelled row keeps every column
+    assert trimmed["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+                                                  [1, 0, 0, 0, 0, 0]]
+    assert trimmed["labels"] is labels  # the loss reads them as they were
+    labelled = {"input_ids": ids[[0, 1, 3]], "attention_mask": mask[[0, 1, 3]], "labels": labels[[0, 1, 3]]}
+    assert read_part(labelled)["input_ids"].tolist() == ids[[0, 1, 3], :5].tolist()  # no row needs column 5
+    assert read_part(labelled, prefix=2)["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0],
+                                                                      [1, 1, 1, 0, 0]]  # prefix + 1 at least
+    packed = {"input_ids": ids[:1], "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]]),
+              "labels": torch.tensor([[X, X, 3, X, 5, X]])}
+    assert read_part(packed)["position_ids"].tolist() == [[0, 1, 2, 0]]  # columns only: no mask to trim
+
+
+def _examples(lengths, prefix=()):
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for n in lengths:
+        tokens = list(prefix) + torch.randint(3, 60, (n - len(prefix),), generator=generator).tolist()
+        out.append({"input_ids": tokens, "labels": [X] * (n - 3) + tokens[-3:-1] + [X]})  # the last token unread
+    return out
+
+
+@pytest.mark.parametrize("batching", ["padded", "packed", "shared_prefix"])
+@pytest.mark.parametrize("builder", [llama, gpt2], ids=["llama", "gpt2"])
+def test_leaving_out_what_no_label_reads_keeps_the_loss_and_gradients(builder, batching):
+    model = builder()
+    model.eval()  # (GPT-2's dropout)
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch, prefix = BatchMaker(batching, "causal-lm", 0).make(_examples([24, 15, 20], prefix=range(5, 15)),
+                                                             torch.device("cpu"))
+    assert (prefix > 0) == (batching == "shared_prefix")
+    shapes = []
+    body = getattr(model, model.base_model_prefix)
+    body.register_forward_pre_hook(lambda m, a, kw: shapes.append(kw["input_ids"].shape[-1]), with_kwargs=True)
+
+    def loss_and_grads():
+        loss, _, weight = batch_loss(model, batch, "causal-lm", prefix=prefix)
+        return (loss, weight, *torch.autograd.grad(loss, params))
+
+    trimmed = loss_and_grads()
+    with unittest.mock.patch.object(step, "read_part", lambda batch, prefix=0: batch):
+        whole = loss_and_grads()
+    assert shapes[0] < shapes[-1]  # fewer tokens computed
+    assert trimmed[1] == whole[1] == 6
+    for got, want in zip(trimmed, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

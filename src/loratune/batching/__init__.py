@@ -22,6 +22,7 @@ from loratune.batching.batches import (
 )
 from loratune.batching.kv_cache import SharedPrefixCache, keep_rows, padding_first, prefix_cache, stack_rows
 from loratune.batching.shared_prefix import (
+    checkpointed,
     decoder_body,
     fallback_warning,
     max_positions,
@@ -30,7 +31,7 @@ from loratune.batching.shared_prefix import (
 )
 
 __all__ = [
-    "MIN_PREFIX", "BatchMaker", "BatchOrder", "SharedPrefixCache", "collate", "common_prefix_length",
+    "MIN_PREFIX", "BatchMaker", "BatchOrder", "SharedPrefixCache", "checkpointed", "collate", "common_prefix_length",
     "decoder_body", "fallback_warning", "first_fit_rows", "grouped_order", "keep_rows", "max_positions", "order_keys",
     "pack_batch", "packed_mask_obstacle", "pad_rows", "padding_first", "prefix_cache", "shared_prefix_hidden",
     "stack_rows", "to_device",

@@ -46,6 +46,7 @@ from torch.nn import functional as F
 
 from loratune.batching.batches import BatchMaker, first_fit_rows
 from loratune.batching.kv_cache import prefix_cache
+from loratune.batching.read_rows import only_read_rows
 from loratune.recompute import recompute_when_saved
 
 ALIBI_MODEL_TYPES = ("bloom", "mpt")  # always ALiBi; Falcon says so in `config.alibi`
@@ -77,19 +78,21 @@ def max_positions(model: Any) -> int | None:
 
 
 def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         prefix: int) -> torch.Tensor:
+                         prefix: int, read: torch.Tensor | None = None) -> torch.Tensor:
     """The body's last hidden states (B, L, H) for a right-padded batch whose rows share their first
     `prefix` tokens, with the prefix computed once and, where the attention takes a custom mask, the rows'
     remainders packed: behind the prefix in one row when all of it fits (`one_row_limit`), else into as few
     rows as the longest remainder allows, run against the prefix's cache (under gradient checkpointing, which
-    keeps no cache, the batch as it is)."""
+    keeps no cache, the batch as it is). `read` (B, L): where the caller reads the output, so that the one
+    row's last MLP runs there alone (`read_rows`)."""
     rows = input_ids.shape[0]
     remainders = (attention_mask.sum(1) - prefix).tolist()
     one_row = prefix + sum(remainders)
-    checkpointed = _checkpointed(body)
+    layers_checkpointed = checkpointed(body)
     if one_row <= one_row_limit(body.config) and packed_mask_obstacle(body.config, one_row) is None:
-        return _one_row_hidden(body, input_ids, prefix, remainders, blocks=not checkpointed)
-    if checkpointed:  # a checkpointed layer keeps no cache to run the remainders against: the rows as they are
+        return _one_row_hidden(body, input_ids, prefix, remainders, blocks=not layers_checkpointed,
+                               read=None if layers_checkpointed else read)
+    if layers_checkpointed:  # a checkpointed layer keeps no cache to run the remainders against: the rows as they are
         return body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     packed = None
     if packed_mask_obstacle(body.config, prefix + max(remainders)) is None:
@@ -107,7 +110,7 @@ def shared_prefix_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mas
     return torch.cat([head_hidden.expand(rows, -1, -1), rest], dim=1)
 
 
-def _checkpointed(body: nn.Module) -> bool:
+def checkpointed(body: nn.Module) -> bool:
     """Whether the body's layers run checkpointed, as transformers decides it: in training mode, with or without
     gradients. `gradient_checkpointing_enable` sets the flag on every module that has one, so the first such
     module (the body itself, or its first layer) answers without a walk over every module each step."""
@@ -116,7 +119,7 @@ def _checkpointed(body: nn.Module) -> bool:
 
 
 def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remainders: list[int],
-                    blocks: bool = True) -> torch.Tensor:
+                    blocks: bool = True, read: torch.Tensor | None = None) -> torch.Tensor:
     """The prefix and every row's remainder in one row of one forward: each remainder token attends to the
     prefix and its own remainder's earlier tokens. One forward instead of two (the prefix's, then the rest's
     against its cache) halves the step's operator calls, which at a few hundred tokens cost more than the
@@ -133,9 +136,25 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
     ids = torch.cat([input_ids[:1, :prefix], one.ids], dim=1)
     positions = torch.cat([torch.arange(prefix, device=device)[None], one.positions], dim=1)
     mask = one.mask(prefix, *_mask_format(body), prefix_rows=True)
+    attend = _block_function(body) if blocks else None
+    with only_read_rows(None if read is None else _row_positions(read, one, prefix)):
+        hidden = _one_row_body(body, ids, mask, positions, attend, rest_ids, remainders, prefix, one)
+    return torch.cat([hidden[:, :prefix].expand(rows, -1, -1), one.unpack(hidden[:, prefix:], rows)], dim=1)
+
+
+def _row_positions(read: torch.Tensor, one: PackedRemainders, prefix: int) -> torch.Tensor:
+    """The one row's positions holding the batch positions `read` marks: the prefix's own, then the packed
+    remainders' slots."""
+    in_row = torch.cat([torch.arange(prefix, device=read.device).expand(read.shape[0], -1), prefix + one.slots],
+                       dim=1)
+    return in_row[:, :read.shape[1]][read].unique()
+
+
+def _one_row_body(body: nn.Module, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                  attend: Callable | None, rest_ids: torch.Tensor, remainders: list[int], prefix: int,
+                  one: PackedRemainders) -> torch.Tensor:
     config = body.config
     implementation = config._attn_implementation
-    attend = _block_function(body) if blocks else None
     if attend is None:
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
     else:
@@ -152,7 +171,7 @@ def _one_row_hidden(body: nn.Module, input_ids: torch.Tensor, prefix: int, remai
         finally:
             config._attn_implementation_internal = implementation
             _BLOCKS.reset(token)
-    return torch.cat([hidden[:, :prefix].expand(rows, -1, -1), one.unpack(hidden[:, prefix:], rows)], dim=1)
+    return hidden
 
 
 def _block_function(body: nn.Module) -> Callable | None:

@@ -32,26 +32,48 @@ _GATED_FORWARD = ("down_proj=self.down_proj(self.act_fn(self.gate_proj(x))*self.
                   "returnself.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))")
 
 
+class Activated:
+    """`act(gate)` where the product's recipe remade it in this backward pass (the down projection's LoRA
+    backward runs just before `GatedProduct`'s), so `GatedProduct` need not compute it a third time."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def product(self, act: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        self.value = act(gate)
+        return self.value * up
+
+    def take(self) -> torch.Tensor | None:
+        value, self.value = self.value, None
+        return value
+
+
 class GatedProduct(torch.autograd.Function):
     """`act(gate) * up`, saving `gate` and `up` only."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module,
+                activated: Activated | None = None) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
         ctx.act, ctx.autocast = act, autocast_state(gate.device.type)  # the backward recomputes under it
+        ctx.activated = activated
         return act(gate) * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
+        remade = ctx.activated.take() if ctx.activated is not None else None
         if _is_silu(ctx.act):  # aten's fused derivative, as autograd's own SiluBackward computes it
             grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-            return grad_gate, grad * F.silu(gate) if ctx.needs_input_grad[1] else None, None
+            activated = remade if remade is not None else F.silu(gate)
+            return grad_gate, grad * activated if ctx.needs_input_grad[1] else None, None, None
         with torch.enable_grad(), under(ctx.autocast):
             leaf = gate.detach().requires_grad_()
             activated = ctx.act(leaf)
         grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if ctx.needs_input_grad[0] else None
-        return grad_gate, grad * activated.detach() if ctx.needs_input_grad[1] else None, None
+        return grad_gate, grad * activated.detach() if ctx.needs_input_grad[1] else None, None, None
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -59,9 +81,10 @@ def _is_silu(act: nn.Module) -> bool:
 
 
 def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up, act = self.gate_proj(x), self.up_proj(x), self.act_fn
-    product = GatedProduct.apply(gate, up, act)
-    recompute_when_saved(product, lambda gate, up: act(gate) * up, gate, up)  # what down's LoRA would keep
+    gate, up, act, activated = self.gate_proj(x), self.up_proj(x), self.act_fn, Activated()
+    product = GatedProduct.apply(gate, up, act, activated)
+    # what down's LoRA would keep; remade, `act(gate)` waits there for GatedProduct's backward
+    recompute_when_saved(product, functools.partial(activated.product, act), gate, up)
     return self.down_proj(product)
 
 

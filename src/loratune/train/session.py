@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from loratune.allocator import release_free_memory
-from loratune.batching import BatchMaker, fallback_warning, max_positions
+from loratune.batching import BatchMaker, decoder_body, fallback_warning, max_positions
+from loratune.batching.read_rows import compute_read_rows_only
 from loratune.core.errors import ConfigError, LoratuneError, TargetError
 from loratune.data import load_datasets, read_label_names
 from loratune.precision import base_dtype, compute_dtype, cpu_choice, resolve_precision
@@ -189,6 +190,8 @@ def prepare(config: RunConfig, quiet: bool, adapter_dir: Path | None = None,
         has_sdpa = getattr(type(model), "_supports_sdpa", False)  # transformers' own flag
         model.set_attn_implementation(attention_for(spec.attn_implementation, device, precision, has_sdpa))
     save_less(model)  # the same values and gradients; the widest activations kept as their recipes
+    if spec.task == "causal-lm" and decoder_body(model) is not None:
+        compute_read_rows_only(decoder_body(model))  # the last MLP only where the loss reads
     data = load_datasets(data_config, tokenizer, spec.task)
     model.to(device)
     if checkpointing and not _set_gradient_checkpointing(model, config, checkpointing):
