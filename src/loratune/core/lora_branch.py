@@ -44,6 +44,10 @@ def _compute_dtype(x: torch.Tensor, a: torch.Tensor) -> torch.dtype:
     return a.dtype
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # (a cast to its own dtype still costs a dispatch)
+
+
 def _rows(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """The (dropped-out) input as a (tokens, in) matrix."""
     rows = x.reshape(-1, x.shape[-1])
@@ -55,33 +59,43 @@ class _LoraBranch(torch.autograd.Function):
     def forward(ctx, result: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 keep: torch.Tensor | None, keep_scale: float, scaling: float) -> torch.Tensor:
         dtype = _compute_dtype(x, a)
-        x_in = x.to(dtype)  # x itself when already in `dtype`, so layers reading one input share what they save
-        with torch.autocast(x.device.type, enabled=False):  # the scales ride on the r-wide intermediate
-            su_t = (a.to(dtype) @ _rows(x_in, keep).t()) * (keep_scale * scaling)  # (r, tokens)
-            if result is not None:  # added in place: one pass over the output instead of three
-                result.view(-1, result.shape[-1]).addmm_(su_t.t(), b.to(dtype).t())
-                ctx.mark_dirty(result)
-            else:
-                out = (su_t.t() @ b.to(dtype).t()).reshape(*x.shape[:-1], b.shape[0])
+        x_in = _as(x, dtype)  # x itself when already in `dtype`, so layers reading one input share what they save
+        if torch.is_autocast_enabled(x.device.type):  # the scales ride on the r-wide intermediate, in `dtype`
+            with torch.autocast(x.device.type, enabled=False):
+                out, su_t = _forward(result, x_in, _as(a, dtype), _as(b, dtype), keep, keep_scale * scaling)
+        else:
+            out, su_t = _forward(result, x_in, _as(a, dtype), _as(b, dtype), keep, keep_scale * scaling)
+        if result is not None:
+            ctx.mark_dirty(result)
         ctx.save_for_backward(x_in, keep, a, b, su_t)
         ctx.scale, ctx.dtype, ctx.input_dtype = keep_scale * scaling, dtype, x.dtype
-        return result if result is not None else out
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         x, keep, a, b, su_t = ctx.saved_tensors
-        dtype = ctx.dtype
-        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
-        grad_b = (su_t @ g).t().to(b.dtype) if ctx.needs_input_grad[3] else None
-        gu_t = (b.to(dtype).t() @ g.t()) * ctx.scale  # d loss / d (dropped-out x @ A^T), as (r, tokens)
-        grad_a = (gu_t @ _rows(x, keep)).to(a.dtype) if ctx.needs_input_grad[2] else None
+        dtype, needs = ctx.dtype, ctx.needs_input_grad
+        g = _as(grad_out, dtype).reshape(-1, grad_out.shape[-1])
+        grad_b = _as((su_t @ g).t(), b.dtype) if needs[3] else None
+        gu_t = torch.mm(_as(b, dtype).t(), g.t()).mul_(ctx.scale)  # d loss / d (dropped-out x @ A^T), (r, tokens)
+        grad_a = _as(gu_t @ _rows(x, keep), a.dtype) if needs[2] else None
         grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_x = (gu_t.t() @ a.to(dtype)).reshape(x.shape)
-            grad_x = (grad_x if keep is None else torch.where(keep, grad_x, 0)).to(ctx.input_dtype)
-        grad_result = grad_out if ctx.needs_input_grad[0] else None
-        return grad_result, grad_x, grad_a, grad_b, None, None, None
+        if needs[1]:
+            grad_x = (gu_t.t() @ _as(a, dtype)).reshape(x.shape)
+            grad_x = _as(grad_x if keep is None else torch.where(keep, grad_x, 0), ctx.input_dtype)
+        return grad_out if needs[0] else None, grad_x, grad_a, grad_b, None, None, None
+
+
+def _forward(result: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             keep: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, scale * A x as (r, tokens)): into `result` in place where given (one pass over the output
+    instead of three)."""
+    su_t = torch.mm(a, _rows(x, keep).t()).mul_(scale)
+    if result is not None:
+        result.view(-1, result.shape[-1]).addmm_(su_t.t(), b.t())
+        return result, su_t
+    return (su_t.t() @ b.t()).reshape(*x.shape[:-1], b.shape[0]), su_t
 
 
 def _mask(x: torch.Tensor, p: float, keep: tuple[torch.Tensor, float] | None) -> tuple[torch.Tensor | None, float]:

@@ -98,10 +98,10 @@ def micro_batch(step_examples: list[int], index: int, pieces: int) -> list[int]:
 def optimizer_step(run: Run, order: BatchOrder) -> tuple[float, int, float]:
     """Step `run.state.step` of the run: gradients of its global batch, clipped as `train.max_grad_norm`
     says, then the update and the schedule's next rate; returns (loss, tokens, the rate it stepped with)."""
-    model, max_norm = run.session.model, run.session.config.train.max_grad_norm
+    max_norm = run.session.config.train.max_grad_norm
     loss, tokens = accumulate_gradients(run, order)
     if max_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
+        torch.nn.utils.clip_grad_norm_(_trained(run), max_norm)
     lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.scheduler.step()
@@ -139,7 +139,9 @@ def accumulate_gradients(run: Run, order: BatchOrder) -> tuple[float, int]:
         tokens += int(batch["attention_mask"].sum())
     loss_sum, weight_sum, tokens = processes.sum([loss_sum, weight_sum, tokens])
     # DDP and FSDP average gradients over the ranks; the step's loss is a mean over all its tokens.
-    _scale_gradients(session.model, processes.world / max(weight_sum, 1))
+    grads = [p.grad for p in _trained(run) if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, processes.world / max(weight_sum, 1))
     return loss_sum / max(weight_sum, 1), int(tokens)
 
 
@@ -149,8 +151,6 @@ def last_good(checkpoints: Path) -> str:
     return f"last good checkpoint: {found}" if found else "no checkpoint was written yet"
 
 
-def _scale_gradients(model: torch.nn.Module, factor: float) -> None:
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.mul_(factor)
+def _trained(run: Run) -> list[torch.Tensor]:
+    """The parameters the optimizer steps (the adapter's), without a walk over every frozen one each step."""
+    return [p for group in run.optimizer.param_groups for p in group["params"]]
