@@ -17,10 +17,12 @@ from loratune.tasks import IGNORE_INDEX as X
 from loratune.train.step import batch_loss, chunked_head_loss, read_part
 
 
+@pytest.mark.parametrize("vocab_block", [7, 2048], ids=["vocabulary-in-blocks", "one-block"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained-head", "frozen-head"])
 @pytest.mark.parametrize("chunk", [1, 3, 1000])
-def test_chunked_head_loss_equals_the_whole_cross_entropy(chunk, frozen, bias):
+def test_chunked_head_loss_equals_the_whole_cross_entropy(chunk, frozen, bias, vocab_block, monkeypatch):
+    monkeypatch.setattr(step, "VOCAB_BLOCK", vocab_block)  # 50 logits: 8 blocks, the last one short
     generator = torch.Generator().manual_seed(0)
     head = nn.Linear(16, 50, bias=bias).requires_grad_(not frozen)
     hidden = torch.randn(7, 16, generator=generator, requires_grad=True)

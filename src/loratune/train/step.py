@@ -168,8 +168,8 @@ def _frozen_linear(head: nn.Module) -> bool:
 
 class _FrozenHeadLoss(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ W^T + b` against `targets`, for a head that does not train: the
-    gradient with respect to `hidden`, (softmax - one_hot) @ W, is computed per chunk in forward and kept,
-    so backward only scales it and no chunk's logits outlive its loop iteration."""
+    gradient with respect to `hidden`, softmax @ W - W[target], is computed per chunk of rows in forward
+    and kept, so backward only scales it; each chunk reads W once (`_softmax_pass`)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
@@ -177,13 +177,9 @@ class _FrozenHeadLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk):
-            rows, labels = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(rows, weight, bias).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits.gather(1, labels[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(log_norm[:, None]).exp_()  # softmax, in the logits' own storage
-            probs[torch.arange(labels.shape[0], device=labels.device), labels] -= 1
-            grad_hidden[start:start + chunk] = probs.to(weight.dtype) @ weight
+            loss, grad = _softmax_pass(hidden[start:start + chunk], weight, bias, targets[start:start + chunk])
+            total += loss
+            grad_hidden[start:start + chunk] = grad
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -192,3 +188,37 @@ class _FrozenHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
         return (grad_hidden.float() * grad_total.float()).to(grad_hidden.dtype), None, None, None, None
+
+
+#: Output-head rows per block of `_softmax_pass` (49152-token vocabulary, 16 rows of 576, 2-core AVX2 CPU, one
+#: process alternating: the head's loss and gradient 45.5 ms reading W twice, 32.8 / 35.4 / 37.1 ms reading it
+#: once in blocks of 1024 / 2048 / 4096 rows)
+VOCAB_BLOCK = 1024
+
+
+def _softmax_pass(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, its gradient with respect to `rows`) of the logits `rows @ W^T + b`, reading W once:
+    a running softmax over blocks of the vocabulary (each block's exponentials rescaled when a later block
+    raises a row's maximum) accumulates softmax @ W while the block is in cache. The logits of a whole chunk
+    are never held, and W is not read a second time for the gradient."""
+    rows_n, vocabulary = rows.shape[0], weight.shape[0]
+    peak = rows.new_full((rows_n, 1), -torch.inf, dtype=torch.float32)
+    norm = rows.new_zeros((rows_n, 1), dtype=torch.float32)
+    weighted = rows.new_zeros((rows_n, weight.shape[1]), dtype=torch.float32)
+    target = rows.new_zeros(rows_n, dtype=torch.float32)
+    for start in range(0, vocabulary, VOCAB_BLOCK):
+        block = weight[start:start + VOCAB_BLOCK]
+        logits = F.linear(rows, block, None if bias is None else bias[start:start + VOCAB_BLOCK]).float()
+        here = labels - start
+        inside = (here >= 0) & (here < block.shape[0])
+        target += torch.where(inside, logits.gather(1, here.clamp(0, block.shape[0] - 1)[:, None])[:, 0], 0)
+        new_peak = torch.maximum(peak, logits.amax(1, keepdim=True))
+        rescale = (peak - new_peak).exp_()  # (0 on the first block)
+        probs = logits.sub_(new_peak).exp_()
+        norm.mul_(rescale).add_(probs.sum(1, keepdim=True))
+        weighted.mul_(rescale).add_(probs.to(block.dtype) @ block)
+        peak = new_peak
+    loss = (peak + norm.log())[:, 0] - target
+    grad = weighted.div_(norm).sub_(weight[labels].float())
+    return loss.sum(), grad.to(rows.dtype)
