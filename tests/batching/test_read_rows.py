@@ -9,7 +9,7 @@ from batching_tools import PAD, adapted, assert_same, examples, gpt2_without_dro
 from tiny_models import llama
 
 from loratune.batching import BatchMaker
-from loratune.batching.read_rows import compute_read_rows_only, last_mlp
+from loratune.batching.read_rows import compute_read_rows_only, last_mlp, only_read_rows
 from loratune.tasks import IGNORE_INDEX
 
 
@@ -70,3 +70,48 @@ def test_only_a_plain_mlp_is_hooked_and_once():
     experts.model.layers[-1].mlp.experts = torch.nn.ModuleList([torch.nn.Linear(2, 2)])  # a mixture of experts
     assert not compute_read_rows_only(experts.model)
     assert not compute_read_rows_only(torch.nn.Linear(2, 2))  # no decoder layers
+
+
+class _TupleMLP(torch.nn.Module):
+    """A position-wise MLP that also returns a second value, as mixtures of experts return their router's scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x), x.sum()
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return x + self.mlp(x)[0]
+
+
+def _body(mlps):
+    body = torch.nn.Module()
+    body.layers = torch.nn.ModuleList(_Layer(mlp) for mlp in mlps)
+    body.forward = lambda x: body.layers[1](body.layers[0](x))
+    return body
+
+
+def test_an_mlp_returning_more_than_one_tensor_runs_whole_from_its_first_call_on():
+    torch.manual_seed(0)
+    body = _body([_TupleMLP(), _TupleMLP()])
+    x = torch.randn(1, 6, 4)
+    expected = body(x)
+    assert compute_read_rows_only(body)
+    calls = []
+    body.layers[1].mlp.proj.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    with only_read_rows(torch.tensor([1, 4])):
+        assert torch.equal(body(x), expected) and torch.equal(body(x), expected)
+    assert calls == [2, 6, 6]  # tried on the two rows once, then whole
+
+
+def test_an_mlp_the_body_uses_twice_is_not_hooked():
+    shared = _TupleMLP()
+    assert not compute_read_rows_only(_body([shared, shared]))

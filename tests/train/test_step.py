@@ -14,7 +14,7 @@ from loratune.batching import BatchMaker
 from loratune.core.adapters import add_adapter
 from loratune.core.lora_config import LoraConfig
 from loratune.tasks import IGNORE_INDEX as X
-from loratune.train.step import batch_loss, chunked_head_loss, read_part
+from loratune.train.step import batch_loss, chunked_head_loss, read_part, read_positions
 
 
 @pytest.mark.parametrize("vocab_block", [7, 2048], ids=["vocabulary-in-blocks", "one-block"])
@@ -114,9 +114,35 @@ def test_leaving_out_what_no_label_reads_keeps_the_loss_and_gradients(builder, b
         return (loss, weight, *torch.autograd.grad(loss, params))
 
     trimmed = loss_and_grads()
-    with unittest.mock.patch.object(step, "read_part", lambda batch, prefix=0: batch):
+    with unittest.mock.patch.object(step, "read_part", lambda batch, *rest: batch):
         whole = loss_and_grads()
     assert shapes[0] < shapes[-1]  # fewer tokens computed
     assert trimmed[1] == whole[1] == 6
     for got, want in zip(trimmed, whole):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_position_the_caller_reads_is_kept_and_computed():
+    """Label scoring reads each prompt's last position, whatever the labels say."""
+    ids = torch.arange(1, 13).view(2, 6)
+    labels = torch.tensor([[X, X, 3, 4, X, X], [X, X, X, X, 11, X]])  # read at 1, 2 and at 3
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert read_part(batch)["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert read_part(batch, also_read=[4, 0])["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert read_positions(batch, also_read=[4, 0]).tolist() == [[False, True, True, False, True, False],
+                                                                 [True, False, False, True, False, False]]
+
+
+@pytest.mark.parametrize("vocab_block", [7, 2048])
+def test_a_block_of_impossible_tokens_leaves_the_frozen_head_loss_finite(vocab_block, monkeypatch):
+    monkeypatch.setattr(step, "VOCAB_BLOCK", vocab_block)
+    generator = torch.Generator().manual_seed(0)
+    head = nn.Linear(16, 50).requires_grad_(False)
+    head.bias[:10] = -torch.inf  # the first vocabulary block(s) masked out
+    hidden = torch.randn(5, 16, generator=generator, requires_grad=True)
+    targets = torch.randint(10, 50, (5,), generator=generator)
+    expected = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected, [hidden])
+    loss = chunked_head_loss(head, hidden, targets, 1000)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(loss, [hidden])[0], expected_grad, rtol=1e-5, atol=1e-6)

@@ -7,21 +7,26 @@ alone: at the other positions its output is never read. So inside `only_read_row
 runs on those rows (flat indices into the body call's batch x length positions) and returns zeros elsewhere:
 the hidden states at the read positions, the loss and the gradients are the same, for 1/30 less of a 30-layer
 model's products. The rows are given by the caller that knows the body call's layout (`train.step.lm_hidden`,
-`shared_prefix.shared_prefix_hidden`); a call of any other shape, a checkpointed body (whose recomputation
-runs outside the context) and an MLP returning anything but one tensor of its input's positions run whole.
+`shared_prefix.shared_prefix_hidden`); a call of any other shape and a checkpointed body (whose recomputation
+runs outside the context) run whole, as does, from its first call on, an MLP that returns anything but one
+tensor of its input's positions (a mixture of experts returning its router's scores). An MLP module that the
+body uses in more than one place is not hooked. With LoRA dropout the MLP's masks are drawn for the rows it
+computes: other draws, the same distribution.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 _ROWS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("loratune_read_rows", default=None)
-_GATHERED: contextvars.ContextVar[torch.Size | None] = contextvars.ContextVar("loratune_gathered", default=None)
+_GATHERED: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("loratune_gathered", default=None)
+_WHOLE: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # MLPs found to return more than one tensor
 
 
 @contextlib.contextmanager
@@ -49,7 +54,8 @@ def compute_read_rows_only(body: nn.Module) -> bool:
     is hooked already."""
     mlp = last_mlp(body)
     if mlp is None or _gather in mlp._forward_pre_hooks.values() or \
-            any(isinstance(m, nn.ModuleList) for m in mlp.modules()):
+            any(isinstance(m, nn.ModuleList) for m in mlp.modules()) or \
+            sum(m is mlp for m in body.modules(remove_duplicate=False)) > 1:
         return False
     mlp.register_forward_pre_hook(_gather)
     mlp.register_forward_hook(_scatter)
@@ -59,23 +65,25 @@ def compute_read_rows_only(body: nn.Module) -> bool:
 def _gather(module: nn.Module, args: tuple) -> tuple | None:
     rows = _ROWS.get()
     _GATHERED.set(None)
-    if rows is None or len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+    if rows is None or module in _WHOLE or len(args) != 1 or not isinstance(args[0], torch.Tensor) or \
+            args[0].dim() < 2:
         return None
     x = args[0]
     positions = x.shape[:-1].numel()
     if rows.numel() and int(rows.max()) >= positions:
         return None
-    _GATHERED.set(x.shape)
+    _GATHERED.set(x)
     return (x.reshape(positions, x.shape[-1])[rows][None],)
 
 
-def _scatter(module: nn.Module, args: tuple, output: object) -> torch.Tensor | None:
-    shape = _GATHERED.get()
-    if shape is None:
+def _scatter(module: nn.Module, args: tuple, output: object) -> object:
+    x = _GATHERED.get()
+    if x is None:
         return None
     _GATHERED.set(None)
     rows = _ROWS.get()
     if not isinstance(output, torch.Tensor) or output.shape[:-1] != (1, rows.numel()):
-        raise RuntimeError(f"{type(module).__name__}: an MLP that mixes positions cannot run on the read rows only")
-    full = output.new_zeros(shape[:-1].numel(), output.shape[-1])
-    return full.index_put((rows,), output[0]).view(*shape[:-1], output.shape[-1])
+        _WHOLE.add(module)  # not one tensor per position: run whole, now and from now on
+        return module.forward(x)
+    full = output.new_zeros(x.shape[:-1].numel(), output.shape[-1])
+    return full.index_put((rows,), output[0]).view(*x.shape[:-1], output.shape[-1])

@@ -99,9 +99,9 @@ def loss_totals(forwards: Forwards, examples: Sequence[dict], batches: BatchMake
             if parts is None:
                 loss, logits, weight = batch_loss(model, batch, task, forwards.loss_chunk, prefix)
             else:
-                hidden = lm_hidden(parts[0], batch, prefix)
-                loss, logits, weight = head_loss(parts[1], hidden, batch["labels"], forwards.loss_chunk)
                 ends = [len(p) - 1 for p in prompts[start:start + len(chunk)]]
+                hidden = lm_hidden(parts[0], batch, prefix, also_read=ends)
+                loss, logits, weight = head_loss(parts[1], hidden, batch["labels"], forwards.loss_chunk)
                 totals.chosen += _best_label(parts[1], hidden, ends, label_tokens)
         totals.loss += loss.item() * weight
         totals.weight += weight

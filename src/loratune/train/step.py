@@ -64,11 +64,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor],
     return head_loss(head, lm_hidden(body, batch, prefix), batch["labels"], loss_chunk)
 
 
-def lm_hidden(body: nn.Module, batch: dict[str, torch.Tensor], prefix: int = 0) -> torch.Tensor:
-    """The body's last hidden states (B, n, H) of a batch, up to the last position a label reads (`read_part`);
-    with `prefix`, its rows' common first tokens once."""
-    batch = read_part(batch, prefix)
-    read = read_positions(batch)
+def lm_hidden(body: nn.Module, batch: dict[str, torch.Tensor], prefix: int = 0,
+              also_read: list[int] | None = None) -> torch.Tensor:
+    """The body's last hidden states (B, n, H) of a batch, up to the last position a label reads (`read_part`)
+    and, where given, each row's position `also_read[row]`; with `prefix`, its rows' common first tokens
+    once. Only those positions' states are computed whole (`read_positions`)."""
+    batch = read_part(batch, prefix, also_read)
+    read = read_positions(batch, also_read)
     if prefix:
         return shared_prefix_hidden(body, batch["input_ids"], batch["attention_mask"], prefix, read)
     rows = None if read is None or checkpointed(body) else read.flatten().nonzero().flatten()
@@ -76,22 +78,25 @@ def lm_hidden(body: nn.Module, batch: dict[str, torch.Tensor], prefix: int = 0) 
         return body(**model_inputs(batch)).last_hidden_state
 
 
-def read_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """(B, L) True where a label reads the output at that input position, and along a row without labels (label
-    scoring reads its prompt's end), padding left out; None for a batch without token labels."""
+def read_positions(batch: dict[str, torch.Tensor], also_read: list[int] | None = None) -> torch.Tensor | None:
+    """(B, L) True where a label reads the output at that input position, at `also_read[row]`, and along a row
+    without labels, padding left out; None for a batch without token labels."""
     labels, width = batch.get("labels"), batch["input_ids"].shape[1]
     if labels is None or labels.dim() != 2 or labels.shape[1] < width:
         return None
     read = torch.zeros(labels.shape[0], width, dtype=torch.bool, device=labels.device)
     labelled = labels[:, 1:width + 1] != IGNORE_INDEX  # (the last position of an untrimmed row predicts nothing)
     read[:, :labelled.shape[1]] = labelled
+    if also_read is not None:
+        read[torch.arange(len(also_read), device=read.device), torch.tensor(also_read, device=read.device)] = True
     read |= ~read.any(1, keepdim=True)
     return read & batch["attention_mask"].bool() if "attention_mask" in batch else read
 
 
-def read_part(batch: dict[str, torch.Tensor], prefix: int = 0) -> dict[str, torch.Tensor]:
-    """The batch without the tokens after the last position whose output a label reads, row by row (at least
-    `prefix` + 1 tokens each, so a shared prefix stays shared).
+def read_part(batch: dict[str, torch.Tensor], prefix: int = 0,
+              also_read: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The batch without the tokens after the last position whose output a label reads (or the caller, at
+    `also_read[row]`), row by row (at least `prefix` + 1 tokens each, so a shared prefix stays shared).
 
     A causal model's state at a position depends on no later token, and a token's own output is read only
     where the next token is a label: so the tokens after a row's last such position change nothing the loss
@@ -106,6 +111,8 @@ def read_part(batch: dict[str, torch.Tensor], prefix: int = 0) -> dict[str, torc
     read = labels[:, 1:] != IGNORE_INDEX  # position t's output is read where token t + 1 is a label
     last = torch.where(read, torch.arange(width - 1, device=read.device), -1).amax(1)
     keep = torch.where(last >= 0, last + 1, width).clamp(min=prefix + 1)  # tokens each row keeps
+    if also_read is not None:
+        keep = torch.maximum(keep, torch.tensor(also_read, device=keep.device) + 1)
     trimmed, kept = dict(batch), min(int(keep.max()), width)
     if "attention_mask" in batch and "position_ids" not in batch:  # (a packed batch's model reads no mask)
         mask = batch["attention_mask"]
@@ -203,17 +210,19 @@ def _softmax_pass(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     raises a row's maximum) accumulates softmax @ W while the block is in cache. The logits of a whole chunk
     are never held, and W is not read a second time for the gradient."""
     rows_n, vocabulary = rows.shape[0], weight.shape[0]
+    step = VOCAB_BLOCK if weight.device.type == "cpu" else vocabulary  # (a GPU's one product is not memory-bound)
     peak = rows.new_full((rows_n, 1), -torch.inf, dtype=torch.float32)
     norm = rows.new_zeros((rows_n, 1), dtype=torch.float32)
     weighted = rows.new_zeros((rows_n, weight.shape[1]), dtype=torch.float32)
     target = rows.new_zeros(rows_n, dtype=torch.float32)
-    for start in range(0, vocabulary, VOCAB_BLOCK):
-        block = weight[start:start + VOCAB_BLOCK]
-        logits = F.linear(rows, block, None if bias is None else bias[start:start + VOCAB_BLOCK]).float()
+    for start in range(0, vocabulary, step):
+        block = weight[start:start + step]
+        logits = F.linear(rows, block, None if bias is None else bias[start:start + step]).float()
         here = labels - start
         inside = (here >= 0) & (here < block.shape[0])
         target += torch.where(inside, logits.gather(1, here.clamp(0, block.shape[0] - 1)[:, None])[:, 0], 0)
-        new_peak = torch.maximum(peak, logits.amax(1, keepdim=True))
+        # (a finite floor: a block whose logits are all -inf, say masked by the bias, must not make -inf - -inf)
+        new_peak = torch.maximum(peak, logits.amax(1, keepdim=True)).clamp_(min=torch.finfo(torch.float32).min)
         rescale = (peak - new_peak).exp_()  # (0 on the first block)
         probs = logits.sub_(new_peak).exp_()
         norm.mul_(rescale).add_(probs.sum(1, keepdim=True))
