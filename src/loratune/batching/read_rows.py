@@ -37,6 +37,7 @@ def only_read_rows(rows: torch.Tensor | None) -> Iterator[None]:
         yield
     finally:
         _ROWS.reset(token)
+        _GATHERED.set(None)  # (an MLP that raised keeps no input here)
 
 
 def last_mlp(body: nn.Module) -> nn.Module | None:
