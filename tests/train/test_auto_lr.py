@@ -198,3 +198,32 @@ def test_a_candidate_trains_through_the_runs_own_steps_and_batch_order(run_confi
     candidate = load_file(tmp_path / "candidate" / "adapter_model.safetensors")
     assert run.keys() == candidate.keys()
     assert all(torch.equal(run[k], candidate[k]) for k in run)
+
+
+def test_a_search_run_steps_the_parameters_the_model_trains_with_after_wrapping(run_config, tiny_llama, monkeypatch):
+    """Sharding (FSDP under torchrun) replaces the parameters when the model is wrapped for training: a search
+    run's optimizer must hold the replacements, as the run's own does."""
+    import functools
+
+    from loratune.train.auto_lr import train_and_validate
+    from loratune.train.session import prepare
+
+    config = validate_config(run_config(model={"name": tiny_llama, "task": "causal-lm"},
+                                        lora={"lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                                        train={"max_steps": 4}), "test")
+    session = prepare(config, quiet=True)
+    replaced = {}
+
+    def replacing_wrap(model, loss):
+        for name, module in model.named_modules():
+            for key, param in list(module.named_parameters(recurse=False)):
+                if param.requires_grad:
+                    fresh = torch.nn.Parameter(param.detach().clone())
+                    setattr(module, key, fresh)
+                    replaced[f"{name}.{key}"] = (fresh, fresh.detach().clone())
+        return functools.partial(loss, model)
+
+    monkeypatch.setattr(session.processes, "wrap", replacing_wrap)
+    examples = list(session.data.train_examples)
+    train_and_validate(session, examples, examples[:4], 1e-2, 2)
+    assert replaced and all(not torch.equal(live, before) for live, before in replaced.values())

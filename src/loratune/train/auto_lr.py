@@ -172,8 +172,8 @@ def range_test(session: Any, start: dict[str, torch.Tensor], stopping: Callable[
     low, high = candidates[0] / RANGE_SPAN, candidates[-1] * RANGE_SPAN
     steps = max(2, tc.max_steps // 5)
     growth = (high / low) ** (1 / (steps - 1))
-    optimizer = build_optimizer(session.model, low, tc.weight_decay, tc.lora_plus_ratio)
-    run, order = _short_run(session, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: growth ** k))
+    run, order = _short_run(session, low, lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: growth ** k))
     curve, mean, best = [], 0.0, float("inf")
     while run.state.step < steps:
         if stopping():
@@ -216,9 +216,8 @@ def train_and_validate(session: Any, train: list, val: list, rate: float, steps:
     over `train`, as the run does over the whole training split, with the run's schedule shortened to `steps`."""
     tc = session.config.train
     part = dataclasses.replace(session, data=dataclasses.replace(session.data, train=DataSplit(examples=train)))
-    optimizer = build_optimizer(session.model, rate, tc.weight_decay, tc.lora_plus_ratio)
-    scheduler = build_scheduler(optimizer, tc.warmup_steps * steps // tc.max_steps, steps, tc.schedule)
-    run, order = _short_run(part, optimizer, scheduler)
+    run, order = _short_run(part, rate, lambda optimizer: build_scheduler(
+        optimizer, tc.warmup_steps * steps // tc.max_steps, steps, tc.schedule))
     try:
         while run.state.step < steps:
             optimizer_step(run, order)
@@ -230,11 +229,14 @@ def train_and_validate(session: Any, train: list, val: list, rate: float, steps:
     return validation_loss(session, val)
 
 
-def _short_run(session: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[Run, Any]:
+def _short_run(session: Any, rate: float, scheduler_for: Callable[[torch.optim.Optimizer], Any]) -> tuple[Run, Any]:
     """A search's run over `session`'s training examples through the run's own steps and batch order, writing
-    nothing; every search run starts from the same random streams (the same dropout masks)."""
-    run = Run(session, Path(session.config.output_dir), optimizer, scheduler, RunState(), {}, [],
-              trainer=trainer_for(session))
+    nothing; every search run starts from the same random streams (the same dropout masks). Its optimizer is
+    built after the model is wrapped for training, as the run's is: sharding replaces the parameters."""
+    trainer, tc = trainer_for(session), session.config.train
+    optimizer = build_optimizer(session.model, rate, tc.weight_decay, tc.lora_plus_ratio)
+    run = Run(session, Path(session.config.output_dir), optimizer, scheduler_for(optimizer), RunState(), {}, [],
+              trainer=trainer)
     torch.manual_seed(session.config.train.seed)
     session.model.train()
     return run, batch_order(session)
