@@ -197,3 +197,88 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     assert all(torch.allclose(g0, g1, atol=1e-6) for g0, g1 in zip(*grads))
     assert any(g.abs().max() > 0 for g in grads[0])
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_base_and_branch_as_one_node_match_the_formula_in_double(transposed, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64) if with_bias else None
+    stored = w.t().contiguous() if transposed else w  # Conv1D keeps (in, out)
+    mask = torch.rand(2, 5, 6) > 0.3
+    for keep in (None, (mask, 1 / 0.7)):
+        def node(x, a, b, keep=keep):
+            return fused.lora_linear(x, stored, bias, a, b, 0.7, keep=keep, transposed=transposed)
+        assert torch.autograd.gradcheck(node, (x, a, b))
+        dropped = x if keep is None else x * mask / 0.7
+        expected = x @ w.t() + (0 if bias is None else bias) + 0.7 * (dropped @ a.t()) @ b.t()
+        out = node(x, a, b)
+        assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(out.square().sum(), (x, a, b))
+        for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (x, a, b))):
+            assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _frozen_layer(base: nn.Module, p: float) -> LoraLinear:
+    torch.manual_seed(0)
+    base.requires_grad_(False)
+    layer = LoraLinear(base)
+    layer.create("a", 3, 0.5, p, False)
+    layer.active = ["a"]
+    return layer.train()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("make_base", [lambda: nn.Linear(6, 4), lambda: nn.Linear(6, 4, bias=False),
+                                       lambda: __import__("transformers").pytorch_utils.Conv1D(4, 6)])
+def test_a_frozen_layer_runs_as_one_node_with_the_two_node_values(monkeypatch, make_base, p):
+    import loratune.core.layers as layers
+
+    layer = _frozen_layer(make_base(), p)
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    g = torch.randn(2, 5, 4)
+    runs = []
+    for one_node in (True, False):
+        monkeypatch.setattr(layers, "FUSE_BASE", one_node)
+        torch.manual_seed(1)  # the same dropout mask both times
+        out = layer(x)
+        out.backward(g)
+        runs.append((type(out.grad_fn).__name__, out.detach(), x.grad, layer.lora_A["a"].weight.grad,
+                     layer.lora_B["a"].weight.grad))
+        x.grad = None
+        layer.zero_grad()
+    assert runs[0][0] == "_LoraLinearBackward" and runs[1][0] != "_LoraLinearBackward"
+    for got, want in zip(runs[0][1:], runs[1][1:]):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_layer_runs_as_two_nodes_where_one_would_differ():
+    x = torch.randn(3, 6)
+
+    def node(layer: LoraLinear) -> str:
+        return type(layer(x).grad_fn).__name__
+
+    assert node(_frozen_layer(nn.Linear(6, 4), 0.0)) == "_LoraLinearBackward"
+    assert node(_layer(0.0)) != "_LoraLinearBackward"  # a base weight that trains
+    hooked = _frozen_layer(nn.Linear(6, 4), 0.0)
+    seen = []
+    hooked.base_layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert node(hooked) != "_LoraLinearBackward" and seen == [torch.Size((3, 4))]  # the base's hook still runs
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: seen.append(type(module)))
+    try:
+        assert node(_frozen_layer(nn.Linear(6, 4), 0.0)) != "_LoraLinearBackward" and nn.Linear in seen
+    finally:
+        handle.remove()
+    two = _frozen_layer(nn.Linear(6, 4), 0.0)
+    two.create("b", 2, 1.0, 0.0, False)
+    two.active = ["a", "b"]
+    assert node(two) != "_LoraLinearBackward"
+    dora = _frozen_layer(nn.Linear(6, 4), 0.0)
+    dora.enable_dora("a")
+    assert node(dora) != "_LoraLinearBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert node(_frozen_layer(nn.Linear(6, 4), 0.0)) != "_LoraLinearBackward"

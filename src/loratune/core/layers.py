@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loratune.core.errors import AdapterNameError, MergeError, TargetError
-from loratune.core.lora_branch import add_lora_branch
+from loratune.core.lora_branch import add_lora_branch, fusable, lora_linear
 
 try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -23,6 +23,7 @@ except ImportError:  # transformers is optional for the core
     Conv1D = ()
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, *((Conv1D,) if Conv1D else ()))
 
+FUSE_BASE = True  # (a switch for measuring)
 QUANTIZED_MERGE = ("cannot merge into a quantized base weight in place; use loratune.quant.merge_quantized, which "
                    "dequantizes, adds the update and keeps full precision or requantizes")
 
@@ -182,6 +183,13 @@ def lora_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.to(weight.dtype)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook would see `module` run: its own, or one registered for every module."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(nn.modules.module, "_global_forward_hooks", None)
+                or getattr(nn.modules.module, "_global_forward_pre_hooks", None))
+
+
 def _init_factors(a: torch.Tensor, b: torch.Tensor, init: bool | str, rank: int) -> None:
     """PEFT's defaults: A Kaiming-uniform and B zero, so a new adapter leaves outputs unchanged."""
     with torch.no_grad():
@@ -296,6 +304,9 @@ class LoraLinear(LoraLayer):
         return b.detach().float() @ a.detach().float()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = self._fused_forward(x) if not (args or kwargs) else None
+        if fused is not None:
+            return fused
         result = self.base_layer(x, *args, **kwargs)
         if self.row_plan is not None:
             return result + self._mixed_batch_delta(x).to(result.dtype)
@@ -308,6 +319,24 @@ class LoraLinear(LoraLayer):
                 p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
                 result = add_lora_branch(result, x, lora_a.weight, lora_b.weight, self.scaling[name], p)
         return result
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base layer and its one pending adapter as one node (`lora_linear`), where that computes the same:
+        a plain frozen `nn.Linear` or `Conv1D` without hooks, no mixed batch, no DoRA; else None."""
+        base = self.base_layer
+        if FUSE_BASE is False or self.row_plan is not None or type(base) not in LINEAR_TYPES or _hooked(base):
+            return None
+        pending = self.pending()
+        if len(pending) != 1 or pending[0] in self.lora_magnitude_vector:
+            return None
+        name = pending[0]
+        weight, bias, a = base.weight, base.bias, self.lora_A[name].weight
+        if not fusable(x, weight, bias, a):
+            return None
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+        return lora_linear(x, weight, bias, a, self.lora_B[name].weight, self.scaling[name], p,
+                           transposed=self.transposed)
 
     def _dora_delta(self, h: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """m/||W + sBA|| * (W h + s B A h) - W x, with the norm detached as in the DoRA paper."""
