@@ -16,6 +16,7 @@ from torch import nn
 
 from loratune.core.errors import AdapterNameError, MergeError, TargetError
 from loratune.core.lora_branch import add_lora_branch, fusable, lora_linear
+from loratune.core.shared_input import SharedInput, observe
 
 try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -214,6 +215,7 @@ class LoraLinear(LoraLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.transposed = isinstance(base_layer, Conv1D)
         self.dora_norm: dict[str, torch.Tensor] = {}
+        self.shared_input: SharedInput | None = None  # the layers reading the same input, run together
 
     def replace_base_layer(self, layer: nn.Module) -> None:
         """Put `layer` under the adapters in place of the current base (e.g. its quantized copy); the new
@@ -321,8 +323,33 @@ class LoraLinear(LoraLayer):
         return result
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The base layer and its one pending adapter as one node (`lora_linear`), where that computes the same:
-        a plain frozen `nn.Linear` or `Conv1D` without hooks, no mixed batch, no DoRA; else None."""
+        """The base layer and its one pending adapter as one node (`lora_linear`), with the other layers that
+        read `x` where they form a group (`shared_input`), where that computes the same: a plain frozen
+        `nn.Linear` or `Conv1D` without hooks, no mixed batch, no DoRA; else None."""
+        compiling = torch.compiler.is_compiling()  # a traced graph takes no state between calls: each alone
+        group = None if compiling else self.shared_input
+        if group is not None:
+            kept = group.take(self, x)
+            if kept is not None:
+                return kept
+        parts = self._node_parts(x)
+        if parts is None:
+            return None
+        group = None if compiling else self.shared_input
+        if group is not None and parts[-1] == 0.0:
+            members = [m._node_parts(x) if m is not self else parts for m in group.members]
+            if all(m is not None and m[-1] == 0.0 for m in members):
+                if not group.kept():
+                    return group.run(self, x, [m[:-1] for m in members])
+                group.dissolve()  # a member left its output untaken: the calls are not those the group learned
+        out = lora_linear(x, *parts[:4], parts[4], parts[-1], transposed=parts[5])
+        if not compiling:
+            observe(self, x)
+        return out
+
+    def _node_parts(self, x: torch.Tensor) -> tuple | None:
+        """(weight, bias, A, B, scaling, transposed, dropout probability) where this layer can run as one node
+        on `x`, else None."""
         base = self.base_layer
         if FUSE_BASE is False or self.row_plan is not None or type(base) not in LINEAR_TYPES or _hooked(base):
             return None
@@ -335,8 +362,7 @@ class LoraLinear(LoraLayer):
             return None
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return lora_linear(x, weight, bias, a, self.lora_B[name].weight, self.scaling[name], p,
-                           transposed=self.transposed)
+        return weight, bias, a, self.lora_B[name].weight, self.scaling[name], self.transposed, p
 
     def _dora_delta(self, h: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """m/||W + sBA|| * (W h + s B A h) - W x, with the norm detached as in the DoRA paper."""

@@ -17,7 +17,8 @@ Two things autograd's own graph of two `F.linear` calls does worse:
 A frozen linear layer with one adapter runs as one node with its branch (`lora_linear`, chosen by
 `LoraLinear` where `fusable` says it computes the same): the branch's input gradient is then added into the
 base's in place instead of autograd summing two fresh tensors, and the thin products run while their operands
-are in cache; the demo's forward and backward measured 0.967x the two-node time (docs/benchmarks.md).
+are in cache; the demo's forward and backward measured 0.967x the two-node time (docs/benchmarks.md). Layers
+that read one input run as one node together (`shared_input`).
 
 Dropout is standard inverted dropout, each layer with its own mask, with the drop probability rounded to a
 multiple of 1/65536 (|error| <= 7.7e-6) and kept values scaled by 1/(1 - that probability), so the expected

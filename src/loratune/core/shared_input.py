@@ -1,0 +1,146 @@
+"""LoRA layers that read the same input, run as one node: a transformer's query, key and value projections,
+or a gated MLP's gate and up projections.
+
+Each layer alone (`lora_branch.lora_linear`) reads its input once for its A product and again for A's
+gradient, and autograd sums the layers' input gradients from fresh tensors. Run together, the layers' A factors
+are stacked, so one product reads the input for all of them and one for all their gradients, and the input
+gradient is one tensor that every frozen product and the stacked A add into in place.
+
+Which layers share an input is learned from the calls, not from names: layers run alone one after another on
+the same tensor form a group (`observe`), used from the next forward on. The first member called runs every
+member and keeps the others' outputs until each is called with that same tensor (`SharedInput.take`). Where a
+member is called with another tensor, or not at all before the group runs again, the group is dropped for good
+and its members run alone. Dropout breaks the sharing (each layer draws its own mask): with dropout active the
+members run alone.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class _LoraLinears(torch.autograd.Function):
+    """`x W_i^T + bias_i + scale_i * (A_i x)^T B_i^T` for each member i, from one input `x`.
+
+    After `x`: the scales and the transposed flags (one per member), then per member its weight, bias, A and B."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], transposed: tuple[bool, ...],
+                *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        weights, biases, a, b = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
+        rows = x.reshape(-1, x.shape[-1])
+        ranks = [t.shape[0] for t in a]
+        su_t = torch.mm(torch.cat(a), rows.t())  # every member's A x, (sum of ranks, tokens)
+        outs = []
+        for w, bias, part, b_i, scale, t in zip(weights, biases, su_t.split(ranks), b, scales, transposed,
+                                                strict=True):
+            part.mul_(scale)
+            w = w if t else w.t()
+            out = torch.mm(rows, w) if bias is None else torch.addmm(bias, rows, w)
+            outs.append(out.addmm_(part.t(), b_i.t()).view(*x.shape[:-1], out.shape[-1]))
+        ctx.save_for_backward(x, su_t, *weights, *a, *b)
+        ctx.ranks, ctx.scales, ctx.transposed = ranks, scales, transposed
+        ctx.set_materialize_grads(False)  # an output no loss reads: None, not zeros to multiply
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outs: torch.Tensor | None):
+        x, su_t, *saved = ctx.saved_tensors
+        n = len(ctx.ranks)
+        weights, a, b = saved[:n], saved[n:2 * n], saved[2 * n:]
+        needs = ctx.needs_input_grad
+        gu_t = torch.zeros_like(su_t)  # d loss / d (A x), stacked like su_t; zero where no loss reads an output
+        grad_a: list[torch.Tensor | None] = [None] * n
+        grad_b: list[torch.Tensor | None] = [None] * n
+        grad_x = None
+        for i, (g, part, gu) in enumerate(zip(grad_outs, su_t.split(ctx.ranks), gu_t.split(ctx.ranks), strict=True)):
+            if g is None:
+                continue
+            g = g.reshape(-1, g.shape[-1])
+            if needs[6 + 4 * i]:
+                grad_b[i] = (part @ g).t()
+            torch.mm(b[i].t(), g.t(), out=gu).mul_(ctx.scales[i])
+            if needs[0]:
+                w = weights[i].t() if ctx.transposed[i] else weights[i]
+                grad_x = torch.mm(g, w) if grad_x is None else grad_x.addmm_(g, w)
+        if grad_x is not None:
+            grad_x = grad_x.addmm_(gu_t.t(), torch.cat(a)).view(x.shape)
+        if any(needs[5 + 4 * i] and grad_outs[i] is not None for i in range(n)):
+            grad_a = [g_a if g is not None else None
+                      for g_a, g in zip((gu_t @ x.reshape(-1, x.shape[-1])).split(ctx.ranks), grad_outs, strict=True)]
+        grads: list[torch.Tensor | None] = [grad_x, None, None]
+        for i in range(n):
+            grads += [None, None, grad_a[i], grad_b[i]]
+        return tuple(grads)
+
+
+class SharedInput:
+    """A group of LoRA layers (`LoraLinear`) that read one input tensor; see the module's docstring."""
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members = members
+        self._input: weakref.ref | None = None
+        self._version = -1
+        self._waiting: dict[int, torch.Tensor] = {}  # id(member) -> its output, kept for its call
+
+    def take(self, member: Any, x: torch.Tensor) -> torch.Tensor | None:
+        """`member`'s output kept from the group's last run on `x`, or None (the group is dropped where the
+        member's output was kept for another tensor)."""
+        if id(member) not in self._waiting:
+            return None
+        if self._input is not None and self._input() is x and x._version == self._version:
+            return self._waiting.pop(id(member))
+        self.dissolve()
+        return None
+
+    def run(self, member: Any, x: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
+        """Run every member on `x` (`parts`: each member's weight, bias, A, B, scale and transposed flag, in
+        `members` order); return `member`'s output and keep the others'."""
+        weights_etc = [t for w, bias, a, b, _, _ in parts for t in (w, bias, a, b)]
+        outs = _LoraLinears.apply(x, tuple(p[4] for p in parts), tuple(p[5] for p in parts), *weights_etc)
+        self._input, self._version = weakref.ref(x), x._version
+        self._waiting = {id(m): out for m, out in zip(self.members, outs, strict=True) if m is not member}
+        return outs[self.members.index(member)]
+
+    def kept(self) -> bool:
+        """Whether outputs of the last run still wait for their members."""
+        return bool(self._waiting)
+
+    def dissolve(self) -> None:
+        """Members run alone from now on."""
+        self._waiting.clear()
+        for member in self.members:
+            member.shared_input = None
+
+
+class _Calls:
+    """The layers run alone, one after another, on the current input tensor (weak references: a model that is
+    let go is not kept by this record)."""
+
+    def __init__(self) -> None:
+        self.input: weakref.ref | None = None
+        self.version = -1
+        self.members: list[weakref.ref] = []
+
+
+_CALLS = _Calls()
+
+
+def observe(member: Any, x: torch.Tensor) -> None:
+    """Record that `member` ran alone on `x`; layers run so one after another on one tensor become a group."""
+    calls = _CALLS
+    if calls.input is not None and calls.input() is x and x._version == calls.version:
+        if all(ref() is not member for ref in calls.members):
+            calls.members.append(weakref.ref(member))
+        return
+    members = [ref() for ref in calls.members]
+    if len(members) > 1 and all(m is not None and m.shared_input is None for m in members):
+        group = SharedInput(members)
+        for m in members:
+            m.shared_input = group
+    calls.input, calls.version, calls.members = weakref.ref(x), x._version, [weakref.ref(member)]
