@@ -61,11 +61,13 @@ def _groups(model: nn.Module) -> list[list[str]]:
     return sorted(sorted(names[id(member)] for member in group.members) for group in found.values())
 
 
-def test_layers_called_one_after_another_on_one_input_group_from_the_next_forward():
+def test_layers_called_one_after_another_on_one_input_without_gradients_group_from_the_next_forward():
     model = _model()
     ids = input_ids()
+    model(ids)  # with gradients: no group (a checkpointed layer's recomputation must save what it saved)
     assert _groups(model) == []
-    model(ids)
+    with torch.no_grad():
+        model(ids)
     layers_count = model.config.num_hidden_layers
     assert _groups(model) == sorted([["k_proj", "q_proj", "v_proj"], ["gate_proj", "up_proj"]] * layers_count)
 
@@ -73,7 +75,8 @@ def test_layers_called_one_after_another_on_one_input_group_from_the_next_forwar
 def test_grouped_layers_give_each_layer_s_own_values_and_gradients(monkeypatch):
     model = _model()
     ids = input_ids()
-    model(ids)  # the groups form
+    with torch.no_grad():
+        model(ids)  # the groups form
     runs = []
     for one_node in (True, False):
         monkeypatch.setattr(layers, "FUSE_BASE", one_node)
@@ -106,7 +109,8 @@ def _alone(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
 def test_a_member_called_on_another_tensor_drops_the_group():
     first, second = _pair()
     x, other = torch.randn(3, 6), torch.randn(3, 6)
-    first(x), second(x), first(other)  # observed: the two ran on x one after the other
+    with torch.no_grad():
+        first(x), second(x), first(other)  # observed: the two ran on x one after the other
     assert isinstance(first.shared_input, SharedInput) and first.shared_input is second.shared_input
     out = first(x)  # runs both, keeps the second's output for its call on x
     assert torch.allclose(out, _alone(first, x), atol=1e-6)
@@ -117,7 +121,8 @@ def test_a_member_called_on_another_tensor_drops_the_group():
 def test_a_member_not_called_before_the_group_runs_again_drops_the_group():
     first, second = _pair()
     x, y = torch.randn(3, 6), torch.randn(3, 6)
-    first(x), second(x), first(y)
+    with torch.no_grad():
+        first(x), second(x), first(y)
     first(x)  # the second's output is kept, but the second is not called
     out = first(y)
     assert torch.allclose(out, _alone(first, y), atol=1e-6)
@@ -129,7 +134,8 @@ def test_a_member_not_called_before_the_group_runs_again_drops_the_group():
 def test_with_dropout_active_members_run_alone_and_the_group_stays(p):
     first, second = _pair()
     x = torch.randn(3, 6)
-    first(x), second(x), first(torch.randn(3, 6))
+    with torch.no_grad():
+        first(x), second(x), first(torch.randn(3, 6))
     group = first.shared_input
     for layer in (first, second):
         layer.add_dropout("a", p)
@@ -149,3 +155,25 @@ def test_the_record_of_calls_keeps_no_model_alive():
     del second
     gc.collect()
     assert gone() is None
+
+
+def test_gradient_checkpointing_recomputes_grouped_layers_as_they_ran(monkeypatch):
+    model = _model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = input_ids()
+    runs = []
+    for one_node in (True, False):
+        monkeypatch.setattr(layers, "FUSE_BASE", one_node)
+        losses = []
+        for _ in range(2):  # the groups form in the evaluation between the two steps, none within a step
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            losses.append(float(loss))
+            with torch.no_grad():
+                model(ids)
+        runs.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    assert _groups(model) != []
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    for name, grad in runs[0][1].items():
+        assert torch.allclose(grad, runs[1][1][name], rtol=1e-4, atol=1e-7), name

@@ -7,7 +7,10 @@ are stacked, so one product reads the input for all of them and one for all thei
 gradient is one tensor that every frozen product and the stacked A add into in place.
 
 Which layers share an input is learned from the calls, not from names: layers run alone one after another on
-the same tensor form a group (`observe`), used from the next forward on. The first member called runs every
+the same tensor, without gradients (an evaluation or generation pass; a training run evaluates before its first
+step), form a group (`observe`), used from the next forward on. Not from a forward with gradients: under
+gradient checkpointing a layer's forward runs again in the backward pass and must save what it saved the first
+time, which a group formed in between would change. The first member called runs every
 member and keeps the others' outputs until each is called with that same tensor (`SharedInput.take`). Where a
 member is called with another tensor, or not at all before the group runs again, the group is dropped for good
 and its members run alone. Dropout breaks the sharing (each layer draws its own mask): with dropout active the
@@ -132,7 +135,10 @@ _CALLS = _Calls()
 
 
 def observe(member: Any, x: torch.Tensor) -> None:
-    """Record that `member` ran alone on `x`; layers run so one after another on one tensor become a group."""
+    """Record that `member` ran alone on `x` without gradients; layers run so one after another on one tensor
+    become a group."""
+    if torch.is_grad_enabled():
+        return
     calls = _CALLS
     if calls.input is not None and calls.input() is x and x._version == calls.version:
         if all(ref() is not member for ref in calls.members):
