@@ -3,7 +3,8 @@ as each layer alone, and the group dropped where the calls stop matching what it
 
 from __future__ import annotations
 
-import gc
+import copy
+import pickle
 import weakref
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 import loratune.core.layers as layers
 from loratune import LoraConfig, add_adapter
 from loratune.core.layers import LoraLinear
-from loratune.core.shared_input import SharedInput, _LoraLinears
+from loratune.core.shared_input import SharedInput, _LoraLinears, group_of
 
 
 def test_the_node_matches_each_member_s_formula_in_double():
@@ -56,8 +57,8 @@ def _model() -> nn.Module:
 
 def _groups(model: nn.Module) -> list[list[str]]:
     names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
-    found = {id(m.shared_input): m.shared_input for m in model.modules()
-             if isinstance(m, LoraLinear) and m.shared_input is not None}
+    found = {id(group_of(m)): group_of(m) for m in model.modules()
+             if isinstance(m, LoraLinear) and group_of(m) is not None}
     return sorted(sorted(names[id(member)] for member in group.members) for group in found.values())
 
 
@@ -90,15 +91,26 @@ def test_grouped_layers_give_each_layer_s_own_values_and_gradients(monkeypatch):
         assert torch.allclose(grad, runs[1][1][name], rtol=1e-4, atol=1e-7), name
 
 
-def _pair() -> tuple[LoraLinear, LoraLinear]:
+def _layers(*outs: int) -> list[LoraLinear]:
     torch.manual_seed(0)
-    pair = []
-    for out in (4, 3):
+    found = []
+    for out in outs:
         layer = LoraLinear(nn.Linear(6, out).requires_grad_(False))
         layer.create("a", 2, 0.5, 0.0, False)
         layer.active = ["a"]
-        pair.append(layer)
-    return pair[0], pair[1]
+        found.append(layer)
+    return found
+
+
+def _grouped_pair() -> tuple[LoraLinear, LoraLinear]:
+    """Two layers seen running one after the other on one tensor, then a third on another: a group."""
+    first, second, outside = _layers(4, 3, 5)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        first(x), second(x), outside(torch.randn(3, 6))
+    assert isinstance(group_of(first), SharedInput) and group_of(first) is group_of(second)
+    assert group_of(outside) is None
+    return first, second
 
 
 def _alone(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
@@ -106,37 +118,45 @@ def _alone(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     return layer.base_layer(x) + 0.5 * (x @ a.t()) @ b.t()
 
 
-def test_a_member_called_on_another_tensor_drops_the_group():
-    first, second = _pair()
-    x, other = torch.randn(3, 6), torch.randn(3, 6)
-    with torch.no_grad():
-        first(x), second(x), first(other)  # observed: the two ran on x one after the other
-    assert isinstance(first.shared_input, SharedInput) and first.shared_input is second.shared_input
+def test_a_member_called_on_another_tensor_gets_its_own_output_and_a_pass_without_gradients_drops_the_group():
+    first, second = _grouped_pair()
+    group, x, other = group_of(first), torch.randn(3, 6), torch.randn(3, 6)
     out = first(x)  # runs both, keeps the second's output for its call on x
+    assert type(out.grad_fn).__name__ == "_LoraLinearsBackward" and group.kept()
     assert torch.allclose(out, _alone(first, x), atol=1e-6)
     assert torch.allclose(second(other), _alone(second, other), atol=1e-6)  # not the output kept for x
-    assert first.shared_input is None and second.shared_input is None
+    assert group_of(first) is group and not group.kept()  # with gradients the group stays (checkpointing)
+    with torch.no_grad():
+        first(x)
+        assert torch.allclose(second(other), _alone(second, other), atol=1e-6)
+    assert group_of(first) is None and group_of(second) is None
 
 
-def test_a_member_not_called_before_the_group_runs_again_drops_the_group():
-    first, second = _pair()
+def test_a_member_not_called_before_the_group_runs_again_leaves_its_output():
+    first, second = _grouped_pair()
     x, y = torch.randn(3, 6), torch.randn(3, 6)
     with torch.no_grad():
-        first(x), second(x), first(y)
-    first(x)  # the second's output is kept, but the second is not called
-    out = first(y)
+        first(x)  # the second's output is kept, but the second is not called
+        out = first(y)
     assert torch.allclose(out, _alone(first, y), atol=1e-6)
-    assert first.shared_input is None and second.shared_input is None
+    assert group_of(first) is None and group_of(second) is None
     assert torch.allclose(second(y), _alone(second, y), atol=1e-6)
+
+
+def test_layers_that_only_follow_each_other_form_no_group_that_would_run_every_other_pass():
+    first, second = _layers(4, 3)
+    with torch.no_grad():
+        for _ in range(4):  # the next call on another tensor is always the first member's own
+            x = torch.randn(3, 6)
+            assert torch.allclose(first(x), _alone(first, x), atol=1e-6)
+            assert torch.allclose(second(x), _alone(second, x), atol=1e-6)
+    assert group_of(first) is None
 
 
 @pytest.mark.parametrize("p", [0.3])
 def test_with_dropout_active_members_run_alone_and_the_group_stays(p):
-    first, second = _pair()
-    x = torch.randn(3, 6)
-    with torch.no_grad():
-        first(x), second(x), first(torch.randn(3, 6))
-    group = first.shared_input
+    first, second = _grouped_pair()
+    group, x = group_of(first), torch.randn(3, 6)
     for layer in (first, second):
         layer.add_dropout("a", p)
     torch.manual_seed(3)
@@ -144,17 +164,47 @@ def test_with_dropout_active_members_run_alone_and_the_group_stays(p):
     assert type(out.grad_fn).__name__ == "_LoraLinearBackward" and not group.kept()
     first.eval(), second.eval()  # dropout off: the group runs
     assert type(first(x).grad_fn).__name__ == "_LoraLinearsBackward" and group.kept()
-    assert torch.allclose(second(x), _alone(second, x), atol=1e-6) and first.shared_input is group
+    assert torch.allclose(second(x), _alone(second, x), atol=1e-6) and group_of(first) is group
 
 
-def test_the_record_of_calls_keeps_no_model_alive():
-    first, second = _pair()
+def test_groups_keep_no_layer_alive_and_stop_no_pickle_or_copy():
+    first, second = _grouped_pair()
     x = torch.randn(3, 6)
-    first(x), second(x)
-    gone = weakref.ref(second)
-    del second
-    gc.collect()
-    assert gone() is None
+    with torch.no_grad():
+        first(x)  # an output kept for the second
+    copied = copy.deepcopy(second)
+    assert torch.allclose(copied(x), _alone(second, x), atol=1e-6) and group_of(copied) is None
+    restored = pickle.loads(pickle.dumps(first))
+    assert torch.allclose(restored(x), _alone(first, x), atol=1e-6)
+    gone = [weakref.ref(first), weakref.ref(second)]
+    del first, second  # no reference cycle: freed at once, without a collection
+    assert all(ref() is None for ref in gone)
+
+
+def test_inference_mode_and_in_place_changes_of_outputs_work_as_before():
+    first, second = _grouped_pair()
+    x = torch.randn(3, 6)
+    with torch.inference_mode():
+        inference = torch.randn(3, 6)
+        assert torch.allclose(first(inference), _alone(first, inference), atol=1e-6)
+        assert torch.allclose(second(inference), _alone(second, inference), atol=1e-6)
+    for layer in (first, _layers(4)[0]):  # grouped, then alone
+        out = layer(x).relu_()  # an in-place ReLU after the layer, as some models have
+        out.sum().backward()
+        assert layer.lora_B["a"].weight.grad is not None
+
+
+def test_a_base_layer_with_a_backward_hook_or_its_own_forward_runs_as_before():
+    hooked, replaced = _layers(4, 4)
+    seen = []
+    hooked.base_layer.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(module))
+    replaced.base_layer.forward = lambda x: torch.zeros(*x.shape[:-1], 4)
+    x = torch.randn(3, 6, requires_grad=True)
+    assert type(hooked(x).grad_fn).__name__ != "_LoraLinearBackward"
+    hooked(x).sum().backward()
+    assert seen == [hooked.base_layer]
+    a, b = replaced.lora_A["a"].weight, replaced.lora_B["a"].weight
+    assert torch.allclose(replaced(x), 0.5 * (x @ a.t()) @ b.t(), atol=1e-6)
 
 
 def test_gradient_checkpointing_recomputes_grouped_layers_as_they_ran(monkeypatch):

@@ -16,7 +16,7 @@ from torch import nn
 
 from loratune.core.errors import AdapterNameError, MergeError, TargetError
 from loratune.core.lora_branch import add_lora_branch, fusable, lora_linear
-from loratune.core.shared_input import SharedInput, observe
+from loratune.core.shared_input import group_of, observe, shares
 
 try:  # GPT-2 style layer with a transposed (in, out) weight
     from transformers.pytorch_utils import Conv1D
@@ -184,11 +184,16 @@ def lora_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.to(weight.dtype)
 
 
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def _hooked(module: nn.Module) -> bool:
-    """Whether a forward hook would see `module` run: its own, or one registered for every module."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or getattr(nn.modules.module, "_global_forward_hooks", None)
-                or getattr(nn.modules.module, "_global_forward_pre_hooks", None))
+    """Whether calling `module` would do more than its class's forward: hooks of its own or for every module,
+    or a forward set on the instance (as an offloading wrapper does)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in vars(module)
+                or any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS))
 
 
 def _init_factors(a: torch.Tensor, b: torch.Tensor, init: bool | str, rank: int) -> None:
@@ -215,7 +220,6 @@ class LoraLinear(LoraLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.transposed = isinstance(base_layer, Conv1D)
         self.dora_norm: dict[str, torch.Tensor] = {}
-        self.shared_input: SharedInput | None = None  # the layers reading the same input, run together
 
     def replace_base_layer(self, layer: nn.Module) -> None:
         """Put `layer` under the adapters in place of the current base (e.g. its quantized copy); the new
@@ -326,8 +330,8 @@ class LoraLinear(LoraLayer):
         """The base layer and its one pending adapter as one node (`lora_linear`), with the other layers that
         read `x` where they form a group (`shared_input`), where that computes the same: a plain frozen
         `nn.Linear` or `Conv1D` without hooks, no mixed batch, no DoRA; else None."""
-        compiling = torch.compiler.is_compiling()  # a traced graph takes no state between calls: each alone
-        group = None if compiling else self.shared_input
+        sharing = shares(x)
+        group = group_of(self) if sharing else None
         if group is not None:
             kept = group.take(self, x)
             if kept is not None:
@@ -335,15 +339,15 @@ class LoraLinear(LoraLayer):
         parts = self._node_parts(x)
         if parts is None:
             return None
-        group = None if compiling else self.shared_input
-        if group is not None and parts[-1] == 0.0:
+        group = group_of(self) if sharing else None
+        if group is not None and parts[-1] == 0.0 and group.members[0] is self:  # the first called runs them all
             members = [m._node_parts(x) if m is not self else parts for m in group.members]
             if all(m is not None and m[-1] == 0.0 for m in members):
                 if not group.kept():
                     return group.run(self, x, [m[:-1] for m in members])
-                group.dissolve()  # a member left its output untaken: the calls are not those the group learned
+                group.drop()  # a member left its output untaken: the calls are not those the group learned
         out = lora_linear(x, *parts[:4], parts[4], parts[-1], transposed=parts[5])
-        if not compiling:
+        if sharing:
             observe(self, x)
         return out
 
@@ -357,12 +361,12 @@ class LoraLinear(LoraLayer):
         if len(pending) != 1 or pending[0] in self.lora_magnitude_vector:
             return None
         name = pending[0]
-        weight, bias, a = base.weight, base.bias, self.lora_A[name].weight
-        if not fusable(x, weight, bias, a):
+        weight, bias, a, b = base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight
+        if not fusable(x, weight, bias, a, b):
             return None
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-        return weight, bias, a, self.lora_B[name].weight, self.scaling[name], self.transposed, p
+        return weight, bias, a, b, self.scaling[name], self.transposed, p
 
     def _dora_delta(self, h: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """m/||W + sBA|| * (W h + s B A h) - W x, with the norm detached as in the DoRA paper."""

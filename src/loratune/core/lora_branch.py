@@ -28,6 +28,7 @@ input is unchanged.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 _LEVELS = 1 << 16
@@ -103,14 +104,12 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, keep: torch.Tensor | None, scale: float, transposed: bool) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
         su_t = torch.mm(a, _rows(x, keep).t()).mul_(scale)  # while x is in cache
-        w = weight if transposed else weight.t()
-        out = torch.mm(rows, w) if bias is None else torch.addmm(bias, rows, w)
-        out.addmm_(su_t.t(), b.t())
+        out, flat = frozen_product(x, weight, bias, transposed)
+        flat.addmm_(su_t.t(), b.t())
         ctx.save_for_backward(x, keep, weight, a, b, su_t)
         ctx.scale, ctx.transposed = scale, transposed
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     @once_differentiable
@@ -132,6 +131,20 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
+def frozen_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + bias, the same as a (tokens, out) view): a tensor of its own, not a view of the product's 2-D
+    result, since a view made inside an autograd function may not be changed in place (an in-place ReLU)."""
+    w = weight if transposed else weight.t()
+    out = x.new_empty(*x.shape[:-1], w.shape[1])
+    flat, rows = out.view(-1, w.shape[1]), x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(rows, w, out=flat)
+    else:
+        torch.addmm(bias, rows, w, out=flat)
+    return out, flat
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scaling: float, p: float = 0.0, keep: tuple[torch.Tensor, float] | None = None,
                 transposed: bool = False) -> torch.Tensor:
@@ -141,10 +154,13 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return _LoraLinear.apply(x, weight, bias, a, b, mask, keep_scale * scaling, transposed)
 
 
-def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor) -> bool:
-    """Whether `lora_linear` computes this layer: a frozen weight and bias and factors in x's dtype, autocast off."""
-    return (x.dtype == weight.dtype == a.dtype and not weight.requires_grad
-            and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad))
+def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+            b: torch.Tensor) -> bool:
+    """Whether `lora_linear` computes this layer: a frozen plain weight and bias (not a tensor subclass, whose
+    own product a plain one would bypass) and factors, all in x's dtype, autocast off."""
+    plain = (torch.Tensor, nn.Parameter)
+    return (x.dtype == weight.dtype == a.dtype == b.dtype and type(weight) in plain and not weight.requires_grad
+            and (bias is None or (bias.dtype == x.dtype and type(bias) in plain and not bias.requires_grad))
             and not torch.is_autocast_enabled(x.device.type))
 
 

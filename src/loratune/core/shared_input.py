@@ -10,11 +10,13 @@ Which layers share an input is learned from the calls, not from names: layers ru
 the same tensor, without gradients (an evaluation or generation pass; a training run evaluates before its first
 step), form a group (`observe`), used from the next forward on. Not from a forward with gradients: under
 gradient checkpointing a layer's forward runs again in the backward pass and must save what it saved the first
-time, which a group formed in between would change. The first member called runs every
-member and keeps the others' outputs until each is called with that same tensor (`SharedInput.take`). Where a
-member is called with another tensor, or not at all before the group runs again, the group is dropped for good
-and its members run alone. Dropout breaks the sharing (each layer draws its own mask): with dropout active the
-members run alone.
+time, which a group formed or dropped in between would change. The member called first when the group was
+learned computes every member and keeps the others' outputs until each is called with that same tensor
+(`SharedInput.take`); the others, called without an output kept for them, run alone. Where a member
+is called with another tensor, or not at all before the group runs again, the kept outputs are dropped, and in
+a pass without gradients the group too (the next such pass may learn it again). Dropout breaks the sharing
+(each layer draws its own mask): with dropout active the members run alone. Groups live in a weak registry,
+not on the layers: a model pickles, copies and is freed as before.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from loratune.core.lora_branch import frozen_product
 
 
 class _LoraLinears(torch.autograd.Function):
@@ -35,16 +39,15 @@ class _LoraLinears(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scales: tuple[float, ...], transposed: tuple[bool, ...],
                 *tensors: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         weights, biases, a, b = tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4]
-        rows = x.reshape(-1, x.shape[-1])
         ranks = [t.shape[0] for t in a]
-        su_t = torch.mm(torch.cat(a), rows.t())  # every member's A x, (sum of ranks, tokens)
+        su_t = torch.mm(torch.cat(a), x.reshape(-1, x.shape[-1]).t())  # every member's A x, (sum of ranks, tokens)
         outs = []
         for w, bias, part, b_i, scale, t in zip(weights, biases, su_t.split(ranks), b, scales, transposed,
                                                 strict=True):
             part.mul_(scale)
-            w = w if t else w.t()
-            out = torch.mm(rows, w) if bias is None else torch.addmm(bias, rows, w)
-            outs.append(out.addmm_(part.t(), b_i.t()).view(*x.shape[:-1], out.shape[-1]))
+            out, flat = frozen_product(x, w, bias, t)
+            flat.addmm_(part.t(), b_i.t())
+            outs.append(out)
         ctx.save_for_backward(x, su_t, *weights, *a, *b)
         ctx.ranks, ctx.scales, ctx.transposed = ranks, scales, transposed
         ctx.set_materialize_grads(False)  # an output no loss reads: None, not zeros to multiply
@@ -83,47 +86,70 @@ class _LoraLinears(torch.autograd.Function):
 
 
 class SharedInput:
-    """A group of LoRA layers (`LoraLinear`) that read one input tensor; see the module's docstring."""
+    """A group of LoRA layers (`LoraLinear`) that read one input tensor; see the module's docstring. Members are
+    held weakly."""
 
     def __init__(self, members: list[Any]) -> None:
-        self.members = members
+        self._members = [weakref.ref(m) for m in members]
         self._input: weakref.ref | None = None
         self._version = -1
+        self._grad = False
         self._waiting: dict[int, torch.Tensor] = {}  # id(member) -> its output, kept for its call
 
-    def take(self, member: Any, x: torch.Tensor) -> torch.Tensor | None:
-        """`member`'s output kept from the group's last run on `x`, or None (the group is dropped where the
-        member's output was kept for another tensor)."""
-        if id(member) not in self._waiting:
-            return None
-        if self._input is not None and self._input() is x and x._version == self._version:
-            return self._waiting.pop(id(member))
-        self.dissolve()
-        return None
+    @property
+    def members(self) -> list[Any]:
+        return [m for m in (ref() for ref in self._members) if m is not None]
 
-    def run(self, member: Any, x: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
-        """Run every member on `x` (`parts`: each member's weight, bias, A, B, scale and transposed flag, in
-        `members` order); return `member`'s output and keep the others'."""
-        weights_etc = [t for w, bias, a, b, _, _ in parts for t in (w, bias, a, b)]
-        outs = _LoraLinears.apply(x, tuple(p[4] for p in parts), tuple(p[5] for p in parts), *weights_etc)
-        self._input, self._version = weakref.ref(x), x._version
-        self._waiting = {id(m): out for m, out in zip(self.members, outs, strict=True) if m is not member}
-        return outs[self.members.index(member)]
+    def take(self, member: Any, x: torch.Tensor) -> torch.Tensor | None:
+        """`member`'s output kept from the group's last run, where that run was on `x` (same tensor, unchanged,
+        same grad mode), else None."""
+        kept = self._waiting.pop(id(member), None)
+        if kept is None:
+            return None
+        if (self._input is not None and self._input() is x and x._version == self._version
+                and torch.is_grad_enabled() == self._grad):
+            return kept
+        self.drop()  # the calls are not those the group learned
+        return None
 
     def kept(self) -> bool:
         """Whether outputs of the last run still wait for their members."""
         return bool(self._waiting)
 
-    def dissolve(self) -> None:
-        """Members run alone from now on."""
+    def run(self, member: Any, x: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
+        """Run every member on `x` (`parts`: each member's weight, bias, A, B, scale and transposed flag, in
+        `members` order); return `member`'s output and keep the others'."""
+        members = self.members
+        weights_etc = [t for w, bias, a, b, _, _ in parts for t in (w, bias, a, b)]
+        outs = _LoraLinears.apply(x, tuple(p[4] for p in parts), tuple(p[5] for p in parts), *weights_etc)
+        self._input, self._version, self._grad = weakref.ref(x), x._version, torch.is_grad_enabled()
+        self._waiting = {id(m): out for m, out in zip(members, outs, strict=True) if m is not member}
+        return outs[members.index(member)]
+
+    def drop(self) -> None:
+        """Let the kept outputs go, and in a pass without gradients the group too (see the module's docstring)."""
         self._waiting.clear()
-        for member in self.members:
-            member.shared_input = None
+        if not torch.is_grad_enabled():
+            for m in self.members:
+                _GROUPS.pop(m, None)
+
+
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its SharedInput
+
+
+def group_of(layer: Any) -> SharedInput | None:
+    """The group `layer` runs in, if any."""
+    return _GROUPS.get(layer)
+
+
+def shares(x: torch.Tensor) -> bool:
+    """Whether a call on `x` may run or teach a group: not on an inference tensor (it has no version to check),
+    not while torch.compile traces (a graph keeps no state between calls)."""
+    return not torch.compiler.is_compiling() and not x.is_inference()  # (is_inference stops a trace)
 
 
 class _Calls:
-    """The layers run alone, one after another, on the current input tensor (weak references: a model that is
-    let go is not kept by this record)."""
+    """The layers run alone, one after another, on the current input tensor (weakly held)."""
 
     def __init__(self) -> None:
         self.input: weakref.ref | None = None
@@ -136,8 +162,8 @@ _CALLS = _Calls()
 
 def observe(member: Any, x: torch.Tensor) -> None:
     """Record that `member` ran alone on `x` without gradients; layers run so one after another on one tensor
-    become a group."""
-    if torch.is_grad_enabled():
+    become a group when a layer outside them runs next."""
+    if torch.is_grad_enabled() or member in _GROUPS:
         return
     calls = _CALLS
     if calls.input is not None and calls.input() is x and x._version == calls.version:
@@ -145,8 +171,8 @@ def observe(member: Any, x: torch.Tensor) -> None:
             calls.members.append(weakref.ref(member))
         return
     members = [ref() for ref in calls.members]
-    if len(members) > 1 and all(m is not None and m.shared_input is None for m in members):
+    if len(members) > 1 and member not in members and all(m is not None and m not in _GROUPS for m in members):
         group = SharedInput(members)
         for m in members:
-            m.shared_input = group
+            _GROUPS[m] = group
     calls.input, calls.version, calls.members = weakref.ref(x), x._version, [weakref.ref(member)]
