@@ -1,5 +1,5 @@
-"""LoRA layers reading one input, run as one node: the node's gradients, which layers group, the same values
-as each layer alone, and the group dropped where the calls stop matching what it learned."""
+"""LoRA layers reading one input, run as one node: the node's gradients, which layers group in a learning pass,
+the same values as each layer alone, and each layer alone where the calls stop matching what was learned."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 import loratune.core.layers as layers
 from loratune import LoraConfig, add_adapter
 from loratune.core.layers import LoraLinear
-from loratune.core.shared_input import SharedInput, _LoraLinears, group_of
+from loratune.core.shared_input import SharedInput, _LoraLinears, group_of, learning_shared_inputs
 
 
 def test_the_node_matches_each_member_s_formula_in_double():
@@ -62,12 +62,13 @@ def _groups(model: nn.Module) -> list[list[str]]:
     return sorted(sorted(names[id(member)] for member in group.members) for group in found.values())
 
 
-def test_layers_called_one_after_another_on_one_input_without_gradients_group_from_the_next_forward():
+def test_layers_called_one_after_another_on_one_input_group_in_a_learning_pass_only():
     model = _model()
     ids = input_ids()
-    model(ids)  # with gradients: no group (a checkpointed layer's recomputation must save what it saved)
-    assert _groups(model) == []
     with torch.no_grad():
+        model(ids)  # outside a learning pass nothing is learned
+    assert _groups(model) == []
+    with torch.no_grad(), learning_shared_inputs(model):
         model(ids)
     layers_count = model.config.num_hidden_layers
     assert _groups(model) == sorted([["k_proj", "q_proj", "v_proj"], ["gate_proj", "up_proj"]] * layers_count)
@@ -76,8 +77,8 @@ def test_layers_called_one_after_another_on_one_input_without_gradients_group_fr
 def test_grouped_layers_give_each_layer_s_own_values_and_gradients(monkeypatch):
     model = _model()
     ids = input_ids()
-    with torch.no_grad():
-        model(ids)  # the groups form
+    with torch.no_grad(), learning_shared_inputs(model):
+        model(ids)
     runs = []
     for one_node in (True, False):
         monkeypatch.setattr(layers, "FUSE_BASE", one_node)
@@ -102,12 +103,18 @@ def _layers(*outs: int) -> list[LoraLinear]:
     return found
 
 
+def _learned(*layers: LoraLinear, calls) -> nn.Module:
+    parent = nn.ModuleList(layers)
+    with torch.no_grad(), learning_shared_inputs(parent):
+        calls()
+    return parent
+
+
 def _grouped_pair() -> tuple[LoraLinear, LoraLinear]:
     """Two layers seen running one after the other on one tensor, then a third on another: a group."""
     first, second, outside = _layers(4, 3, 5)
     x = torch.randn(3, 6)
-    with torch.no_grad():
-        first(x), second(x), outside(torch.randn(3, 6))
+    _learned(first, second, outside, calls=lambda: (first(x), second(x), outside(torch.randn(3, 6))))
     assert isinstance(group_of(first), SharedInput) and group_of(first) is group_of(second)
     assert group_of(outside) is None
     return first, second
@@ -118,39 +125,42 @@ def _alone(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     return layer.base_layer(x) + 0.5 * (x @ a.t()) @ b.t()
 
 
-def test_a_member_called_on_another_tensor_gets_its_own_output_and_a_pass_without_gradients_drops_the_group():
+def test_a_member_called_on_another_tensor_runs_alone_and_the_group_stays():
     first, second = _grouped_pair()
     group, x, other = group_of(first), torch.randn(3, 6), torch.randn(3, 6)
-    out = first(x)  # runs both, keeps the second's output for its call on x
-    assert type(out.grad_fn).__name__ == "_LoraLinearsBackward" and group.kept()
-    assert torch.allclose(out, _alone(first, x), atol=1e-6)
-    assert torch.allclose(second(other), _alone(second, other), atol=1e-6)  # not the output kept for x
-    assert group_of(first) is group and not group.kept()  # with gradients the group stays (checkpointing)
-    with torch.no_grad():
-        first(x)
-        assert torch.allclose(second(other), _alone(second, other), atol=1e-6)
-    assert group_of(first) is None and group_of(second) is None
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out = first(x)  # runs both, keeps the second's output for its call on x
+            assert group.kept() and torch.allclose(out, _alone(first, x), atol=1e-6)
+            assert torch.allclose(second(other), _alone(second, other), atol=1e-6)  # not the output kept for x
+            assert group_of(first) is group and not group.kept()
 
 
-def test_a_member_not_called_before_the_group_runs_again_leaves_its_output():
+def test_an_output_left_untaken_is_dropped_when_the_group_runs_again():
     first, second = _grouped_pair()
-    x, y = torch.randn(3, 6), torch.randn(3, 6)
-    with torch.no_grad():
-        first(x)  # the second's output is kept, but the second is not called
-        out = first(y)
+    group, x, y = group_of(first), torch.randn(3, 6), torch.randn(3, 6)
+    first(x)  # the second's output is kept, but the second is not called
+    out = first(y)
     assert torch.allclose(out, _alone(first, y), atol=1e-6)
-    assert group_of(first) is None and group_of(second) is None
-    assert torch.allclose(second(y), _alone(second, y), atol=1e-6)
+    assert torch.allclose(second(y), _alone(second, y), atol=1e-6) and not group.kept()
+    assert type(out.grad_fn).__name__ == "_LoraLinearsBackward"
 
 
-def test_layers_that_only_follow_each_other_form_no_group_that_would_run_every_other_pass():
+def test_a_run_that_ends_the_pass_is_grouped_and_layers_under_other_parents_are_not():
     first, second = _layers(4, 3)
-    with torch.no_grad():
-        for _ in range(4):  # the next call on another tensor is always the first member's own
-            x = torch.randn(3, 6)
-            assert torch.allclose(first(x), _alone(first, x), atol=1e-6)
-            assert torch.allclose(second(x), _alone(second, x), atol=1e-6)
-    assert group_of(first) is None
+    x = torch.randn(3, 6)
+    _learned(first, second, calls=lambda: (first(x), second(x)))  # the pass ends: the run closes
+    assert group_of(first) is group_of(second) is not None
+    for _ in range(3):
+        y = torch.randn(3, 6)
+        assert torch.allclose(first(y), _alone(first, y), atol=1e-6)
+        assert torch.allclose(second(y), _alone(second, y), atol=1e-6)
+        assert not group_of(first).kept()
+    apart = _layers(4, 3)
+    blocks = nn.ModuleList([nn.ModuleList([apart[0]]), nn.ModuleList([apart[1]])])  # a block each, one input
+    with torch.no_grad(), learning_shared_inputs(blocks):
+        apart[0](x), apart[1](x)
+    assert group_of(apart[0]) is None and group_of(apart[1]) is None
 
 
 @pytest.mark.parametrize("p", [0.3])
@@ -215,15 +225,25 @@ def test_gradient_checkpointing_recomputes_grouped_layers_as_they_ran(monkeypatc
     for one_node in (True, False):
         monkeypatch.setattr(layers, "FUSE_BASE", one_node)
         losses = []
-        for _ in range(2):  # the groups form in the evaluation between the two steps, none within a step
+        for step in range(2):
+            if step == 1:  # grouped from the second step on
+                with torch.no_grad(), learning_shared_inputs(model):
+                    model(ids)
             loss = model(ids, labels=ids).loss
             loss.backward()
-            losses.append(float(loss))
-            with torch.no_grad():
-                model(ids)
+            losses.append(float(loss.detach()))
         runs.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         model.zero_grad(set_to_none=True)
     assert _groups(model) != []
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
     for name, grad in runs[0][1].items():
         assert torch.allclose(grad, runs[1][1][name], rtol=1e-4, atol=1e-7), name
+
+
+def test_a_member_with_a_pre_hook_keeps_the_group_from_running():
+    first, second = _grouped_pair()
+    second.register_forward_pre_hook(lambda module, args: (args[0] * 2,))  # hands the layer another input
+    x = torch.randn(3, 6)
+    out = first(x)
+    assert type(out.grad_fn).__name__ == "_LoraLinearBackward" and not group_of(first).kept()
+    assert torch.allclose(second(x), _alone(second, 2 * x), atol=1e-6)

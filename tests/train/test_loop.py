@@ -52,9 +52,13 @@ def test_first_losses_are_pinned(run_config, tmp_path, monkeypatch):
     assert losses == pytest.approx(PINNED_LOSSES, abs=1e-4)
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_resume_matches_an_uninterrupted_run_bit_for_bit(run_config, tmp_path, monkeypatch, quantize):
-    settings = {"model": {"quantize": quantize}, "train": {"max_steps": 6, "checkpoint_every": 2}}
+@pytest.mark.parametrize("variant", ["none", "nf4", "shared inputs"])
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(run_config, tmp_path, monkeypatch, variant, request):
+    settings = {"model": {"quantize": "nf4" if variant == "nf4" else "none"},
+                "train": {"max_steps": 6, "checkpoint_every": 2}}
+    if variant == "shared inputs":  # Llama's q/k/v and gate/up run as one node each, learned before step 1
+        settings["model"]["name"] = request.getfixturevalue("tiny_llama")
+        settings["lora"] = {"lora_dropout": 0.0, "target_modules": "all-linear"}
     run(run_config(**settings, output_dir=str(tmp_path / "straight")))
     expected = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
 

@@ -196,6 +196,12 @@ def _hooked(module: nn.Module) -> bool:
                 or any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS))
 
 
+def _input_hooked(module: nn.Module) -> bool:
+    """Whether a hook may hand `module` another input than its group's (a pre-hook, or a backward hook's
+    wrapping)."""
+    return bool(module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
 def _init_factors(a: torch.Tensor, b: torch.Tensor, init: bool | str, rank: int) -> None:
     """PEFT's defaults: A Kaiming-uniform and B zero, so a new adapter leaves outputs unchanged."""
     with torch.no_grad():
@@ -340,12 +346,11 @@ class LoraLinear(LoraLayer):
         if parts is None:
             return None
         group = group_of(self) if sharing else None
-        if group is not None and parts[-1] == 0.0 and group.members[0] is self:  # the first called runs them all
-            members = [m._node_parts(x) if m is not self else parts for m in group.members]
-            if all(m is not None and m[-1] == 0.0 for m in members):
-                if not group.kept():
-                    return group.run(self, x, [m[:-1] for m in members])
-                group.drop()  # a member left its output untaken: the calls are not those the group learned
+        members = group.members if group is not None and parts[-1] == 0.0 else []
+        if members and members[0] is self:  # the member called first runs them all
+            every = [m._node_parts(x) if m is not self else parts for m in members]
+            if all(m is not None and m[-1] == 0.0 for m in every) and not any(map(_input_hooked, members)):
+                return group.run(self, x, members, [m[:-1] for m in every])
         out = lora_linear(x, *parts[:4], parts[4], parts[-1], transposed=parts[5])
         if sharing:
             observe(self, x)

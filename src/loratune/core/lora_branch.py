@@ -157,9 +157,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
             b: torch.Tensor) -> bool:
     """Whether `lora_linear` computes this layer: a frozen plain weight and bias (not a tensor subclass, whose
-    own product a plain one would bypass) and factors, all in x's dtype, autocast off."""
+    own product a plain one would bypass) and factors, all in x's dtype and on its device, autocast off."""
     plain = (torch.Tensor, nn.Parameter)
-    return (x.dtype == weight.dtype == a.dtype == b.dtype and type(weight) in plain and not weight.requires_grad
+    return (x.dtype == weight.dtype == a.dtype == b.dtype and x.device == weight.device == a.device == b.device
+            and type(weight) in plain and not weight.requires_grad
             and (bias is None or (bias.dtype == x.dtype and type(bias) in plain and not bias.requires_grad))
             and not torch.is_autocast_enabled(x.device.type))
 

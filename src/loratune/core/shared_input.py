@@ -6,25 +6,27 @@ gradient, and autograd sums the layers' input gradients from fresh tensors. Run 
 are stacked, so one product reads the input for all of them and one for all their gradients, and the input
 gradient is one tensor that every frozen product and the stacked A add into in place.
 
-Which layers share an input is learned from the calls, not from names: layers run alone one after another on
-the same tensor, without gradients (an evaluation or generation pass; a training run evaluates before its first
-step), form a group (`observe`), used from the next forward on. Not from a forward with gradients: under
-gradient checkpointing a layer's forward runs again in the backward pass and must save what it saved the first
-time, which a group formed or dropped in between would change. The member called first when the group was
-learned computes every member and keeps the others' outputs until each is called with that same tensor
-(`SharedInput.take`); the others, called without an output kept for them, run alone. Where a member
-is called with another tensor, or not at all before the group runs again, the kept outputs are dropped, and in
-a pass without gradients the group too (the next such pass may learn it again). Dropout breaks the sharing
-(each layer draws its own mask): with dropout active the members run alone. Groups live in a weak registry,
-not on the layers: a model pickles, copies and is freed as before.
+Which layers share an input is learned from the calls, not from names, in an explicit learning pass
+(`learning_shared_inputs`, which a training run makes on one example before its first step, fresh or resumed):
+layers run alone one after another on the same tensor, under the same parent module, form a group. Groups change
+only there: under gradient checkpointing a layer's forward runs again in the backward pass and must save what it
+saved the first time. The member called first when the group was learned computes every member and keeps the
+others' outputs until each is called with that same tensor (`SharedInput.take`); a member called with another
+tensor runs alone, and outputs left untaken are dropped when the group runs again. Dropout breaks the sharing
+(each layer draws its own mask): with dropout active the members run alone. Groups live in a weak registry, not
+on the layers: a model pickles, copies and is freed as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.autograd.function import once_differentiable
 
 from loratune.core.lora_branch import frozen_product
@@ -104,34 +106,23 @@ class SharedInput:
         """`member`'s output kept from the group's last run, where that run was on `x` (same tensor, unchanged,
         same grad mode), else None."""
         kept = self._waiting.pop(id(member), None)
-        if kept is None:
-            return None
-        if (self._input is not None and self._input() is x and x._version == self._version
-                and torch.is_grad_enabled() == self._grad):
+        if kept is not None and self._input is not None and self._input() is x and x._version == self._version \
+                and torch.is_grad_enabled() == self._grad:
             return kept
-        self.drop()  # the calls are not those the group learned
         return None
 
     def kept(self) -> bool:
         """Whether outputs of the last run still wait for their members."""
         return bool(self._waiting)
 
-    def run(self, member: Any, x: torch.Tensor, parts: list[tuple]) -> torch.Tensor:
-        """Run every member on `x` (`parts`: each member's weight, bias, A, B, scale and transposed flag, in
-        `members` order); return `member`'s output and keep the others'."""
-        members = self.members
+    def run(self, member: Any, x: torch.Tensor, members: list[Any], parts: list[tuple]) -> torch.Tensor:
+        """Run `members` (this group's) on `x` (`parts`: each one's weight, bias, A, B, scale and transposed
+        flag); return `member`'s output and keep the others' (dropping what an earlier run left untaken)."""
         weights_etc = [t for w, bias, a, b, _, _ in parts for t in (w, bias, a, b)]
         outs = _LoraLinears.apply(x, tuple(p[4] for p in parts), tuple(p[5] for p in parts), *weights_etc)
         self._input, self._version, self._grad = weakref.ref(x), x._version, torch.is_grad_enabled()
         self._waiting = {id(m): out for m, out in zip(members, outs, strict=True) if m is not member}
         return outs[members.index(member)]
-
-    def drop(self) -> None:
-        """Let the kept outputs go, and in a pass without gradients the group too (see the module's docstring)."""
-        self._waiting.clear()
-        if not torch.is_grad_enabled():
-            for m in self.members:
-                _GROUPS.pop(m, None)
 
 
 _GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its SharedInput
@@ -143,36 +134,56 @@ def group_of(layer: Any) -> SharedInput | None:
 
 
 def shares(x: torch.Tensor) -> bool:
-    """Whether a call on `x` may run or teach a group: not on an inference tensor (it has no version to check),
-    not while torch.compile traces (a graph keeps no state between calls)."""
+    """Whether a call on `x` may run or teach a group: not while torch.compile traces (a graph keeps no state
+    between calls), not on an inference tensor (it has no version to check)."""
     return not torch.compiler.is_compiling() and not x.is_inference()  # (is_inference stops a trace)
 
 
 class _Calls:
-    """The layers run alone, one after another, on the current input tensor (weakly held)."""
+    """A learning pass: each module's parent, and the layers run alone, one after another, on the current
+    input tensor."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.parents = {id(child): parent for parent in model.modules() for child in parent.children()}
         self.input: weakref.ref | None = None
         self.version = -1
-        self.members: list[weakref.ref] = []
+        self.members: list[Any] = []
+
+    def close(self) -> None:
+        """Group the layers of the current run, if more than one under one parent."""
+        members = self.members
+        if len(members) > 1 and all(m not in _GROUPS for m in members):
+            group = SharedInput(members)
+            for m in members:
+                _GROUPS[m] = group
+        self.input, self.version, self.members = None, -1, []
 
 
-_CALLS = _Calls()
+_LEARNING: contextvars.ContextVar[_Calls | None] = contextvars.ContextVar("loratune_shared_input", default=None)
+
+
+@contextlib.contextmanager
+def learning_shared_inputs(model: nn.Module) -> Iterator[None]:
+    """Within: `model`'s LoRA layers that run alone one after another on one tensor, under one parent, become a
+    group (see the module's docstring). Run one forward of the model inside, as training or evaluation runs it."""
+    calls = _Calls(model)
+    token = _LEARNING.set(calls)
+    try:
+        yield
+    finally:
+        _LEARNING.reset(token)
+        calls.close()
 
 
 def observe(member: Any, x: torch.Tensor) -> None:
-    """Record that `member` ran alone on `x` without gradients; layers run so one after another on one tensor
-    become a group when a layer outside them runs next."""
-    if torch.is_grad_enabled() or member in _GROUPS:
+    """Inside a learning pass, record that `member` ran alone on `x`."""
+    calls = _LEARNING.get()
+    if calls is None or member in _GROUPS:
         return
-    calls = _CALLS
-    if calls.input is not None and calls.input() is x and x._version == calls.version:
-        if all(ref() is not member for ref in calls.members):
-            calls.members.append(weakref.ref(member))
+    if calls.input is not None and calls.input() is x and x._version == calls.version \
+            and calls.parents.get(id(member)) is calls.parents.get(id(calls.members[0])):
+        if member not in calls.members:
+            calls.members.append(member)
         return
-    members = [ref() for ref in calls.members]
-    if len(members) > 1 and member not in members and all(m is not None and m not in _GROUPS for m in members):
-        group = SharedInput(members)
-        for m in members:
-            _GROUPS[m] = group
-    calls.input, calls.version, calls.members = weakref.ref(x), x._version, [weakref.ref(member)]
+    calls.close()
+    calls.input, calls.version, calls.members = weakref.ref(x), x._version, [member]

@@ -16,6 +16,7 @@ import torch
 
 from loratune.batching import BatchOrder, order_keys
 from loratune.core.errors import ConfigError, LoratuneError
+from loratune.core.shared_input import learning_shared_inputs
 from loratune.train.checkpoint import latest_checkpoint
 from loratune.train.distributed import global_batch
 from loratune.train.session import Session
@@ -71,9 +72,31 @@ class Run:
 
 
 def trainer_for(session: Session) -> Any:
-    """What a training step calls: the batch loss, through DDP or FSDP under torchrun."""
+    """What a training step calls: the batch loss, through DDP or FSDP under torchrun. The LoRA layers that
+    read one input are learned first (`learn_shared_inputs`), so that a fresh run and a resumed one compute
+    alike from their first step."""
     loss = functools.partial(batch_loss, task=session.config.model.task, loss_chunk=session.loss_chunk)
-    return session.processes.wrap(session.model, loss)
+    trainer = session.processes.wrap(session.model, loss)
+    learn_shared_inputs(session, trainer)
+    return trainer
+
+
+def learn_shared_inputs(session: Session, trainer: Any) -> None:
+    """One forward of the first training examples, as a step runs them but without gradients and in eval mode
+    (no dropout mask drawn: the run's random stream is untouched), in which `core.shared_input` learns which
+    LoRA layers read one input."""
+    examples = session.data.train_examples
+    if not examples:
+        return
+    first = [examples[i] for i in range(min(len(examples), session.config.train.batch_size))]
+    batch, prefix = session.batches.make(first, session.device)
+    model, was_training = session.model, session.model.training
+    model.eval()
+    try:
+        with torch.no_grad(), session.autocast(), learning_shared_inputs(model):
+            trainer(batch, prefix=prefix)
+    finally:
+        model.train(was_training)
 
 
 def batch_order(session: Session) -> BatchOrder:
