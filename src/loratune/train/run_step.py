@@ -16,6 +16,7 @@ import torch
 
 from loratune.batching import BatchOrder, order_keys
 from loratune.core.errors import ConfigError, LoratuneError
+from loratune.core.layers import LINEAR_TYPES, LoraLinear
 from loratune.core.shared_input import learning_shared_inputs
 from loratune.train.checkpoint import latest_checkpoint
 from loratune.train.distributed import global_batch
@@ -82,15 +83,16 @@ def trainer_for(session: Session) -> Any:
 
 
 def learn_shared_inputs(session: Session, trainer: Any) -> None:
-    """One forward of the first training examples, as a step runs them but without gradients and in eval mode
-    (no dropout mask drawn: the run's random stream is untouched), in which `core.shared_input` learns which
-    LoRA layers read one input."""
-    examples = session.data.train_examples
-    if not examples:
-        return
-    first = [examples[i] for i in range(min(len(examples), session.config.train.batch_size))]
+    """One forward of the first two training examples, as a step runs them but without gradients and in eval
+    mode (no dropout mask drawn: the run's random stream is untouched), in which `core.shared_input` learns
+    which LoRA layers read one input."""
+    examples, model = session.data.train_examples, session.model
+    if not examples or not any(isinstance(m, LoraLinear) and type(m.base_layer) in LINEAR_TYPES
+                               for m in model.modules()):
+        return  # no layer could run as one node (a quantized base): no forward spent on it
+    first = [examples[i] for i in range(min(len(examples), session.config.train.batch_size, 2))]
     batch, prefix = session.batches.make(first, session.device)
-    model, was_training = session.model, session.model.training
+    was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), session.autocast(), learning_shared_inputs(model):
