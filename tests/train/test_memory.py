@@ -40,14 +40,19 @@ def test_quantizing_shrinks_exactly_the_linear_weights(run_config, tiny_gpt2):
     dense, nf4, int8 = (estimate(run_config, name=tiny_gpt2, quantize=q) for q in ("none", "nf4", "int8"))
     assert dense.weights - nf4.weights == pytest.approx(linear * (4 - bytes_per_weight("nf4")), abs=1)
     assert dense.weights - int8.weights == pytest.approx(linear * 3, abs=1)
-    # quantized runs stream the weights in; checkpointing is not on by default for them (it follows the memory)
-    assert nf4.loading < dense.loading and nf4.activations == dense.activations
+    # quantized runs stream the weights in; checkpointing is not on by default for them (it follows the memory);
+    # their layers run the LoRA branch as a node of its own, whose backward pass keeps more buffers
+    from loratune.train import memory
+
+    tokens, inner = 4 * 32, 4 * model.config.n_embd  # run_config's batch; GPT-2's MLP width
+    more = (memory.BACKWARD_BUFFERS["fp32"] - memory.ONE_NODE_BACKWARD_BUFFERS) * 4 * inner * tokens
+    assert nf4.loading < dense.loading and nf4.activations - dense.activations == pytest.approx(more, abs=8)
 
 
 def test_longer_batches_need_more_memory(run_config, tiny_gpt2):
     short = estimate_memory(validate_config(run_config(data={"max_length": 16}), "test"))
     long = estimate_memory(validate_config(run_config(data={"max_length": 64}), "test"))
-    assert long.activations == pytest.approx(4 * short.activations)
+    assert long.activations == pytest.approx(4 * short.activations, abs=8)  # each rounded to whole bytes
     assert long.logits == pytest.approx(4 * short.logits)
 
 

@@ -60,6 +60,11 @@ SAVED_PER_HIDDEN = {"bf16": 10, "fp32": 4.5}
 #: A layer's backward buffers: this many activation elements per intermediate unit and token. bf16 fitted on an
 #: AMX CPU; fp32 on an AVX2 one (tests/train/test_memory_measured.py's runs: estimate / measured 0.96-1.08).
 BACKWARD_BUFFERS = {"bf16": 24, "fp32": 18}
+#: The same where plain frozen layers run as one node with their adapter, alone or with the layers reading the same
+#: input (`core.lora_branch.lora_linear`, `core.shared_input`: fp32, a plain base), whose input gradients are summed
+#: in place: fitted on 2026-12-08 (AVX2, fp32) to test_memory_measured's plain runs, 272-288 MB measured
+#: where 18 put the estimate at +9% to +16%.
+ONE_NODE_BACKWARD_BUFFERS = 7
 
 
 @dataclass
@@ -190,7 +195,8 @@ def estimate_memory(config: Any, checkpointing: bool | None = None,
     inner = getattr(text, "intermediate_size", None) or 4 * hidden
     tokens = tc.batch_size * config.data.max_length
     per_token_layer = activation_element * (SAVED_PER_HIDDEN[precision] * hidden + intermediates * inner)
-    backward = BACKWARD_BUFFERS[precision] * activation_element * inner
+    one_node = precision == "fp32" and method == "lora" and not quantized and not widened
+    backward = (ONE_NODE_BACKWARD_BUFFERS if one_node else BACKWARD_BUFFERS[precision]) * activation_element * inner
     saved = layers * hidden * activation_element + per_token_layer if checkpointing else layers * per_token_layer
     activations = int(tokens * (resident_per_saved() * saved + backward))
     # a quantized or widened layer's weight is rebuilt into kept buffers: values in the compute dtype, and NF4's
