@@ -11,7 +11,7 @@ from loratune.core.peft_format import read_adapter_weights
 from loratune.quant import QuantLinear
 from loratune.train import fit
 from loratune.train.loop import evaluate_run
-from loratune.train.memory import estimate_memory
+from loratune.train.memory import BACKWARD_BUFFERS, estimate_memory
 from loratune.train.run_config import validate_config
 from loratune.train.session import prepare
 from loratune.train.step import causal_lm_loss
@@ -49,6 +49,8 @@ def test_a_quantized_run_learns_and_its_adapter_fits_the_dense_base(format, run_
 
 def test_checkpointing_only_where_the_estimate_without_it_exceeds_memory_and_every_run_chunks_the_loss(
         run_config, monkeypatch):
+    # the same backward buffers for plain and quantized layers (a tiny model's buffers would outweigh its weights)
+    monkeypatch.setattr("loratune.train.memory.ONE_NODE_BACKWARD_BUFFERS", BACKWARD_BUFFERS["fp32"])
     config = validate_config(run_config(model={"quantize": "nf4"}), "test")
     need = estimate_memory(config, checkpointing=False).training
     monkeypatch.setattr("loratune.train.session.machine_memory", lambda: need + 1)

@@ -17,7 +17,7 @@ from loratune.pretrained import load_adapted_model, load_model, stored_dtype
 from loratune.quant.convert import quantizable_layers
 from loratune.quant.widen import WidenedLinear, widen_frozen_base, widenable_layers
 from loratune.train import fit
-from loratune.train.memory import estimate_memory, frozen_dtype
+from loratune.train.memory import BACKWARD_BUFFERS, estimate_memory, frozen_dtype
 from loratune.train.run_config import validate_config
 from loratune.train.session import prepare
 
@@ -160,6 +160,8 @@ def test_auto_keeps_a_bf16_checkpoint_in_fp32_where_it_fits_else_in_16_bits_with
                                           lora={"target_modules": "all-linear", "lora_dropout": 0.0},
                                           output_dir=str(tmp_path / out)), "test")
 
+    # the same backward buffers for widened and plain layers (a tiny model's buffers would outweigh its weights)
+    monkeypatch.setattr("loratune.train.memory.ONE_NODE_BACKWARD_BUFFERS", BACKWARD_BUFFERS["fp32"])
     auto, float32, bfloat16 = config("auto", "auto"), config("float32", "float32"), config("bfloat16", "bf16")
     roomy = prepare(auto, quiet=True)  # this machine holds the fp32 weights: no widening
     assert not any(isinstance(m, WidenedLinear) for m in roomy.model.modules())
